@@ -1,0 +1,94 @@
+"""The capabilities tests ask a board or instrument for, as typing.Protocols, and the records they return.
+
+Drivers implement these; tests and `measure` depend only on them, never on a driver class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ContextManager, Iterable, Protocol, runtime_checkable
+
+import numpy as np
+
+#: capability name (as used by ``@pytest.mark.requires``) -> Protocol, filled at the end of the module
+CAPABILITIES: dict[str, type] = {}
+
+
+@dataclass(frozen=True)
+class DutIdentity:
+    """What the device says it is and what it runs."""
+
+    name: str  # e.g. the MLPerf Tiny `name%` vendor string, or the Linux board's hostname
+    model: str  # the model the DUT reports (`profile%` model string, or the deployed model name)
+    model_sha256: str | None = None
+    firmware: str | None = None  # firmware version / runner version
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TimedRun:
+    """Back-to-back inferences of one input (MLPerf Tiny performance mode).
+
+    `latencies_us` are per inference on the device's own clock; `host_start`/`host_end` bracket
+    the measured inferences on the host monotonic clock (seconds), so power samples can be aligned.
+    """
+
+    latencies_us: tuple[float, ...]
+    host_start: float
+    host_end: float
+    outputs: np.ndarray | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # cold_start_ms, peak_rss_kib, runtime, ...
+
+    @property
+    def count(self) -> int:
+        return len(self.latencies_us)
+
+
+@runtime_checkable
+class InferenceTarget(Protocol):
+    """A device that runs a model: identify it, time back-to-back inferences, classify a dataset."""
+
+    def identify(self) -> DutIdentity: ...
+
+    def run_timed(self, sample: np.ndarray, count: int, warmup: int) -> TimedRun: ...
+
+    def classify(self, samples: np.ndarray) -> np.ndarray:
+        """Outputs (one row per sample) for accuracy; raises on a partial run, never returns fewer rows."""
+        ...
+
+
+@runtime_checkable
+class Flasher(Protocol):
+    """Writes a firmware image to an MCU board, verifies it and resets into it."""
+
+    def flash(self, image: str, *, force: bool = False) -> dict[str, Any]:
+        """Returns a record of what was done (skipped, bytes, seconds, image sha256)."""
+        ...
+
+
+@runtime_checkable
+class Deployer(Protocol):
+    """Puts a model (and what runs it) onto a Linux board."""
+
+    def deploy(self, model: str, dataset: str | None = None) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class PowerMeter(Protocol):
+    """An instrument that captures power on a channel in sync with the host clock."""
+
+    def identity(self) -> str: ...
+
+    def capture(self, channel: int | str = 1) -> ContextManager[Any]: ...
+
+
+@runtime_checkable
+class Console(Protocol):
+    """A raw line console to a board (boot banners, logs)."""
+
+    def read_lines(self, timeout_s: float) -> Iterable[str]: ...
+
+
+CAPABILITIES.update(
+    flash=Flasher, deploy=Deployer, inference=InferenceTarget, power=PowerMeter, console=Console
+)

@@ -1,0 +1,1 @@
+"""pytest plugin: --lab, --board, --list-boards, the `board` fixture and the `requires` marker."""
