@@ -1,0 +1,318 @@
+"""What a .tflite model is, read from its flatbuffer: tensors, ops, MACs, weight bytes, TFLM arena.
+
+Pure data: reads the file with the TFLite schema module shipped in ai-edge-litert and numpy, and
+imports nothing else of the bench, so drivers, sims and reports can all build on it.
+
+MACs are multiply-accumulates of the ops that do dense arithmetic, counted from tensor shapes
+(batch included), as MLPerf Tiny and the usual model zoos count them:
+
+- CONV_2D: out_elements x kernel_h x kernel_w x in_channels_per_group
+- DEPTHWISE_CONV_2D: out_elements x kernel_h x kernel_w
+- FULLY_CONNECTED: out_elements x in_features
+- TRANSPOSE_CONV: in_elements x kernel_h x kernel_w x out_channels
+- BATCH_MATMUL: out_elements x reduced dimension
+
+Element-wise ops (ADD, MUL, activations), pooling, SOFTMAX, RESHAPE and (de)quantization are not
+counted; their cost is small next to the above and the published MLPerf Tiny counts leave them out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+
+from labbench.errors import LabbenchError
+
+ARENA_ALIGN_BYTES = 16  # TFLM aligns arena allocations to 16 bytes; the bisection's granularity
+_OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+_TYPE_NAMES = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+
+
+class ModelError(LabbenchError):
+    """A file is not a TFLite model, or TFLite Micro cannot allocate it."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A graph input or output. `scale`/`zero_point` are None for a tensor that is not quantized."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name: "int8", "float32", ...
+    scale: float | None = None
+    zero_point: int | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
+
+    @property
+    def size_bytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about one .tflite model (first subgraph), read without running it."""
+
+    name: str
+    sha256: str
+    size_bytes: int
+    description: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    ops: tuple[str, ...]  # builtin op names in execution order
+    macs: int
+    weights_bytes: int  # bytes of constant tensors (weights, biases, tables)
+    macs_by_op: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> ModelInfo:
+        path = Path(path)
+        return cls.from_bytes(path.read_bytes(), name=path.stem)
+
+    @classmethod
+    def from_bytes(cls, model: bytes, name: str | None = None) -> ModelInfo:
+        digest = hashlib.sha256(model).hexdigest()
+        if len(model) < 8 or model[4:8] != b"TFL3":
+            raise ModelError(f"{name or digest[:12]}: not a TFLite flatbuffer (no TFL3 identifier)")
+        m = schema.Model.GetRootAs(model, 0)
+        if m.SubgraphsLength() < 1:
+            raise ModelError(f"{name or digest[:12]}: model has no subgraph")
+        g = m.Subgraphs(0)
+        codes = [_op_name(m.OperatorCodes(i)) for i in range(m.OperatorCodesLength())]
+        tensors = [g.Tensors(i) for i in range(g.TensorsLength())]
+        ops, macs_by_op = [], {}
+        for i in range(g.OperatorsLength()):
+            op = g.Operators(i)
+            kind = codes[op.OpcodeIndex()]
+            ops.append(kind)
+            macs = _macs(kind, op, tensors)
+            if macs:
+                macs_by_op[kind] = macs_by_op.get(kind, 0) + macs
+        description = (m.Description() or b"").decode(errors="replace")
+        return cls(
+            name=name or description or f"model-{digest[:12]}",
+            sha256=digest,
+            size_bytes=len(model),
+            description=description,
+            inputs=tuple(_tensor_info(tensors[i]) for i in g.InputsAsNumpy()),
+            outputs=tuple(_tensor_info(tensors[i]) for i in g.OutputsAsNumpy()),
+            ops=tuple(ops),
+            macs=sum(macs_by_op.values()),
+            weights_bytes=_weights_bytes(m, tensors),
+            macs_by_op=macs_by_op,
+        )
+
+
+def _op_name(code) -> str:
+    # Builtin codes above 127 live only in BuiltinCode; older files only fill DeprecatedBuiltinCode.
+    op = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+    if op == schema.BuiltinOperator.CUSTOM:
+        return f"CUSTOM:{(code.CustomCode() or b'').decode()}"
+    return _OP_NAMES.get(op, f"BUILTIN_{op}")
+
+
+def _shape(t) -> tuple[int, ...]:
+    return tuple(int(d) for d in t.ShapeAsNumpy()) if t.ShapeLength() else ()
+
+
+def _tensor_info(t) -> TensorInfo:
+    q = t.Quantization()
+    scale = zero_point = None
+    if q is not None and q.ScaleLength() > 0:
+        scale = float(q.Scale(0))
+        zero_point = int(q.ZeroPoint(0)) if q.ZeroPointLength() else 0
+    return TensorInfo(
+        name=(t.Name() or b"").decode(errors="replace"),
+        shape=_shape(t),
+        dtype=_TYPE_NAMES.get(t.Type(), f"type{t.Type()}"),
+        scale=scale,
+        zero_point=zero_point,
+    )
+
+
+def _macs(kind: str, op, tensors) -> int:
+    def shape(pos: int, outputs: bool = False) -> tuple[int, ...]:
+        idx = op.Outputs(pos) if outputs else op.Inputs(pos)
+        return _shape(tensors[idx])
+
+    out = int(np.prod(shape(0, outputs=True)))
+    if kind == "CONV_2D":
+        _, kh, kw, cin_per_group = shape(1)
+        return out * kh * kw * cin_per_group
+    if kind == "DEPTHWISE_CONV_2D":
+        _, kh, kw, _ = shape(1)
+        return out * kh * kw
+    if kind == "FULLY_CONNECTED":
+        return out * shape(1)[-1]
+    if kind == "TRANSPOSE_CONV":
+        cout, kh, kw, _ = shape(1)
+        return int(np.prod(shape(2))) * kh * kw * cout
+    if kind == "BATCH_MATMUL":
+        a = shape(0)
+        opts = op.BuiltinOptions()
+        adj_x = False
+        if opts is not None:
+            bm = schema.BatchMatMulOptions()
+            bm.Init(opts.Bytes, opts.Pos)
+            adj_x = bool(bm.AdjX())
+        return out * (a[-2] if adj_x else a[-1])
+    return 0
+
+
+def _weights_bytes(m, tensors) -> int:
+    buffers = {t.Buffer() for t in tensors if t.Buffer() > 0}
+    total = 0
+    for b in buffers:
+        buf = m.Buffers(b)
+        total += buf.DataLength() or int(buf.Size())  # Size(): data stored outside the flatbuffer
+    return total
+
+
+# ---------------------------------------------------------------- int8 I/O
+
+
+def quantize_input(info: ModelInfo, x_float, index: int = 0) -> np.ndarray:
+    """Float values -> the model's input dtype (scale/zero point, rounded, saturated); shape kept.
+
+    A float model's input passes through as float32.
+    """
+    t = info.inputs[index]
+    x = np.asarray(x_float, dtype=np.float32)
+    if not t.quantized:
+        return x.astype(t.dtype, copy=False)
+    dtype = np.dtype(t.dtype)
+    limits = np.iinfo(dtype)
+    q = np.round(x / np.float32(t.scale)) + t.zero_point
+    return np.clip(q, limits.min, limits.max).astype(dtype)
+
+
+def dequantize_output(info: ModelInfo, y, index: int = 0) -> np.ndarray:
+    """The model's output values -> float32 (scale * (y - zero_point)); float outputs pass through."""
+    t = info.outputs[index]
+    y = np.asarray(y)
+    if not t.quantized:
+        return y.astype(np.float32, copy=False)
+    return (np.float32(t.scale) * (y.astype(np.int32) - t.zero_point)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- TFLM arena
+
+# Runs in a child process: an arena just below the minimum can SIGABRT the interpreter instead of
+# raising, so each probe is announced ("try N") before it is made; a child that dies leaves its
+# last "try" unanswered, which the parent records as a failure before starting a new child.
+_PROBE = r"""
+import sys
+import numpy as np
+from tflite_micro import runtime
+path, lo, hi, hi_ok, n_inputs, step, cap = sys.argv[1], *map(int, sys.argv[2:])
+
+def fits(n):
+    print("try", n, flush=True)
+    try:
+        it = runtime.Interpreter.from_file(path, arena_size=n)
+        for i in range(n_inputs):
+            d = it.get_input_details(i)
+            it.set_input(np.zeros(d["shape"], d["dtype"]), i)
+        it.invoke()
+    except Exception:
+        print("fail", n, flush=True)
+        return False
+    print("ok", n, flush=True)
+    return True
+
+while not hi_ok:
+    if fits(hi):
+        hi_ok = True
+    elif hi >= cap:
+        print("toolarge", flush=True)
+        sys.exit(0)
+    else:
+        lo, hi = hi, min(2 * hi, cap)
+while hi - lo > step:
+    mid = (lo + hi) // 2 // step * step
+    if mid <= lo:
+        mid = lo + step
+    if fits(mid):
+        hi = mid
+    else:
+        lo = mid
+print("done", hi, flush=True)
+"""
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "labbench" / "tflm_arena.json"
+
+
+def _tflm_version() -> str:
+    from importlib.metadata import version
+
+    return version("tflite-micro")
+
+
+def min_arena_bytes(model_path: str | os.PathLike, cache: Path | None = None,
+                    cap_bytes: int = 64 << 20, timeout_s: float = 300.0) -> int:
+    """The smallest TFLite Micro arena (bytes, 16-byte steps) in which the model allocates and runs.
+
+    Bisected in child processes (see `_PROBE`) and cached by model sha256 and tflite-micro version
+    in `cache` (default ~/.cache/labbench/tflm_arena.json). Raises ModelError when TFLM cannot run
+    the model in `cap_bytes`.
+    """
+    path = Path(model_path)
+    info = ModelInfo.from_file(path)
+    cache = cache or _cache_file()
+    key = f"{info.sha256}:tflite-micro=={_tflm_version()}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), int):
+        return known[key]
+
+    step = ARENA_ALIGN_BYTES
+    lo, hi, hi_ok = 0, max(4096, -(-2 * info.size_bytes // step) * step), False
+    for _ in range(32):  # each round is one child; a round ends early only when a probe crashes it
+        args = [str(path), str(lo), str(hi), str(int(hi_ok)), str(len(info.inputs)), str(step),
+                str(cap_bytes)]
+        proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,
+                              timeout=timeout_s)
+        pending = None
+        for line in proc.stdout.split("\n"):
+            word, _, value = line.partition(" ")
+            if word == "try":
+                pending = int(value)
+            elif word == "ok":
+                hi, hi_ok, pending = int(value), True, None
+            elif word == "fail":
+                lo, pending = int(value), None
+            elif word == "toolarge":
+                raise ModelError(f"{path.name}: TFLite Micro cannot allocate it in {cap_bytes} bytes")
+            elif word == "done":
+                known[key] = hi = int(value)
+                _write_cache(cache, known)
+                return hi
+        if pending is None:  # the child died before probing anything: TFLM cannot load the model
+            raise ModelError(f"{path.name}: TFLite Micro arena probe failed "
+                             f"(exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+        lo = pending  # the probe that crashed the child was too small
+        if not hi_ok and lo >= hi:
+            hi = min(2 * hi, cap_bytes)
+    raise ModelError(f"{path.name}: TFLite Micro arena probe did not converge")
+
+
+def _write_cache(cache: Path, known: dict) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+    os.replace(tmp, cache)  # atomic: concurrent readers see the old or the new file, never half
