@@ -76,8 +76,13 @@ class PowerLink(_Strict):
     channel: int = Field(1, ge=1)
 
 
+#: a field filled from the entry's key in lab.yaml, not written in the entry itself
+def _from_key() -> Any:
+    return Field(json_schema_extra={"from_key": True})
+
+
 class BoardEntry(_Strict):
-    name: str
+    name: str = _from_key()
     family: str
     serial: SerialConn | None = None
     ssh: SshConn | None = None
@@ -98,7 +103,7 @@ class BoardEntry(_Strict):
 
 
 class InstrumentEntry(_Strict):
-    name: str
+    name: str = _from_key()
     kind: str
     resource: str
     settings: dict[str, Any] = {}

@@ -164,7 +164,9 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
         current = _submodel(current, part)
         if current is None:
             return []
-    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+    if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        return []
+    return [n for n, f in current.model_fields.items() if not (f.json_schema_extra or {}).get("from_key")]
 
 
 def _submodel(model: Any, part: str | int) -> Any:

@@ -1,0 +1,43 @@
+# The README's two commands. Each sets up what it needs (idempotent, fast the second time):
+#   make lab   - the main job: a HIL run on the simulated lab with an HTML report
+#   make test  - the project's own tests
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+BOARD ?= esp32
+REPORT := reports/lab-$(BOARD).html
+# The simulated Linux boards run sshd as the invoking user, and lab.yaml names that user as ${USER}.
+export USER ?= $(shell id -un)
+# Debian packages: a real OpenSSH server and client for the simulated Linux boards, a C compiler
+# for the firmware core's host tests.
+DEB_PACKAGES := openssh-server openssh-client gcc g++ make
+DEB_MISSING = $(shell for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done)
+
+.PHONY: lab test setup system-packages
+
+lab: setup
+	@mkdir -p reports
+	$(BIN)/pytest tests_hil --board $(BOARD) --html=$(REPORT) --self-contained-html \
+	  --junitxml=reports/lab-$(BOARD).xml; rc=$$?; \
+	  echo; echo "HTML report: $(abspath $(REPORT))"; echo "results journal: $(abspath reports/journal.jsonl)"; \
+	  exit $$rc
+
+test: setup
+	$(BIN)/pytest tests -q
+
+setup: system-packages $(STAMP)
+
+system-packages:
+	@missing="$(DEB_MISSING)"; [ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo"; else \
+	  echo "missing Debian packages:$$missing; run: sudo apt-get update && sudo apt-get install -y$$missing" >&2; exit 1; fi; \
+	echo "installing Debian packages:$$missing"; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null
+
+$(STAMP): pyproject.toml
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[fixtures,dev]'
+	@rm -f $(VENV)/.installed-*; touch $@

@@ -1,0 +1,125 @@
+"""A board of the lab bound to its family and drivers, and the OS-level lock that makes it ours.
+
+`Board` knows which capabilities a board has from lab.yaml alone (no connection needed), and builds
+each driver on first use from the `labbench.drivers` / `labbench.instruments` entry points, so a lab
+adds a board family or an instrument by installing a package, without editing this module.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from labbench import catalog
+from labbench.errors import BoardBusy, UsageError
+from labbench.inventory import DRIVER_GROUP, INSTRUMENT_GROUP, BoardEntry, Lab, endpoint, registered
+from labbench.yamlsource import unknown
+
+LOCK_DIR = Path(os.environ.get("LABBENCH_LOCK_DIR", Path.home() / ".cache" / "labbench" / "locks"))
+
+
+def _construct(group: str, name: str, entry: Any, family: Any = None) -> Any:
+    plugins = registered(group)
+    if name not in plugins:
+        raise UsageError(unknown(group.split(".")[-1].rstrip("s"), name, plugins))
+    return plugins[name].load().from_lab(entry, family)
+
+
+class Board:
+    """One board: its lab.yaml entry, its family, and lazily-built drivers for each capability."""
+
+    def __init__(self, lab: Lab, name: str):
+        self.lab, self.entry = lab, lab.board(name)
+        self.name = name
+        self.family = catalog.load_family(self.entry.family, lab.devices_dir)
+        self._lock_fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"Board({self.name!r}, {self.family.name})"
+
+    @property
+    def simulated(self) -> bool:
+        return self.entry.simulated
+
+    @property
+    def capabilities(self) -> set[str]:
+        """What tests may ask of this board (see `@pytest.mark.requires`)."""
+        e: BoardEntry = self.entry
+        caps = {"inference"}
+        caps |= {"flash", "console"} if e.serial else {"deploy"}
+        if e.serial and not e.flash:
+            caps.discard("flash")
+        if e.power:
+            caps.add("power")
+        return caps
+
+    @cached_property
+    def target(self) -> Any:
+        """The InferenceTarget: the MLPerf Tiny DUT over serial, or the SSH runner."""
+        return _construct(DRIVER_GROUP, "dut_serial" if self.entry.serial else "ssh", self.entry, self.family)
+
+    @cached_property
+    def flasher(self) -> Any:
+        if "flash" not in self.capabilities:
+            raise UsageError(f"{self.name}: has no flash: settings in {self.lab.path.name}")
+        return _construct(DRIVER_GROUP, self.entry.flash.tool, self.entry, self.family)
+
+    @property
+    def deployer(self) -> Any:
+        if "deploy" not in self.capabilities:
+            raise UsageError(f"{self.name}: is not an SSH board; flash it instead")
+        return self.target
+
+    @cached_property
+    def power_meter(self) -> Any:
+        if self.entry.power is None:
+            raise UsageError(f"{self.name}: has no power: link in {self.lab.path.name}")
+        inst = self.lab.instruments[self.entry.power.instrument]
+        return _construct(INSTRUMENT_GROUP, inst.kind, inst)
+
+    @property
+    def power_channel(self) -> int:
+        return self.entry.power.channel
+
+    def lock_path(self) -> Path:
+        """One lock per physical connection, so two lab files naming the same port still exclude."""
+        e = self.entry
+        address = endpoint(e.serial.url) or e.serial.url if e.serial else (e.ssh.host, e.ssh.port)
+        digest = hashlib.sha256(repr(address).encode()).hexdigest()[:16]
+        return LOCK_DIR / f"{self.name}-{digest}.lock"
+
+    def acquire(self) -> "Board":
+        """Take the board's lock (non-blocking): BoardBusy names who holds it."""
+        path = self.lock_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise BoardBusy(f"{self.name}: acquire: board is locked by {holder} ({path})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self._lock_fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        for attr in ("target", "flasher", "power_meter"):
+            driver = self.__dict__.pop(attr, None)
+            if hasattr(driver, "close"):
+                driver.close()
+
+    def __enter__(self) -> "Board":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
