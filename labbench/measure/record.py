@@ -1,0 +1,136 @@
+"""The `Measurement` record: what one measured (board, model) run produced, and where it came from.
+
+Every number carries its unit in its name and every record its provenance (board, family, sim or
+hw, model and firmware sha256, instrument identity, bench git revision, lab.yaml sha256), so a
+value in a report or a journal can be traced back to how it was obtained.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from labbench import __version__
+
+SCHEMA = 1
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Provenance(_Record):
+    board: str
+    family: str
+    source: Literal["sim", "hw"]
+    power_mode: str | None = None
+    model_sha256: str
+    firmware_sha256: str | None = None  # the flashed image (MCU) or the deployed runner (Linux)
+    dataset_sha256: str | None = None
+    instrument: str | None = None  # the instrument's *IDN? reply
+    dut: str | None = None  # what the DUT said it is
+    bench_version: str = __version__
+    bench_git_rev: str = Field(default_factory=lambda: git_revision())
+    lab_sha256: str
+
+
+class Latency(_Record):
+    """Per-inference latency on the device's own clock."""
+
+    samples_ms: list[float]
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    p50_ci95_ms: tuple[float, float]
+    p99_ci95_ms: tuple[float, float]
+    throughput_windows_ms: list[float] = []  # 1000/throughput of each back-to-back window (MLPerf Tiny)
+    median_window_ms: float | None = None
+    method: str
+
+
+class Energy(_Record):
+    """Energy per inference by both methods, over the median-latency window, with the idle baseline."""
+
+    per_inference_mj: float  # the reported value (integrator when available, else power x latency)
+    power_x_latency_mj: float  # average power over the steady-state window x latency per inference
+    integrated_mj: float | None  # integrator energy over the window / inference count
+    uncertainty_mj: float  # from the instrument's update period at the window edges
+    active_power_w: float
+    idle_power_w: float
+    dynamic_mj: float  # (active - idle) x latency: the inference's own share
+    window_s: float
+    inferences: int
+    windows: int
+    method: str
+
+
+class Memory(_Record):
+    flash_bytes: int | None = None  # the model (MCU image) bytes stored on the device
+    arena_bytes: int | None = None  # TFLite Micro tensor arena
+    peak_rss_kib: int | None = None  # Linux boards
+
+
+class Measurement(_Record):
+    """One journalled result: latency, energy, accuracy, cold start and memory of a model on a board."""
+
+    schema_version: int = SCHEMA
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    time_utc: str = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
+    test: str | None = None  # the pytest node id that produced it
+    board: str
+    model: str
+    config: str | None = None  # model configuration (fp32, pruned fp32, int8, aggressive int8)
+    latency: Latency | None = None
+    energy: Energy | None = None
+    accuracy: float | None = None
+    accuracy_n: int | None = None
+    cold_start_ms: float | None = None
+    cold_start_breakdown_ms: dict[str, float] = {}
+    memory: Memory = Memory()
+    runtime: str | None = None
+    provenance: Provenance
+    extra: dict[str, Any] = {}
+
+    def metric(self, name: str) -> float | None:
+        """A budget metric by its lab.yaml name (see inventory.METRICS), or None if not measured."""
+        lat, mem = self.latency, self.memory
+        values = {
+            "latency_p50_ms": lat and lat.p50_ms, "latency_p90_ms": lat and lat.p90_ms,
+            "latency_p99_ms": lat and lat.p99_ms, "latency_mean_ms": lat and lat.mean_ms,
+            "cold_start_ms": self.cold_start_ms, "energy_mj": self.energy and self.energy.per_inference_mj,
+            "accuracy": self.accuracy,
+            "flash_kib": mem.flash_bytes / 1024 if mem.flash_bytes is not None else None,
+            "arena_kib": mem.arena_bytes / 1024 if mem.arena_bytes is not None else None,
+            "peak_rss_mib": mem.peak_rss_kib / 1024 if mem.peak_rss_kib is not None else None,
+        }
+        return values[name]
+
+    def interval(self, name: str) -> tuple[float, float] | None:
+        """The 95% interval of a metric where the bench knows one."""
+        if self.latency and name == "latency_p50_ms":
+            return self.latency.p50_ci95_ms
+        if self.latency and name == "latency_p99_ms":
+            return self.latency.p99_ci95_ms
+        if self.energy and name == "energy_mj":
+            e = self.energy
+            return e.per_inference_mj - e.uncertainty_mj, e.per_inference_mj + e.uncertainty_mj
+        return None
+
+
+@lru_cache(maxsize=1)
+def git_revision() -> str:
+    """The bench's git revision (with `-dirty` when the tree has changes), or `unknown` outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=here,
+                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev or "unknown"

@@ -1,0 +1,46 @@
+"""Latency statistics: percentiles and bootstrap confidence intervals of per-inference samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_ci(samples: np.ndarray, q: float, level: float = 0.95, seed: int = 0,
+                 resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the `q`-th percentile (seeded, so reports are reproducible)."""
+    samples = np.asarray(samples, dtype=float)
+    if samples.size < 2:
+        v = float(samples[0]) if samples.size else float("nan")
+        return v, v
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, samples.size, size=(resamples, samples.size))
+    stats = np.percentile(samples[idx], q, axis=1)
+    alpha = (1 - level) / 2 * 100
+    lo, hi = np.percentile(stats, [alpha, 100 - alpha])
+    return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """p50/p90/p99/mean of per-inference latencies in ms, with 95% bootstrap intervals for p50 and p99."""
+
+    count: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    p50_ci95_ms: tuple[float, float]
+    p99_ci95_ms: tuple[float, float]
+
+    @classmethod
+    def of(cls, samples_ms: np.ndarray | list[float]) -> "LatencySummary":
+        s = np.asarray(samples_ms, dtype=float)
+        if s.size == 0:
+            raise ValueError("no latency samples")
+        p50, p90, p99 = np.percentile(s, [50, 90, 99])
+        return cls(count=int(s.size), p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99),
+                   mean_ms=float(s.mean()), p50_ci95_ms=bootstrap_ci(s, 50), p99_ci95_ms=bootstrap_ci(s, 99))
