@@ -76,6 +76,16 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from labbench.report import dashboard
+
+    journals = args.journals or sorted(Path("reports").glob("*.jsonl"))
+    if not journals:
+        raise UsageError("no journals given and none in reports/")
+    out.print(f"dashboard: {dashboard.build(journals, args.out).resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="status as JSON")
     _lab_arg(sim)
     sim.set_defaults(func=cmd_sim)
+
+    report = sub.add_parser("report", help="build the results dashboard from journals")
+    report.add_argument("journals", nargs="*", type=Path, help="journals (default: reports/*.jsonl)")
+    report.add_argument("--out", type=Path, default=Path("reports/index.html"))
+    report.set_defaults(func=cmd_report)
     return parser
 
 

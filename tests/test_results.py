@@ -1,0 +1,85 @@
+"""Journal, latency statistics, budget verdicts and the dashboard, on records built in the test."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from labbench import results
+from labbench.budgets import Verdict, judge, overall
+from labbench.inventory import ModelBudget
+from labbench.measure.record import Energy, Latency, Measurement, Memory, Provenance
+from labbench.measure.stats import LatencySummary
+from labbench.report import dashboard
+from labbench.report.plots import pareto_mask
+
+
+def measurement(model="digits_mlp_int8", config="int8", p50=1.0, accuracy=0.97, board="esp32",
+                energy_mj=0.2, flash=5000) -> Measurement:
+    samples = list(np.random.default_rng(0).normal(p50, p50 * 0.02, 200))
+    s = LatencySummary.of(samples)
+    return Measurement(
+        board=board, model=model, config=config, accuracy=accuracy, accuracy_n=359,
+        latency=Latency(samples_ms=samples, p50_ms=s.p50_ms, p90_ms=s.p90_ms, p99_ms=s.p99_ms,
+                        mean_ms=s.mean_ms, p50_ci95_ms=s.p50_ci95_ms, p99_ci95_ms=s.p99_ci95_ms,
+                        method="test"),
+        energy=Energy(per_inference_mj=energy_mj, power_x_latency_mj=energy_mj, integrated_mj=energy_mj,
+                      uncertainty_mj=0.01, active_power_w=0.3, idle_power_w=0.1, dynamic_mj=0.1,
+                      window_s=10, inferences=100, windows=5, method="test"),
+        memory=Memory(flash_bytes=flash, arena_bytes=2256),
+        provenance=Provenance(board=board, family="esp32_devkitc", source="sim", model_sha256="ab" * 32,
+                              lab_sha256="cd" * 32))
+
+
+def test_journal_round_trip_and_torn_line(tmp_path):
+    journal = results.Journal(tmp_path / "j.jsonl")
+    journal.append(measurement())
+    journal.append(measurement(model="digits_mlp_fp32", config="fp32", p50=2.0))
+    with open(journal.path, "a") as f:  # a run killed mid-write leaves half a record
+        f.write('{"schema_version": 1, "board": "esp')
+    with pytest.warns(UserWarning, match="incomplete last record"):
+        df = results.load(journal.path)
+    assert list(df["model"]) == ["digits_mlp_int8", "digits_mlp_fp32"]
+    assert df["latency.p50_ms"].iloc[1] == pytest.approx(2.0, rel=0.02)
+    assert df["provenance.source"].tolist() == ["sim", "sim"]
+
+
+def test_latency_summary_percentiles():
+    s = LatencySummary.of(list(range(1, 101)))
+    assert s.p50_ms == pytest.approx(50.5) and s.p99_ms == pytest.approx(99.01)
+    assert s.p50_ci95_ms[0] < 50.5 < s.p50_ci95_ms[1]
+
+
+def test_budget_verdicts_name_number_unit_and_budget():
+    m = measurement(p50=1.0, accuracy=0.97)
+    budget = ModelBudget.model_validate({"latency_p50_ms": {"max": 0.98, "marginal_pct": 5},
+                                         "accuracy": 0.99, "energy_mj": 1.0, "arena_kib": 1})
+    got = {j.metric: j for j in judge(m, budget)}
+    assert got["latency_p50_ms"].verdict is Verdict.MARGINAL
+    assert got["accuracy"].verdict is Verdict.FAIL and got["energy_mj"].verdict is Verdict.PASS
+    assert got["arena_kib"].verdict is Verdict.FAIL
+    assert "arena_kib: measured 2.203 KiB vs budget max 1 KiB: FAIL" == str(got["arena_kib"])
+    assert "95% CI" in str(got["latency_p50_ms"]) and " ms" in str(got["latency_p50_ms"])
+    assert overall(list(got.values())) is Verdict.FAIL
+
+
+def test_pareto_mask():
+    assert pareto_mask([0.9, 0.95, 0.8, 0.96], [1.0, 2.0, 3.0, 2.5]).tolist() == [True, True, False, True]
+
+
+def test_dashboard_has_tables_and_frontier(tmp_path):
+    journal = results.Journal(tmp_path / "j.jsonl")
+    for model, config, p50, acc in [("digits_mlp_fp32", "fp32", 3.0, 0.966), ("digits_mlp_fp32_pruned", "pruned fp32", 2.5, 0.95),
+                                    ("digits_mlp_int8", "int8", 1.0, 0.969), ("digits_mlp_int8_aggressive", "aggressive int8", 0.8, 0.93)]:
+        journal.append(measurement(model=model, config=config, p50=p50, accuracy=acc))
+    out = dashboard.build([journal.path], tmp_path / "index.html")
+    text = out.read_text()
+    assert "<h2>esp32</h2>" in text and "esp32: digits frontier" in text
+    assert text.count("digits_mlp_") == 4 and "data:image/png;base64," in text
+
+
+def test_measurement_json_is_traceable():
+    data = json.loads(measurement().model_dump_json())
+    assert {"board", "family", "source", "model_sha256", "lab_sha256", "bench_git_rev"} <= set(data["provenance"])
