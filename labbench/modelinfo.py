@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,8 +225,8 @@ def fits(n):
             d = it.get_input_details(i)
             it.set_input(np.zeros(d["shape"], d["dtype"]), i)
         it.invoke()
-    except Exception:
-        print("fail", n, flush=True)
+    except Exception as e:
+        print("fail", n, " ".join(str(e).split())[:300], flush=True)
         return False
     print("ok", n, flush=True)
     return True
@@ -261,57 +262,73 @@ def _tflm_version() -> str:
     return version("tflite-micro")
 
 
-def min_arena_bytes(model_path: str | os.PathLike, cache: Path | None = None,
+def min_arena_bytes(model: str | os.PathLike | bytes, cache: Path | None = None,
                     cap_bytes: int = 64 << 20, timeout_s: float = 300.0) -> int:
     """The smallest TFLite Micro arena (bytes, 16-byte steps) in which the model allocates and runs.
 
-    Bisected in child processes (see `_PROBE`) and cached by model sha256 and tflite-micro version
-    in `cache` (default ~/.cache/labbench/tflm_arena.json). Raises ModelError when TFLM cannot run
-    the model in `cap_bytes`.
+    `model` is a .tflite path or its bytes. Bisected in child processes (see `_PROBE`) and cached
+    by model sha256 and tflite-micro version in `cache` (default ~/.cache/labbench/tflm_arena.json).
+    Raises ModelError when TFLite Micro cannot run the model in `cap_bytes`.
     """
-    path = Path(model_path)
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.tflite"
+            path.write_bytes(model)
+            return min_arena_bytes(path, cache, cap_bytes, timeout_s)
+    path = Path(model)
     info = ModelInfo.from_file(path)
     cache = cache or _cache_file()
     key = f"{info.sha256}:tflite-micro=={_tflm_version()}"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known.get(key), int):
-        return known[key]
+    known = _read_cache(cache).get(key)
+    if isinstance(known, int):
+        return known
 
     step = ARENA_ALIGN_BYTES
-    lo, hi, hi_ok = 0, max(4096, -(-2 * info.size_bytes // step) * step), False
-    for _ in range(32):  # each round is one child; a round ends early only when a probe crashes it
+    lo, hi, hi_ok = 0, min(cap_bytes, max(4096, -(-2 * info.size_bytes // step) * step)), False
+    last_error = ""
+    for _ in range(32):  # one child per round; a round ends early only when a probe crashes the child
         args = [str(path), str(lo), str(hi), str(int(hi_ok)), str(len(info.inputs)), str(step),
                 str(cap_bytes)]
         proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,
                               timeout=timeout_s)
         pending = None
         for line in proc.stdout.split("\n"):
-            word, _, value = line.partition(" ")
+            word, value, why = (line.split(" ", 2) + ["", ""])[:3]
             if word == "try":
                 pending = int(value)
             elif word == "ok":
                 hi, hi_ok, pending = int(value), True, None
             elif word == "fail":
-                lo, pending = int(value), None
+                lo, pending, last_error = int(value), None, why
             elif word == "toolarge":
-                raise ModelError(f"{path.name}: TFLite Micro cannot allocate it in {cap_bytes} bytes")
+                raise ModelError(f"{path.name}: TFLite Micro cannot run it in {cap_bytes} bytes "
+                                 f"of arena: {last_error}")
             elif word == "done":
-                known[key] = hi = int(value)
-                _write_cache(cache, known)
-                return hi
+                _write_cache(cache, key, int(value))
+                return int(value)
         if pending is None:  # the child died before probing anything: TFLM cannot load the model
             raise ModelError(f"{path.name}: TFLite Micro arena probe failed "
                              f"(exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
         lo = pending  # the probe that crashed the child was too small
         if not hi_ok and lo >= hi:
+            if hi >= cap_bytes:
+                raise ModelError(f"{path.name}: TFLite Micro cannot run it in {cap_bytes} bytes "
+                                 f"of arena: the probe crashed")
             hi = min(2 * hi, cap_bytes)
     raise ModelError(f"{path.name}: TFLite Micro arena probe did not converge")
 
 
-def _write_cache(cache: Path, known: dict) -> None:
+def _read_cache(cache: Path) -> dict:
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _write_cache(cache: Path, key: str, arena_bytes: int) -> None:
+    known = _read_cache(cache)  # re-read: another process may have added entries meanwhile
+    known[key] = arena_bytes
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
