@@ -13,7 +13,7 @@ from rich.table import Table
 from labbench import inventory
 from labbench.errors import LabbenchError, LabConfigError, UsageError
 
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _lab_arg(parser: argparse.ArgumentParser, positional: bool = False) -> None:

@@ -14,6 +14,8 @@ from labbench import inventory
 from labbench.board import Board
 from labbench.capabilities import CAPABILITIES
 from labbench.errors import LabConfigError, UsageError
+from labbench.measure.record import Measurement
+from labbench.results import Journal
 
 _LAB = pytest.StashKey[inventory.Lab]()
 _SELECTED = pytest.StashKey[list[str]]()
@@ -26,11 +28,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--board", action="append", default=[], metavar="NAME",
                     help="board to test (repeatable); 'all' selects every board of the lab")
     group.addoption("--list-boards", action="store_true", help="list the lab's boards and exit")
+    group.addoption("--journal", type=Path, default=Path("reports/journal.jsonl"),
+                    help="results journal to append measurements to (default reports/journal.jsonl)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "requires(*capabilities): skip boards lacking any of "
                             f"the capabilities ({', '.join(CAPABILITIES)})")
+    config.addinivalue_line("markers", "budget(**limits): budget for the measurement this test records, "
+                            "e.g. latency_p99_ms=5, energy_mj=0.5, accuracy=0.95, arena_kib=8; "
+                            "tighter than and merged over lab.yaml's")
     names: list[str] = config.getoption("board")
     if not names and not config.getoption("list_boards"):
         return
@@ -125,3 +132,70 @@ def _requires(request: pytest.FixtureRequest) -> None:
     lacking = [c for c in marker.args if c not in b.capabilities]
     if lacking:
         pytest.skip(f"{b.name} lacks capability {', '.join(lacking)}")
+
+
+class Recorder:
+    """Journals a measurement at once, attaches it to the reports, then judges it against its budget."""
+
+    def __init__(self, request: pytest.FixtureRequest, journal: Journal):
+        self.request, self.journal = request, journal
+
+    def budget(self, board: str, model: str) -> inventory.ModelBudget | None:
+        """lab.yaml's budget for (board, model) with the test's `@pytest.mark.budget` limits over it."""
+        lab = self.request.config.stash[_LAB]
+        base = lab.budget(board, model)
+        marker = self.request.node.get_closest_marker("budget")
+        if marker is None:
+            return base
+        merged = {**(base.model_dump(exclude_none=True) if base else {}), **marker.kwargs}
+        return inventory.ModelBudget.model_validate(merged)
+
+    def record(self, m: Measurement, html_parts: list[str] = ()) -> list:
+        from labbench.budgets import Verdict, judge
+        from labbench.report import extras
+
+        m = m.model_copy(update={"test": self.request.node.nodeid})
+        self.journal.append(m)  # first, so no verdict or report failure can lose it
+        node = self.request.node
+        for key in ("board", "model"):
+            node.user_properties.append((key, getattr(m, key)))
+        for key, value in m.provenance.model_dump().items():
+            node.user_properties.append((f"provenance.{key}", value))
+        budget = self.budget(m.board, m.model)
+        judgements = judge(m, budget) if budget else []
+        for j in judgements:
+            node.user_properties.append((f"verdict.{j.metric}", j.verdict.value))
+        node.stash.setdefault(_EXTRAS, []).extend(
+            [extras.measurement_table(m), *( [extras.verdict_table(judgements)] if judgements else []), *html_parts])
+        failed = [j for j in judgements if j.verdict in (Verdict.FAIL, Verdict.MISSING)]
+        if failed:
+            pytest.fail(f"{m.board} / {m.model}: budget not met:\n" + "\n".join(f"  {j}" for j in failed),
+                        pytrace=False)
+        return judgements
+
+
+_EXTRAS = pytest.StashKey[list]()
+
+
+@pytest.fixture(scope="session")
+def journal(pytestconfig: pytest.Config) -> Journal:
+    return Journal(pytestconfig.getoption("journal"))
+
+
+@pytest.fixture
+def recorder(request: pytest.FixtureRequest, journal: Journal) -> Recorder:
+    """`recorder.record(measurement)`: journal, report and judge one measurement."""
+    return Recorder(request, journal)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    parts = item.stash.get(_EXTRAS, None)
+    if parts and report.when == "call":
+        try:
+            from pytest_html import extras as html_extras
+        except ImportError:
+            return report
+        report.extras = [*getattr(report, "extras", []), *(html_extras.html(p) for p in parts)]
+    return report

@@ -93,8 +93,21 @@ class Source:
         try:
             return model.model_validate(plain(self.data) if data is None else data)
         except ValidationError as exc:
-            lines = [self.where(*describe(err, model)) for err in exc.errors()]
+            errors = _drop_misspelt_missing(exc.errors())
+            lines = [self.where(*describe(err, model)) for err in errors]
             raise error("\n".join(dict.fromkeys(lines))) from None
+
+
+def _drop_misspelt_missing(errors: list[dict]) -> list[dict]:
+    """A misspelt required key shows as unknown *and* missing; keep only the unknown key (it says both)."""
+    extras = {(tuple(e["loc"][:-1]), str(e["loc"][-1])) for e in errors if e["type"] == "extra_forbidden"}
+
+    def misspelt(e: dict) -> bool:
+        parent, key = tuple(e["loc"][:-1]), str(e["loc"][-1])
+        return e["type"] == "missing" and any(
+            p == parent and difflib.get_close_matches(key, [x], cutoff=0.6) for p, x in extras)
+
+    return [e for e in errors if not misspelt(e)]
 
 
 def _is_scalar(node: Any) -> bool:
@@ -171,14 +184,16 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 
 def _submodel(model: Any, part: str | int) -> Any:
     if isinstance(model, _DictOf):
-        return model.value
+        return _unwrap(model.value)
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         return None
     field = model.model_fields.get(str(part)) if isinstance(part, str) else None
-    if field is None:
-        return None
-    ann = field.annotation
-    for _ in range(3):  # unwrap Optional[...] and dict[str, X]
+    return None if field is None else _unwrap(field.annotation)
+
+
+def _unwrap(ann: Any) -> Any:
+    """Optional[X] -> X; dict[str, X] -> a _DictOf(X) that any key walks into."""
+    for _ in range(3):
         origin = get_origin(ann)
         if origin is dict:
             return _DictOf(get_args(ann)[1])

@@ -125,7 +125,7 @@ MALFORMED = [
     ("misspelt-top-level", _sub("budgets:", "budget:"),
      'lab.yaml:26: budget: unknown key; did you mean "budgets"? (allowed: boards, budgets, instruments, lab)'),
     ("misspelt-metric", _sub("latency_p99_ms:", "latency_p99:"),
-     'lab.yaml:28: budgets.esp32.digits_mlp_int8.latency_p99: unknown key; did you mean "latency_p99_ms"? '
+     'lab.yaml:29: budgets.esp32.digits_mlp_int8.latency_p99: unknown key; did you mean "latency_p99_ms"? '
      "(allowed: accuracy, arena_kib, cold_start_ms, energy_mj, flash_kib, latency_mean_ms, "
      "latency_p50_ms, latency_p90_ms, latency_p99_ms, peak_rss_mib)"),
     ("misspelt-instrument-key", _sub("resource: TCPIP", "resorce: TCPIP"),
@@ -135,12 +135,15 @@ MALFORMED = [
      "lab.yaml:9: boards.esp32.family: required key is missing"),
     ("missing-lab-name", _sub("  name: t\n", "  devices: devices\n"),
      "lab.yaml:1: lab.name: required key is missing"),
+    ("misspelt-required-key", _sub("    family: esp32_devkitc\n", "    famly: esp32_devkitc\n"),
+     'lab.yaml:10: boards.esp32.famly: unknown key; did you mean "family"? '
+     "(allowed: family, flash, power, power_mode, serial, sim, ssh)"),
     ("missing-resource", _sub("    resource: TCPIP::127.0.0.1::15025::SOCKET\n", ""),
      "lab.yaml:4: instruments.meter.resource: required key is missing"),
     ("no-link", _sub('    serial: {url: "rfc2217://127.0.0.1:14001", baud: 115200}\n', ""),
      "lab.yaml:9: boards.esp32: a board needs exactly one of serial: or ssh:"),
     ("limit-without-bound", _sub("{max: 2.0, marginal_pct: 10}", "{marginal_pct: 10}"),
-     "lab.yaml:28: budgets.esp32.digits_mlp_int8.latency_p99_ms: a limit needs exactly one of max: or min:"),
+     "lab.yaml:29: budgets.esp32.digits_mlp_int8.latency_p99_ms: a limit needs exactly one of max: or min:"),
     ("bad-serial-url", _sub('"rfc2217://127.0.0.1:14001"', '"tcp:14001"'),
      'lab.yaml:11: boards.esp32.serial.url: expected a serial device or pyserial URL '
      '(rfc2217://host:port, socket://host:port), got "tcp:14001"'),
@@ -160,7 +163,7 @@ MALFORMED = [
     ("board-on-instrument-port", _sub('"rfc2217://127.0.0.1:14001"', '"rfc2217://127.0.0.1:15025"'),
      "lab.yaml:11: boards.esp32.serial.url: 127.0.0.1:15025 is already used by instruments.meter"),
     ("unknown-power-mode", _sub("power_mode: 15W", "power_mode: 25W"),
-     'lab.yaml:23: boards.jetson.power_mode: unknown power mode of jetson_orin_nano "25W"; '
+     'lab.yaml:24: boards.jetson.power_mode: unknown power mode of jetson_orin_nano "25W"; '
      'did you mean "15W"? (known: 15W, 7W)'),
     ("budget-for-unknown-board", _sub("budgets:\n  esp32:", "budgets:\n  esp23:"),
      'lab.yaml:27: budgets.esp23: unknown board or family "esp23"; did you mean "esp32"? '
@@ -169,7 +172,7 @@ MALFORMED = [
     ("unset-variable", _sub("${LABBENCH_TEST_USER}", "${LABBENCH_NO_SUCH_VAR}"),
      "lab.yaml:20: boards.pi.ssh.user: environment variable LABBENCH_NO_SUCH_VAR is not set"),
     ("bad-yaml", _sub("settings: {timeout_s: 2}", "settings: {timeout_s: 2"),
-     "lab.yaml:8: not valid YAML: expected ',' or '}', but got '<block mapping start>'"),
+     "lab.yaml:8: not valid YAML: expected ',' or '}', but got ':'"),
 ]
 
 
@@ -179,7 +182,7 @@ def test_malformed_lab(tmp_path, text, message):
 
     with pytest.raises(LabConfigError) as exc:
         inventory.load(write(tmp_path, text))
-    assert str(exc.value) == message.format(devices=default_devices_dir())
+    assert str(exc.value) == message.replace("{devices}", str(default_devices_dir()))
 
 
 def test_at_least_25_malformed_cases():

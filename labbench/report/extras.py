@@ -1,0 +1,60 @@
+"""Per-test report content for pytest-html: the measurement table, verdicts, and plots."""
+
+from __future__ import annotations
+
+import base64
+import html
+
+from labbench.budgets import Judgement, Verdict
+from labbench.measure.record import Measurement
+
+_COLOURS = {Verdict.PASS: "#2a7", Verdict.MARGINAL: "#d90", Verdict.FAIL: "#c33", Verdict.MISSING: "#888"}
+
+
+def measurement_table(m: Measurement) -> str:
+    """An HTML table of every number in the measurement, each with its unit and how it was obtained."""
+    rows: list[tuple[str, str, str]] = []
+    if m.latency:
+        lat = m.latency
+        rows += [("latency p50", f"{lat.p50_ms:.4g} ms", f"95% CI {lat.p50_ci95_ms[0]:.4g}..{lat.p50_ci95_ms[1]:.4g} ms; {lat.method}"),
+                 ("latency p90", f"{lat.p90_ms:.4g} ms", f"{len(lat.samples_ms)} samples"),
+                 ("latency p99", f"{lat.p99_ms:.4g} ms", f"95% CI {lat.p99_ci95_ms[0]:.4g}..{lat.p99_ci95_ms[1]:.4g} ms"),
+                 ("latency mean", f"{lat.mean_ms:.4g} ms", "")]
+        if lat.median_window_ms is not None:
+            rows.append(("latency (MLPerf: 1000/median throughput)", f"{lat.median_window_ms:.4g} ms",
+                         f"{len(lat.throughput_windows_ms)} windows"))
+    if m.energy:
+        e = m.energy
+        rows += [("energy per inference", f"{e.per_inference_mj:.4g} ± {e.uncertainty_mj:.2g} mJ", e.method),
+                 ("  power x latency", f"{e.power_x_latency_mj:.4g} mJ", f"active {e.active_power_w:.4g} W"),
+                 ("  integrated / count", "-" if e.integrated_mj is None else f"{e.integrated_mj:.4g} mJ",
+                  f"{e.inferences} inferences over {e.window_s:.3g} s x {e.windows} windows"),
+                 ("  dynamic (above idle)", f"{e.dynamic_mj:.4g} mJ", f"idle {e.idle_power_w:.4g} W")]
+    if m.accuracy is not None:
+        rows.append(("top-1 accuracy", f"{m.accuracy:.4f}", f"{m.accuracy_n} samples"))
+    if m.cold_start_ms is not None:
+        parts = ", ".join(f"{k} {v:.3g} ms" for k, v in m.cold_start_breakdown_ms.items())
+        rows.append(("cold start", f"{m.cold_start_ms:.4g} ms", parts))
+    mem = m.memory
+    for label, value, unit in (("model in flash", mem.flash_bytes, "B"), ("TFLM arena", mem.arena_bytes, "B"),
+                               ("peak RSS", mem.peak_rss_kib, "KiB")):
+        if value is not None:
+            rows.append((label, f"{value:,} {unit}", ""))
+    p = m.provenance
+    rows.append(("provenance", f"{p.source} / {p.board} ({p.family})",
+                 f"model {p.model_sha256[:12]}, firmware {(p.firmware_sha256 or '-')[:12]}, "
+                 f"instrument {p.instrument or '-'}, bench {p.bench_git_rev}, lab {p.lab_sha256[:12]}"))
+    body = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
+                   for a, b, c in rows)
+    return (f"<h4>{html.escape(m.board)} / {html.escape(m.model)}</h4><table class='labbench'>"
+            f"<tr><th>quantity</th><th>value</th><th>how</th></tr>{body}</table>")
+
+
+def verdict_table(judgements: list[Judgement]) -> str:
+    rows = "".join(f"<tr><td style='color:{_COLOURS[j.verdict]}'><b>{j.verdict.value}</b></td>"
+                   f"<td>{html.escape(str(j))}</td></tr>" for j in judgements)
+    return f"<table class='labbench'><tr><th>verdict</th><th>budget</th></tr>{rows}</table>"
+
+
+def png_html(png: bytes, alt: str) -> str:
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
