@@ -1,7 +1,8 @@
 """What a .tflite model is, read from its flatbuffer: tensors, ops, MACs, weight bytes, TFLM arena.
 
 Pure data: reads the file with the TFLite schema module shipped in ai-edge-litert and numpy, and
-imports nothing else of the bench, so drivers, sims and reports can all build on it.
+imports nothing of the bench but its errors, so drivers, sims and reports can all build on it.
+`min_arena_bytes` is the one function that runs the model (TFLite Micro, in child processes).
 
 MACs are multiply-accumulates of the ops that do dense arithmetic, counted from tensor shapes
 (batch included), as MLPerf Tiny and the usual model zoos count them:
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -38,7 +40,7 @@ _TYPE_NAMES = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k
 
 
 class ModelError(LabbenchError):
-    """A file is not a TFLite model, or TFLite Micro cannot allocate it."""
+    """Bytes that are not a TFLite model, or a model TFLite Micro cannot run in the arena allowed."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,10 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Facts about one .tflite model (first subgraph), read without running it."""
+    """Facts about one .tflite model (first subgraph), read without running it.
+
+    `name` is the file's stem (`from_file`), the name given, or "model-<first 12 hex of sha256>".
+    """
 
     name: str
     sha256: str
@@ -82,12 +87,21 @@ class ModelInfo:
 
     @classmethod
     def from_bytes(cls, model: bytes, name: str | None = None) -> ModelInfo:
+        model = bytes(model)
         digest = hashlib.sha256(model).hexdigest()
+        label = name or f"model-{digest[:12]}"
         if len(model) < 8 or model[4:8] != b"TFL3":
-            raise ModelError(f"{name or digest[:12]}: not a TFLite flatbuffer (no TFL3 identifier)")
+            raise ModelError(f"{label}: not a TFLite flatbuffer (no TFL3 identifier)")
+        try:
+            return cls._parse(model, digest, name, label)
+        except (IndexError, ValueError, struct.error, UnicodeError) as e:  # offsets out of range
+            raise ModelError(f"{label}: malformed TFLite flatbuffer: {e}") from e
+
+    @classmethod
+    def _parse(cls, model: bytes, digest: str, name: str | None, label: str) -> ModelInfo:
         m = schema.Model.GetRootAs(model, 0)
         if m.SubgraphsLength() < 1:
-            raise ModelError(f"{name or digest[:12]}: model has no subgraph")
+            raise ModelError(f"{label}: model has no subgraph")
         g = m.Subgraphs(0)
         codes = [_op_name(m.OperatorCodes(i)) for i in range(m.OperatorCodesLength())]
         tensors = [g.Tensors(i) for i in range(g.TensorsLength())]
@@ -101,7 +115,7 @@ class ModelInfo:
                 macs_by_op[kind] = macs_by_op.get(kind, 0) + macs
         description = (m.Description() or b"").decode(errors="replace")
         return cls(
-            name=name or description or f"model-{digest[:12]}",
+            name=label,
             sha256=digest,
             size_bytes=len(model),
             description=description,
@@ -141,7 +155,14 @@ def _tensor_info(t) -> TensorInfo:
     )
 
 
+_MAC_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL"}
+
+
 def _macs(kind: str, op, tensors) -> int:
+    """MACs of one operator (see the module docstring); 0 for ops that are not counted."""
+    if kind not in _MAC_OPS:
+        return 0
+
     def shape(pos: int, outputs: bool = False) -> tuple[int, ...]:
         idx = op.Outputs(pos) if outputs else op.Inputs(pos)
         return _shape(tensors[idx])
@@ -158,16 +179,14 @@ def _macs(kind: str, op, tensors) -> int:
     if kind == "TRANSPOSE_CONV":
         cout, kh, kw, _ = shape(1)
         return int(np.prod(shape(2))) * kh * kw * cout
-    if kind == "BATCH_MATMUL":
-        a = shape(0)
-        opts = op.BuiltinOptions()
-        adj_x = False
-        if opts is not None:
-            bm = schema.BatchMatMulOptions()
-            bm.Init(opts.Bytes, opts.Pos)
-            adj_x = bool(bm.AdjX())
-        return out * (a[-2] if adj_x else a[-1])
-    return 0
+    a = shape(0)  # BATCH_MATMUL: A [..., m, k] (or [..., k, m] with adj_x) times B [..., k, n]
+    opts = op.BuiltinOptions()
+    adj_x = False
+    if opts is not None:
+        bm = schema.BatchMatMulOptions()
+        bm.Init(opts.Bytes, opts.Pos)
+        adj_x = bool(bm.AdjX())
+    return out * (a[-2] if adj_x else a[-1])
 
 
 def _weights_bytes(m, tensors) -> int:
