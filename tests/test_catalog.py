@@ -148,7 +148,7 @@ def test_inference_time_is_overhead_plus_macs_over_throughput():
 
 
 def test_fp32_without_a_published_figure_is_refused():
-    device, _ = catalog.load_family("esp32_devkitc").profile()
+    device, _ = catalog.load_family("rpi4b").profile()
     with pytest.raises(CatalogError, match="no fp32 throughput in the catalog"):
         device.inference_us(RESNET8_MACS, "fp32")
     with pytest.raises(CatalogError, match='unknown dtype "int4"'):
@@ -220,17 +220,17 @@ MALFORMED = [
      "devices/esp32_devkitc.yaml:13: serial_baud: no source: add it under sources:"),
     ("source-for-no-key", _edit("  flash_kib: devkitc", "  flash_kb: devkitc"),
      "devices/esp32_devkitc.yaml:8: flash_kib: no source: add it under sources:\n"
-     'devices/esp32_devkitc.yaml:45: sources.flash_kb: unknown key "flash_kb"; did you mean "flash_kib"? '
-     "(known: clock_mhz, device_model.int8_macs_per_s, device_model.overhead_us, flash_kib, power.active_w, "
+     'devices/esp32_devkitc.yaml:47: sources.flash_kb: unknown key "flash_kb"; did you mean "flash_kib"? '
+     "(known: clock_mhz, device_model.fp32_macs_per_s, device_model.int8_macs_per_s, device_model.overhead_us, flash_kib, power.active_w, "
      "power.idle_w, power.radio_tx_w, power.upload_w, serial_baud, sram_kib)"),
     ("unknown-reference", _edit("  flash_kib: devkitc", "  flash_kib: devkit"),
-     "devices/esp32_devkitc.yaml:45: sources.flash_kib: the citation must start with a reference: "
+     "devices/esp32_devkitc.yaml:47: sources.flash_kib: the citation must start with a reference: "
      'unknown reference "devkit"; did you mean "devkitc"? '
-     "(known: devkitc, esp32_ds, macs, mlperf_runner, seed004, tflm)"),
+     "(known: devkitc, esp32_ds, macs, mlperf_runner, seed000, seed004, tflm)"),
     ("mcu-without-sram", _edit("sram_kib: 520\n", ""),
      "devices/esp32_devkitc.yaml:1: sram_kib: required when kind is mcu\n"
-     'devices/esp32_devkitc.yaml:43: sources.sram_kib: unknown key "sram_kib" (known: clock_mhz, '
-     "device_model.int8_macs_per_s, device_model.overhead_us, flash_kib, power.active_w, power.idle_w, "
+     'devices/esp32_devkitc.yaml:45: sources.sram_kib: unknown key "sram_kib" (known: clock_mhz, '
+     "device_model.fp32_macs_per_s, device_model.int8_macs_per_s, device_model.overhead_us, flash_kib, power.active_w, power.idle_w, "
      "power.radio_tx_w, power.upload_w, serial_baud)"),
     ("mcu-flashed-over-ssh", _edit("flasher: esptool", "flasher: ssh"),
      'devices/esp32_devkitc.yaml:12: flasher: "ssh" cannot flash a board of kind mcu'),
