@@ -326,3 +326,22 @@ def test_runner_needs_only_stdlib_numpy_and_a_runtime():
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
     assert imported <= allowed, imported - allowed
+
+
+def test_a_runner_that_does_not_speak_the_protocol_is_an_error(lab, deployed):
+    sim = lab["rpi4"]
+    board = SshBoard("rpi4", sim.host, sim.port, sim.user, sim.key, sim.known_hosts, python="echo",
+                     remote_dir="labbench/test lab", ssh_config=None)  # "echo" prints the runner's argv back
+    with pytest.raises(RemoteRunError, match=r"broke off after 0 of 4 inferences completed: runner printed b'/"):
+        board.run_timed(np.zeros(64, np.float32), count=4, warmup=0)
+    board.close()
+
+
+def test_runner_keeps_stdout_for_records_whatever_a_runtime_prints(tmp_path):
+    noisy = ("import os, sys\nsys.path.insert(0, sys.argv[1])\nimport runner\nload = runner.load\n"
+             "def noisy(path):\n    print('python noise')\n    os.write(1, b'C noise\\n')\n    return load(path)\n"
+             "runner.load = noisy\nrunner.main(['info', sys.argv[2]])\n")
+    out = subprocess.run([sys.executable, "-c", noisy, str(Path(str(RUNNER)).parent), str(MODEL)],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.startswith('{"type":"info"') and out.stdout.count("\n") == 1
+    assert "python noise" in out.stderr and "C noise" in out.stderr

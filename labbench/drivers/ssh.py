@@ -1,8 +1,10 @@
 """Linux boards over SSH (paramiko): deploy a model and the runner, run it, stream the results back.
 
-Connection: ~/.ssh/config is honoured for the board's host (HostName, Port, User, IdentityFile,
-UserKnownHostsFile, ProxyCommand) wherever lab.yaml leaves a value unset; keys come from lab.yaml,
-the config, ~/.ssh/id_* and the agent. Host keys are verified against `known_hosts` (lab.yaml's, else
+Connection: ~/.ssh/config is honoured for the board's host as `ssh <host>` would: HostName,
+IdentityFile, ProxyCommand, and UserKnownHostsFile, Port and User where the caller leaves them unset
+(lab.yaml always sets port and user). Keys come from lab.yaml, the config, ~/.ssh/id_* and the agent.
+`command_timeout_s` bounds a remote command's silence: no output for that long ends it (a
+streamed run may last longer, as long as inferences keep coming). Host keys are verified against `known_hosts` (lab.yaml's, else
 the config's, else ~/.ssh/known_hosts): an unknown or changed key is a RemoteError with its SHA256
 fingerprint and the command that trusts it. Trust on first use happens only where lab.yaml says so,
 and appends the key to known_hosts; a changed key is refused even then.
@@ -83,14 +85,14 @@ def _keyscan_type(key: paramiko.PKey) -> str:
 class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
     """Refuses an unknown host key with its fingerprint, or (trust on first use) records it."""
 
-    def __init__(self, board: "SshBoard", known_hosts: Path, trust_on_first_use: bool):
-        self.board, self.known_hosts, self.trust = board, known_hosts, trust_on_first_use
+    def __init__(self, owner: "SshBoard", known_hosts: Path, trust_on_first_use: bool):
+        self.owner, self.known_hosts, self.trust = owner, known_hosts, trust_on_first_use
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         if not self.trust:
-            raise RemoteError(self.board.board, f"verify host key of {hostname}", (
+            raise RemoteError(self.owner.board, f"verify host key of {hostname}", (
                 f"unknown host key {key.get_name()} {key.fingerprint} (not in {self.known_hosts}). "
-                f"If that is the board's key, trust it with: {self.board.keyscan_command(key)} "
+                f"If that is the board's key, trust it with: {self.owner.keyscan_command(key)} "
                 f"(or set trust_on_first_use: true for this board in lab.yaml)"))
         self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
         with open(self.known_hosts, "a") as f:
@@ -110,30 +112,34 @@ class _Stream:
         self.stderr = bytearray()
         self.stalled = self.lost = False
         self.exit_status: int | None = None
+        self.garbage: bytes | None = None  # a line that was not a runner record, if the reader saw one
         self.tail = b""  # output after the last newline (a line still in flight)
 
     def __iter__(self) -> Iterator[tuple[bytes, float]]:
         chan, pending = self.chan, b""
         chan.settimeout(_POLL_S)
         last = time.monotonic()
-        while True:
-            while chan.recv_stderr_ready():
-                self.stderr += chan.recv_stderr(65536)
-            try:
-                data = chan.recv(65536)
-            except socket.timeout:
-                if time.monotonic() - last > self.stall_s:
-                    self.stalled = True
+        try:
+            while True:
+                while chan.recv_stderr_ready():
+                    self.stderr += chan.recv_stderr(65536)
+                try:
+                    data = chan.recv(65536)
+                except socket.timeout:
+                    if time.monotonic() - last > self.stall_s:
+                        self.stalled = True
+                        break
+                    continue
+                if not data:
                     break
-                continue
-            if not data:
-                break
-            last = time.monotonic()
-            *lines, pending = (pending + data).split(b"\n")
-            for line in lines:
-                yield line, last
-        self.tail = pending
-        self._finish()
+                last = time.monotonic()
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    yield line, last
+            self.tail = pending
+            self._finish()
+        finally:
+            chan.close()  # also when the reader stops early: the remote command gets EOF/SIGPIPE
 
     def _finish(self) -> None:
         if not self.stalled and self.chan.status_event.wait(self.stall_s):
@@ -142,9 +148,10 @@ class _Stream:
             status = self.chan.exit_status
             self.exit_status = None if status == -1 else status
         self.lost = not self.chan.get_transport().is_active()
-        self.chan.close()
 
     def why(self) -> str:
+        if self.garbage is not None:
+            return f"runner printed {self.garbage[:200]!r}"
         if self.stalled:
             return f"no output for {self.stall_s:g} s (command timeout)"
         if self.lost or self.exit_status is None:
@@ -424,7 +431,8 @@ class SshBoard:
             try:
                 record = json.loads(line)
             except ValueError:
-                raise RemoteError(self.board, action, f"runner printed {line[:200]!r}") from None
+                stream.garbage = line
+                break
             kind = record.get("type")
             if kind == "inference":
                 rows.append((record, t))
@@ -432,7 +440,7 @@ class SshBoard:
                 start = record
             elif kind == "end":
                 end = record
-        if end is None or stream.exit_status != 0 or len(rows) != expected:
+        if end is None or stream.garbage is not None or stream.exit_status != 0 or len(rows) != expected:
             raise RemoteRunError(self.board, action, (
                 f"broke off after {len(rows)} of {expected} inferences completed: {stream.why()}"),
                 completed=len(rows), expected=expected, partial=build(start, rows, None))

@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import platform
 import resource
 import sys
@@ -34,11 +35,20 @@ from pathlib import Path
 import numpy as np
 
 PROTOCOL = 1  # bumped when the command line or the line format changes
+_records = sys.stdout  # main() gives records their own copy of stdout
 
 
 def emit(record: dict) -> None:
-    sys.stdout.write(json.dumps(record, separators=(",", ":")) + "\n")
+    _records.write(json.dumps(record, separators=(",", ":")) + "\n")
+    _records.flush()
+
+
+def own_stdout() -> None:
+    """Keep stdout for records: whatever a runtime prints (from Python or C) goes to stderr."""
+    global _records
+    _records = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
 
 def _version(dist: str, module) -> str:
@@ -209,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset", help=".npz file; without it, a .npy array is read from stdin")
     p.add_argument("--key", default="x_test")
     args = parser.parse_args(argv)
+    own_stdout()
     if args.command == "info":
         info(args.model)
     elif args.command == "timed":
