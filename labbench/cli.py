@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from labbench import inventory
+from labbench import gate_cli, inventory
 from labbench.errors import LabbenchError, LabConfigError, UsageError
 
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="status as JSON")
     _lab_arg(sim)
     sim.set_defaults(func=cmd_sim)
+
+    gate_cli.add_parsers(sub)
 
     report = sub.add_parser("report", help="build the results dashboard from journals")
     report.add_argument("journals", nargs="*", type=Path, help="journals (default: reports/*.jsonl)")
