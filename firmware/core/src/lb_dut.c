@@ -1,0 +1,368 @@
+/* MLPerf Tiny DUT protocol: see lb_dut.h, and firmware/README.md for the fixes to the reference.
+ *
+ * Hand-written rather than reusing the reference's internally_implemented.cpp: that file has
+ * the bugs listed in the README (a NULL dereference on a bare '%', unchecked buffer writes) and
+ * relies on the target's printf and strtok.
+ */
+#include "lb_dut.h"
+
+#include <string.h>
+
+#include "lb_hooks.h"
+#include "lb_out.h"
+#include "lb_sha256.h"
+
+#define FW_VERSION "ULPMark for tinyML Firmware V0.0.1"
+
+static struct {
+    const lb_dut_config *cfg;
+    char model_sha256[65];
+    const char *model_error; /* why lb_model_init failed, or NULL */
+    char cmd[LB_CMD_MAX_CHARS + 1];
+    size_t cmd_len;
+    int cmd_too_long;
+    uint8_t db[LB_DB_CAPACITY_BYTES];
+    size_t db_size; /* bytes announced by the last accepted `db load` (0: none) */
+    size_t db_pos;  /* bytes received since */
+    int have_results;
+} s;
+
+static void print_timestamp(void)
+{
+    lb_printf("m-lap-us-%lu\r\n", (unsigned long)lb_platform_timestamp_us());
+}
+
+/* Next space-delimited token of the command line, or NULL (strtok without its hidden state). */
+static char *next_token(char **cursor)
+{
+    char *p = *cursor, *start;
+    while (*p == ' ') {
+        p++;
+    }
+    if (*p == '\0') {
+        *cursor = p;
+        return NULL;
+    }
+    start = p;
+    while (*p != '\0' && *p != ' ') {
+        p++;
+    }
+    if (*p != '\0') {
+        *p++ = '\0';
+    }
+    *cursor = p;
+    return start;
+}
+
+/* A decimal count of 0..2^31-1, digits only. The reference used atoi, which read "-5" as a
+ * size_t near 2^64 and "5x" as 5. */
+static int parse_count(const char *text, unsigned long *value)
+{
+    unsigned long v = 0;
+    if (*text == '\0') {
+        return 0;
+    }
+    for (; *text; text++) {
+        if (*text < '0' || *text > '9') {
+            return 0;
+        }
+        v = v * 10u + (unsigned long)(*text - '0');
+        if (v > 0x7fffffffUL) {
+            return 0;
+        }
+    }
+    *value = v;
+    return 1;
+}
+
+static int hex_value(char c)
+{
+    if (c >= '0' && c <= '9') {
+        return c - '0';
+    }
+    if (c >= 'a' && c <= 'f') {
+        return c - 'a' + 10;
+    }
+    if (c >= 'A' && c <= 'F') {
+        return c - 'A' + 10;
+    }
+    return -1;
+}
+
+/* The reference's two lines, then facts MLPerf's runner ignores (its pattern is
+ * ^m-(model|profile)-\[...\]$): the model's sha256 and size, and the arena it uses. */
+static void cmd_profile(void)
+{
+    lb_printf("m-profile-[%s]\r\n", FW_VERSION);
+    lb_printf("m-model-[%s]\r\n", s.cfg->model_name);
+    lb_printf("m-model-sha256-[%s]\r\n", s.model_sha256);
+    lb_printf("m-model-bytes-[%lu]\r\n", (unsigned long)s.cfg->model_bytes);
+    if (s.model_error != NULL) {
+        lb_printf("e-[Model initialisation failed: %s]\r\n", s.model_error);
+    } else {
+        lb_printf("m-arena-bytes-[%lu]\r\n", (unsigned long)lb_model_arena_used_bytes());
+    }
+}
+
+static void cmd_help(void)
+{
+    lb_printf("%s\r\n\r\n", FW_VERSION);
+    lb_printf("help          : Print this information\r\n");
+    lb_printf("name          : Print the name of the device\r\n");
+    lb_printf("timestamp     : Print the microsecond clock (m-lap-us-N)\r\n");
+    lb_printf("profile       : Print the firmware and the model (sha256, bytes, arena)\r\n");
+    lb_printf("db load N     : Expect N bytes of input (N <= %lu)\r\n",
+              (unsigned long)LB_DB_CAPACITY_BYTES);
+    lb_printf("db HH[HH]*    : Load hex bytes until N bytes\r\n");
+    lb_printf("db print      : Print the input buffer as hex, 8 bytes per line\r\n");
+    lb_printf("infer N [W=10]: Run W warmups, then time N inferences of the input\r\n");
+    lb_printf("results       : Print the outputs of the last inference\r\n");
+}
+
+static void db_load(const char *arg)
+{
+    unsigned long n;
+    if (arg == NULL) {
+        lb_printf("e-[Command 'db load' requires the # of bytes]\r\n");
+        return;
+    }
+    s.db_size = s.db_pos = 0; /* a new load always abandons the previous one */
+    if (!parse_count(arg, &n) || n == 0) {
+        lb_printf("e-[Command 'db load' must be >0 bytes]\r\n");
+        return;
+    }
+    if (n > LB_DB_CAPACITY_BYTES) {
+        /* The reference printed this without the e-[ ] framing and then kept the size, so the
+         * following db data overran the buffer. */
+        lb_printf("e-[Supplied buffer size %lu exceeds maximum of %lu]\r\n", n,
+                  (unsigned long)LB_DB_CAPACITY_BYTES);
+        return;
+    }
+    s.db_size = (size_t)n;
+    memset(s.db, 0, s.db_size);
+    lb_printf("m-[Expecting %lu bytes]\r\n", n);
+}
+
+static void db_print(void)
+{
+    size_t i;
+    for (i = 0; i < s.db_size; i++) {
+        if (i % 8 == 0) {
+            lb_printf("m-buffer-");
+        }
+        lb_printf((i % 8 == 7 || i + 1 == s.db_size) ? "%02x\r\n" : "%02x-", (unsigned)s.db[i]);
+    }
+}
+
+static void db_data(const char *hex)
+{
+    size_t digits = strlen(hex), pairs, i;
+    if (digits % 2 != 0) {
+        lb_printf("e-[Insufficent number of hex digits]\r\n"); /* sic: the reference's text */
+        return;
+    }
+    if (s.db_size == 0) {
+        lb_printf("e-[Command 'db' data needs a 'db load N' first]\r\n");
+        return;
+    }
+    if (s.db_pos == s.db_size) {
+        lb_printf("e-[Buffer already full: %lu of %lu bytes loaded]\r\n", (unsigned long)s.db_pos,
+                  (unsigned long)s.db_size);
+        return;
+    }
+    /* As in the reference, digits beyond the announced size are ignored. Unlike it, the pairs
+     * that would be stored are all checked before any is, so a bad chunk changes nothing. */
+    pairs = digits / 2;
+    if (pairs > s.db_size - s.db_pos) {
+        pairs = s.db_size - s.db_pos;
+    }
+    for (i = 0; i < pairs; i++) {
+        if (hex_value(hex[2 * i]) < 0 || hex_value(hex[2 * i + 1]) < 0) {
+            lb_printf("e-[Invalid hex digit '%c%c']\r\n", hex[2 * i], hex[2 * i + 1]);
+            return;
+        }
+    }
+    for (i = 0; i < pairs; i++) {
+        s.db[s.db_pos++] = (uint8_t)(hex_value(hex[2 * i]) << 4 | hex_value(hex[2 * i + 1]));
+    }
+    if (s.db_pos == s.db_size) {
+        lb_printf("m-load-done\r\n");
+    }
+}
+
+static void cmd_db(char **cursor)
+{
+    char *sub = next_token(cursor);
+    if (sub == NULL) {
+        lb_printf("e-[Command 'db' requires a subcommand]\r\n");
+    } else if (strcmp(sub, "load") == 0) {
+        db_load(next_token(cursor));
+    } else if (strcmp(sub, "print") == 0) {
+        db_print();
+    } else {
+        db_data(sub);
+    }
+}
+
+static void cmd_results(void)
+{
+    size_t i, n;
+    if (!s.have_results) {
+        lb_printf("e-[No results: run 'infer' first]\r\n");
+        return;
+    }
+    n = lb_model_output_count();
+    lb_printf("m-results-[");
+    for (i = 0; i < n; i++) {
+        lb_printf(i == 0 ? "%f" : ",%f", (double)lb_model_output(i));
+    }
+    lb_printf("]\r\n");
+}
+
+/* One run of the model on the loaded input; prints the error and returns 0 on failure. */
+static int run_once(void)
+{
+    const char *err = lb_model_invoke(s.db, s.db_size);
+    if (err != NULL) {
+        lb_printf("e-[Inference failed: %s]\r\n", err);
+        return 0;
+    }
+    return 1;
+}
+
+/* The reference's ee_infer. The input is copied in before every run, not once: TFLM reuses the
+ * input tensor's arena memory for later layers (tflite-micro#2290), so the reference's second
+ * and later runs could see overwritten input, and its m-results after `infer N W` (N + W > 1)
+ * came from the last of them. */
+static void cmd_infer(char **cursor)
+{
+    unsigned long n = 1, w = 10, i;
+    size_t expected;
+    char *arg = next_token(cursor);
+
+    if (arg != NULL) {
+        if (!parse_count(arg, &n) || n == 0) {
+            lb_printf("e-[Inference iterations must be >0]\r\n");
+            return;
+        }
+        arg = next_token(cursor);
+        if (arg != NULL && !parse_count(arg, &w)) {
+            lb_printf("e-[Inference warmup must be >=0]\r\n");
+            return;
+        }
+    }
+    if (s.model_error != NULL) {
+        lb_printf("e-[No model: %s]\r\n", s.model_error);
+        return;
+    }
+    expected = lb_model_input_bytes();
+    if (s.db_size != expected) {
+        lb_printf("e-[Input is %lu bytes; the model expects %lu]\r\n", (unsigned long)s.db_size,
+                  (unsigned long)expected);
+        return;
+    }
+    if (s.db_pos != s.db_size) {
+        lb_printf("e-[Input incomplete: %lu of %lu bytes loaded]\r\n", (unsigned long)s.db_pos,
+                  (unsigned long)s.db_size);
+        return;
+    }
+
+    s.have_results = 0;
+    lb_printf("m-warmup-start-%lu\r\n", w);
+    for (i = 0; i < w; i++) {
+        if (!run_once()) {
+            return;
+        }
+    }
+    lb_printf("m-warmup-done\r\n");
+    lb_printf("m-infer-start-%lu\r\n", n);
+    print_timestamp();
+    for (i = 0; i < n; i++) {
+        if (!run_once()) {
+            return;
+        }
+    }
+    print_timestamp();
+    lb_printf("m-infer-done\r\n");
+    s.have_results = 1;
+    cmd_results();
+}
+
+static void dispatch(char *line)
+{
+    char *cursor = line;
+    char *tok = next_token(&cursor);
+
+    if (tok == NULL) {
+        return; /* bare '%' (or only spaces): just m-ready; the reference passed NULL to strncmp */
+    }
+    if (strcmp(tok, "name") == 0) {
+        lb_printf("m-name-dut-[%s]\r\n", s.cfg->vendor);
+    } else if (strcmp(tok, "timestamp") == 0) {
+        print_timestamp();
+    } else if (strcmp(tok, "profile") == 0) {
+        cmd_profile();
+    } else if (strcmp(tok, "help") == 0) {
+        cmd_help();
+    } else if (strcmp(tok, "db") == 0) {
+        cmd_db(&cursor);
+    } else if (strcmp(tok, "infer") == 0) {
+        cmd_infer(&cursor);
+    } else if (strcmp(tok, "results") == 0) {
+        cmd_results();
+    } else {
+        lb_printf("e-[Unknown command: %s]\r\n", tok);
+    }
+}
+
+void lb_dut_init(const lb_dut_config *cfg)
+{
+    memset(&s, 0, sizeof s);
+    s.cfg = cfg;
+    lb_sha256_hex(cfg->model, cfg->model_bytes, s.model_sha256);
+    lb_printf("m-timestamp-mode-performance\r\n");
+    print_timestamp();
+    s.model_error = lb_model_init(cfg->model, cfg->model_bytes, cfg->arena, cfg->arena_bytes);
+    if (s.model_error != NULL) {
+        lb_printf("e-[Model initialisation failed: %s]\r\n", s.model_error);
+    }
+    lb_printf("m-init-done\r\n");
+    lb_printf("m-ready\r\n");
+}
+
+void lb_dut_feed(int c)
+{
+    if (s.cfg == NULL) {
+        return; /* before lb_dut_init, like the reference's disabled parser: no reply at all */
+    }
+    if (c == '\r' || c == '\n') {
+        return; /* line endings some hosts add never reach the parser (the reference's strtok
+                   saw "\nname" and answered Unknown command) */
+    }
+    if (c != '%') {
+        if (s.cmd_len < LB_CMD_MAX_CHARS) {
+            s.cmd[s.cmd_len++] = (char)c;
+        } else {
+            s.cmd_too_long = 1; /* the reference silently kept the first 80 characters */
+        }
+        return;
+    }
+    if (s.cmd_too_long) {
+        lb_printf("e-[Command too long: more than %lu characters]\r\n",
+                  (unsigned long)LB_CMD_MAX_CHARS);
+    } else {
+        s.cmd[s.cmd_len] = '\0';
+        dispatch(s.cmd);
+    }
+    lb_printf("m-ready\r\n");
+    s.cmd_len = 0;
+    s.cmd_too_long = 0;
+}
+
+void lb_dut_run(void)
+{
+    int c;
+    while ((c = lb_platform_getchar()) >= 0) {
+        lb_dut_feed(c);
+    }
+}

@@ -1,0 +1,52 @@
+/* Hooks the DUT core calls.
+ *
+ * Platform hooks: each board implements these three around its serial port and timer.
+ * Model hooks: lb_model_tflm.cpp implements them with TFLite Micro on the boards; the host
+ * tests use a fake model (tests/fake_board.c).
+ */
+#ifndef LB_HOOKS_H
+#define LB_HOOKS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Next byte from the host (0..255), waiting for one; negative when the input has ended. */
+int lb_platform_getchar(void);
+
+/* Send `n` bytes to the host. The core hands over whole lines where it can (a run of bytes
+ * rather than putchar, so a USB CDC port is not sent one packet per character). */
+void lb_platform_write(const char *data, size_t n);
+
+/* Free-running microsecond clock. Only differences are used; it may wrap at 2^32. */
+uint32_t lb_platform_timestamp_us(void);
+
+/* Model hooks. Those returning `const char *` return NULL on success, else a short reason
+ * that the core prints inside e-[...]. The core calls the others only after a successful
+ * lb_model_init. */
+
+/* Prepare the model; `arena` is the runtime's working memory (the TFLM tensor arena). */
+const char *lb_model_init(const uint8_t *model, size_t model_bytes, uint8_t *arena,
+                          size_t arena_bytes);
+
+/* Size of the model's input tensor in bytes: what `db load N` must announce. */
+size_t lb_model_input_bytes(void);
+
+/* Copy `input` (raw bytes of the input tensor) into the model, then run it once. */
+const char *lb_model_invoke(const uint8_t *input, size_t input_bytes);
+
+/* Number of elements in the output tensor, and element `index` dequantized to float. */
+size_t lb_model_output_count(void);
+float lb_model_output(size_t index);
+
+/* Bytes of the arena the model actually uses (reported by profile% as m-arena-bytes-[N]). */
+size_t lb_model_arena_used_bytes(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LB_HOOKS_H */

@@ -1,0 +1,28 @@
+/* Formatted replies for the core.
+ *
+ * A small printf over lb_platform_write, so that replies look the same on every board whatever
+ * the target libc supports (newlib-nano has no float printf by default; the reference's integer
+ * workaround printed 1.0 as "0.1000"). Output is buffered and handed over line by line.
+ *
+ * Conversions: %s, %c, %u (unsigned), %lu (unsigned long), %x with an optional zero-padded
+ * width (%02x), %%, and %f: a double holding a float value, in positional notation with at
+ * most 9 significant digits and no trailing zeros ("1", "0.00390625", "-2.5", "0.100000001").
+ * Nine digits always parse back to the same float32, so the host sees the exact outputs.
+ */
+#ifndef LB_OUT_H
+#define LB_OUT_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 1, 2)))
+#endif
+void lb_printf(const char *fmt, ...);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LB_OUT_H */

@@ -1,0 +1,457 @@
+/* Host tests of the DUT protocol core: every command, the error replies and the buffer limits,
+ * driven byte by byte through lb_dut_feed and compared byte for byte with what a host reads. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "fake_board.h"
+#include "lb_dut.h"
+
+static const uint8_t fake_model[] = "labbench fake model";
+#define FAKE_MODEL_SHA256 "f4051b2536d32745607c6084fac3580c9128111bfd3b1f23a47a9d1399b3220b"
+static uint8_t arena[64];
+static const lb_dut_config config = {
+    "labbench-host", "fake01", fake_model, sizeof fake_model - 1, arena, sizeof arena,
+};
+
+#define READY "m-ready\r\n"
+
+/* Boot a fresh core (after the test has set up the fake board) and return the banner. */
+static const char *boot(void)
+{
+    lb_dut_init(&config);
+    return fake_take_output();
+}
+
+static void reboot(void)
+{
+    fake_reset();
+    boot();
+}
+
+/* Feed `input` one byte at a time and return everything the core answered. */
+static const char *send(const char *input)
+{
+    for (; *input; input++) {
+        lb_dut_feed((unsigned char)*input);
+    }
+    return fake_take_output();
+}
+
+static int starts_with(const char *text, const char *prefix)
+{
+    return strncmp(text, prefix, strlen(prefix)) == 0;
+}
+
+/* `count` copies of `c`, for building long commands. */
+static char *repeat(char *dst, char c, size_t count)
+{
+    memset(dst, c, count);
+    dst[count] = '\0';
+    return dst;
+}
+
+/* Must run first: nothing has called lb_dut_init yet. */
+static void test_nothing_answered_before_init(void)
+{
+    fake_reset();
+    CHECK_STR(send("name%"), "");
+}
+
+static void test_boot_banner(void)
+{
+    fake_reset();
+    fake_clock_us = 1234;
+    CHECK_STR(boot(), "m-timestamp-mode-performance\r\nm-lap-us-1234\r\nm-init-done\r\n" READY);
+}
+
+static void test_boot_with_failing_model(void)
+{
+    fake_reset();
+    fake_init_error = "arena too small";
+    CHECK_STR(boot(), "m-timestamp-mode-performance\r\nm-lap-us-0\r\n"
+                      "e-[Model initialisation failed: arena too small]\r\nm-init-done\r\n" READY);
+    /* The protocol still answers; only inference is refused. */
+    CHECK_STR(send("name%"), "m-name-dut-[labbench-host]\r\n" READY);
+    CHECK_STR(send("profile%"), "m-profile-[ULPMark for tinyML Firmware V0.0.1]\r\n"
+                                "m-model-[fake01]\r\n"
+                                "m-model-sha256-[" FAKE_MODEL_SHA256 "]\r\n"
+                                "m-model-bytes-[19]\r\n"
+                                "e-[Model initialisation failed: arena too small]\r\n" READY);
+    send("db load 4%db 01020304%");
+    CHECK_STR(send("infer 1 0%"), "e-[No model: arena too small]\r\n" READY);
+    CHECK(fake_runs == 0);
+}
+
+static void test_name_profile_timestamp(void)
+{
+    reboot();
+    CHECK_STR(send("name%"), "m-name-dut-[labbench-host]\r\n" READY);
+    CHECK_STR(send("profile%"), "m-profile-[ULPMark for tinyML Firmware V0.0.1]\r\n"
+                                "m-model-[fake01]\r\n"
+                                "m-model-sha256-[" FAKE_MODEL_SHA256 "]\r\n"
+                                "m-model-bytes-[19]\r\n"
+                                "m-arena-bytes-[2256]\r\n" READY);
+    fake_clock_us = 42;
+    CHECK_STR(send("timestamp%"), "m-lap-us-42\r\n" READY);
+    fake_clock_us = 4294967295u; /* the clock is 32-bit: it wraps after 71.6 minutes */
+    CHECK_STR(send("timestamp%"), "m-lap-us-4294967295\r\n" READY);
+    CHECK_STR(send("  name   extra words%"), "m-name-dut-[labbench-host]\r\n" READY);
+}
+
+static void test_help(void)
+{
+    const char *out;
+    reboot();
+    out = send("help%");
+    CHECK(starts_with(out, "ULPMark for tinyML Firmware V0.0.1\r\n\r\n"));
+    CHECK(strstr(out, "infer N [W=10]") != NULL); /* the reference's menu said W=0 */
+    CHECK(strstr(out, "db load N     : Expect N bytes of input (N <= 27648)\r\n") != NULL);
+    CHECK(strstr(out, "e-[") == NULL);
+    CHECK(strlen(out) > strlen(READY) && strcmp(out + strlen(out) - strlen(READY), READY) == 0);
+}
+
+static void test_unknown_and_empty_commands(void)
+{
+    reboot();
+    CHECK_STR(send("bogus%"), "e-[Unknown command: bogus]\r\n" READY);
+    CHECK_STR(send("NAME%"), "e-[Unknown command: NAME]\r\n" READY);
+    CHECK_STR(send("%"), READY); /* the reference dereferenced NULL here */
+    CHECK_STR(send("    %"), READY);
+    CHECK_STR(send("%%%"), READY READY READY);
+}
+
+static void test_line_endings_are_ignored(void)
+{
+    reboot();
+    CHECK_STR(send("\r\nname%"), "m-name-dut-[labbench-host]\r\n" READY);
+    CHECK_STR(send("\nname%"), "m-name-dut-[labbench-host]\r\n" READY);
+    CHECK_STR(send("name\r\n%"), "m-name-dut-[labbench-host]\r\n" READY);
+    CHECK_STR(send("na\r\nme%"), "m-name-dut-[labbench-host]\r\n" READY);
+    CHECK_STR(send("\r\n"), "");
+}
+
+static void test_commands_split_and_joined(void)
+{
+    reboot();
+    CHECK_STR(send("na"), "");
+    CHECK_STR(send("me%"), "m-name-dut-[labbench-host]\r\n" READY);
+    fake_clock_us = 7;
+    CHECK_STR(send("name%timestamp%"),
+              "m-name-dut-[labbench-host]\r\n" READY "m-lap-us-7\r\n" READY);
+}
+
+static void test_command_length_limit(void)
+{
+    char cmd[6000], hex[200];
+    const char *load_done = "m-load-done\r\n" READY;
+
+    /* 79 characters: "db " + 76 hex digits, the largest chunk (38 bytes) that fits. */
+    reboot();
+    send("db load 38%");
+    sprintf(cmd, "db %s%%", repeat(hex, 'a', 76));
+    CHECK(strlen(cmd) == 79 + 1);
+    CHECK_STR(send(cmd), load_done);
+    CHECK(starts_with(send("db print%"), "m-buffer-aa-aa-aa-aa-aa-aa-aa-aa\r\n"));
+
+    /* 80 characters: the longest command accepted. */
+    send("db load 38%");
+    sprintf(cmd, "db  %s%%", repeat(hex, 'b', 76));
+    CHECK(strlen(cmd) == 80 + 1);
+    CHECK_STR(send(cmd), load_done);
+    CHECK(starts_with(send("db print%"), "m-buffer-bb-bb-bb-bb-bb-bb-bb-bb\r\n"));
+    sprintf(cmd, "name%s%%", repeat(hex, ' ', 76));
+    CHECK(strlen(cmd) == 80 + 1);
+    CHECK_STR(send(cmd), "m-name-dut-[labbench-host]\r\n" READY);
+
+    /* 81 characters: refused whole; the reference kept the first 80 and ran them. */
+    send("db load 39%");
+    sprintf(cmd, "db %s%%", repeat(hex, 'c', 78));
+    CHECK(strlen(cmd) == 81 + 1);
+    CHECK_STR(send(cmd), "e-[Command too long: more than 80 characters]\r\n" READY);
+    sprintf(cmd, "name%s%%", repeat(hex, ' ', 77));
+    CHECK_STR(send(cmd), "e-[Command too long: more than 80 characters]\r\n" READY);
+    CHECK_STR(send("db print%"), "m-buffer-00-00-00-00-00-00-00-00\r\nm-buffer-00-00-00-00-00-00-00-00\r\n"
+                                 "m-buffer-00-00-00-00-00-00-00-00\r\nm-buffer-00-00-00-00-00-00-00-00\r\n"
+                                 "m-buffer-00-00-00-00-00-00-00\r\n" READY);
+
+    /* Far too long: one error, one m-ready, and the next command is parsed cleanly. */
+    repeat(cmd, 'x', 5000);
+    strcat(cmd, "%");
+    CHECK_STR(send(cmd), "e-[Command too long: more than 80 characters]\r\n" READY);
+    CHECK_STR(send("name%"), "m-name-dut-[labbench-host]\r\n" READY);
+
+    /* CR and LF do not count towards the limit. */
+    sprintf(cmd, "name%s\r\n%%", repeat(hex, ' ', 76));
+    CHECK_STR(send(cmd), "m-name-dut-[labbench-host]\r\n" READY);
+}
+
+static void test_db_argument_errors(void)
+{
+    reboot();
+    CHECK_STR(send("db%"), "e-[Command 'db' requires a subcommand]\r\n" READY);
+    CHECK_STR(send("db load%"), "e-[Command 'db load' requires the # of bytes]\r\n" READY);
+    CHECK_STR(send("db load 0%"), "e-[Command 'db load' must be >0 bytes]\r\n" READY);
+    CHECK_STR(send("db load abc%"), "e-[Command 'db load' must be >0 bytes]\r\n" READY);
+    CHECK_STR(send("db load -5%"), "e-[Command 'db load' must be >0 bytes]\r\n" READY);
+    CHECK_STR(send("db load 5x%"), "e-[Command 'db load' must be >0 bytes]\r\n" READY);
+    CHECK_STR(send("db load 99999999999%"), "e-[Command 'db load' must be >0 bytes]\r\n" READY);
+    CHECK_STR(send("db load 4%"), "m-[Expecting 4 bytes]\r\n" READY);
+}
+
+static void test_db_capacity(void)
+{
+    char cmd[100];
+    size_t loaded = 0, i, len;
+    int only_ready = 1;
+
+    reboot();
+    CHECK_STR(send("db load 27649%"),
+              "e-[Supplied buffer size 27649 exceeds maximum of 27648]\r\n" READY);
+    /* The refused load leaves no buffer to write into (the reference kept the size). */
+    CHECK_STR(send("db 00%"), "e-[Command 'db' data needs a 'db load N' first]\r\n" READY);
+    CHECK_STR(send("db print%"), READY);
+
+    CHECK_STR(send("db load 27648%"), "m-[Expecting 27648 bytes]\r\n" READY);
+    while (loaded < 27648) {
+        size_t chunk = 27648 - loaded < 38 ? 27648 - loaded : 38;
+        const char *out;
+        strcpy(cmd, "db ");
+        for (i = 0, len = 3; i < chunk; i++, len += 2) {
+            sprintf(cmd + len, "%02x", (unsigned)((loaded + i) * 7 % 256));
+        }
+        strcat(cmd, "%");
+        loaded += chunk;
+        out = send(cmd);
+        if (loaded < 27648) {
+            only_ready &= strcmp(out, READY) == 0;
+        } else {
+            CHECK_STR(out, "m-load-done\r\n" READY);
+        }
+    }
+    CHECK(only_ready);
+    CHECK_STR(send("db 00%"), "e-[Buffer already full: 27648 of 27648 bytes loaded]\r\n" READY);
+
+    fake_input_bytes = 27648;
+    send("infer 1 0%");
+    CHECK(fake_runs == 1 && fake_bad_runs == 0);
+    for (i = 0; i < 27648 && fake_seen_input[i] == (uint8_t)(i * 7 % 256); i++) {
+    }
+    CHECK(i == 27648);
+}
+
+static void test_db_data_errors(void)
+{
+    reboot();
+    CHECK_STR(send("db 0102%"), "e-[Command 'db' data needs a 'db load N' first]\r\n" READY);
+    send("db load 4%");
+    CHECK_STR(send("db 012%"), "e-[Insufficent number of hex digits]\r\n" READY);
+    CHECK_STR(send("db 0%"), "e-[Insufficent number of hex digits]\r\n" READY);
+    CHECK_STR(send("db 01zz%"), "e-[Invalid hex digit 'zz']\r\n" READY);
+    CHECK_STR(send("db g0%"), "e-[Invalid hex digit 'g0']\r\n" READY);
+    CHECK_STR(send("db 0G%"), "e-[Invalid hex digit '0G']\r\n" READY);
+    CHECK_STR(send("db 0x01%"), "e-[Invalid hex digit '0x']\r\n" READY);
+    /* A refused chunk stores nothing, not even its valid leading pairs. */
+    CHECK_STR(send("db print%"), "m-buffer-00-00-00-00\r\n" READY);
+    CHECK_STR(send("db aBcD%"), READY);
+    CHECK_STR(send("db Ef01%"), "m-load-done\r\n" READY);
+    CHECK_STR(send("db print%"), "m-buffer-ab-cd-ef-01\r\n" READY);
+    CHECK_STR(send("db 02%"), "e-[Buffer already full: 4 of 4 bytes loaded]\r\n" READY);
+}
+
+static void test_db_chunks_and_print(void)
+{
+    reboot();
+    CHECK_STR(send("db print%"), READY);
+    CHECK_STR(send("db load 10%"), "m-[Expecting 10 bytes]\r\n" READY);
+    CHECK_STR(send("db 00010203%"), READY);
+    CHECK_STR(send("db 04050607%"), READY);
+    CHECK_STR(send("db 0809%"), "m-load-done\r\n" READY);
+    /* No blank line after a partial last line (the reference printed one). */
+    CHECK_STR(send("db print%"),
+              "m-buffer-00-01-02-03-04-05-06-07\r\nm-buffer-08-09\r\n" READY);
+
+    /* Digits beyond the announced size are ignored, as in the reference, even invalid ones. */
+    CHECK_STR(send("db load 2%"), "m-[Expecting 2 bytes]\r\n" READY);
+    CHECK_STR(send("db 0a0b0czz%"), "m-load-done\r\n" READY);
+    CHECK_STR(send("db print%"), "m-buffer-0a-0b\r\n" READY);
+
+    /* A new load starts over; exactly 8 bytes print as one line. */
+    send("db load 8%db 1111%");
+    CHECK_STR(send("db load 8%"), "m-[Expecting 8 bytes]\r\n" READY);
+    CHECK_STR(send("db 2122232425262728%"), "m-load-done\r\n" READY);
+    CHECK_STR(send("db print%"), "m-buffer-21-22-23-24-25-26-27-28\r\n" READY);
+}
+
+static void test_infer_transcript(void)
+{
+    reboot();
+    fake_clock_us = 1000;
+    fake_invoke_us = 250;
+    send("db load 4%db 04080c10%");
+    CHECK_STR(send("infer 3 2%"), "m-warmup-start-2\r\n"
+                                  "m-warmup-done\r\n"
+                                  "m-infer-start-3\r\n"
+                                  "m-lap-us-1500\r\n"
+                                  "m-lap-us-2250\r\n"
+                                  "m-infer-done\r\n"
+                                  "m-results-[1,2,3,4]\r\n" READY);
+    /* Every run was handed the whole input (TFLM may overwrite its copy during a run). */
+    CHECK(fake_runs == 5 && fake_bad_runs == 0);
+    CHECK(memcmp(fake_seen_input, "\x04\x08\x0c\x10", 4) == 0);
+    CHECK_STR(send("results%"), "m-results-[1,2,3,4]\r\n" READY);
+}
+
+static void test_infer_defaults(void)
+{
+    const char *out;
+    reboot();
+    send("db load 4%db 01020304%");
+    out = send("infer%");
+    CHECK(starts_with(out, "m-warmup-start-10\r\nm-warmup-done\r\nm-infer-start-1\r\n"));
+    CHECK(fake_runs == 11);
+    out = send("infer 3%");
+    CHECK(starts_with(out, "m-warmup-start-10\r\nm-warmup-done\r\nm-infer-start-3\r\n"));
+    CHECK(fake_runs == 11 + 13);
+    out = send("infer 1 0%");
+    CHECK(starts_with(out, "m-warmup-start-0\r\nm-warmup-done\r\nm-infer-start-1\r\n"));
+    CHECK(fake_runs == 11 + 13 + 1);
+}
+
+static void test_infer_argument_errors(void)
+{
+    reboot();
+    send("db load 4%db 01020304%");
+    CHECK_STR(send("infer 0%"), "e-[Inference iterations must be >0]\r\n" READY);
+    CHECK_STR(send("infer -1%"), "e-[Inference iterations must be >0]\r\n" READY);
+    CHECK_STR(send("infer x%"), "e-[Inference iterations must be >0]\r\n" READY);
+    CHECK_STR(send("infer 99999999999%"), "e-[Inference iterations must be >0]\r\n" READY);
+    CHECK_STR(send("infer 2 -1%"), "e-[Inference warmup must be >=0]\r\n" READY);
+    CHECK_STR(send("infer 2 x%"), "e-[Inference warmup must be >=0]\r\n" READY);
+    CHECK(fake_runs == 0);
+}
+
+static void test_infer_input_errors(void)
+{
+    reboot();
+    CHECK_STR(send("infer 1 0%"), "e-[Input is 0 bytes; the model expects 4]\r\n" READY);
+    send("db load 3%db 010203%");
+    CHECK_STR(send("infer 1 0%"), "e-[Input is 3 bytes; the model expects 4]\r\n" READY);
+    send("db load 4%db 0102%");
+    CHECK_STR(send("infer 1 0%"), "e-[Input incomplete: 2 of 4 bytes loaded]\r\n" READY);
+    CHECK(fake_runs == 0);
+}
+
+static void test_infer_failure_and_results(void)
+{
+    reboot();
+    CHECK_STR(send("results%"), "e-[No results: run 'infer' first]\r\n" READY);
+    send("db load 4%db 01020304%");
+    fake_fail_on_run = 3;
+    CHECK_STR(send("infer 2 1%"), "m-warmup-start-1\r\nm-warmup-done\r\nm-infer-start-2\r\n"
+                                  "m-lap-us-0\r\ne-[Inference failed: fake failure]\r\n" READY);
+    CHECK_STR(send("results%"), "e-[No results: run 'infer' first]\r\n" READY);
+    fake_fail_on_run = 0;
+    send("infer 1 0%");
+    CHECK_STR(send("results%"), "m-results-[0.25,0.5,0.75,1]\r\n" READY);
+}
+
+static void expect_results(const float v[FAKE_OUTPUTS], const char *want, const char *file, int line)
+{
+    fake_set_outputs(v, FAKE_OUTPUTS);
+    check_str(send("results%"), want, file, line);
+}
+#define EXPECT_RESULTS(want, ...)                                                                   \
+    do {                                                                                           \
+        const float v_[FAKE_OUTPUTS] = {__VA_ARGS__};                                              \
+        expect_results(v_, "m-results-[" want "]\r\n" READY, __FILE__, __LINE__);                \
+    } while (0)
+
+/* Outputs print in positional notation with at most 9 significant digits and no trailing zeros,
+ * which parses back to the same float32 (the simulated boards print numpy's shortest form of the
+ * same values; the two agree on values like these). */
+static void test_results_number_format(void)
+{
+    uint32_t state = 12345u;
+    int k, i, round_trips = 1;
+
+    reboot();
+    send("db load 4%db 01020304%infer 1 0%");
+    EXPECT_RESULTS("1,0,-0,-2.5", 1.0f, 0.0f, -0.0f, -2.5f);
+    EXPECT_RESULTS("0.00390625,0.99609375,0.5,0.1875", 1 / 256.0f, 255 / 256.0f, 0.5f, 0.1875f);
+    EXPECT_RESULTS("0.100000001,123.456001,1000000,16777216", 0.1f, 123.456f, 1e6f, 16777216.0f);
+    /* The smallest subnormal, the largest float, the smallest normal (numpy's %.9g digits). */
+    EXPECT_RESULTS("0.00000000000000000000000000000000000000000000140129846,"
+                   "340282347000000000000000000000000000000,"
+                   "0.0000000000000000000000000000000000000117549435,-0.333333343",
+                   1.401298464e-45f, 3.402823466e38f, 1.175494351e-38f, -1.0f / 3.0f);
+    EXPECT_RESULTS("nan,inf,-inf,0.000000100000001", (float)NAN, (float)INFINITY, -(float)INFINITY,
+                   1e-7f);
+
+    /* Int8 dequantized outputs (k/256) and random bit patterns all parse back unchanged. */
+    for (k = 0; k < 4000; k++) {
+        float v[FAKE_OUTPUTS];
+        char line[400], *p;
+        for (i = 0; i < FAKE_OUTPUTS; i++) {
+            uint32_t bits;
+            if (k < 64) {
+                v[i] = (float)(k * FAKE_OUTPUTS + i - 128) / 256.0f;
+                continue;
+            }
+            do {
+                state = state * 1664525u + 1013904223u;
+                bits = state;
+            } while ((bits & 0x7f800000u) == 0x7f800000u); /* skip inf and nan */
+            memcpy(&v[i], &bits, sizeof v[i]);
+        }
+        fake_set_outputs(v, FAKE_OUTPUTS);
+        strcpy(line, send("results%"));
+        p = line + strlen("m-results-[");
+        for (i = 0; i < FAKE_OUTPUTS; i++) {
+            char *end;
+            float back = strtof(p, &end);
+            if (memcmp(&back, &v[i], sizeof back) != 0 || (*end != ',' && *end != ']')) {
+                fprintf(stderr, "value %d of %s does not parse back to %.9g\n", i, line, (double)v[i]);
+                round_trips = 0;
+            }
+            p = end + 1;
+        }
+    }
+    CHECK(round_trips);
+}
+
+static void test_run_loop(void)
+{
+    reboot();
+    fake_input = "name%\r\nbogus%";
+    lb_dut_run();
+    CHECK_STR(fake_take_output(),
+              "m-name-dut-[labbench-host]\r\n" READY "e-[Unknown command: bogus]\r\n" READY);
+}
+
+int main(void)
+{
+    test_nothing_answered_before_init();
+    test_boot_banner();
+    test_boot_with_failing_model();
+    test_name_profile_timestamp();
+    test_help();
+    test_unknown_and_empty_commands();
+    test_line_endings_are_ignored();
+    test_commands_split_and_joined();
+    test_command_length_limit();
+    test_db_argument_errors();
+    test_db_capacity();
+    test_db_data_errors();
+    test_db_chunks_and_print();
+    test_infer_transcript();
+    test_infer_defaults();
+    test_infer_argument_errors();
+    test_infer_input_errors();
+    test_infer_failure_and_results();
+    test_results_number_format();
+    test_run_loop();
+    return check_summary("test_dut");
+}
