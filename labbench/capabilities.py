@@ -50,7 +50,11 @@ class InferenceTarget(Protocol):
 
     def identify(self) -> DutIdentity: ...
 
-    def run_timed(self, sample: np.ndarray, count: int, warmup: int) -> TimedRun: ...
+    def run_timed(self, sample: np.ndarray, count: int, warmup: int, *, per_inference: bool = False) -> TimedRun:
+        """`count` inferences of `sample` after `warmup`. With `per_inference`, each inference is timed on
+        its own (a latency distribution); without, they run back to back (a throughput/energy window).
+        A target that always times each inference back to back may ignore the flag."""
+        ...
 
     def classify(self, samples: np.ndarray) -> np.ndarray:
         """Outputs (one row per sample) for accuracy; raises on a partial run, never returns fewer rows."""

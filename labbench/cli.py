@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from labbench import gate_cli, inventory
+from labbench import firmware_image, gate_cli, inventory
 from labbench.errors import LabbenchError, LabConfigError, UsageError
 
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_sim)
 
     gate_cli.add_parsers(sub)
+    firmware_image.add_parser(sub)
 
     report = sub.add_parser("report", help="build the results dashboard from journals")
     report.add_argument("journals", nargs="*", type=Path, help="journals (default: reports/*.jsonl)")
