@@ -81,6 +81,18 @@ class Board:
         inst = self.lab.instruments[self.entry.power.instrument]
         return _construct(INSTRUMENT_GROUP, inst.kind, inst)
 
+    def install(self, model: Path, dataset: Path | None = None, build_dir: Path = Path("build")) -> dict[str, Any]:
+        """Put `model` on the board: flash an MCU (an ESP32 app image is packed first) or deploy over SSH.
+        Each driver skips the transfer when the board already holds the same bytes."""
+        if "deploy" in self.capabilities:
+            return self.deployer.deploy(model, dataset)
+        image = Path(model)
+        if self.family.flasher == "esptool":
+            from labbench.firmware_image import pack
+
+            image = pack(model, build_dir / "firmware" / self.name / Path(model).stem, board="esp32").image
+        return self.flasher.flash(str(image))
+
     @property
     def power_channel(self) -> int:
         return self.entry.power.channel

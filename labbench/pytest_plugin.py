@@ -165,8 +165,11 @@ class Recorder:
         judgements = judge(m, budget) if budget else []
         for j in judgements:
             node.user_properties.append((f"verdict.{j.metric}", j.verdict.value))
-        node.stash.setdefault(_EXTRAS, []).extend(
-            [extras.measurement_table(m), *( [extras.verdict_table(judgements)] if judgements else []), *html_parts])
+        add_report_html(node, extras.measurement_table(m))
+        if judgements:
+            add_report_html(node, extras.verdict_table(judgements))
+        for part in html_parts:
+            add_report_html(node, part)
         failed = [j for j in judgements if j.verdict in (Verdict.FAIL, Verdict.MISSING)]
         if failed:
             pytest.fail(f"{m.board} / {m.model}: budget not met:\n" + "\n".join(f"  {j}" for j in failed),
@@ -175,6 +178,11 @@ class Recorder:
 
 
 _EXTRAS = pytest.StashKey[list]()
+
+
+def add_report_html(node: pytest.Item, html: str) -> None:
+    """Show `html` under the test in the pytest-html report."""
+    node.stash.setdefault(_EXTRAS, []).append(html)
 
 
 @pytest.fixture(scope="session")

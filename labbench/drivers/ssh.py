@@ -446,8 +446,9 @@ class SshBoard:
                 completed=len(rows), expected=expected, partial=build(start, rows, None))
         return build(start, rows, end)
 
-    def run_timed(self, sample: np.ndarray, count: int, warmup: int) -> TimedRun:
-        """`count` back-to-back inferences of `sample` after `warmup`, timed on the board."""
+    def run_timed(self, sample: np.ndarray, count: int, warmup: int, *, per_inference: bool = False) -> TimedRun:
+        """`count` back-to-back inferences of `sample` after `warmup`, each timed on the board
+        (so `per_inference` changes nothing here)."""
         if count < 1 or warmup < 0:
             raise ValueError(f"count must be >= 1 and warmup >= 0, got {count}, {warmup}")
 

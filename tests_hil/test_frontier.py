@@ -1,0 +1,27 @@
+"""The accuracy / latency / memory frontier across the digits model configurations (seed 000):
+FP32 baseline, pruned FP32, INT8 and aggressive INT8; INT8 must be on the Pareto frontier."""
+
+import pytest
+
+from labbench.report import plots
+from labbench.report.extras import png_html
+
+CONFIGS = ["digits_mlp_fp32", "digits_mlp_fp32_pruned", "digits_mlp_int8", "digits_mlp_int8_aggressive"]
+
+
+@pytest.mark.requires("inference")
+def test_int8_on_the_frontier(board, bench, request):
+    from labbench.payloads import fixtures
+
+    payloads = fixtures()
+    outcomes = [bench.measure(board, payloads[name]).measurement for name in CONFIGS]
+    acc = [m.accuracy for m in outcomes]
+    lat = [m.latency.p50_ms for m in outcomes]
+    mem = [(m.memory.flash_bytes + (m.memory.arena_bytes or 0)) / 1024 for m in outcomes]
+    on = plots.pareto_mask(acc, lat)
+    png = plots.frontier([m.config for m in outcomes], acc, lat, mem, f"{board.name}: digits frontier")
+    from labbench.pytest_plugin import add_report_html
+
+    add_report_html(request.node, png_html(png, "frontier"))
+    rows = ", ".join(f"{m.config}: acc {a:.4f} p50 {l:.4g} ms {k:.1f} KiB" for m, a, l, k in zip(outcomes, acc, lat, mem))
+    assert on[CONFIGS.index("digits_mlp_int8")], f"{board.name}: INT8 is dominated: {rows}"

@@ -1,0 +1,33 @@
+"""Inference budgets for every model the board can hold: latency, energy, accuracy, memory.
+
+Models that do not fit the board (the catalog's flash and SRAM against the model and its real
+TFLite Micro arena) are skipped as not deployable, with the sizes.
+"""
+
+import pytest
+
+from labbench.report import plots
+from labbench.report.extras import png_html
+
+
+@pytest.mark.requires("inference")
+def test_inference_budget(board, payload, bench, recorder):
+    outcome = bench.measure(board, payload)
+    m = outcome.measurement
+    parts = []
+    if outcome.trace is not None and len(outcome.trace):
+        t = outcome.trace
+        parts.append(png_html(plots.power_trace(t.t_s, t.power_w, outcome.windows, f"{board.name}: {payload.name}",
+                                                idle_w=m.energy.idle_power_w if m.energy else None), "power trace"))
+    lat = m.latency
+    parts.append(png_html(plots.latency_histogram(lat.samples_ms, f"{board.name}: {payload.name}",
+                                                  {"p50": lat.p50_ms, "p99": lat.p99_ms}), "latency"))
+    recorder.record(m, parts)
+    if m.accuracy is not None and payload.config:
+        # the board must compute what the model computes: the manifest's accuracy on the same split
+        import json
+        from labbench.payloads import FIXTURES
+
+        expected = json.loads((FIXTURES / "manifest.json").read_text())["models"][payload.name]["accuracy_tflm"]
+        assert m.accuracy_n and abs(m.accuracy - expected) < 0.05, (
+            f"{board.name}: accuracy {m.accuracy:.4f} on {m.accuracy_n} samples, host TFLM {expected:.4f}")
