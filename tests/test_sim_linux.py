@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import time
@@ -13,7 +12,7 @@ import pytest
 
 from labbench.catalog import load_family
 from labbench.drivers.ssh import SshBoard
-from labbench.sim.linux import SimLinuxBoard
+from labbench.sim.linux import SimBoardError, SimLinuxBoard
 from labbench.sim.powerbus import PowerBus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +46,7 @@ def rpi(tmp_path):
 def openssh(sim: SimLinuxBoard, *args: str, tool: str = "ssh") -> subprocess.CompletedProcess:
     port = ["-p", str(sim.port)] if tool == "ssh" else ["-P", str(sim.port)]
     return subprocess.run([tool, *port, "-i", str(sim.key), "-o", f"UserKnownHostsFile={sim.known_hosts}",
-                           "-o", "BatchMode=yes", *args], capture_output=True, text=True, timeout=30)
+                           "-o", "BatchMode=yes", *args], check=False, capture_output=True, text=True, timeout=30)
 
 
 def test_plain_ssh_and_scp_work_with_the_lab_key_and_strict_host_keys(rpi, tmp_path):
@@ -92,6 +91,22 @@ def test_stop_removes_what_start_created(tmp_path):
         assert sim.key.exists()  # the lab's client key outlives a board
     finally:
         other.stop()
+
+
+def test_a_port_in_use_is_an_error_with_sshds_own_words(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sim = SimLinuxBoard("rpi4", "127.0.0.1", port, load_family("rpi4b"), PowerBus().channel("pm:1"),
+                            key=tmp_path / "id_ed25519", known_hosts=tmp_path / "known_hosts",
+                            state_dir=tmp_path / "state")
+        with pytest.raises(SimBoardError, match=rf"^rpi4: start sshd on 127.0.0.1:{port}: .*Address already in use"):
+            sim.start()
+    assert sim.pids() == [] and f":{port} " not in sim.known_hosts.read_text()
+    assert (sim.state_dir / "sshd.log").exists()  # kept for diagnosis until the next start or stop
+    sim.stop()
+    assert not sim.state_dir.exists()
 
 
 def test_power_is_idle_plus_active_share_of_the_cpu_time_of_the_sshd_tree(rpi):
@@ -141,8 +156,10 @@ def test_pm1000_measures_the_energy_the_ledger_says_the_simulated_pi_drew(rpi):
         with meter, meter.capture() as capture:
             run = board.run_timed(sample, count=150_000, warmup=100)
     board.close()
-    t0, t1 = run.host_start, run.host_end
-    assert t1 - t0 > 1.5  # several instrument updates (0.5 s each) inside the window
+    # the steady state of back-to-back inferences: one instrument update in from each end of the
+    # run, so neither edge update mixes in the cold start (before) or the idle board (after)
+    t0, t1 = run.host_start + meter.update_period_s, run.host_end - meter.update_period_s
+    assert t1 - t0 > 4 * meter.update_period_s
     truth_j = channel.energy_j(t0, t1)
     for method in ("trace", "integrator"):
         measured = capture.trace.energy(t0, t1, method=method)

@@ -27,12 +27,12 @@ import json
 import os
 import posixpath
 import shlex
-import socket
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Self
 
 import numpy as np
 import paramiko
@@ -85,7 +85,7 @@ def _keyscan_type(key: paramiko.PKey) -> str:
 class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
     """Refuses an unknown host key with its fingerprint, or (trust on first use) records it."""
 
-    def __init__(self, owner: "SshBoard", known_hosts: Path, trust_on_first_use: bool):
+    def __init__(self, owner: SshBoard, known_hosts: Path, trust_on_first_use: bool):
         self.owner, self.known_hosts, self.trust = owner, known_hosts, trust_on_first_use
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
@@ -125,7 +125,7 @@ class _Stream:
                     self.stderr += chan.recv_stderr(65536)
                 try:
                     data = chan.recv(65536)
-                except socket.timeout:
+                except TimeoutError:
                     if time.monotonic() - last > self.stall_s:
                         self.stalled = True
                         break
@@ -187,7 +187,7 @@ class SshBoard:
         self._datasets: dict[str, tuple[str, str]] = {}
 
     @classmethod
-    def from_lab(cls, entry: Any, family: Any = None, *, lab: str = "default") -> "SshBoard":
+    def from_lab(cls, entry: Any, family: Any = None, *, lab: str = "default") -> SshBoard:
         """From a lab.yaml board entry (`entry.ssh`, `entry.power_mode`); files go to ~/labbench/<lab>/."""
         s = entry.ssh
         return cls(entry.name, s.host, s.port, s.user, s.key, s.known_hosts, s.trust_on_first_use,
@@ -259,11 +259,11 @@ class SshBoard:
             self._client.close()
             self._client = None
 
-    def __enter__(self) -> "SshBoard":
+    def __enter__(self) -> Self:
         self.connect()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _open(self, command: str, stdin: bytes | None, action: str) -> _Stream:

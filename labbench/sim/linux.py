@@ -39,9 +39,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Self
 
 from labbench.errors import HardwareError
 
@@ -178,7 +179,7 @@ class SimLinuxBoard:
                                               start_new_session=True)
             self._wait_listening()
         except BaseException:
-            self.stop()
+            self._halt()  # state_dir stays, with sshd.log, until the next start or stop
             raise
         self.channel.set_power(self.power.idle_w)
         self._stopping.clear()
@@ -284,6 +285,11 @@ class SimLinuxBoard:
 
     def stop(self) -> None:
         """Kill sshd and everything it started, drop the known_hosts line, remove state_dir."""
+        self._halt()
+        if self.state_dir is not None and self.state_dir.exists():
+            shutil.rmtree(self.state_dir)
+
+    def _halt(self) -> None:
         self._stopping.set()
         if self._sampler is not None:
             self._sampler.join()
@@ -302,14 +308,12 @@ class SimLinuxBoard:
             self._proc = None
         if self.known_hosts:
             set_known_host(self.known_hosts, known_hosts_name(self.host, self.port), None)
-        if self.state_dir is not None and self.state_dir.exists():
-            shutil.rmtree(self.state_dir)
 
-    def __enter__(self) -> "SimLinuxBoard":
+    def __enter__(self) -> Self:
         self.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
