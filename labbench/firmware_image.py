@@ -172,9 +172,8 @@ def build_app_image(model: bytes, model_name: str, version: str = __version__) -
 
 def read_app_image(data: bytes) -> AppImage:
     """Validate an image (magic, chip, checksum, SHA-256 digest, app description, model record)."""
-    if not data or data[0] != 0xE9:
-        first_word = int.from_bytes(bytes(data[:4]).ljust(4, b"\xff"), "little")
-        raise ImageError(f"invalid header: {first_word:#010x}")
+    if not data or data[0] != ESP32ROM.ESP_IMAGE_MAGIC:
+        raise ImageError(f"invalid magic byte {data[:1].hex() or 'none'} (nothing flashed?)")
     try:
         image = ESP32FirmwareImage(io.BytesIO(data))
     except Exception as exc:  # esptool raises FatalError, struct.error or RuntimeError on garbage

@@ -57,7 +57,7 @@ FLASH_BOOT = "rst:0x1 (POWERON_RESET),boot:0x13 (SPI_FAST_FLASH_BOOT)\r\n"
 WAITING = "waiting for download\r\n"
 XTAL_HZ, STUB_APB_HZ = 40_000_000, 80_000_000
 BAUD_TOLERANCE = 0.03  # a UART still decodes bytes sent up to ~3 % off its rate
-DEFAULT_EN_RC_S = 0.03
+DEFAULT_EN_RC_S = 0.15
 
 # SPI flash opcodes run through the SPI peripheral's user-command registers
 SPI_CMD_USR = 1 << 18
@@ -118,15 +118,18 @@ class SpiFlash:
 
     def boot_image(self) -> AppImage:
         """The app the second-stage bootloader would boot; ImageError says why there is none."""
+        partitions = firmware_image.parse_partition_table(self.read(firmware_image.PARTITION_TABLE_OFFSET,
+                                                                    firmware_image.PARTITION_TABLE_BYTES))
+        app = firmware_image.boot_partition(partitions)
         try:
-            partitions = firmware_image.parse_partition_table(self.read(firmware_image.PARTITION_TABLE_OFFSET,
-                                                                        firmware_image.PARTITION_TABLE_BYTES))
-            app = firmware_image.boot_partition(partitions)
+            return firmware_image.read_app_image(self.read(app.offset, min(app.size, len(self.data) - app.offset)))
         except ImageError as exc:
-            raise ImageError(f"invalid header: {self.read(firmware_image.PARTITION_TABLE_OFFSET, 4)[::-1].hex()}"
-                             f" ({exc})") from None
-        size = min(app.size, len(self.data) - app.offset)
-        return firmware_image.read_app_image(self.read(app.offset, size))
+            raise ImageError(f"image at {app.offset:#x}: {exc}") from None
+
+    def boot_failure(self, reason: ImageError) -> str:
+        """What the chip prints when the flash holds nothing bootable: the ROM's line, then why."""
+        word = int.from_bytes(self.read(firmware_image.APP_OFFSET, 4), "little")
+        return f"invalid header: {word:#010x}\r\nE (40) boot: {reason}\r\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,7 +523,7 @@ class Esp32Chip:
                 app = self.flash.boot_image()
             except ImageError as exc:
                 # the ROM's complaint, then (a sim policy) the loader, so the board can be reflashed
-                self._enter_loader(f"{text}{exc}\r\n{WAITING}")
+                self._enter_loader(text + self.flash.boot_failure(exc) + WAITING)
                 return
             self.state = "app"
             self.last_boot = text + _app_boot_log(app)
