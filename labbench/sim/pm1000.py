@@ -1,0 +1,509 @@
+"""A simulated Voltech PM1000+ power analyzer reading one power-bus channel.
+
+It speaks the PM1000+ command set (../shared/reference/voltech-pm1000.md) on a TCP port and,
+with the same parser, behind a pty standing in for its RS232 port. Behaviour follows the manual
+where it speaks; where it is silent the choice is a constructor argument (terminators, the
+Ethernet acknowledge, number format, range tables) and is marked "inferred" below.
+
+- Results refresh every `update_period_s` on the instrument's own clock (epoch = `start()`),
+  each the exact statistics of the bus over the period just ended: W = mean power, Vrms = the
+  rail voltage, Arms = rms current (so PF < 1 for a bursty DC load). Updates are computed from
+  the bus ledger when a command arrives or a ticker fires, whichever is first, so a reply
+  always reflects every update that has completed.
+- DSR: each update sets DVL and NDV, plus OVA/OVV when the input exceeded a fixed range. `:DSR?`
+  answers DSR AND DSE and clears the register (the manual's loop waits for the reply "2" after
+  `:DSE 2`, which only a masked read gives).
+- A range change under autorange, and auto-zero (2 updates each minute while `:SYST:ZERO 1`),
+  blank updates: no new results, nothing integrated. Ranges are peak values (the manual quotes
+  "1.6Apk" for range 3); the tables between the manual's end points are inferred.
+- Integrator: `:MOD:INT`, `:INT:START 0`, `:INT:MAN:RUN` / `:INT:MAN:STOP` / `:INT:RESET` with the
+  manual's preconditions (a violation sets ESR bit 4, EXE). While running it adds whole updates
+  only (those that began after RUN and completed before STOP). `HRS` is reported in hours
+  (inferred from the mnemonic). Leaving integrator mode stops it (inferred).
+- ESR: bit 5 (CME) for an unknown or malformed command, bit 4 (EXE) for a refused one or an
+  out-of-range value; a refused query sends no reply (only the Ethernet acknowledge).
+- Not simulated: harmonics, distortion factors (selecting them sets EXE), averaging, filters,
+  clock-started integration, the display; their settings are kept and read back.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Self
+
+from pyvisa import rname
+
+from labbench.sim.lineserver import LineServer
+from labbench.sim.powerbus import PowerChannel
+
+DEFAULT_IDN = "Voltech,PM1000+,SIM-0001,1.00"
+DEFAULT_VOLTAGE_RANGES_V = (10.0, 50.0, 200.0, 1000.0)  # ranges 1 and 4 from the manual
+DEFAULT_CURRENT_RANGES_A = (0.1, 0.4, 1.6, 6.25, 25.0, 100.0)  # 1, 3, 4 (inrush example), 6: manual
+
+DSR_DVL, DSR_NDV, DSR_OVA, DSR_OVV = 1, 2, 8, 16
+ESR_EXE, ESR_CME = 16, 32
+MODE_NORMAL, MODE_INTEGRATOR = 0, 4
+_MODES = {"MOD:NOR": 0, "MOD:BAL": 1, "MOD:INR": 2, "MOD:SBY": 3, "MOD:INT": 4}
+_NAN = 9.91e37  # the SCPI "not a number" value, for a result with no meaning (Z with no current)
+_DOWNRANGE_FRACTION = 0.8  # autorange hysteresis: step down only well inside the lower range
+_ZERO_BLANK_S = 1.0  # auto-zero produces no new results for about 1 s
+
+
+@dataclass(frozen=True)
+class _Update:
+    """One refresh of the results, already scaled."""
+
+    v: float
+    a: float  # rms
+    w: float
+    a_peak: float
+    a_min: float
+    v_range: float
+    a_range: float
+
+    @property
+    def va(self) -> float:
+        return self.v * self.a
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else _NAN
+
+
+# :SEL code -> (label returned by :FRF?, value from the latest update and the integrator totals)
+_QUANTITIES: dict[str, tuple[str, Callable[[_Update, dict[str, float]], float]]] = {
+    "VLT": ("Vrms", lambda u, i: u.v),
+    "AMP": ("Arms", lambda u, i: u.a),
+    "WAT": ("Watt", lambda u, i: u.w),
+    "VAS": ("VA", lambda u, i: u.va),
+    "VAR": ("Var", lambda u, i: math.sqrt(max(u.va**2 - u.w**2, 0.0))),
+    "PWF": ("PF", lambda u, i: u.w / u.va if u.va else 0.0),
+    "FRQ": ("Freq", lambda u, i: 0.0),  # a DC rail
+    "VDC": ("Vdc", lambda u, i: u.v),
+    "ADC": ("Adc", lambda u, i: _ratio(u.w, u.v)),
+    "VPK+": ("Vpk+", lambda u, i: u.v),
+    "VPK-": ("Vpk-", lambda u, i: u.v),
+    "APK+": ("Apk+", lambda u, i: u.a_peak),
+    "APK-": ("Apk-", lambda u, i: u.a_min),
+    "VCF": ("Vcf", lambda u, i: 1.0),
+    "ACF": ("Acf", lambda u, i: _ratio(u.a_peak, u.a)),
+    "RES": ("R", lambda u, i: _ratio(u.w, u.a**2)),
+    "IMP": ("Z", lambda u, i: _ratio(u.v, u.a)),
+    "REA": ("X", lambda u, i: math.sqrt(max(_ratio(u.v, u.a) ** 2 - _ratio(u.w, u.a**2) ** 2, 0.0))),
+    "WHR": ("Whr", lambda u, i: i["wh"]),
+    "VAH": ("VAhr", lambda u, i: i["vah"]),
+    "VRH": ("VArhr", lambda u, i: i["varh"]),
+    "AHR": ("Ahr", lambda u, i: i["ah"]),
+    "HRS": ("Hrs", lambda u, i: i["elapsed_s"] / 3600.0),
+    "VRNG": ("Vrng", lambda u, i: u.v_range),
+    "ARNG": ("Arng", lambda u, i: u.a_range),
+}
+_NOT_SIMULATED = {"VDF", "ADF", "VHM", "AHM"}
+
+# plain registers: header -> (default, allowed values (a set) or an inclusive (min, max) range,
+# integers when the bounds are); "HDR v" sets, "HDR?" reads
+_ONOFF = frozenset({0, 1})
+_REGISTERS: dict[str, tuple[float, frozenset | tuple]] = {
+    "AVG": (0, _ONOFF),
+    "INP:FILT:LPAS": (0, _ONOFF),
+    "SYST:ZERO": (1, _ONOFF),
+    "INT:START": (0, _ONOFF),
+    "MOD:SBY:PER": (60, (1, 300)),
+    "MOD:INR:RNG": (6, (1, 6)),
+    "MOD:INR:VRNG": (4, (1, 4)),
+    "SCL:VLT": (1.0, (0.0001, 100000.0)),
+    "SCL:AMP": (1.0, (0.0001, 100000.0)),
+}
+_COMMS_REGISTERS = {"COM:RS2:BAUD": (9600, frozenset({9600, 19200, 38400})), "COM:IEE:ADDR": (5, (1, 30))}
+# switches: command -> (register read back by "<register>?", value)
+_SWITCHES = {
+    "BLK:ENB": ("BLK", 1), "BLK:DIS": ("BLK", 0),
+    "SHU:INT": ("SHU", 0), "SHU:EXT": ("SHU", 1),
+    "FSR:VLT": ("FSR", 0), "FSR:AMP": ("FSR", 1),
+}  # fmt: skip
+_SWITCH_DEFAULTS = {"BLK": 1, "SHU": 0, "FSR": 0}
+_ACCEPTED = {"REM:OFF", "DSP:Z04", "DSP:Z14", "MOD:INR:CLR", "INT:CLK:TIME", "INT:CLK:DATE", "INT:CLK:DUR"}
+
+
+class _Refused(Exception):
+    def __init__(self, esr_bit: int):
+        self.esr_bit = esr_bit
+
+
+class Pm1000Model:
+    """The instrument's state and command parser, transport-free and thread-safe."""
+
+    def __init__(
+        self,
+        channel: PowerChannel,
+        *,
+        idn: str = DEFAULT_IDN,
+        update_period_s: float = 0.5,
+        number_format: str = "%.4E",
+        voltage_ranges_v: tuple[float, ...] = DEFAULT_VOLTAGE_RANGES_V,
+        current_ranges_a: tuple[float, ...] = DEFAULT_CURRENT_RANGES_A,
+        auto_zero_interval_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.channel, self.idn = channel, idn
+        self.period_s = update_period_s
+        self._fmt = number_format
+        self._v_ranges, self._a_ranges = voltage_ranges_v, current_ranges_a
+        self._zero_every = max(1, round(auto_zero_interval_s / update_period_s))
+        self._zero_blanks = max(1, round(_ZERO_BLANK_S / update_period_s))
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._comms = {k: d for k, (d, _) in _COMMS_REGISTERS.items()}
+        self._handlers = self._commands()
+        self.restart()
+
+    def restart(self) -> None:
+        """Power on: defaults, and the update clock starts now."""
+        with self._lock:
+            self._epoch = self._clock()
+            self._k = 0  # index of the last update processed; update k ends at epoch + k * period
+            self._reset()
+
+    def _reset(self) -> None:
+        """*RST / :DVC: defaults, comms settings kept."""
+        self._regs = {k: d for k, (d, _) in _REGISTERS.items()}
+        self._switches = dict(_SWITCH_DEFAULTS)
+        self._selection = ["VLT", "AMP", "WAT", "PWF"]  # inferred: the 4-result screen
+        self._mode = MODE_NORMAL
+        self._v_auto = self._a_auto = True
+        self._v_idx, self._a_idx = len(self._v_ranges), len(self._a_ranges)
+        self._dsr = self._dse = self._esr = self._ese = 0
+        self._update: _Update | None = None
+        self._integrating = False
+        self._run_since = 0.0
+        self._totals = dict.fromkeys(("wh", "vah", "varh", "ah", "elapsed_s"), 0.0)
+
+    # -- the update clock ----------------------------------------------------------------------
+
+    def next_update_s(self) -> float:
+        """When the next update completes (host monotonic s)."""
+        with self._lock:
+            return self._epoch + (self._k + 1) * self.period_s
+
+    def advance(self) -> None:
+        """Process every update that has completed by now."""
+        with self._lock:
+            k_now = math.floor((self._clock() - self._epoch) / self.period_s)
+            while self._k < k_now:
+                self._k += 1
+                self._refresh(self._k)
+
+    def _refresh(self, k: int) -> None:
+        t1 = self._epoch + k * self.period_s
+        t0 = t1 - self.period_s
+        stats = self.channel.stats(t0, t1)
+        v = self.channel.voltage_v
+        a_rms, a_peak = stats.rms_power_w / v, stats.peak_power_w / v
+        blank = self._regs["SYST:ZERO"] == 1 and k >= self._zero_every and k % self._zero_every < self._zero_blanks
+        if self._a_auto:
+            blank |= self._autorange_current(a_peak)
+        if self._v_auto:
+            blank |= self._autorange_voltage(v)
+        if blank:
+            return
+        v_range, a_range = self._v_ranges[self._v_idx - 1], self._a_ranges[self._a_idx - 1]
+        sv, sa = self._regs["SCL:VLT"], self._regs["SCL:AMP"]
+        upd = _Update(
+            v=v * sv, a=a_rms * sa, w=stats.mean_power_w * sv * sa,
+            a_peak=a_peak * sa, a_min=stats.min_power_w / v * sa, v_range=v_range, a_range=a_range,
+        )  # fmt: skip
+        self._update = upd
+        self._dsr |= DSR_DVL | DSR_NDV
+        if a_peak > a_range:
+            self._dsr |= DSR_OVA
+        if v > v_range:
+            self._dsr |= DSR_OVV
+        if self._integrating and t0 >= self._run_since:
+            h = self.period_s / 3600.0
+            var = _QUANTITIES["VAR"][1](upd, self._totals)
+            for key, value in (("wh", upd.w), ("vah", upd.va), ("varh", var), ("ah", upd.a)):
+                self._totals[key] += value * h
+            self._totals["elapsed_s"] += self.period_s
+
+    def _autorange_current(self, a_peak: float) -> bool:
+        return self._autorange("_a_idx", self._a_ranges, a_peak)
+
+    def _autorange_voltage(self, v: float) -> bool:
+        return self._autorange("_v_idx", self._v_ranges, v)
+
+    def _autorange(self, attr: str, ranges: tuple[float, ...], peak: float) -> bool:
+        """Pick the range for `peak`; True when it changed (which blanks this update)."""
+        current = getattr(self, attr)
+        needed = next((i + 1 for i, r in enumerate(ranges) if peak <= r), len(ranges))
+        if needed > current or (needed < current and peak <= _DOWNRANGE_FRACTION * ranges[needed - 1]):
+            setattr(self, attr, needed)
+            return True
+        return False
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def handle(self, line: str) -> str | None:
+        """Execute one command line; the reply, or None when there is none."""
+        header, _, arg = line.strip().partition(" ")
+        key, arg = header.upper().lstrip(":"), arg.strip()
+        with self._lock:
+            self.advance()
+            try:
+                return self._execute(key, arg)
+            except _Refused as e:
+                self._esr |= e.esr_bit
+                return None
+
+    def _execute(self, key: str, arg: str) -> str | None:
+        query = key.endswith("?")
+        base = key[:-1] if query else key
+        if query and arg:
+            raise _Refused(ESR_CME)
+        if base in _MODES:
+            return self._set_mode(_MODES[base]) if not query else _fail()
+        if base == "MOD":
+            return str(self._mode) if query else _fail()
+        if base.startswith(("SEL:", "SCL:VCF", "SCL:ACF")) and not query:
+            return self._select(base.split(":", 1)[1], arg)
+        if base in _REGISTERS or base in _COMMS_REGISTERS:
+            return self._register(base, arg, query)
+        if base in _SWITCHES and not query:
+            _no_arg(arg)
+            register, value = _SWITCHES[base]
+            self._switches[register] = value
+            return None
+        if base in self._switches and query:
+            return str(self._switches[base])
+        if base in _ACCEPTED and not query:
+            return None
+        handler = self._handlers.get(key)
+        if handler is None:
+            raise _Refused(ESR_CME)
+        return handler(arg)
+
+    def _commands(self) -> dict[str, Callable[[str], str | None]]:
+        return {
+            "*IDN?": lambda a: self.idn,
+            "*RST": lambda a: _no_arg(a) or self._reset(),
+            "DVC": lambda a: _no_arg(a) or self._reset(),
+            "*CLS": lambda a: _no_arg(a) or self._clear_status(),
+            "*ESR?": lambda a: str(self._read_clear("_esr", 0xFF)),
+            "*ESE": lambda a: self._set_int("_ese", a, 0, 255),
+            "*ESE?": lambda a: str(self._ese),
+            "*STB?": lambda a: str(self._stb()),
+            "DSE": lambda a: self._set_int("_dse", a, 0, 255),
+            "DSE?": lambda a: str(self._dse),
+            "DSR?": lambda a: str(self._read_clear("_dsr", self._dse)),
+            "FRD?": lambda a: self._frd(),
+            "FRF?": lambda a: ", ".join(_QUANTITIES[c][0] for c in self._selection),
+            "RNG:VLT:FIX": lambda a: self._fix_range("v", a),
+            "RNG:AMP:FIX": lambda a: self._fix_range("a", a),
+            "RNG:VLT:AUT": lambda a: _no_arg(a) or setattr(self, "_v_auto", True),
+            "RNG:AMP:AUT": lambda a: _no_arg(a) or setattr(self, "_a_auto", True),
+            "RNG:VLT?": lambda a: str(self._v_idx),
+            "RNG:AMP?": lambda a: str(self._a_idx),
+            "RNG:VLT:AUT?": lambda a: str(int(self._v_auto)),
+            "RNG:AMP:AUT?": lambda a: str(int(self._a_auto)),
+            "INT:MAN:RUN": lambda a: _no_arg(a) or self._integrator_run(),
+            "INT:MAN:STOP": lambda a: _no_arg(a) or self._integrator_stop(),
+            "INT:RESET": lambda a: _no_arg(a) or self._integrator_reset(),
+        }
+
+    def _clear_status(self) -> None:
+        self._esr = self._ese = self._dsr = 0  # the manual: clears ESE and DSR (and, per 488.2, ESR)
+
+    def _read_clear(self, attr: str, mask: int) -> int:
+        value = getattr(self, attr) & mask
+        setattr(self, attr, 0)
+        return value
+
+    def _stb(self) -> int:
+        return (1 if self._dsr & self._dse else 0) | (32 if self._esr & self._ese else 0)
+
+    def _set_int(self, attr: str, arg: str, lo: int, hi: int) -> None:
+        setattr(self, attr, int(_number(arg, (lo, hi))))
+
+    def _register(self, key: str, arg: str, query: bool) -> str | None:
+        store = self._comms if key in self._comms else self._regs
+        _, allowed = {**_COMMS_REGISTERS, **_REGISTERS}[key]
+        if query:
+            value = store[key]
+            return str(value) if isinstance(value, int) else self._fmt % value
+        store[key] = _number(arg, allowed)
+        return None
+
+    def _select(self, code: str, arg: str) -> None:
+        _no_arg(arg)
+        if code == "CLR":
+            self._selection = []
+        elif code in _NOT_SIMULATED:
+            raise _Refused(ESR_EXE)
+        elif code in _QUANTITIES:
+            if code not in self._selection:
+                self._selection.append(code)
+        else:
+            raise _Refused(ESR_CME)
+
+    def _frd(self) -> str:
+        upd = self._update or _Update(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return ",".join(self._fmt % _QUANTITIES[c][1](upd, self._totals) for c in self._selection)
+
+    def _fix_range(self, which: str, arg: str) -> None:
+        ranges = self._v_ranges if which == "v" else self._a_ranges
+        setattr(self, f"_{which}_idx", int(_number(arg, (1, len(ranges)))))
+        setattr(self, f"_{which}_auto", False)
+
+    def _set_mode(self, mode: int) -> None:
+        if mode != MODE_INTEGRATOR:
+            self._integrating = False
+        self._mode = mode
+
+    def _integrator_ready(self, *, running: bool, manual: bool = True) -> None:
+        if (
+            self._mode != MODE_INTEGRATOR
+            or self._integrating != running
+            or (manual and self._regs["INT:START"] != 0)
+        ):
+            raise _Refused(ESR_EXE)
+
+    def _integrator_run(self) -> None:
+        self._integrator_ready(running=False)
+        self._integrating, self._run_since = True, self._clock()
+
+    def _integrator_stop(self) -> None:
+        self._integrator_ready(running=True)
+        self._integrating = False
+
+    def _integrator_reset(self) -> None:
+        self._integrator_ready(running=False, manual=False)
+        self._totals = dict.fromkeys(self._totals, 0.0)
+
+
+def _fail() -> None:
+    raise _Refused(ESR_CME)
+
+
+def _no_arg(arg: str) -> None:
+    if arg:
+        raise _Refused(ESR_CME)
+
+
+def _number(arg: str, allowed: frozenset | tuple) -> float:
+    """Parse a parameter: CME when it is not a number, EXE when it is not allowed."""
+    try:
+        value = float(arg)
+    except ValueError:
+        raise _Refused(ESR_CME) from None
+    if isinstance(allowed, frozenset):
+        ok = value in allowed
+    else:
+        lo, hi = allowed
+        ok = lo <= value <= hi and (isinstance(lo, float) or value == int(value))
+    if not ok:
+        raise _Refused(ESR_EXE)
+    return value if isinstance(allowed, tuple) and isinstance(allowed[0], float) else int(value)
+
+
+class Pm1000Sim:
+    """The simulated PM1000+ on `host:port` (TCP, acknowledging commands) and a pty (RS232)."""
+
+    def __init__(
+        self,
+        name: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        channel: PowerChannel | None = None,
+        *,
+        idn: str = DEFAULT_IDN,
+        update_period_s: float = 0.5,
+        terminator: str = "\n",
+        ack_tcp: bool = True,
+        ack_serial: bool = False,
+        number_format: str = "%.4E",
+        use_pty: bool = True,
+        voltage_ranges_v: tuple[float, ...] = DEFAULT_VOLTAGE_RANGES_V,
+        current_ranges_a: tuple[float, ...] = DEFAULT_CURRENT_RANGES_A,
+        auto_zero_interval_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if channel is None:
+            raise ValueError(f"{name}: a PowerChannel to measure is required")
+        self.name = name
+        self.model = Pm1000Model(
+            channel, idn=idn, update_period_s=update_period_s, number_format=number_format,
+            voltage_ranges_v=voltage_ranges_v, current_ranges_a=current_ranges_a,
+            auto_zero_interval_s=auto_zero_interval_s, clock=clock,
+        )  # fmt: skip
+        self._server = LineServer(
+            name, self.model.handle, host=host, port=port, use_pty=use_pty,
+            terminator=terminator, ack_tcp=ack_tcp, ack_serial=ack_serial,
+        )  # fmt: skip
+        self._clock = clock
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    @classmethod
+    def from_resource(cls, name: str, resource: str, channel: PowerChannel, **kwargs) -> Pm1000Sim:
+        """Listen where a `TCPIP::host::port::SOCKET` resource string points."""
+        parsed = rname.parse_resource_name(resource)
+        if not isinstance(parsed, rname.TCPIPSocket):
+            raise ValueError(f"{name}: {resource!r} is not a TCPIP::host::port::SOCKET resource")
+        return cls(name, parsed.host_address, int(parsed.port), channel, **kwargs)
+
+    @property
+    def host(self) -> str:
+        return self._server.host
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    @property
+    def resource(self) -> str:
+        return f"TCPIP::{self.host}::{self.port}::SOCKET"
+
+    @property
+    def pty_path(self) -> str | None:
+        return self._server.pty_path
+
+    @property
+    def serial_resource(self) -> str | None:
+        """`ASRL/dev/pts/N::INSTR` for the RS232 path (while running with a pty)."""
+        return f"ASRL{self.pty_path}::INSTR" if self.pty_path else None
+
+    @property
+    def running(self) -> bool:
+        return self._server.running
+
+    def start(self) -> Pm1000Sim:
+        if self.running:
+            return self
+        self._server.start()
+        self.model.restart()
+        self._stop.clear()
+        self._ticker = threading.Thread(target=self._tick, name=f"{self.name}-updates", daemon=True)
+        self._ticker.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop answering and drop every connection (also how a test kills it mid-capture)."""
+        self._stop.set()
+        if self._ticker:
+            self._ticker.join(timeout=2.0)
+            self._ticker = None
+        self._server.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _tick(self) -> None:
+        """Refresh at each update even when nobody asks (keeps the integrator's bus reads recent)."""
+        while not self._stop.wait(max(0.0, self.model.next_update_s() - self._clock()) + 0.001):
+            self.model.advance()
