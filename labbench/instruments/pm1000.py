@@ -1,0 +1,421 @@
+"""Voltech PM1000+ power analyzer over PyVISA (pyvisa-py backend, no vendor VISA needed).
+
+Resources: `TCPIP::host::port::SOCKET` (Ethernet; the instrument acknowledges every set
+command with an empty line) or `ASRL<port>::INSTR` (RS232; no acknowledge). Terminators and the
+acknowledge are settings because the manual is ambiguous (../shared/reference/voltech-pm1000.md
+section 2.2). Every configuration command is followed by `*ESR?`, which also serves as the flow
+control the manual asks for between configuration commands; a nonzero ESR names the command.
+
+A capture (`with meter.capture() as cap:`) runs the new-data idiom in a background thread:
+`:DSR?` about every `poll_interval_s` (dithered), and `:FRD?` when NDV is set. How updates are placed on the host
+clock, and how energy over a window is computed from them, is labbench.measure.power's job.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Self
+
+import pyvisa
+
+from labbench.errors import InstrumentError, LabConfigError, UsageError
+from labbench.measure.power import IntegratorReading, Mark, PowerTrace, PowerUpdate
+
+#: result name -> the :SEL mnemonic that adds it to the display list
+RESULTS = {
+    "W": "WAT", "V": "VLT", "A": "AMP", "PF": "PWF", "VA": "VAS", "var": "VAR", "Hz": "FRQ",
+    "Vdc": "VDC", "Adc": "ADC", "Wh": "WHR", "Ah": "AHR", "VAh": "VAH", "varh": "VRH", "HRS": "HRS",
+}  # fmt: skip
+DEFAULT_RESULTS = ("W", "V", "A", "PF", "Wh", "Ah", "HRS")
+_CAPTURE_NEEDS = ("W", "V", "A")
+DSR_DVL, DSR_NDV, DSR_OVA, DSR_OVV = 1, 2, 8, 16
+ESR_EXE = 16
+_ESR_BITS = {0: "OPC", 1: "RQC", 2: "QYE query error", 3: "DDE device error", 4: "EXE execution error",
+             5: "CME command error", 6: "URQ", 7: "PON"}  # fmt: skip
+
+
+def describe_esr(esr: int) -> str:
+    names = ", ".join(f"bit {b} {n}" for b, n in _ESR_BITS.items() if esr & (1 << b))
+    return f"ESR={esr} ({names})"
+
+
+@dataclass(frozen=True)
+class DataStatus:
+    """The data status register (`:DSR?`, as enabled by `:DSE`), which clears on read."""
+
+    raw: int
+
+    @property
+    def data_available(self) -> bool:
+        return bool(self.raw & DSR_DVL)
+
+    @property
+    def new_data(self) -> bool:
+        return bool(self.raw & DSR_NDV)
+
+    @property
+    def current_overload(self) -> bool:
+        return bool(self.raw & DSR_OVA)
+
+    @property
+    def voltage_overload(self) -> bool:
+        return bool(self.raw & DSR_OVV)
+
+
+class Pm1000:
+    """One PM1000+ (a single-channel analyzer); implements the PowerMeter capability."""
+
+    def __init__(
+        self,
+        resource: str,
+        *,
+        name: str = "pm1000",
+        read_termination: str = "\n",
+        write_termination: str = "\n",
+        ack_set_commands: bool | None = None,  # None: True for TCPIP sockets, False for serial
+        timeout_s: float = 2.0,
+        update_period_s: float = 0.5,
+        poll_interval_s: float = 0.01,
+        baud_rate: int = 9600,
+        results: tuple[str, ...] | list[str] = DEFAULT_RESULTS,
+        voltage_range: int | str = "auto",  # "auto" or the instrument's range number (1-4)
+        current_range: int | str = "auto",  # "auto" or the range number (1-6)
+        auto_zero: bool = False,  # the manual: auto-zero blanks ~1 s of results each minute
+        integrator: bool = True,  # run the integrator during captures (needs "Wh" in results)
+    ):
+        unknown = [r for r in results if r not in RESULTS]
+        if unknown:
+            raise ValueError(f"{name}: unknown result(s) {unknown}; known: {sorted(RESULTS)}")
+        self.resource, self.name = resource, name
+        self.read_termination, self.write_termination = read_termination, write_termination
+        self.ack_set_commands = resource.upper().startswith("TCPIP") if ack_set_commands is None else ack_set_commands
+        self.timeout_s, self.update_period_s, self.poll_interval_s = timeout_s, update_period_s, poll_interval_s
+        self.baud_rate = baud_rate
+        self.results = tuple(results)
+        self.voltage_range, self.current_range, self.auto_zero = voltage_range, current_range, auto_zero
+        self.integrator = integrator
+        self._res: Any = None
+        self._io = threading.Lock()
+        self._idn: str | None = None
+        self._selected: tuple[str, ...] | None = None  # what :FRD? returns, once configured
+
+    @classmethod
+    def from_lab(cls, entry: Any, family: Any = None) -> Pm1000:
+        """From an inventory InstrumentEntry: its resource, name and `settings` (the keywords above)."""
+        settings = dict(getattr(entry, "settings", None) or {})
+        known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "resource", "name")]
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise LabConfigError(f"instruments.{entry.name}.settings: unknown key(s) {unknown}; known: {known}")
+        try:
+            return cls(entry.resource, name=entry.name, **settings)
+        except (TypeError, ValueError) as e:
+            raise LabConfigError(f"instruments.{entry.name}.settings: {e}") from e
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def open(self) -> Pm1000:
+        """Open the resource and ask who it is (an instrument that does not answer fails here)."""
+        if self._res is not None:
+            return self
+        kwargs: dict[str, Any] = {
+            "read_termination": self.read_termination, "write_termination": self.write_termination,
+            "timeout": int(self.timeout_s * 1000),
+        }  # fmt: skip
+        if self.resource.upper().startswith("ASRL"):
+            kwargs["baud_rate"] = self.baud_rate
+        try:
+            self._res = pyvisa.ResourceManager("@py").open_resource(self.resource, **kwargs)
+        except (pyvisa.Error, ValueError, OSError) as e:
+            raise InstrumentError(self.name, f"open {self.resource}", _seen(e)) from e
+        try:
+            self._idn = self._query("*IDN?")
+        except InstrumentError as e:
+            self.close()
+            raise InstrumentError(self.name, f"open {self.resource}", f"no answer to *IDN?: {e.seen}") from e
+        return self
+
+    def close(self) -> None:
+        res, self._res, self._selected = self._res, None, None
+        if res is not None:
+            try:
+                res.close()
+            except (pyvisa.Error, OSError):
+                pass  # closing a connection the instrument already dropped
+
+    def __enter__(self) -> Self:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def identity(self) -> str:
+        """The instrument's `*IDN?` reply."""
+        self.open()
+        return self._idn or ""
+
+    def send(self, command: str) -> str | None:
+        """One command line, checked: the reply of a query (None for a set command).
+
+        Raises InstrumentError naming the command and the ESR bits when the instrument refused it.
+        """
+        self.open()
+        is_query = command.rstrip().endswith("?")
+        try:
+            reply = self._query(command) if is_query else self._write(command)
+        except InstrumentError as e:  # a refused query may send nothing at all: ask why
+            esr = self._esr()
+            if esr:
+                raise InstrumentError(self.name, command, describe_esr(esr)) from e
+            raise
+        self._check(command)
+        return reply
+
+    def configure(
+        self,
+        results: tuple[str, ...] | list[str] | None = None,
+        *,
+        voltage_range: int | str | None = None,
+        current_range: int | str | None = None,
+        auto_zero: bool | None = None,
+    ) -> None:
+        """Select the results (in this order), set the ranges, auto-zero, and enable new-data status."""
+        results = tuple(results or self.results)
+        unknown = [r for r in results if r not in RESULTS]
+        if unknown:
+            raise ValueError(f"{self.name}: unknown result(s) {unknown}; known: {sorted(RESULTS)}")
+        self.open()
+        commands = ["*CLS", ":SEL:CLR", *(f":SEL:{RESULTS[r]}" for r in results)]
+        for which, value in (("VLT", voltage_range or self.voltage_range), ("AMP", current_range or self.current_range)):
+            commands.append(f":RNG:{which}:AUT" if value == "auto" else f":RNG:{which}:FIX {int(value)}")
+        commands += [f":SYST:ZERO {int(self.auto_zero if auto_zero is None else auto_zero)}", ":AVG 0",
+                     f":DSE {DSR_DVL | DSR_NDV | DSR_OVA | DSR_OVV}"]  # fmt: skip
+        for command in commands:
+            self.send(command)
+        self._selected = results
+
+    def data_status(self) -> DataStatus:
+        """Read (and so clear) the data status register."""
+        self.open()
+        return DataStatus(int(self._query(":DSR?")))
+
+    def read_results(self) -> dict[str, float]:
+        """The selected results (`:FRD?`) by name."""
+        if self._selected is None:
+            self.configure()
+        return self._parse(self._query(":FRD?"))
+
+    def wait_for_new_data(self, timeout_s: float | None = None) -> dict[str, float]:
+        """The manual's idiom: poll `:DSR?` until NDV, then `:FRD?`."""
+        if self._selected is None:
+            self.configure()
+        timeout_s = timeout_s or 2 * self.update_period_s + self.timeout_s
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.data_status().new_data:
+                return self.read_results()
+            time.sleep(self.poll_interval_s)
+        raise InstrumentError(self.name, "wait for new data", f"no new results within {timeout_s:.1f} s")
+
+    def integrator_mode(self) -> None:
+        """Integrator mode with the manual start method."""
+        self.send(":MOD:INT")
+        self.send(":INT:START 0")
+
+    def integrator_run(self) -> None:
+        self.send(":INT:MAN:RUN")
+
+    def integrator_stop(self) -> None:
+        self.send(":INT:MAN:STOP")
+
+    def integrator_reset(self) -> None:
+        self.send(":INT:RESET")
+
+    def capture(self, channel: int | str = 1) -> Pm1000Capture:
+        """A capture window: background polling, host-clock marks, a PowerTrace at the end."""
+        if str(channel) != "1":
+            raise UsageError(f"{self.name}: the PM1000+ has one input (channel 1), not {channel!r}")
+        return Pm1000Capture(self)
+
+    # -- the wire ------------------------------------------------------------------------------
+
+    def _transact(self, command: str, expect_reply: bool) -> str | None:
+        if self._res is None:
+            raise InstrumentError(self.name, command, "not open")
+        with self._io:
+            try:
+                self._res.write(command)
+                if expect_reply or self.ack_set_commands:
+                    reply = self._res.read()
+                    return reply.strip() if expect_reply else None
+                return None
+            except (pyvisa.Error, OSError) as e:
+                raise InstrumentError(self.name, command, _seen(e)) from e
+
+    def _query(self, command: str) -> str:
+        return self._transact(command, expect_reply=True) or ""
+
+    def _write(self, command: str) -> None:
+        self._transact(command, expect_reply=False)
+
+    def _esr(self) -> int:
+        return int(self._query("*ESR?"))
+
+    def _check(self, command: str, tolerate: int = 0) -> None:
+        esr = self._esr()
+        if esr & ~tolerate:
+            raise InstrumentError(self.name, command, describe_esr(esr))
+
+    def _parse(self, reply: str) -> dict[str, float]:
+        values = [float(v) for v in reply.replace(" ", "").split(",") if v]
+        names = self._selected or ()
+        if len(values) != len(names):
+            raise InstrumentError(self.name, ":FRD?", f"{len(values)} values for {len(names)} results {names}: {reply!r}")
+        return dict(zip(names, values))
+
+
+class Pm1000Capture:
+    """Returned by `Pm1000.capture()`; use it as a context manager.
+
+    Entering configures the meter if needed, starts the integrator (when "Wh" is selected),
+    and returns once the first update is in, so marks made afterwards lie inside the trace.
+    Leaving waits for two updates that began after the exit (the edge update and the baseline
+    beyond it), stops the integrator and keeps its totals. If the instrument stops answering,
+    leaving raises InstrumentError with the trace so far as `err.trace`.
+    """
+
+    def __init__(self, meter: Pm1000):
+        self.meter = meter
+        self._updates: list[PowerUpdate] = []
+        self._marks: list[Mark] = []
+        self._lock = threading.Condition()
+        self._stop = threading.Event()
+        self._error: InstrumentError | None = None
+        self._thread: threading.Thread | None = None
+        self._integrating = False
+        self._integrator: IntegratorReading | None = None
+
+    def mark(self, label: str, t_s: float | None = None) -> float:
+        """Record an event at `t_s` (default now) on the host monotonic clock."""
+        t_s = time.monotonic() if t_s is None else t_s
+        with self._lock:
+            self._marks.append(Mark(label, t_s))
+        return t_s
+
+    @property
+    def trace(self) -> PowerTrace:
+        """What has been captured so far (everything, after the with block)."""
+        with self._lock:
+            return PowerTrace(
+                period_s=self.meter.update_period_s, updates=tuple(self._updates), marks=tuple(self._marks),
+                instrument=self.meter._idn or "", integrator=self._integrator,
+            )  # fmt: skip
+
+    def __enter__(self) -> Self:
+        m = self.meter
+        if m._selected is None:
+            m.configure()
+        missing = [r for r in _CAPTURE_NEEDS if r not in m._selected]
+        if missing:
+            raise UsageError(f"{m.name}: a capture needs results {missing} selected")
+        if m.integrator and "Wh" in m._selected:
+            m.integrator_mode()
+            m._write(":INT:MAN:STOP")  # a run left over from an earlier session; EXE when none was
+            m._check(":INT:MAN:STOP", tolerate=ESR_EXE)
+            m.integrator_reset()
+            m.integrator_run()
+            self._integrating = True
+        drained_at = time.monotonic()
+        m.data_status()  # clears any stale NDV: the first update recorded refreshed after this
+        self._thread = threading.Thread(target=self._poll, args=(drained_at,), name=f"{m.name}-capture", daemon=True)
+        self._thread.start()
+        self._wait_for(lambda: len(self._updates) >= 1)
+        if self._error:
+            self._finish()
+            raise self._failed()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            t_end = max([time.monotonic()] + [mk.t_s for mk in self._marks])
+            self._wait_for(lambda: sum(u.seen_after_s > t_end for u in self._updates) >= 2)
+        self._finish()
+        if self._error and exc_type is None:
+            raise self._failed()
+        return False
+
+    def _wait_for(self, condition) -> None:
+        deadline = time.monotonic() + 3 * self.meter.update_period_s + self.meter.timeout_s
+        with self._lock:
+            while not (condition() or self._error):
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    self._error = InstrumentError(self.meter.name, "capture", "no new results from the instrument")
+                    return
+                self._lock.wait(remaining_s)
+
+    def _finish(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=self.meter.timeout_s + 1.0)
+        if self._integrating and not self._error:
+            try:
+                self.meter.integrator_stop()
+                r = self.meter.read_results()
+                self._integrator = IntegratorReading(
+                    energy_j=r["Wh"] * 3600.0, charge_ah=r.get("Ah"),
+                    elapsed_s=r["HRS"] * 3600.0 if "HRS" in r else None,
+                )  # fmt: skip
+            except InstrumentError as e:
+                self._error = e
+
+    def _failed(self) -> InstrumentError:
+        cause = self._error
+        err = InstrumentError(self.meter.name, "capture", f"{cause}; kept {len(self._updates)} updates")
+        err.trace = self.trace  # type: ignore[attr-defined]
+        err.__cause__ = cause
+        return err
+
+    def _poll(self, previous_sent: float) -> None:
+        m = self.meter
+        try:
+            while not self._stop.is_set():
+                sent = time.monotonic()
+                status = DataStatus(int(m._query(":DSR?")))
+                replied = time.monotonic()
+                if status.new_data:
+                    self._record(previous_sent, replied, status, m._parse(m._query(":FRD?")))
+                previous_sent = sent
+                # dithered: polls at a fixed phase to the instrument's clock would let every
+                # update's interval fall at the same offset, and the clock fit could not narrow it
+                pause_s = m.poll_interval_s * (0.5 + random.random())
+                self._stop.wait(max(0.0, sent + pause_s - time.monotonic()))
+        except (InstrumentError, ValueError) as e:
+            with self._lock:
+                self._error = e if isinstance(e, InstrumentError) else InstrumentError(m.name, ":DSR?", str(e))
+                self._lock.notify_all()
+
+    def _record(self, after_s: float, by_s: float, status: DataStatus, r: dict[str, float]) -> None:
+        update = PowerUpdate(
+            seen_after_s=after_s, seen_by_s=by_s, voltage_v=r["V"], current_a=r["A"], power_w=r["W"],
+            overload=status.current_overload or status.voltage_overload,
+            integrator_energy_j=r["Wh"] * 3600.0 if self._integrating else None,
+            integrator_charge_ah=r.get("Ah") if self._integrating else None,
+            integrator_elapsed_s=r["HRS"] * 3600.0 if self._integrating and "HRS" in r else None,
+        )  # fmt: skip
+        with self._lock:
+            self._updates.append(update)
+            self._lock.notify_all()
+
+
+def _seen(e: Exception) -> str:
+    text = str(e)
+    if isinstance(e, pyvisa.VisaIOError) and e.error_code == pyvisa.constants.StatusCode.error_timeout:
+        return f"no reply (timeout): {text}"
+    return text or type(e).__name__
