@@ -20,8 +20,9 @@ Power: a thread reads the CPU time of sshd's whole process tree from /proc every
 (times of exited processes stay counted through their parents' cutime/cstime) and posts
 idle_w + (active_w - idle_w) x utilisation to the bus channel, timestamped on time.monotonic().
 Utilisation is CPU seconds per second, capped at 1: the family's active_w is the board running
-inferences back to back, which is what one busy core of the runner does. The value posted at t is
-the mean over the period that ended at t (the bus is never rewritten after the fact).
+inferences back to back, which is what one busy core of the runner does (CPU time a period shows
+beyond its length, tick rounding mostly, is carried into the next). The value posted at t is the
+mean over the period that ended at t (the bus is never rewritten after the fact).
 """
 
 from __future__ import annotations
@@ -271,13 +272,17 @@ class SimLinuxBoard:
     def _sample(self) -> None:
         idle_w, active_w = self.power.idle_w, self.power.active_w
         prev_cpu_s, _ = cpu_times_s(self._proc.pid)
-        prev_t = time.monotonic()
+        prev_t, carry_s = time.monotonic(), 0.0
         while not self._stopping.wait(self.sample_period_s):
             cpu_s, tree = cpu_times_s(self._proc.pid)
             t = time.monotonic()
             if not tree:
                 return
-            utilisation = min(1.0, max(0.0, (cpu_s - prev_cpu_s) / (t - prev_t)))
+            busy_s = max(0.0, cpu_s - prev_cpu_s) + carry_s
+            utilisation = min(1.0, busy_s / (t - prev_t))
+            # CPU time is counted in clock ticks: what a period shows beyond its length is carried into
+            # the next (at most one period's worth), so energy follows CPU time without the cap eating it
+            carry_s = min(busy_s - utilisation * (t - prev_t), self.sample_period_s)
             self.channel.set_power(idle_w + (active_w - idle_w) * utilisation, t)
             prev_cpu_s, prev_t = cpu_s, t
 
