@@ -4,6 +4,7 @@ install + measurement per (board, payload) per run, reused by every test that ne
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -52,8 +53,8 @@ def not_deployable(board: Board, payload: Payload) -> str | None:
 class Bench:
     """Installs and measures each (board, payload) once per run; tests share the outcomes."""
 
-    def __init__(self, settings: RunSettings, build_dir: Path):
-        self.settings, self.build_dir = settings, build_dir
+    def __init__(self, settings: RunSettings, build_dir: Path, say: Callable[[str], None]):
+        self.settings, self.build_dir, self.say = settings, build_dir, say
         self.installed: dict[tuple[str, str], dict] = {}
         self.outcomes: dict[tuple[str, str], Outcome] = {}
 
@@ -70,6 +71,7 @@ class Bench:
         if key not in self.outcomes:
             record = self.install(board, payload)
             self.outcomes[key] = measure(board, payload, self.settings,
+                                         progress=lambda step: self.say(f"  {board.name} / {payload.name}: {step}"),
                                          firmware_sha256=record.get("image_sha256") or record.get("sha256"),
                                          extra={"install": {k: v for k, v in record.items()
                                                             if isinstance(v, (str, int, float, bool))}})
@@ -84,4 +86,7 @@ def default_payload() -> Payload:
 
 @pytest.fixture(scope="session")
 def bench(run_settings: RunSettings, pytestconfig: pytest.Config) -> Bench:
-    return Bench(run_settings, Path(pytestconfig.rootpath) / "build")
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    verbose = pytestconfig.getoption("verbose") >= 0 and reporter is not None
+    return Bench(run_settings, Path(pytestconfig.rootpath) / "build",
+                 say=lambda line: verbose and reporter.write_line(line, cyan=True))

@@ -23,14 +23,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from statistics import median
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from labbench.board import Board
 from labbench.capabilities import DutIdentity, TimedRun
 from labbench.errors import HardwareError
-from labbench.measure.power import PowerTrace
+from labbench.measure.power import PowerTrace, WindowEnergy
 from labbench.measure.record import Energy, Latency, Measurement, Memory, Provenance
 from labbench.measure.stats import LatencySummary
 from labbench.payloads import Payload
@@ -70,17 +70,19 @@ def _latency(board: Board, payload: Payload, s: RunSettings) -> TimedRun:
     return board.target.run_timed(payload.timing_input(), s.latency_samples, s.warmup, per_inference=True)
 
 
-def _energy(board: Board, payload: Payload, s: RunSettings, latency_ms: float, outcome: Outcome
-            ) -> tuple[Energy, list[float]]:
+def _energy(board: Board, payload: Payload, s: RunSettings, latency_ms: float, outcome: Outcome,
+            progress: Callable[[str], None]) -> tuple[Energy, list[float]]:
     """Idle baseline, then windows of back-to-back inferences under a power capture."""
     count = max(10, math.ceil(s.window_s * 1000 / max(latency_ms, 1e-6)))
     runs: list[TimedRun] = []
     meter = board.power_meter
     with meter.capture(board.power_channel) as cap:
+        progress(f"idle baseline {s.idle_s:g} s")
         t_idle0 = cap.mark("idle-start")
         time.sleep(s.idle_s)
         t_idle1 = cap.mark("idle-end")
         for i in range(s.windows):
+            progress(f"energy window {i + 1}/{s.windows}: {count} inferences")
             run = board.target.run_timed(payload.timing_input(), count, s.warmup if i == 0 else 0)
             cap.mark(f"window-{i}-start", run.host_start)
             cap.mark(f"window-{i}-end", run.host_end)
@@ -88,13 +90,12 @@ def _energy(board: Board, payload: Payload, s: RunSettings, latency_ms: float, o
     trace = cap.trace
     outcome.trace, outcome.idle = trace, (t_idle0, t_idle1)
     outcome.windows = [(r.host_start, r.host_end) for r in runs]
-    idle = trace.energy(t_idle0, t_idle1)
+    idle = _window(trace, t_idle0, t_idle1)
     per_window = []
     for r in runs:
-        w = trace.energy(r.host_start, r.host_end)
+        w = _window(trace, r.host_start, r.host_end)
         per_inference_ms = sum(r.latencies_us) / len(r.latencies_us) / 1000
-        integrated = _integrated(trace, r)
-        per_window.append((w, per_inference_ms, integrated, r.count))
+        per_window.append((w, per_inference_ms, _integrated(trace, r), r.count))
     # the median window by latency, as MLPerf Tiny takes the median throughput
     w, per_inf_ms, integrated, n = sorted(per_window, key=lambda x: x[1])[len(per_window) // 2]
     power_x_latency = w.mean_power_w * per_inf_ms
@@ -107,9 +108,21 @@ def _energy(board: Board, payload: Payload, s: RunSettings, latency_ms: float, o
         dynamic_mj=(w.mean_power_w - idle.mean_power_w) * per_inf_ms, window_s=w.duration_s,
         inferences=n, windows=len(runs),
         method=("median of windows; integrator energy / count" if integrated_mj is not None
-                else "median of windows; average power x latency per inference")
+                else f"median of windows; average power ({w.method} method) x latency per inference")
                 + f"; instrument {trace.instrument or meter!r}, update period {trace.period_s:g} s")
     return energy, [x[1] for x in per_window]
+
+
+def _window(trace: PowerTrace, t0: float, t1: float) -> WindowEnergy:
+    """Energy over a window from the power updates; where the capture missed an update inside it
+    (a busy host can poll late), from the instrument's integrator, which misses nothing."""
+    try:
+        return trace.energy(t0, t1)
+    except ValueError as gap:
+        try:
+            return trace.energy(t0, t1, method="integrator")
+        except ValueError:
+            raise gap from None
 
 
 def _integrated(trace: PowerTrace, run: TimedRun) -> Any:
@@ -120,23 +133,26 @@ def _integrated(trace: PowerTrace, run: TimedRun) -> Any:
 
 
 def measure(board: Board, payload: Payload, settings: RunSettings = RunSettings(), *,
-            firmware_sha256: str | None = None, extra: dict[str, Any] | None = None) -> Outcome:
-    """Measure `payload` on `board` (already flashed or deployed)."""
+            firmware_sha256: str | None = None, extra: dict[str, Any] | None = None,
+            progress: Callable[[str], None] = lambda step: None) -> Outcome:
+    """Measure `payload` on `board` (already flashed or deployed); `progress` hears each step."""
     target = board.target
     identity = target.identify()
     check_identity(board, payload, identity)
     outcome = Outcome(measurement=None)  # type: ignore[arg-type]
+    progress(f"latency: {settings.latency_samples} inferences timed one by one")
     lat_run = _latency(board, payload, settings)
     samples_ms = [u / 1000 for u in lat_run.latencies_us]
     summary = LatencySummary.of(samples_ms)
     energy, window_ms = (None, [])
     instrument = None
     if "power" in board.capabilities:
-        energy, window_ms = _energy(board, payload, settings, summary.mean_ms, outcome)
+        energy, window_ms = _energy(board, payload, settings, summary.mean_ms, outcome, progress)
         instrument = board.power_meter.identity()
     accuracy = n = None
     if payload.data is not None:
         x, y = payload.test_inputs(settings.accuracy_samples)
+        progress(f"accuracy: {len(y)} test samples")
         outputs = target.classify(x)
         n = len(y)
         accuracy = float(np.mean(np.argmax(outputs.reshape(n, -1), axis=1) == y))
