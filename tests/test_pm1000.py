@@ -215,3 +215,10 @@ def test_from_lab_reads_the_inventory_settings(sim: Pm1000Sim) -> None:
         Pm1000.from_lab(SimpleNamespace(name="x", resource=sim.resource, settings={"results": ["W", "kWh"]}))
     with pytest.raises(UsageError, match="one input"):
         meter.capture(channel=2)
+
+
+def test_a_taken_port_is_a_clear_error(sim: Pm1000Sim, channel: PowerChannel) -> None:
+    with pytest.raises(LabConfigError, match=f"cannot listen on 127.0.0.1:{sim.port}"):
+        Pm1000Sim("second", "127.0.0.1", sim.port, channel).start()
+    with Pm1000(sim.resource, name=NAME, timeout_s=0.5) as meter:
+        assert meter.identity() == DEFAULT_IDN  # the first one still answers
