@@ -1,27 +1,27 @@
-"""The simulated ESP32 below the application: reset circuit, boot ROM, serial loader, flasher stub, flash.
+"""The ESP32's boot ROM for the simulated MCU board: serial loader, flasher stub, NOR flash, boot.
 
-Faithful enough that the unmodified esptool 5.x connects, uploads its stub, reads the MAC and the
-flash ID, writes (plain and deflated, before and after a baud change), verifies, reads back,
-erases and resets the board (``shared/reference/esptool-serial-protocol.md``):
+`Esp32BootRom` is the boot-ROM personality of `labbench.sim.mcu.SimMcuBoard` for families flashed
+with esptool. The board owns the DevKitC reset circuit (DTR/RTS -> EN/IO0, IO0 latched as EN
+rises) and the UART (RFC 2217, line-rate timing, 3 % baud tolerance); on every boot it calls
+`run(board, download)`, which prints the ROM banner and then:
 
-- `Esp32Chip` is the chip on an ESP32-DevKitC. DTR/RTS drive EN and IO0 through the board's two
-  transistors (EN low = RTS and not DTR; IO0 low = DTR and not RTS). The chip leaves reset
-  `en_rc_s` after EN is released (the EN pin's RC delay) and latches IO0 then: low = download
-  boot (ROM loader, "waiting for download"), high = flash boot. A flash boot runs the app image
-  the partition table at 0x8000 points to, when it is valid; otherwise the chip prints the ROM's
-  ``invalid header`` line and stays in the loader. Hence a client must turn around the classic
-  reset's "EN released, then IO0 low" step within `en_rc_s`: plain ``rfc2217://host:port`` does
-  (it waits for the server's acknowledgement, about a millisecond); ``?ign_set_control`` makes
-  pyserial sleep 100 ms after every control-line write, so the chip boots the app, as a real
-  DevKitC behind a plain RFC 2217 server does (esptool then reports "Wrong boot mode detected").
-- `Esp32Loader` is the ROM loader and, once uploaded, the flasher stub (reply formats differ:
-  4 vs 2 status bytes, ASCII vs raw MD5, stub-only commands). Hand-written because no library
-  implements the device side of this protocol; command ids, register addresses, the chip magic,
-  the checksum seed and the stub images come from esptool itself.
-- `SpiFlash` is 4 MB of NOR flash (erase sets 0xFF, programming can only clear bits).
+- download boot (IO0 low): "waiting for download", and the serial loader serves the host until
+  esptool makes it run the flash (FLASH_END) or resets the chip;
+- flash boot: the second-stage bootloader's job, built in here: the partition table at 0x8000
+  names the app partition, and a valid app image there (`labbench.firmware_image`) boots: `run`
+  returns and the board's DUT firmware runs the model the image carries. Otherwise the chip prints
+  the ROM's ``invalid header: 0x...`` line and why, then (a sim policy, so the board can always be
+  reflashed) "waiting for download" and the loader.
 
-The application itself (the MLPerf Tiny DUT) is the MCU board's business: `Esp32Chip` calls
-`boot_app(AppImage)` with what the flash holds and `halt()` when the app stops running.
+Faithful enough that the unmodified esptool 5.x connects with its default reset, uploads its stub,
+reads the MAC and the flash ID, writes (plain and deflated, before and after a baud change),
+verifies, reads back, erases and hard-resets the board
+(``shared/reference/esptool-serial-protocol.md``). `Esp32Loader` is the ROM loader and, once the
+uploaded stub is recognised as one esptool ships, the flasher stub (4 vs 2 status bytes, ASCII vs
+raw MD5, stub-only commands). Hand-written because no library implements the device side of this
+protocol; command ids, register addresses, the chip magic, the checksum seed and the stub images
+come from esptool itself. `SpiFlash` gives the board's flash store NOR semantics (erase sets 0xFF
+by 4 KB sector, programming can only clear bits).
 """
 
 from __future__ import annotations
@@ -29,22 +29,21 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import socket
 import struct
-import threading
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from serial import rfc2217
 from esptool.loader import ESPLoader, StubFlasher
 from esptool.targets.esp32 import ESP32ROM
 
 from labbench import firmware_image
 from labbench.firmware_image import AppImage, ImageError
+
+if TYPE_CHECKING:
+    from labbench.sim.mcu import SimMcuBoard
 
 CMD = ESPLoader.ESP_CMDS
 FLASH_SIZE_BYTES = firmware_image.FLASH_SIZE_BYTES
@@ -52,12 +51,11 @@ SECTOR_BYTES = ESPLoader.FLASH_SECTOR_SIZE
 FLASH_ID = 0x1640EF  # Winbond W25Q32: manufacturer 0xEF, 4 MB
 SYNC_VALUE = 0x20120707  # ROM's SYNC reply value; the stub replies 0
 ROM_BANNER = "ets Jun  8 2016 00:22:57\r\n\r\n"
-DOWNLOAD_BOOT = "rst:0x1 (POWERON_RESET),boot:0x3 (DOWNLOAD_BOOT(UART0/UART1/SDIO_REI_REO_V2))\r\n"
-FLASH_BOOT = "rst:0x1 (POWERON_RESET),boot:0x13 (SPI_FAST_FLASH_BOOT)\r\n"
+DOWNLOAD_BOOT = "boot:0x3 (DOWNLOAD_BOOT(UART0/UART1/SDIO_REI_REO_V2))\r\n"
+FLASH_BOOT = "boot:0x13 (SPI_FAST_FLASH_BOOT)\r\n"
+POWER_ON, SOFTWARE_RESET = "rst:0x1 (POWERON_RESET),", "rst:0xc (SW_CPU_RESET),"
 WAITING = "waiting for download\r\n"
 XTAL_HZ, STUB_APB_HZ = 40_000_000, 80_000_000
-BAUD_TOLERANCE = 0.03  # a UART still decodes bytes sent up to ~3 % off its rate
-DEFAULT_EN_RC_S = 0.15
 
 # SPI flash opcodes run through the SPI peripheral's user-command registers
 SPI_CMD_USR = 1 << 18
@@ -81,40 +79,33 @@ class LoaderError(Exception):
 
 
 class SpiFlash:
-    """NOR flash: erase works on 4 KB sectors and sets 0xFF; programming ANDs bits in."""
+    """NOR semantics over a board's flash store (`read`, `write`, `erase`, `size_bytes`)."""
 
-    def __init__(self, size_bytes: int = FLASH_SIZE_BYTES):
-        self.data = bytearray(b"\xff") * size_bytes
+    def __init__(self, store):
+        self.store = store
+        self.size_bytes = store.size_bytes
 
     def _check(self, offset: int, size: int) -> None:
-        if offset < 0 or size < 0 or offset + size > len(self.data):
-            raise LoaderError(ROM_FAILED, f"flash access {offset:#x}+{size:#x} beyond {len(self.data):#x}")
+        if offset < 0 or size < 0 or offset + size > self.size_bytes:
+            raise LoaderError(ROM_FAILED, f"flash access {offset:#x}+{size:#x} beyond {self.size_bytes:#x}")
 
     def erase(self, offset: int, size: int) -> None:
         start = offset - offset % SECTOR_BYTES
         end = -(-(offset + size) // SECTOR_BYTES) * SECTOR_BYTES
         self._check(start, end - start)
-        self.data[start:end] = b"\xff" * (end - start)
+        self.store.erase(start, end - start)
 
     def program(self, offset: int, data: bytes) -> None:
         self._check(offset, len(data))
-        old = int.from_bytes(self.data[offset:offset + len(data)], "little")
-        self.data[offset:offset + len(data)] = (old & int.from_bytes(data, "little")).to_bytes(len(data), "little")
+        old = int.from_bytes(self.store.read(offset, len(data)), "little")
+        self.store.write(offset, (old & int.from_bytes(data, "little")).to_bytes(len(data), "little"))
 
     def read(self, offset: int, size: int) -> bytes:
         self._check(offset, size)
-        return bytes(self.data[offset:offset + size])
+        return self.store.read(offset, size)
 
     def md5(self, offset: int, size: int) -> bytes:
-        self._check(offset, size)
-        return hashlib.md5(memoryview(self.data)[offset:offset + size]).digest()
-
-    def load_packed(self, model: bytes, model_name: str) -> None:
-        """Flash the partition table and an app image carrying `model`, as `labbench firmware pack` would."""
-        for offset, blob in ((firmware_image.PARTITION_TABLE_OFFSET, firmware_image.partition_table_bin()),
-                             (firmware_image.APP_OFFSET, firmware_image.build_app_image(model, model_name))):
-            self.erase(offset, len(blob))
-            self.program(offset, blob)
+        return hashlib.md5(self.read(offset, size)).digest()
 
     def boot_image(self) -> AppImage:
         """The app the second-stage bootloader would boot; ImageError says why there is none."""
@@ -122,7 +113,7 @@ class SpiFlash:
                                                                     firmware_image.PARTITION_TABLE_BYTES))
         app = firmware_image.boot_partition(partitions)
         try:
-            return firmware_image.read_app_image(self.read(app.offset, min(app.size, len(self.data) - app.offset)))
+            return firmware_image.read_app_image(self.read(app.offset, min(app.size, self.size_bytes - app.offset)))
         except ImageError as exc:
             raise ImageError(f"image at {app.offset:#x}: {exc}") from None
 
@@ -204,26 +195,22 @@ class Esp32Loader:
     """The ROM serial loader, and the flasher stub after esptool uploads and starts it."""
 
     def __init__(self, flash: SpiFlash, registers: dict[int, int], send: Callable[[bytes], None],
-                 on_run_user_code: Callable[[bool], None]):
-        self.flash, self.registers, self._send = flash, registers, send
-        self._run_user_code = on_run_user_code  # called with reboot=True/False after FLASH_END
+                 set_baud: Callable[[int], None]):
+        self.flash, self.registers, self._send, self._set_baud = flash, registers, send, set_baud
         self._stubs = _known_stubs()
         self.stub = False
-        self.uart_baud: int | None = None  # None: the ROM autobauds on SYNC
-        self.halted = False  # running RAM code the sim cannot execute
+        self.exit: str | None = None  # "run" (user code), "reboot", "rom" (stub back to ROM), "halt"
         self._rx = bytearray()
         self._download: _Download | None = None
         self._reading: _Reading | None = None
         self._ram: dict[int, bytearray] = {}
         self._mem: tuple[int, int] | None = None  # MEM_BEGIN (address, size)
-        self.set_uart_baud(None)
+        self._clock_divider(115200)
 
     # -- byte stream -----------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
         """Bytes from the host; complete SLIP frames are executed in order, other bytes ignored."""
-        if self.halted:
-            return
         self._rx += data
         while True:
             start = self._rx.find(b"\xc0")
@@ -236,13 +223,18 @@ class Esp32Loader:
                 return
             frame = bytes(self._rx[start + 1:end]).replace(b"\xdb\xdc", b"\xc0").replace(b"\xdb\xdd", b"\xdb")
             del self._rx[:end]  # the closing delimiter may open the next frame
-            if frame:
+            if frame and self.exit is None:
                 self._frame(frame)
 
-    def set_uart_baud(self, baud: int | None) -> None:
-        self.uart_baud = baud
-        apb_hz = STUB_APB_HZ if self.stub else XTAL_HZ
-        self.registers[ESP32ROM.UART_CLKDIV_REG] = round(apb_hz / (baud or 115200))
+    def _clock_divider(self, baud: int) -> None:
+        """UART_CLKDIV as the chip sets it: APB clock (crystal in the ROM, PLL in the stub) / baud."""
+        self.registers[ESP32ROM.UART_CLKDIV_REG] = round((STUB_APB_HZ if self.stub else XTAL_HZ) / baud)
+
+    @property
+    def read_pending(self) -> bool:
+        """A READ_FLASH transfer may send its next packet."""
+        r = self._reading
+        return r is not None and r.sent < r.length and r.sent - r.acked < r.max_unacked * r.packet_bytes
 
     def _reply(self, op: int, value: int = 0, data: bytes = b"", error: int = 0) -> None:
         status = bytes([1 if error else 0, error]) + (b"" if self.stub else b"\0\0")
@@ -252,7 +244,7 @@ class Esp32Loader:
     def _frame(self, frame: bytes) -> None:
         if self._reading is not None and len(frame) == 4:  # READ_FLASH acknowledgement
             self._reading.acked = struct.unpack("<I", frame)[0]
-            self._pump_read()
+            self._read_acked()
             return
         if len(frame) < 8 or frame[0] != 0:
             return
@@ -312,7 +304,8 @@ class Esp32Loader:
     def _change_baudrate(self, op, data, chk):
         new_baud, _old = struct.unpack("<II", data[:8])
         self._reply(op)  # answered at the old rate, then the UART switches
-        self.set_uart_baud(new_baud)
+        self._clock_divider(new_baud)
+        self._set_baud(new_baud)
 
     def _mem_begin(self, op, data, chk):
         size, _blocks, _block_bytes, address = struct.unpack("<IIII", data[:16])
@@ -335,10 +328,9 @@ class Esp32Loader:
         text_start, text = self._stubs.get(entry, (None, b""))
         if text and self._ram.get(text_start) == text:
             self.stub = True
-            self.set_uart_baud(self.uart_baud)
             self._send(slip(b"OHAI"))
         else:  # some other RAM program: the sim cannot run it; the chip is silent until reset
-            self.halted = True
+            self.exit = "halt"
         return None
 
     def _data_block(self, data: bytes, chk: int) -> bytes:
@@ -385,9 +377,11 @@ class Esp32Loader:
         (stay,) = struct.unpack("<I", data[:4]) if len(data) >= 4 else (1,)
         self._download = None
         self._reply(op)
-        if not stay or not self.stub:
-            # ROM: 0 reboots, 1 runs the user code; stub: 0 reboots back into the ROM loader
-            self._run_user_code(not stay)
+        # ROM: 0 reboots, 1 runs the user code; stub: 0 reboots into the ROM loader, 1 stays
+        if not self.stub:
+            self.exit = "run" if stay else "reboot"
+        elif not stay:
+            self.exit = "rom"
         return None
 
     def _md5(self, op, data, chk):
@@ -396,7 +390,7 @@ class Esp32Loader:
         return 0, digest if self.stub else digest.hex().encode()
 
     def _erase_flash(self, op, data, chk):
-        self.flash.erase(0, len(self.flash.data))
+        self.flash.erase(0, self.flash.size_bytes)
         return 0, b""
 
     def _erase_region(self, op, data, chk):
@@ -415,18 +409,20 @@ class Esp32Loader:
         self.flash._check(offset, length)
         self._reply(op)
         self._reading = _Reading(offset, length, packet_bytes, max_unacked)
-        self._pump_read()
         return None
 
-    def _pump_read(self) -> None:
+    def send_read_packet(self) -> None:
+        """The next READ_FLASH packet; the caller interleaves these with the host's acknowledgements."""
         r = self._reading
-        while r.sent < r.length and r.sent - r.acked < r.max_unacked * r.packet_bytes:
-            chunk = self.flash.read(r.offset + r.sent, min(r.packet_bytes, r.length - r.sent))
-            self._send(slip(chunk))
-            r.sent += len(chunk)
+        chunk = self.flash.read(r.offset + r.sent, min(r.packet_bytes, r.length - r.sent))
+        r.sent += len(chunk)
+        self._send(slip(chunk))
+
+    def _read_acked(self) -> None:
+        r = self._reading
         if r.acked >= r.length:
-            self._send(slip(self.flash.md5(r.offset, r.length)))
             self._reading = None
+            self._send(slip(self.flash.md5(r.offset, r.length)))
 
     _HANDLERS = {
         CMD["SYNC"]: _sync, CMD["READ_REG"]: _read_reg, CMD["WRITE_REG"]: _write_reg,
@@ -441,130 +437,56 @@ class Esp32Loader:
     _ROM_ONLY = {CMD["READ_FLASH_SLOW"]}
 
 
+
+
 # ---------------------------------------------------------------------------------------------
 
 
-class Esp32Chip:
-    """An ESP32 on a DevKitC: auto-reset circuit, boot modes, the loader, and the app hand-off.
+class Esp32BootRom:
+    """The ESP32 boot ROM as a `SimMcuBoard` boot-ROM personality (see the module docstring)."""
 
-    `send(bytes)` carries the chip's UART output; `boot_app(AppImage)` starts the application a
-    flash boot found; `halt()` stops it (the chip went into reset). Thread-safe: line changes,
-    host bytes and the boot timer may come from different threads.
-    """
+    def __init__(self, mac: bytes | None = None):
+        self.mac = mac  # default: derived from the board's name
+        self.last_boot = ""  # what the ROM printed at the last boot (for the sim's own reports)
 
-    def __init__(self, name: str, send: Callable[[bytes], None], boot_app: Callable[[AppImage], None],
-                 halt: Callable[[], None], flash: SpiFlash | None = None, mac: bytes | None = None,
-                 en_rc_s: float = DEFAULT_EN_RC_S):
-        self.name, self._send, self._boot_app, self._halt = name, send, boot_app, halt
-        self.flash = flash or SpiFlash()
-        self.mac = mac or default_mac(name)
-        self.en_rc_s = en_rc_s
-        self.state = "reset"  # reset | loader | app | halted
-        self.last_boot: str = ""  # the boot log of the last reset, for the sim's own reports
-        self._lock = threading.RLock()
-        self._dtr = self._rts = False
-        self._generation = 0
-        self.loader = self._new_loader()
+    def run(self, board: SimMcuBoard, download: bool) -> None:
+        """Runs in the board's CPU thread; returning boots the application from flash."""
+        flash = SpiFlash(board.flash)
+        text = ROM_BANNER + POWER_ON + (DOWNLOAD_BOOT if download else FLASH_BOOT)
+        while True:
+            if not download:
+                try:
+                    app = flash.boot_image()
+                except ImageError as exc:
+                    text += flash.boot_failure(exc)
+                else:
+                    self._say(board, text + _app_boot_log(app))
+                    return
+            self._say(board, text + WAITING)
+            exit = self._serve(board, flash)
+            # "run": the ROM jumps to the flash app; "reboot"/"rom": a software reset of the chip
+            download = exit == "rom"
+            text = "" if exit == "run" else ROM_BANNER + SOFTWARE_RESET + (DOWNLOAD_BOOT if download else FLASH_BOOT)
 
-    def _new_loader(self) -> Esp32Loader:
-        return Esp32Loader(self.flash, default_registers(self.mac), self._send, self._on_flash_end)
-
-    # -- lines -------------------------------------------------------------------------------
-
-    @property
-    def en_low(self) -> bool:
-        return self._rts and not self._dtr
-
-    @property
-    def io0_low(self) -> bool:
-        return self._dtr and not self._rts
-
-    def set_lines(self, dtr: bool | None = None, rts: bool | None = None) -> None:
-        """The host changed DTR and/or RTS (True = asserted)."""
-        with self._lock:
-            was_low = self.en_low
-            self._dtr = self._dtr if dtr is None else dtr
-            self._rts = self._rts if rts is None else rts
-            if self.en_low and not was_low:
-                self._generation += 1
-                self._enter_reset()
-            elif was_low and not self.en_low:
-                self._generation += 1
-                timer = threading.Timer(self.en_rc_s, self._leave_reset, args=(self._generation,))
-                timer.daemon = True
-                timer.start()
-
-    def _enter_reset(self) -> None:
-        if self.state == "app":
-            self._halt()
-        self.state = "reset"
-
-    def _leave_reset(self, generation: int) -> None:
-        with self._lock:
-            if generation == self._generation and not self.en_low:
-                self.boot(download=self.io0_low)
-
-    # -- boot --------------------------------------------------------------------------------
-
-    def power_on(self) -> None:
-        """Power applied with nothing on the lines: a flash boot."""
-        self.boot(download=False)
-
-    def boot(self, download: bool, banner: bool = True) -> None:
-        """Leave reset: the ROM prints its banner, then waits for the host or boots the flash."""
-        with self._lock:
-            self.loader = self._new_loader()
-            self.loader.registers[ESP32ROM.GPIO_STRAP_REG] = 0x03 if download else 0x13
-            text = ROM_BANNER + (DOWNLOAD_BOOT if download else FLASH_BOOT) if banner else ""
-            if download:
-                self._enter_loader(text + WAITING)
-                return
-            try:
-                app = self.flash.boot_image()
-            except ImageError as exc:
-                # the ROM's complaint, then (a sim policy) the loader, so the board can be reflashed
-                self._enter_loader(text + self.flash.boot_failure(exc) + WAITING)
-                return
-            self.state = "app"
-            self.last_boot = text + _app_boot_log(app)
-            self._send(self.last_boot.encode())
-            self._boot_app(app)
-
-    def _enter_loader(self, text: str) -> None:
-        self.state = "loader"
+    def _say(self, board: SimMcuBoard, text: str) -> None:
         self.last_boot = text
-        self._send(text.encode())
+        board.uart.write(text.encode())
 
-    def _on_flash_end(self, reboot: bool) -> None:
-        """FLASH_END: the ROM reboots (0) or runs the app (1); the stub's 0 re-enters the ROM loader."""
-        if self.loader.stub:
-            self.boot(download=True, banner=False)
-        elif reboot:
-            self.boot(download=self.io0_low)
-        else:
-            self.boot(download=False, banner=False)
-
-    # -- bytes from the host -------------------------------------------------------------------
-
-    def receive(self, data: bytes, line_baud: int | None = None) -> bool:
-        """Host bytes while the loader runs; False when they are not for the loader (app, reset).
-
-        Bytes sent at a rate more than 3 % off the loader's UART rate arrive garbled and are lost.
-        """
-        with self._lock:
-            if self.state != "loader":
-                return False
-            uart = self.loader.uart_baud
-            if uart and line_baud and abs(line_baud - uart) > BAUD_TOLERANCE * uart:
-                return True
-            self.loader.feed(data)
-            if self.loader.halted:
-                self.state = "halted"
-            return True
-
-    @property
-    def in_loader(self) -> bool:
-        return self.state == "loader"
+    def _serve(self, board: SimMcuBoard, flash: SpiFlash) -> str:
+        """The loader (ROM, then stub) until it leaves; a chip reset ends it with ChipReset."""
+        uart = board.uart
+        loader = Esp32Loader(flash, default_registers(self.mac or default_mac(board.name)), uart.write,
+                             lambda baud: setattr(uart, "device_baud", baud))
+        while loader.exit is None:
+            if loader.read_pending:  # stream READ_FLASH packets, taking acknowledgements as they come
+                loader.send_read_packet()
+                loader.feed(uart.read(4096, timeout_s=0))
+            else:
+                loader.feed(uart.read_until(b"\xc0"))
+        if loader.exit == "halt":  # RAM code the sim cannot run: silent until the next reset
+            while True:
+                uart.read(4096)
+        return loader.exit
 
 
 def _app_boot_log(app: AppImage) -> str:
@@ -573,176 +495,3 @@ def _app_boot_log(app: AppImage) -> str:
             f"I (52) cpu_start: Project name:     {app.project}\r\n"
             f"I (57) cpu_start: App version:      {app.version}\r\n"
             f"I (62) cpu_start: ELF file SHA256:  {app.model_sha256[:16]}...\r\n")
-
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-class _Line:
-    """The serial line as pyserial's rfc2217.PortManager drives it: modem lines, baud, purges."""
-
-    bytesize, parity, stopbits, xonxoff, rtscts, break_condition = 8, "N", 1, False, False, False
-    cts = dsr = ri = cd = False
-
-    def __init__(self, server: RomSerialServer):
-        self._server = server
-        self._baudrate = 115200
-
-    @property
-    def baudrate(self) -> int:
-        return self._baudrate
-
-    @baudrate.setter
-    def baudrate(self, baud: int) -> None:
-        self._server._flush_rx()
-        self._baudrate = baud
-
-    dtr = property(lambda self: self._server.chip._dtr, lambda self, v: self._set(dtr=v))
-    rts = property(lambda self: self._server.chip._rts, lambda self, v: self._set(rts=v))
-
-    def _set(self, **lines: bool) -> None:
-        self._server._flush_rx()
-        self._server.chip.set_lines(**lines)
-
-    def reset_input_buffer(self) -> None:  # purge what the chip sent and the client has not read
-        self._server._purge_tx()
-
-    def reset_output_buffer(self) -> None:
-        pass
-
-
-class RomSerialServer:
-    """An `Esp32Chip` on its own RFC 2217 port, paced at the client's baud rate both ways.
-
-    For exercising the loader alone (tests, the flashing benchmark): the booted app is recorded
-    in `app` and host bytes meant for it are dropped. The sim lab's ESP32 is the MCU board, which
-    runs the DUT on top of the same chip.
-    """
-
-    def __init__(self, name: str = "esp32", host: str = "127.0.0.1", port: int = 0,
-                 flash: SpiFlash | None = None, en_rc_s: float = DEFAULT_EN_RC_S):
-        self.chip = Esp32Chip(name, self._emit, self._booted, self._halted, flash=flash, en_rc_s=en_rc_s)
-        self.app: AppImage | None = None
-        self._address = (host, port)
-        self._line = _Line(self)
-        self._listener: socket.socket | None = None
-        self._client: socket.socket | None = None
-        self._manager: rfc2217.PortManager | None = None
-        self._tx: list[bytes] = []
-        self._tx_ready = threading.Condition()
-        self._rx_pending = bytearray()
-        self._rx_free_at = 0.0
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    @property
-    def port(self) -> int:
-        return self._listener.getsockname()[1] if self._listener else self._address[1]
-
-    @property
-    def url(self) -> str:
-        return f"rfc2217://{self._address[0]}:{self.port}"
-
-    def start(self) -> None:
-        self._listener = socket.create_server(self._address, reuse_port=False)
-        self._stop.clear()
-        for target in (self._accept_loop, self._tx_loop):
-            t = threading.Thread(target=target, name=f"{self.chip.name}-{target.__name__}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        self.chip.power_on()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for sock in (self._client, self._listener):
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
-        with self._tx_ready:
-            self._tx_ready.notify_all()
-        for t in self._threads:
-            t.join(timeout=2.0)
-        self._threads.clear()
-        self._listener = None
-
-    def _booted(self, app: AppImage) -> None:
-        self.app = app
-
-    def _halted(self) -> None:
-        self.app = None
-
-    # -- chip -> host ----------------------------------------------------------------------
-
-    def _emit(self, data: bytes) -> None:
-        with self._tx_ready:
-            self._tx.append(data)
-            self._tx_ready.notify()
-
-    def _purge_tx(self) -> None:
-        with self._tx_ready:
-            self._tx.clear()
-
-    def _tx_loop(self) -> None:
-        free_at = 0.0
-        while not self._stop.is_set():
-            with self._tx_ready:
-                while not self._tx and not self._stop.is_set():
-                    self._tx_ready.wait()
-                chunk = b"".join(self._tx)
-                self._tx.clear()
-            free_at = max(free_at, time.monotonic()) + len(chunk) * 10 / self._line.baudrate
-            time.sleep(max(0.0, free_at - time.monotonic()))
-            client, manager = self._client, self._manager
-            if client is not None and manager is not None and chunk:
-                try:
-                    client.sendall(b"".join(manager.escape(chunk)))
-                except OSError:
-                    pass  # nobody listening: the bytes are lost, as on a real line
-
-    # -- host -> chip ----------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        """PortManager's connection: telnet replies to the client."""
-        client = self._client
-        if client is not None:
-            try:
-                client.sendall(data)
-            except OSError:
-                pass
-
-    def _flush_rx(self) -> None:
-        """Deliver the bytes received so far, once the line has had time to carry them."""
-        if not self._rx_pending:
-            return
-        data = bytes(self._rx_pending)
-        self._rx_pending.clear()
-        self._rx_free_at = max(self._rx_free_at, time.monotonic()) + len(data) * 10 / self._line.baudrate
-        time.sleep(max(0.0, self._rx_free_at - time.monotonic()))
-        self.chip.receive(data, self._line.baudrate)
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._client = client
-            self._manager = rfc2217.PortManager(self._line, self)
-            try:
-                while not self._stop.is_set():
-                    data = client.recv(65536)
-                    if not data:
-                        break
-                    for byte in self._manager.filter(data):
-                        self._rx_pending += byte
-                    self._flush_rx()
-            except OSError:
-                pass
-            finally:
-                self._client = self._manager = None
-                client.close()

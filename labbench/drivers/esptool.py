@@ -1,0 +1,246 @@
+"""Flash an ESP32 with esptool as a library: skip on MD5, write, verify, hard-reset, check the DUT.
+
+`EsptoolFlasher.flash(image)` takes an app image from `labbench firmware pack` (the partition
+table beside it, named by its flasher_args.json, goes too) and:
+
+1. connects with esptool's default DTR/RTS reset into the ROM loader and starts the flasher stub;
+2. asks the flash for the MD5 of every region (SPI_FLASH_MD5) and, when all match and `force` is
+   not set, writes nothing (`skipped`);
+3. otherwise switches to the lab's flash baud and writes the regions that differ, deflated;
+   esptool verifies each against the flash's MD5 after writing;
+4. hard-resets (RTS) and reads the boot log: a board that stays in the ROM loader ("waiting for
+   download", the ROM's "invalid header" line) is a FlashError; otherwise it waits for the DUT's
+   `m-ready`;
+5. identifies the DUT (`DutSerial.identify`): the model SHA-256 it reports must be the image's.
+
+esptool's output goes to a log file per flash (its path is in the record and in every
+FlashError); its progress bars drive a rich progress bar on stderr. The port is opened here with
+esptool's default command timeout, so pyserial's RFC 2217 client does not renegotiate the port
+settings around every command (about 0.1 s each, which dominates esptool over RFC 2217 otherwise).
+esptool's logger is process-wide, so flashes in one process take turns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import serial
+from esp_pylib.logger import EspLogBase
+from esptool.cmds import attach_flash, detect_chip, reset_chip, run_stub, write_flash
+from esptool.loader import DEFAULT_TIMEOUT, ESPLoader
+from esptool.util import FatalError
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+from labbench import firmware_image
+from labbench.capabilities import DutIdentity
+from labbench.errors import FlashError
+
+ROM_BAUD = ESPLoader.ESP_ROM_BAUD  # 115200: the ROM loader's rate after reset
+DEFAULT_FLASH_BAUD = 460800
+BOOT_WAIT_S = 10.0  # for the DUT's m-ready after the reset (model load included)
+_ESPTOOL_TURN = threading.Lock()
+
+
+class _LogToFile(EspLogBase):
+    """esptool's output into the flash log; its progress into a rich progress bar."""
+
+    def __init__(self, log_file, progress: Progress | None):
+        self._file, self._progress = log_file, progress
+        self._task = None
+        self._partial = ""
+        self.lines: list[str] = []
+
+    def _line(self, text: str, end: str = "\n") -> None:
+        text = self._partial + re.sub(r"\[/?[a-z ]+\]", "", text) + end  # drop esptool's rich markup
+        *lines, self._partial = text.split("\n")
+        for line in lines:
+            self._file.write(line + "\n")
+            self.lines.append(line)
+        self._file.flush()
+
+    def print(self, *args, **kwargs) -> None:
+        self._line(kwargs.get("sep", " ").join(str(a) for a in args), kwargs.get("end", "\n"))
+
+    def err(self, *args, suggestion=None) -> None:
+        self._line("ERROR: " + " ".join(str(a) for a in args))
+
+    def warn(self, *args, suggestion=None) -> None:
+        self._line("WARNING: " + " ".join(str(a) for a in args))
+
+    def note(self, *args) -> None:
+        self._line("NOTE: " + " ".join(str(a) for a in args))
+
+    def hint(self, *args) -> None:
+        self._line(" ".join(str(a) for a in args))
+
+    def debug(self, *args) -> None:
+        pass
+
+    def set_verbosity(self, mode) -> None:
+        pass
+
+    def progress_bar(self, cur_iter, total_iters, prefix="", suffix="", bar_length=30) -> None:
+        if self._progress is None:
+            return
+        if self._task is None or cur_iter == 0:
+            self._task = self._progress.add_task(prefix.strip() or "esptool", total=total_iters)
+        self._progress.update(self._task, completed=cur_iter, total=total_iters, description=prefix.strip())
+        if cur_iter >= total_iters:
+            self._line(f"{prefix.strip()} {suffix.strip()}")
+            self._task = None
+
+
+class EsptoolFlasher:
+    """The Flasher of ESP32 boards (see the module docstring)."""
+
+    def __init__(self, url: str, *, board: str = "esp32", baud: int = DEFAULT_FLASH_BAUD,
+                 timeout_s: float = 300.0, dut_baud: int = 115200, log_dir: str | Path = "reports/flash",
+                 show_progress: bool = True, identify: Callable[[], DutIdentity] | None = None):
+        self.url, self.board, self.baud, self.timeout_s = url, board, baud, timeout_s
+        self.dut_baud = dut_baud
+        self.log_dir = Path(log_dir)
+        self.show_progress = show_progress
+        self._identify = identify or self._identify_dut
+
+    @classmethod
+    def from_lab(cls, entry: Any, family: Any = None) -> EsptoolFlasher:
+        flash = entry.flash
+        return cls(entry.serial.url, board=entry.name, baud=(flash.baud if flash and flash.baud else DEFAULT_FLASH_BAUD),
+                   timeout_s=flash.timeout_s if flash else 300.0, dut_baud=entry.serial.baud)
+
+    def __repr__(self) -> str:
+        return f"EsptoolFlasher({self.board!r}, {self.url!r})"
+
+    def _identify_dut(self) -> DutIdentity:
+        from labbench.drivers.dut_serial import DutSerial
+
+        with DutSerial(self.url, board=self.board, baud=self.dut_baud) as dut:
+            return dut.identify()
+
+    # -- Flasher ----------------------------------------------------------------------------------
+
+    def flash(self, image: str, *, force: bool = False) -> dict[str, Any]:
+        t0 = time.monotonic()
+        files = [(offset, path.read_bytes(), path.name) for offset, path in firmware_image.flash_files(image)]
+        app = next(data for offset, data, _ in files if offset == firmware_image.APP_OFFSET)
+        try:
+            expected_sha = firmware_image.read_app_image(app).model_sha256
+        except firmware_image.ImageError:
+            expected_sha = None  # flashed all the same: the boot check reports what the board makes of it
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{self.board}-{datetime.now():%Y%m%d-%H%M%S-%f}.log"
+        record: dict[str, Any] = {
+            "board": self.board, "tool": "esptool", "image": str(image), "log": str(log_path),
+            "image_sha256": hashlib.sha256(app).hexdigest(), "model_sha256": expected_sha,
+            "regions": [{"offset": offset, "file": name, "bytes": len(data)} for offset, data, name in files],
+        }
+        with _ESPTOOL_TURN, open(log_path, "w") as log_file, self._progress() as progress:
+            logger = _LogToFile(log_file, progress)
+            previous = _swap_logger(logger)
+            try:
+                record |= self._session(files, force, logger)
+            finally:
+                _swap_logger(previous)
+        if record["stayed_in_loader"]:
+            raise FlashError(self.board, "boot after flashing",
+                             f"stayed in the ROM loader: {_loader_reason(record['boot_log'])}", log=str(log_path))
+        identity = self._checked_identity(expected_sha, log_path)
+        record |= {"identity": {"name": identity.name, "model": identity.model,
+                                "model_sha256": identity.model_sha256},
+                   "total_s": round(time.monotonic() - t0, 3)}
+        return record
+
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                        TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+                        disable=not self.show_progress)
+
+    def _session(self, files: list[tuple[int, bytes, str]], force: bool, logger: _LogToFile) -> dict[str, Any]:
+        """One esptool connection: MD5 check, write, reset, boot log."""
+        action = "connect"
+        port = serial.serial_for_url(self.url, timeout=DEFAULT_TIMEOUT, do_not_open=True)
+        try:
+            port.open()
+            esp = detect_chip(port, baud=ROM_BAUD)
+            action = "start the flasher stub"
+            esp = run_stub(esp)
+            attach_flash(esp)
+            action = "compare flash MD5"
+            t = time.monotonic()
+            stale = [(offset, data, name) for offset, data, name in files
+                     if force or esp.flash_md5sum(offset, len(_padded(data))) != hashlib.md5(_padded(data)).hexdigest()]
+            result: dict[str, Any] = {"md5_check_s": round(time.monotonic() - t, 3), "skipped": not stale,
+                                      "bytes_written": sum(len(data) for _, data, _ in stale), "baud": ROM_BAUD}
+            if stale:
+                if self.baud != ROM_BAUD:
+                    action = f"change baud to {self.baud}"
+                    esp.change_baud(self.baud)
+                    result["baud"] = self.baud
+                action = "write and verify flash"
+                t = time.monotonic()
+                write_flash(esp, [(offset, data) for offset, data, _ in stale], compress=True)
+                result["write_s"] = round(time.monotonic() - t, 3)
+            action = "hard reset"
+            reset_chip(esp, "hard-reset")
+            port.baudrate = self.dut_baud
+            boot = _read_boot_log(port, BOOT_WAIT_S)
+            logger.print("boot log after reset:\n" + boot)
+            return result | {"boot_log": boot, "stayed_in_loader": "waiting for download" in boot}
+        except (FatalError, serial.SerialException, OSError) as exc:
+            tail = "; ".join(logger.lines[-3:])
+            raise FlashError(self.board, action, f"{exc} (esptool: {tail})" if tail else str(exc),
+                             log=logger._file.name) from None
+        finally:
+            port.close()
+
+    def _checked_identity(self, expected_sha: str | None, log_path: Path) -> DutIdentity:
+        try:
+            identity = self._identify()
+        except FlashError:
+            raise
+        except Exception as exc:  # DutProtocolError and the like: the board did not come up as a DUT
+            raise FlashError(self.board, "identify the DUT after flashing", str(exc), log=str(log_path)) from None
+        if expected_sha is not None and identity.model_sha256 != expected_sha:
+            raise FlashError(self.board, "verify the DUT's model",
+                             f"DUT reports model sha256 {identity.model_sha256}, the image carries {expected_sha}",
+                             log=str(log_path))
+        return identity
+
+
+def _padded(data: bytes) -> bytes:
+    """What esptool writes for `data`: padded to 4 bytes."""
+    return data + b"\xff" * (-len(data) % 4)
+
+
+def _swap_logger(new: EspLogBase | None) -> EspLogBase | None:
+    from esp_pylib.logger import EspLog
+
+    previous = EspLog.instance
+    EspLog.instance = new
+    return previous
+
+
+def _read_boot_log(port: serial.SerialBase, wait_s: float) -> str:
+    """The chip's output after reset until the DUT's m-ready, the loader's prompt, or `wait_s`."""
+    out = bytearray()
+    deadline = time.monotonic() + wait_s
+    port.timeout = 0.05
+    while time.monotonic() < deadline:
+        out += port.read(4096)
+        if b"m-ready" in out or b"waiting for download" in out:
+            break
+    return out.decode("latin-1")
+
+
+def _loader_reason(boot: str) -> str:
+    lines = [line.strip() for line in boot.splitlines() if line.strip()]
+    why = [line for line in lines if "invalid header" in line or line.startswith("E (")]
+    return "; ".join(why or lines[-2:]) or "no boot output"
+

@@ -1,0 +1,132 @@
+"""Flashers that run a vendor's command line (bossac, flashtool), shared by their driver modules.
+
+The command is lab.yaml's `flash.command` for the board, a list of arguments with placeholders
+`{image}` (absolute path), `{port}` (the board's serial URL or device), `{baud}` and `{board}`;
+without one, the tool's usual command line for the board (the driver's `DEFAULT_COMMAND`), or,
+for a simulated board (a `sim:` block), the simulator's stand-in that takes the same arguments
+(`python -m labbench.sim.standin_tools TOOL ...`; only the command line names it, the bench imports
+nothing of the sim). Its exit code and its output (stdout and stderr, interleaved) go to a log file
+per flash; a failure is a FlashError naming the board, the tool, the exit code, the output's tail
+and the log.
+
+Afterwards the board is identified as a DUT (`DutSerial.identify`). When the image is a TFLite
+model (the simulated boards take the .tflite itself), the DUT must report its SHA-256, and a
+board already reporting it is not flashed again unless `force`; a compiled firmware image (.bin,
+.elf) carries no hash the bench can read, so it is always written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from labbench.capabilities import DutIdentity
+from labbench.errors import FlashError
+
+TAIL_LINES = 8
+
+
+class CommandFlasher:
+    """Runs `command` to flash `image`, then checks the DUT (see the module docstring)."""
+
+    TOOL = "command"
+    DEFAULT_COMMAND: tuple[str, ...] = ()
+    STANDIN_COMMAND: tuple[str, ...] = ()
+
+    def __init__(self, port: str, *, board: str, command: list[str] | None = None, baud: int | None = None,
+                 timeout_s: float = 300.0, dut_baud: int = 115200, log_dir: str | Path = "reports/flash",
+                 identify: Callable[[], DutIdentity] | None = None):
+        self.port, self.board, self.baud, self.timeout_s = port, board, baud, timeout_s
+        self.command = list(command or self.DEFAULT_COMMAND)
+        self.dut_baud = dut_baud
+        self.log_dir = Path(log_dir)
+        self._identify = identify or self._identify_dut
+
+    @classmethod
+    def from_lab(cls, entry: Any, family: Any = None) -> CommandFlasher:
+        flash = entry.flash
+        command = flash.command if flash and flash.command else None
+        if command is None and entry.sim is not None:
+            command = [sys.executable, *cls.STANDIN_COMMAND]
+        return cls(entry.serial.url, board=entry.name, command=command, baud=flash.baud if flash else None,
+                   timeout_s=flash.timeout_s if flash else 300.0, dut_baud=entry.serial.baud)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.board!r}, {self.command[0] if self.command else '?'!r})"
+
+    def _identify_dut(self) -> DutIdentity:
+        from labbench.drivers.dut_serial import DutSerial
+
+        with DutSerial(self.port, board=self.board, baud=self.dut_baud) as dut:
+            return dut.identify()
+
+    def before_command(self) -> None:
+        """A step the tool's usual flow takes before it runs (e.g. the 1200-baud touch)."""
+
+    def argv(self, image: Path) -> list[str]:
+        values = {"image": str(image), "port": self.port, "baud": self.baud or "", "board": self.board}
+        return [arg.format(**values) for arg in self.command]
+
+    # -- Flasher ----------------------------------------------------------------------------------
+
+    def flash(self, image: str, *, force: bool = False) -> dict[str, Any]:
+        t0 = time.monotonic()
+        path = Path(image).resolve()
+        data = path.read_bytes()
+        expected = hashlib.sha256(data).hexdigest() if data[4:8] == b"TFL3" else None
+        record: dict[str, Any] = {"board": self.board, "tool": self.TOOL, "image": str(path),
+                                  "image_sha256": hashlib.sha256(data).hexdigest(), "model_sha256": expected}
+        if expected and not force:
+            try:
+                current = self._identify()
+            except Exception:  # not answering as a DUT: flash it
+                current = None
+            if current is not None and current.model_sha256 == expected:
+                return record | {"skipped": True, "identity": _identity(current),
+                                 "total_s": round(time.monotonic() - t0, 3)}
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{self.board}-{self.TOOL}-{datetime.now():%Y%m%d-%H%M%S-%f}.log"
+        argv = self.argv(path)
+        self.before_command()
+        t = time.monotonic()
+        try:
+            with open(log_path, "w") as log:
+                log.write(f"$ {subprocess.list2cmdline(argv)}\n")
+                log.flush()
+                proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      timeout=self.timeout_s)
+                log.write(f"[exit code {proc.returncode}]\n")
+        except subprocess.TimeoutExpired:
+            raise FlashError(self.board, f"flash with {self.TOOL}",
+                             f"no exit within {self.timeout_s:g} s; output: {_tail(log_path)}", log=str(log_path)) from None
+        except OSError as exc:  # the tool is not installed, not executable
+            raise FlashError(self.board, f"flash with {self.TOOL}", f"cannot run {argv[0]!r}: {exc}",
+                             log=str(log_path)) from None
+        if proc.returncode != 0:
+            raise FlashError(self.board, f"flash with {self.TOOL}",
+                             f"exit code {proc.returncode}; output: {_tail(log_path)}", log=str(log_path))
+        record |= {"skipped": False, "bytes_written": len(data), "write_s": round(time.monotonic() - t, 3),
+                   "log": str(log_path)}
+        try:
+            identity = self._identify()
+        except Exception as exc:  # DutProtocolError and the like: the board did not come up as a DUT
+            raise FlashError(self.board, f"identify the DUT after {self.TOOL}", str(exc), log=str(log_path)) from None
+        if expected and identity.model_sha256 != expected:
+            raise FlashError(self.board, "verify the DUT's model",
+                             f"DUT reports model sha256 {identity.model_sha256}, the image is {expected}",
+                             log=str(log_path))
+        return record | {"identity": _identity(identity), "total_s": round(time.monotonic() - t0, 3)}
+
+
+def _identity(identity: DutIdentity) -> dict[str, Any]:
+    return {"name": identity.name, "model": identity.model, "model_sha256": identity.model_sha256}
+
+
+def _tail(log_path: Path) -> str:
+    lines = [line for line in log_path.read_text(errors="replace").splitlines()[1:] if line.strip()]
+    return " | ".join(lines[-TAIL_LINES:]) or "(none)"

@@ -1,0 +1,206 @@
+"""The real esptool against the simulated ESP32 (SimMcuBoard + Esp32BootRom) over RFC 2217.
+
+One command runs esptool's own command line in a subprocess with a URL and its default DTR/RTS
+reset. The others run esptool's command line in-process (`esptool.main(argv, esp=...)`, as
+pytest-embedded does) on a port opened with esptool's default timeout: the same command code,
+without pyserial's RFC 2217 renegotiation around every command that makes each one cost ~0.2 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import serial
+import esptool
+from esptool.cmds import (attach_flash, detect_chip, erase_region, read_flash, reset_chip, run_stub,
+                          write_flash)
+from esptool.loader import DEFAULT_TIMEOUT
+from esptool.util import FatalError
+
+from labbench import firmware_image
+from labbench.drivers.dut_serial import DutSerial
+from labbench.modelinfo import ModelInfo, dequantize_output, quantize_input
+from labbench.sim.esp32_rom import Esp32BootRom, default_mac
+from labbench.sim.mcu import SimMcuBoard
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "fixtures" / "models"
+DATA = REPO / "fixtures" / "datasets"
+SCRATCH = 0x200000  # a flash region no image uses
+
+
+@pytest.fixture(scope="module")
+def board():
+    b = SimMcuBoard("esp32", family="esp32_devkitc", model_path=MODELS / "digits_mlp_int8.tflite",
+                    boot_rom=Esp32BootRom())
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """Two small packed images: the board's boot model and another one."""
+    out = tmp_path_factory.mktemp("packed")
+    return {name: firmware_image.pack(MODELS / f"{name}.tflite", out / name)
+            for name in ("digits_mlp_int8", "mnist5k_mlp_int8")}
+
+
+def connect(board) -> esptool.ESPLoader:
+    port = serial.serial_for_url(board.url, timeout=DEFAULT_TIMEOUT, do_not_open=True)
+    port.open()
+    return detect_chip(port)
+
+
+def esptool_cli(board, *argv: str) -> esptool.ESPLoader:
+    """Run one esptool command line on a fresh connection (default reset); returns the loader."""
+    esp = connect(board)
+    try:
+        esptool.main(list(argv), esp=esp)
+    finally:
+        esp._port.close()
+    return esp
+
+
+def boot_output(esp_port: serial.SerialBase, until: bytes, timeout_s: float = 10.0) -> bytes:
+    import time
+
+    esp_port.baudrate, esp_port.timeout = 115200, 0.05
+    out, deadline = b"", time.monotonic() + timeout_s
+    while until not in out and time.monotonic() < deadline:
+        out += esp_port.read(4096)
+    return out
+
+
+def test_cli_subprocess_over_rfc2217_url(board):
+    """esptool's own executable, the URL form esptool documents, its default classic reset (the
+    board runs its app: only a reset into download mode gets the loader to answer)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "esptool", "--port", f"{board.url}?ign_set_control", "--no-stub", "read-mac"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "Chip type:          ESP32-D0WD-V3 (revision v3.0)" in out
+    assert "Crystal frequency:  40MHz" in out
+    assert f"MAC:                {default_mac('esp32').hex(':')}" in out
+    assert "Hard resetting via RTS pin" in out
+
+
+@pytest.mark.parametrize("stub", [True, False])
+def test_flash_id(board, stub, capsys):
+    esptool_cli(board, *([] if stub else ["--no-stub"]), "flash-id")
+    out = capsys.readouterr().out
+    assert ("Stub flasher running." in out) == stub
+    assert "Manufacturer: ef" in out and "Device: 4016" in out and "Detected flash size: 4MB" in out
+
+
+def test_write_flash_with_stub_after_baud_change_boots_the_new_model(board, packed):
+    new = packed["mnist5k_mlp_int8"]
+    esptool_cli(board, "--baud", "460800", "--after", "hard-reset", "write-flash",
+                "0x8000", str(new.partition_table), "0x10000", str(new.image))
+    with DutSerial(board.url, board="esp32") as dut:
+        assert dut.reset()[-1] == "m-ready"  # a fresh boot banner: the board runs the flashed app
+        identity = dut.identify()
+        info = ModelInfo.from_file(MODELS / "mnist5k_mlp_int8.tflite")
+        assert identity.model == "mnist5k_mlp_int8"
+        assert identity.model_sha256 == info.sha256 == new.model_sha256
+        samples = quantize_input(info, np.load(DATA / "mnist5k.npz")["x_test"][:3])
+        outputs = dut.classify(samples[:, None, :])
+    from tflite_micro import runtime
+
+    interpreter = runtime.Interpreter.from_bytes((MODELS / "mnist5k_mlp_int8.tflite").read_bytes())
+    for sample, got in zip(samples, outputs):
+        interpreter.set_input(sample[None, :], 0)
+        interpreter.invoke()
+        expected = dequantize_output(info, interpreter.get_output(0))
+        np.testing.assert_array_equal(np.asarray(got, np.float32).ravel(), expected.astype(np.float32).ravel())
+
+
+@pytest.mark.parametrize("compression", ["-u", "-z"])
+def test_write_flash_without_stub(board, packed, compression, capsys):
+    image = packed["digits_mlp_int8"].image
+    esptool_cli(board, "--no-stub", "--after", "no-reset", "write-flash", compression, "0x10000", str(image))
+    out = capsys.readouterr().out
+    assert "Stub flasher" not in out
+    assert ("compressed" in out) == (compression == "-z")
+    assert "Hash of data verified." in out  # the ROM's MD5 (ASCII hex) of what it wrote
+
+
+def test_verify_flash_fails_on_purpose(board, packed, tmp_path, capsys):
+    image = packed["digits_mlp_int8"].image
+    esptool_cli(board, "--after", "no-reset", "write-flash", "0x10000", str(image))
+    esptool_cli(board, "--no-stub", "--after", "no-reset", "verify-flash", "0x10000", str(image))
+    assert "verification successful" in capsys.readouterr().out.lower()
+    tampered = tmp_path / "tampered.bin"
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tampered.write_bytes(bytes(data))
+    with pytest.raises(FatalError, match="Verification failed"):
+        esptool_cli(board, "--after", "no-reset", "verify-flash", "--diff", "0x10000", str(tampered))
+    out = capsys.readouterr().out
+    assert "Verification failed: 1 differences" in out
+    flipped = 0x10000 + len(data) // 2
+    assert f"{flipped:#010x} {data[len(data) // 2] ^ 1:02x} {data[len(data) // 2]:02x}" in out
+
+
+def test_read_flash_round_trip_and_erase_region(board):
+    """esptool's public API on one stub connection at 460800 baud."""
+    payload = np.random.default_rng(5).integers(0, 256, 24 * 1024, np.uint8).tobytes()  # does not deflate
+    esp = run_stub(connect(board))
+    try:
+        esp.change_baud(460800)
+        attach_flash(esp)
+        write_flash(esp, [(SCRATCH, payload)])
+        assert read_flash(esp, SCRATCH, len(payload)) == payload
+        erase_region(esp, SCRATCH, 0x4000)
+        assert read_flash(esp, SCRATCH, 0x5000) == b"\xff" * 0x4000 + payload[0x4000:0x5000]
+    finally:
+        esp._port.close()
+
+
+def test_read_flash_through_the_rom(board, tmp_path):
+    """Without the stub esptool reads 64 bytes per READ_FLASH_SLOW command."""
+    back = tmp_path / "rom.bin"
+    esptool_cli(board, "--no-stub", "--after", "no-reset", "read-flash", "0x8000", "0x200", str(back))
+    assert back.read_bytes() == firmware_image.partition_table_bin()[:0x200]
+
+
+def test_invalid_image_leaves_the_board_in_the_loader(board, packed, tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not an application image" * 64)
+    esp = connect(board)
+    try:
+        esptool.main(["--after", "hard-reset", "write-flash", "0x10000", str(junk)], esp=esp)
+        boot = boot_output(esp._port, b"waiting for download")
+    finally:
+        esp._port.close()
+    first_word = int.from_bytes(junk.read_bytes()[:4], "little")
+    assert f"invalid header: {first_word:#010x}".encode() in boot
+    assert boot.endswith(b"waiting for download\r\n")
+    # still in the loader: esptool connects without resetting it, and can flash a good image
+    port = serial.serial_for_url(board.url, timeout=DEFAULT_TIMEOUT)
+    try:
+        esp = detect_chip(port, connect_mode="no-reset")
+        good = packed["digits_mlp_int8"]
+        write_flash(run_stub(esp), [(0x8000, str(good.partition_table)), (0x10000, str(good.image))])
+        port.dtr = False  # opened with DTR asserted, which keeps EN high on the DevKitC's transistor pair
+        reset_chip(esp, "hard-reset")
+    finally:
+        port.close()
+    with DutSerial(board.url, board="esp32") as dut:
+        assert dut.identify().model_sha256 == good.model_sha256
+
+
+def test_image_info_shows_the_app_description(packed, capsys):
+    esptool.main(["image-info", str(packed["digits_mlp_int8"].image)])
+    out = capsys.readouterr().out
+    assert "Project name: labbench-dut" in out
+    assert "App version: 0.1.0" in out
+    assert f"ELF file SHA256: {hashlib.sha256((MODELS / 'digits_mlp_int8.tflite').read_bytes()).hexdigest()}" in out
+    assert "Validation hash:" in out and "(valid)" in out
