@@ -1,0 +1,654 @@
+"""Simulated MCU boards (ESP32 DevKitC, Nano 33 BLE Sense, Coral Dev Board Micro) running MLPerf Tiny DUT firmware.
+
+A `SimMcuBoard` is a serial port on an RFC 2217 address (`uart.SimUart`: bytes move at the line
+rate) behind which a simulated chip boots the model in its flash and answers the MLPerf Tiny DUT
+protocol (../shared/reference/mlperf-tiny-dut-protocol.md) as the reference firmware does: the
+same commands, replies, error texts and 80-character command buffer. Inferences run the real
+TensorFlow Lite Micro interpreter, so outputs are genuine; how long they take comes from the
+family's device model (catalog), and the DUT's `m-lap-us-` timestamps follow that time (a deadline
+loop on the host clock). Power states (idle, upload, inference) go to the board's power bus
+channel at the instants they begin.
+
+Where the firmware differs from the reference, on purpose:
+- input bytes are the raw bytes of the model's input tensor(s) (no uint8 -> int8 shift);
+- `m-results-[...]` prints the dequantized outputs with float32 round-trip precision, not %0.3f,
+  so the bench can compare outputs exactly;
+- `profile` adds `m-model-sha256-[hex]`, `m-model-bytes-[N]`, `m-arena-bytes-[N]` (the model's
+  minimum TFLM arena) and `m-latency-us-[...]` lines, which MLPerf's runner ignores;
+- `db` data beyond the loaded size and `infer` without a full input are answered with e-[...]
+  instead of corrupting memory or running on stale bytes.
+
+Constructor (plain arguments; the sim lab passes lab.yaml's `sim:` block through)::
+
+    SimMcuBoard(name, host="127.0.0.1", port=0, family="esp32_devkitc", bus_channel=None,
+                model_path=None, firmware=None, *, speed_factor=1.0, vendor=None, baud=None,
+                boot_rom=None, rx_fifo_bytes=256, tx_buffer_bytes=256, timer_start_us=0,
+                strap_delay_s=0.1, devices_dir=None)
+
+`speed_factor` scales the device model's latency (> 1: a slower device, for regression tests);
+`baud` is the chip's UART rate (default: the family's `serial_baud`); `rx_fifo_bytes` and
+`tx_buffer_bytes` size its UART buffers; `timer_start_us` is the µs counter's value at boot.
+
+Reset, boot and flash (the hooks a boot-ROM personality such as the ESP32's builds on):
+- Reset circuit, ESP32 DevKitC style, wired on every family: EN is low while RTS is asserted and
+  DTR is not; IO0 is low while DTR is asserted and RTS is not. The chip leaves reset
+  `strap_delay_s` after EN rises (the EN pin's RC delay, sized for RFC 2217, where pyserial spaces
+  line changes ~50 ms apart, so esptool's classic reset lands in download mode) and samples IO0
+  then: low means download boot. `reset(download=False, wait=False)` resets from the simulator's
+  side (the EN button; a flasher).
+- `boot_rom`: an object with `run(board, download: bool)`, called in the chip's thread on every
+  boot before the application (default: `esp32_rom.Esp32BootRom` for families flashed with
+  esptool, none otherwise, and then the IO0 strap is ignored). It owns the serial stream meanwhile
+  (`board.uart`: `read`, `read_until`, `write`, settable `device_baud`; its waits raise
+  `ChipReset` on reset, which it lets propagate) and may write `board.flash`; returning boots the
+  application from flash.
+- `flash` (`FlashStore`): the application reads its model from it at every boot. Families flashed
+  with esptool use the ESP-IDF layout of `labbench.firmware_image` (partition table at 0x8000, the
+  app image in the boot partition); the others hold a raw .tflite at offset 0, named as it was
+  installed (`model_path`'s stem, `load_firmware`'s `name`) while the flash still holds it.
+- `load_firmware(image, name=None)`: writes an image (an ESP32 app image, or a raw .tflite, which
+  the ESP32 layout packs) as a flasher would, resets into it, waits for the boot and returns what
+  booted; an image larger than the flash is refused there (SimBoardError with the sizes).
+
+A model that does not fit the family's memories (catalog `fits`, with the model's measured TFLM
+arena) is refused at boot: the banner and `profile` carry `e-[...]` with the sizes, and `infer`
+answers `e-[No model: ...]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from labbench import firmware_image as fw
+from labbench.catalog import BoardFamily, load_family
+from labbench.errors import CatalogError, LabbenchError, LabConfigError
+from labbench.modelinfo import ModelInfo, dequantize_output, min_arena_bytes
+from labbench.sim.uart import ChipReset, ResetLine, SimUart
+
+EE_CMD_SIZE = 80
+EE_FW_VERSION = "ULPMark for tinyML Firmware V0.0.1"
+MAX_DB_INPUT_SIZE = 96 * 96 * 3  # the reference default, used while no model is loaded
+TIMER_WRAP = 1 << 32  # %lu of a 32-bit microsecond counter
+BOOT_TIMEOUT_S = 60.0
+
+_HELP = (
+    f"{EE_FW_VERSION}",
+    "help         : Print this information",
+    "name         : Print the name of the device",
+    "timestamp    : Generate a timetsamp",
+    "db SUBCMD    : Manipulate a generic byte buffer",
+    "  load N     : Allocate N bytes and set load counter",
+    "  db HH[HH]* : Load 8-bit hex byte(s) until N bytes",
+    "  print      : Print the loaded bytes as hex",
+    "infer N [W=10]: Load input, execute N inferences after W warm-up loops",
+    "results      : Return the result fp32 vector",
+)
+
+
+class SimBoardError(LabbenchError):
+    """The simulated board was misconfigured or did not boot."""
+
+
+class BootRom(Protocol):
+    def run(self, board: SimMcuBoard, download: bool) -> None: ...
+
+
+class FlashStore:
+    """A board's flash: erased bytes read 0xFF; only the span up to the last written byte is stored."""
+
+    def __init__(self, size_bytes: int):
+        self.size_bytes = size_bytes
+        self._data = bytearray()
+        self._lock = threading.Lock()
+
+    @property
+    def extent(self) -> int:
+        """End of the written span (bytes after it read as erased)."""
+        return len(self._data)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check(offset, len(data))
+        with self._lock:
+            if offset > len(self._data):
+                self._data += b"\xff" * (offset - len(self._data))
+            self._data[offset : offset + len(data)] = data
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        with self._lock:
+            chunk = bytes(self._data[offset : offset + length])
+        return chunk + b"\xff" * (length - len(chunk))
+
+    def erase(self, offset: int = 0, length: int | None = None) -> None:
+        length = self.size_bytes - offset if length is None else length
+        self._check(offset, length)
+        with self._lock:
+            if offset + length >= len(self._data):
+                del self._data[offset:]
+            else:
+                self._data[offset : offset + length] = b"\xff" * length
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size_bytes:
+            raise ValueError(f"flash range {offset:#x}+{length:#x} outside {self.size_bytes:#x} bytes")
+
+
+class _Model:
+    """A booted model: the TFLM interpreter, its facts, and its device latency."""
+
+    def __init__(self, model: bytes, name: str | None, board: SimMcuBoard):
+        from tflite_micro import runtime
+
+        self.info = ModelInfo.from_bytes(model, name)
+        self.name = name or self.info.name
+        self.bytes = model
+        self.arena_bytes = _arena_bytes(model)
+        problem = board.family.fits(len(model), self.arena_bytes)
+        if problem:
+            raise _Refused(f"model {self.name} does not fit {board.family.name}: {problem}")
+        dtype = self.info.inputs[0].dtype
+        try:
+            us = board.family.device_model.inference_us(self.info.macs, dtype)
+        except CatalogError as exc:
+            raise _Refused(f"model {self.name} ({dtype}) cannot run on {board.family.name}: {exc}") from None
+        self.latency_s = us * board.speed_factor / 1e6
+        # The host interpreter gets headroom; the arena the board reports is the bisected minimum.
+        self.interpreter = runtime.Interpreter.from_bytes(model, arena_size=2 * self.arena_bytes + 4096)
+        self.input_bytes = sum(t.size_bytes for t in self.info.inputs)
+        self._last_input: bytes | None = None
+        self.outputs = [np.zeros(t.shape, t.dtype) for t in self.info.outputs]
+
+    def run(self, data: bytes) -> None:
+        """Set the inputs from raw tensor bytes and invoke, unless they are the inputs of the last run."""
+        if data == self._last_input:
+            return  # same input, same interpreter: the outputs are those already computed
+        pos = 0
+        for i, t in enumerate(self.info.inputs):
+            value = np.frombuffer(data, t.dtype, int(np.prod(t.shape)), pos).reshape(t.shape)
+            self.interpreter.set_input(value, i)
+            pos += t.size_bytes
+        self.interpreter.invoke()
+        self.outputs = [self.interpreter.get_output(i) for i in range(len(self.info.outputs))]
+        self._last_input = data
+
+    def results_line(self) -> str:
+        values = np.concatenate(
+            [dequantize_output(self.info, y, i).ravel() for i, y in enumerate(self.outputs)]
+        )
+        return (
+            "m-results-["
+            + ",".join(
+                np.format_float_positional(v, unique=True, trim="-") for v in values.astype(np.float32)
+            )
+            + "]"
+        )
+
+
+class _Refused(Exception):
+    """The firmware will not run the model in flash; the message is what it reports."""
+
+
+def _arena_bytes(model: bytes) -> int:
+    """The model's minimum TFLM arena (modelinfo bisects it in child processes from a file and caches it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{hashlib.sha256(model).hexdigest()[:16]}.tflite"
+        path.write_bytes(model)
+        return min_arena_bytes(path)
+
+
+def _atoi(text: str) -> int:
+    """C atoi: optional sign and leading digits; anything else counts as 0."""
+    text = text.lstrip()
+    sign = -1 if text[:1] == "-" else 1
+    digits = text[1:] if text[:1] in "+-" else text
+    n = len(digits) - len(digits.lstrip("0123456789"))
+    return sign * int(digits[:n]) if n else 0
+
+
+class MlperfDut:
+    """The DUT firmware: the reference harness's parser and commands (internally_implemented.cpp)."""
+
+    def __init__(self, board: SimMcuBoard):
+        self.board = board
+        self.uart = board.uart
+        self.boot_t = time.monotonic()
+        self.model: _Model | None = None
+        self.refusal: str | None = None
+        self.buffer = bytearray()
+        self.buff_size = self.buff_pos = 0
+
+    # -- output and clock ---------------------------------------------------------------------
+
+    def say(self, line: str) -> None:
+        self.uart.write(line.encode("latin-1") + b"\r\n")
+
+    def timer_us(self, t: float) -> int:
+        return (self.board.timer_start_us + int((t - self.boot_t) * 1e6)) % TIMER_WRAP
+
+    def lap(self, t: float) -> None:
+        self.say(f"m-lap-us-{self.timer_us(t)}")
+
+    # -- boot and main loop -------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.board.post_power("idle_w", self.boot_t)
+        self.say("m-timestamp-mode-performance")
+        self.lap(self.boot_t)
+        self._load_model()  # th_final_initialize
+        if self.refusal:
+            self.say(f"e-[{self.refusal}]")
+        self.say("m-init-done")
+        self.say("m-ready")
+        self.board.booted()
+        while True:
+            data = self.uart.read_until(b"%")
+            self.command(data[:-1])
+
+    def _load_model(self) -> None:
+        try:
+            model, name = self.board.read_app()
+            self.model = _Model(model, name, self.board)
+        except _Refused as exc:
+            self.refusal = str(exc)
+        except (LabbenchError, ValueError, RuntimeError) as exc:  # no image, not TFLite, TFLM refuses
+            self.refusal = f"no runnable model in flash: {exc}"
+        if self.refusal:
+            self.board.log.warning("%s", self.refusal)
+
+    def command(self, raw: bytes) -> None:
+        """One %-terminated command: the reference keeps its first 80 characters (EE_CMD_SIZE)."""
+        tokens = raw[:EE_CMD_SIZE].decode("latin-1").split(" ")
+        tokens = [t for t in tokens if t]  # strtok skips empty tokens
+        handler = {
+            "name": self._name,
+            "timestamp": self._timestamp,
+            "profile": self._profile,
+            "help": self._help,
+            "db": self._db,
+            "infer": self._infer,
+            "results": self._results,
+        }
+        if tokens and tokens[0] in handler:
+            handler[tokens[0]](tokens[1:])
+        else:
+            self.say(f"e-[Unknown command: {tokens[0] if tokens else ''}]")
+        self.say("m-ready")
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def _name(self, _: list[str]) -> None:
+        self.say(f"m-name-dut-[{self.board.vendor}]")
+
+    def _timestamp(self, _: list[str]) -> None:
+        self.lap(time.monotonic())
+
+    def _help(self, _: list[str]) -> None:
+        for line in _HELP:
+            self.say(line)
+
+    def _profile(self, _: list[str]) -> None:
+        self.say(f"m-profile-[{EE_FW_VERSION}]")
+        if self.model is None:
+            self.say("m-model-[none]")
+            self.say(f"e-[{self.refusal}]")
+            return
+        m = self.model
+        self.say(f"m-model-[{m.name}]")
+        self.say(f"m-model-sha256-[{m.info.sha256}]")
+        self.say(f"m-model-bytes-[{len(m.bytes)}]")
+        self.say(f"m-arena-bytes-[{m.arena_bytes}]")
+        self.say(f"m-latency-us-[{m.latency_s * 1e6:.3f}]")
+
+    def _db(self, args: list[str]) -> None:
+        if not args:
+            self.say("e-[Command 'db' requires a subcommand]")
+        elif args[0] == "load":
+            self._db_load(args[1:])
+        elif args[0] == "print":
+            for row in range(0, self.buff_pos, 8):
+                self.say(
+                    "m-buffer-" + "-".join(f"{b:02x}" for b in self.buffer[row : min(row + 8, self.buff_pos)])
+                )
+        else:
+            self._db_data(args[0])
+
+    def _db_load(self, args: list[str]) -> None:
+        if not args:
+            self.say("e-[Command 'db load' requires the # of bytes]")
+            return
+        self.buff_size = _atoi(args[0])
+        if self.buff_size <= 0:
+            self.say("e-[Command 'db load' must be >0 bytes]")
+            return
+        self.buff_pos = 0
+        limit = self.model.input_bytes if self.model else MAX_DB_INPUT_SIZE
+        self.buffer = bytearray(min(self.buff_size, limit))
+        if self.buff_size > limit:
+            self.uart.write(f"Supplied buffer size {self.buff_size} exceeds maximum of {limit}\n".encode())
+        else:
+            self.say(f"m-[Expecting {self.buff_size} bytes]")
+            self.board.post_power("upload_w")
+
+    def _db_data(self, digits: str) -> None:
+        if len(digits) % 2:
+            self.say("e-[Insufficent number of hex digits]")
+            return
+        for i in range(0, len(digits), 2):
+            pair = digits[i : i + 2]
+            try:
+                value = int(pair, 16)
+            except ValueError:
+                self.say(f"e-[Invalid hex digit '{pair}']")
+                return
+            if self.buff_pos >= len(self.buffer):
+                self.say(f"e-[db data beyond the {len(self.buffer)} bytes loaded; send 'db load N' first]")
+                return
+            self.buffer[self.buff_pos] = value
+            self.buff_pos += 1
+            if self.buff_pos == self.buff_size:
+                self.say("m-load-done")
+                self.board.post_power("idle_w")
+                return
+
+    def _infer(self, args: list[str]) -> None:
+        n, warmup = 1, 10
+        if args:
+            n = _atoi(args[0])
+            if n <= 0:
+                self.say("e-[Inference iterations must be >0]")
+                return
+            if len(args) > 1:
+                warmup = _atoi(args[1])
+                if warmup < 0:
+                    self.say("e-[Inference warmup must be >=0]")
+                    return
+        m = self.model
+        if m is None:
+            self.say(f"e-[No model: {self.refusal}]")
+            return
+        if self.buff_pos != m.input_bytes:
+            self.say(f"e-[Input needs {m.input_bytes} bytes; {self.buff_pos} loaded]")
+            return
+        m.run(bytes(self.buffer[: m.input_bytes]))  # th_load_tensor (untimed, as in the reference)
+        self.say(f"m-warmup-start-{warmup}")
+        # The device's timeline is computed from the device model: the warmups end and the timed loop
+        # begins at one instant (the lines between are buffered output), and the loop ends at its
+        # deadline; the host only sleeps to keep up with it (within microseconds).
+        start = time.monotonic()
+        self.board.post_power("active_w", start)
+        if warmup:
+            start += warmup * m.latency_s
+            self.board.reset_line.sleep_until(start)
+        self.say("m-warmup-done")
+        self.say(f"m-infer-start-{n}")
+        self.lap(start)
+        end = start + n * m.latency_s
+        self.board.reset_line.sleep_until(end)
+        self.board.post_power("idle_w", end)
+        self.lap(end)
+        self.say("m-infer-done")
+        self.say(m.results_line())
+
+    def _results(self, _: list[str]) -> None:
+        if self.model is None:
+            self.say(f"e-[No model: {self.refusal}]")
+        else:
+            self.say(self.model.results_line())
+
+
+class SimMcuBoard:
+    """A simulated MCU board on an RFC 2217 port; see the module docstring for its hooks."""
+
+    def __init__(
+        self,
+        name: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        family: str | BoardFamily = "esp32_devkitc",
+        bus_channel: Any = None,
+        model_path: str | Path | None = None,
+        firmware: bytes | None = None,
+        *,
+        speed_factor: float = 1.0,
+        vendor: str | None = None,
+        baud: int | None = None,
+        boot_rom: BootRom | None = None,
+        rx_fifo_bytes: int = 256,
+        tx_buffer_bytes: int = 256,
+        timer_start_us: int = 0,
+        strap_delay_s: float = 0.1,
+        devices_dir: str | Path | None = None,
+    ):
+        self.name = name
+        self.family = family if isinstance(family, BoardFamily) else load_family(family, devices_dir)
+        if self.family.kind != "mcu":
+            raise LabConfigError(f"{name}: family {self.family.name} is not an MCU family")
+        if speed_factor <= 0:
+            raise LabConfigError(f"{name}: speed_factor must be > 0, got {speed_factor}")
+        self.bus_channel = bus_channel
+        self.speed_factor = speed_factor
+        self.vendor = vendor or self.family.name
+        self.timer_start_us = timer_start_us
+        self.strap_delay_s = strap_delay_s
+        self.log = logging.getLogger(f"labbench.sim.mcu.{name}")
+        self._esp32_layout = self.family.flasher == "esptool"
+        if boot_rom is None and self._esp32_layout:
+            from labbench.sim.esp32_rom import Esp32BootRom
+
+            boot_rom = Esp32BootRom()
+        self.boot_rom = boot_rom
+        self.flash = FlashStore(self.family.flash_kib * 1024)
+        self.reset_line = ResetLine()
+        self.uart = SimUart(
+            name,
+            host,
+            port,
+            device_baud=baud or self.family.serial_baud,
+            reset=self.reset_line,
+            on_lines=self._on_lines,
+            rx_fifo_bytes=rx_fifo_bytes,
+            tx_buffer_bytes=tx_buffer_bytes,
+        )
+        self._raw_name: tuple[bytes, str | None] = (b"", None)  # (image sha256, name) of a raw install
+        if model_path is not None:
+            path = Path(model_path)
+            self._install(path.read_bytes(), path.stem)
+        elif firmware is not None:
+            self._install(firmware, None)
+        # chip state, guarded by _cv
+        self._cv = threading.Condition()
+        self._en_low = self._io0_low = False
+        self._request: bool | None = None  # a reset asked for by the simulator side: download?
+        self._halted = False  # the firmware faulted: only a reset revives it
+        self._stopping = False
+        self._boots = 0
+        self._in_rom = False
+        self.firmware: MlperfDut | None = None
+        self._cpu: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"SimMcuBoard({self.name!r}, {self.family.name}, {self.url})"
+
+    @property
+    def url(self) -> str:
+        return f"rfc2217://{self.uart.host}:{self.uart.port}"
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.uart.start()
+        self._cpu = threading.Thread(target=self._run_chip, name=f"{self.name}-cpu", daemon=True)
+        self._cpu.start()
+        self._wait_boot(0)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self.reset_line.assert_reset()
+        if self._cpu is not None:
+            self._cpu.join(10)
+        self.uart.stop()
+
+    # -- reset circuit ----------------------------------------------------------------------------
+
+    def _on_lines(self, dtr: bool, rts: bool) -> None:
+        en_low, io0_low = rts and not dtr, dtr and not rts
+        with self._cv:
+            self._io0_low = io0_low
+            if en_low and not self._en_low:
+                self._halted = False
+                self._enter_reset()
+            self._en_low = en_low
+            self._cv.notify_all()
+
+    def reset(self, download: bool = False, wait: bool = False) -> None:
+        """Reset the chip from the simulator's side (the EN button, or a flasher), booting as asked;
+        with `wait`, return once the application has booted."""
+        with self._cv:
+            boots = self._boots
+            self._request = download
+            self._halted = False
+            self._enter_reset()
+            self._cv.notify_all()
+        if wait:
+            self._wait_boot(boots)
+
+    def _enter_reset(self) -> None:
+        self.reset_line.assert_reset()
+        self.post_power("idle_w")
+
+    def _held_in_reset(self) -> bool | None:
+        """Wait until the chip leaves reset; the boot mode (download?), or None when stopping."""
+        with self._cv:
+            while not self._stopping:
+                if self._request is not None:
+                    download, self._request = self._request, None
+                    break
+                if not self._en_low and not self._halted:
+                    released = time.monotonic() + self.strap_delay_s
+                    while (
+                        not self._en_low
+                        and not self._stopping
+                        and self._request is None
+                        and (left := released - time.monotonic()) > 0
+                    ):
+                        self._cv.wait(left)
+                    if self._en_low or self._stopping or self._request is not None:
+                        continue
+                    download = self._io0_low
+                    break
+                self._cv.wait()
+            else:
+                return None
+            self.reset_line.release()
+        return download
+
+    def _run_chip(self) -> None:
+        download: bool | None = False  # power-on
+        while download is not None:
+            self.uart.reboot()
+            self.firmware = None
+            try:
+                if self.boot_rom is not None:
+                    self._in_rom = True
+                    self.boot_rom.run(self, download)
+                    self._in_rom = False
+                self.firmware = MlperfDut(self)
+                self.firmware.run()
+            except ChipReset:
+                self._in_rom = False
+            except Exception:  # a firmware fault: the chip does nothing until the next reset
+                self._in_rom = False
+                self.log.exception("firmware fault; waiting for a reset")
+                with self._cv:
+                    self._halted = True
+            download = self._held_in_reset()
+
+    def booted(self) -> None:
+        with self._cv:
+            self._boots += 1
+            self._cv.notify_all()
+
+    def _wait_boot(self, boots_before: int) -> None:
+        """Until the application has booted again, or the boot ROM waits for the host instead."""
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        with self._cv:
+            while self._boots <= boots_before and not (self._in_rom and self.uart.waiting):
+                if time.monotonic() > deadline:
+                    raise SimBoardError(f"{self.name}: did not boot within {BOOT_TIMEOUT_S:.0f} s")
+                self._cv.wait(0.1)
+
+    # -- flash ------------------------------------------------------------------------------------
+
+    def _install(self, image: bytes, name: str | None) -> None:
+        """Write `image` as a full flash of this family's layout would; one too big is refused."""
+        if len(image) > self.flash.size_bytes:
+            raise SimBoardError(
+                f"{self.name}: cannot flash a {len(image):,} B image: it exceeds flash {self.family.flash_kib:,} KiB"
+            )
+        self.flash.erase()
+        if not self._esp32_layout:
+            self.flash.write(0, image)
+            self._raw_name = (hashlib.sha256(image).digest(), name)
+            return
+        if image[4:8] == b"TFL3":
+            image = fw.build_app_image(image, name or ModelInfo.from_bytes(image).name)
+        self.flash.write(fw.PARTITION_TABLE_OFFSET, fw.partition_table_bin())
+        self.flash.write(fw.APP_OFFSET, image)
+
+    def read_app(self) -> tuple[bytes, str | None]:
+        """The model the application boots (and its name, where the image records one)."""
+        if not self._esp32_layout:
+            model = self.flash.read(0, self.flash.extent)
+            sha, name = self._raw_name
+            return model, name if hashlib.sha256(model).digest() == sha else None
+        table = fw.parse_partition_table(self.flash.read(fw.PARTITION_TABLE_OFFSET, fw.PARTITION_TABLE_BYTES))
+        part = fw.boot_partition(table)
+        app = fw.read_app_image(
+            self.flash.read(part.offset, max(0, min(part.size, self.flash.extent - part.offset)))
+        )
+        return app.model, app.model_name
+
+    def load_firmware(self, image: bytes, name: str | None = None) -> dict[str, Any]:
+        """Flash `image`, reset into it, wait for the boot; returns what booted (JSON-friendly).
+        `name` names a raw .tflite (default: the model's own name)."""
+        self._install(image, name)
+        self.reset(wait=True)
+        return self.describe() | {
+            "image_bytes": len(image),
+            "image_sha256": hashlib.sha256(image).hexdigest(),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        dut = self.firmware
+        m = dut.model if dut else None
+        refused = dut.refusal if dut else None
+        if self._in_rom:
+            refused = f"the boot ROM did not start the application: {getattr(self.boot_rom, 'last_boot', '').strip()}"
+        return {
+            "board": self.name,
+            "family": self.family.name,
+            "url": self.url,
+            "model": m.name if m else None,
+            "model_sha256": m.info.sha256 if m else None,
+            "model_bytes": len(m.bytes) if m else None,
+            "arena_bytes": m.arena_bytes if m else None,
+            "latency_us": m.latency_s * 1e6 if m else None,
+            "refused": refused,
+        }
+
+    # -- power ------------------------------------------------------------------------------------
+
+    def post_power(self, state: str, t: float | None = None) -> None:
+        """Draw the family's `state` power ("idle_w", "upload_w", "active_w") from `t` (default now)."""
+        if self.bus_channel is not None:
+            self.bus_channel.set_power(getattr(self.family.power, state), t)
