@@ -250,13 +250,15 @@ def _flasher_args() -> dict:
 
 
 def flash_files(image: str | Path) -> list[tuple[int, Path]]:
-    """(offset, file) pairs to flash for `image`: its flasher_args.json if beside it, else the app alone."""
+    """(offset, file) pairs to flash for the app `image`: with the other files its flasher_args.json
+    names when one lies beside it (the partition table), else the app alone."""
     image = Path(image)
     manifest = image.parent / FLASHER_ARGS
-    if not manifest.exists():
-        return [(APP_OFFSET, image)]
-    files = json.loads(manifest.read_text())["flash_files"]
-    return sorted((int(offset, 0), image.parent / name) for offset, name in files.items())
+    files = {APP_OFFSET: image}
+    if manifest.exists():
+        named = json.loads(manifest.read_text())["flash_files"]
+        files = {int(offset, 0): image.parent / name for offset, name in named.items()} | files
+    return sorted(files.items())
 
 
 # ---------------------------------------------------------------------------------------------

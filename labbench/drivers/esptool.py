@@ -3,11 +3,11 @@
 `EsptoolFlasher.flash(image)` takes an app image from `labbench firmware pack` (the partition
 table beside it, named by its flasher_args.json, goes too) and:
 
-1. connects with esptool's default DTR/RTS reset into the ROM loader and starts the flasher stub;
-2. asks the flash for the MD5 of every region (SPI_FLASH_MD5) and, when all match and `force` is
+1. connects with esptool's default DTR/RTS reset into the ROM loader;
+2. asks the ROM for the MD5 of every region (SPI_FLASH_MD5) and, when all match and `force` is
    not set, writes nothing (`skipped`);
-3. otherwise switches to the lab's flash baud and writes the regions that differ, deflated;
-   esptool verifies each against the flash's MD5 after writing;
+3. otherwise starts the flasher stub, switches to the lab's flash baud and writes the regions that
+   differ, deflated; esptool verifies each against the flash's MD5 after writing;
 4. hard-resets (RTS) and reads the boot log: a board that stays in the ROM loader ("waiting for
    download", the ROM's "invalid header" line) is a FlashError; otherwise it waits for the DUT's
    `m-ready`;
@@ -169,16 +169,17 @@ class EsptoolFlasher:
         try:
             port.open()
             esp = detect_chip(port, baud=ROM_BAUD)
-            action = "start the flasher stub"
-            esp = run_stub(esp)
-            attach_flash(esp)
             action = "compare flash MD5"
             t = time.monotonic()
+            attach_flash(esp)  # the ROM computes the MD5s: no stub upload when nothing needs writing
             stale = [(offset, data, name) for offset, data, name in files
                      if force or esp.flash_md5sum(offset, len(_padded(data))) != hashlib.md5(_padded(data)).hexdigest()]
             result: dict[str, Any] = {"md5_check_s": round(time.monotonic() - t, 3), "skipped": not stale,
                                       "bytes_written": sum(len(data) for _, data, _ in stale), "baud": ROM_BAUD}
             if stale:
+                action = "start the flasher stub"
+                esp = run_stub(esp)
+                attach_flash(esp)
                 if self.baud != ROM_BAUD:
                     action = f"change baud to {self.baud}"
                     esp.change_baud(self.baud)
@@ -188,8 +189,8 @@ class EsptoolFlasher:
                 write_flash(esp, [(offset, data) for offset, data, _ in stale], compress=True)
                 result["write_s"] = round(time.monotonic() - t, 3)
             action = "hard reset"
+            port.baudrate = self.dut_baud  # before the reset: the boot log comes at the app's rate
             reset_chip(esp, "hard-reset")
-            port.baudrate = self.dut_baud
             boot = _read_boot_log(port, BOOT_WAIT_S)
             logger.print("boot log after reset:\n" + boot)
             return result | {"boot_log": boot, "stayed_in_loader": "waiting for download" in boot}
