@@ -153,10 +153,12 @@ def test_pm1000_measures_the_energy_the_ledger_says_the_simulated_pi_drew(rpi):
     board.deploy(MODEL)
     with np.load(DATASET) as d:
         sample = d["x_test"][0]
+    probe = board.run_timed(sample, count=50_000, warmup=100)
+    count = int(6 * probe.count / (probe.host_end - probe.host_start))  # about 6 s of inferences
     with pm1000_sim.Pm1000Sim("pm_rpi4", channel=channel, use_pty=False) as instrument:
         meter = pm1000.Pm1000(instrument.resource, name="pm_rpi4")
         with meter, meter.capture() as capture:
-            run = board.run_timed(sample, count=150_000, warmup=100)
+            run = board.run_timed(sample, count=count, warmup=100)
     board.close()
     # the steady state of back-to-back inferences: one instrument update in from each end of the
     # run, so neither edge update mixes in the cold start (before) or the idle board (after)

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import shlex
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +44,7 @@ from labbench.errors import RemoteError
 RUNNER = resources.files("labbench.remote") / "runner.py"
 DEPLOYMENT_FILE = "deployment.json"
 KEEPALIVE_S = 10
+_TIMED_LINE = re.compile(rb'\{"type":"inference","i":(\d+),"latency_ns":(\d+)\}')  # as runner.timed() writes it
 _POLL_S = 0.2
 
 
@@ -428,6 +430,10 @@ class SshBoard:
         rows: list[tuple[dict, float]] = []
         stream = self._open(shlex.join(argv), stdin, action)
         for line, t in stream:
+            timed = _TIMED_LINE.fullmatch(line)
+            if timed:  # the bulk of a timed run: read without the JSON parser, which costs 5x more
+                rows.append(({"i": int(timed[1]), "latency_ns": int(timed[2])}, t))
+                continue
             try:
                 record = json.loads(line)
             except ValueError:
