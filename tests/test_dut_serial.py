@@ -16,7 +16,14 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from labbench.drivers.dut_serial import CHUNK_BYTES, DutReplyError, DutResetError, DutSerial, tensor_bytes
+from labbench.drivers.dut_serial import (
+    CHUNK_BYTES,
+    DutReplyError,
+    DutResetError,
+    DutSerial,
+    DutTimeout,
+    tensor_bytes,
+)
 from labbench.errors import DutProtocolError
 from labbench.inventory import BoardEntry, SerialConn
 
@@ -264,13 +271,14 @@ def test_an_unprefixed_firmware_message_is_an_error(dut_with):
 
 
 def test_a_line_cut_off_without_its_end_times_out_showing_it(dut_with):
-    _, d = dut_with(replacing("name", b"m-name-dut-[scrip"))
+    dut, d = dut_with(replacing("name", b"m-name-dut-[scrip"))
     with pytest.raises(
-        DutProtocolError,
+        DutTimeout,
         match=r"name: no reply within 0.5 s; last line seen: '\(none\)', "
         r"then 'm-name-dut-\[scrip' without a line end",
     ):
         d.identify()
+    assert dut.commands == ["name"]  # a silent DUT is not retried
 
 
 def test_a_reply_without_name_line(dut_with):
@@ -436,7 +444,7 @@ def test_a_silent_dut_times_out_with_the_last_line(dut_with):
     d.upload(b"\x01")
     t0 = time.monotonic()
     with pytest.raises(
-        DutProtocolError, match="infer 1 0: no reply within 0.3 s; last line seen: 'm-warmup-done'$"
+        DutTimeout, match="infer 1 0: no reply within 0.3 s; last line seen: 'm-warmup-done'$"
     ):
         d.infer(1, 0)
     assert time.monotonic() - t0 < 2
@@ -453,5 +461,5 @@ def test_a_port_that_cannot_be_opened():
 
 def test_reset_over_a_port_without_modem_lines_times_out(dut_with):
     _, d = dut_with()
-    with pytest.raises(DutProtocolError, match="reset: no boot banner within 0.5 s"):
+    with pytest.raises(DutTimeout, match="reset: no boot banner within 0.5 s"):
         d.reset()

@@ -15,7 +15,7 @@ from esptool.reset import ClassicReset, HardReset
 
 from labbench import firmware_image
 from labbench.catalog import load_family
-from labbench.drivers.dut_serial import DutReplyError, DutResetError, DutSerial, tensor_bytes
+from labbench.drivers.dut_serial import DutReplyError, DutResetError, DutSerial, DutTimeout, tensor_bytes
 from labbench.errors import DutProtocolError
 from labbench.modelinfo import ModelInfo, dequantize_output, min_arena_bytes, quantize_input
 from labbench.sim.mcu import SimBoardError, SimMcuBoard
@@ -344,7 +344,7 @@ def test_a_client_at_the_wrong_baud_sees_garbage():
     b = start(name="baud")
     d = DutSerial(b.url, board=b.name, baud=9600, timeout_s=0.5)
     try:
-        with pytest.raises(DutProtocolError, match="baud: name: no reply within 0.5 s"):
+        with pytest.raises(DutTimeout, match="baud: name: no reply within 0.5 s"):
             d.identify()
     finally:
         d.close()
@@ -408,7 +408,7 @@ def test_a_dut_slower_than_the_timeout():
     try:
         d.upload(bytes(64))
         with pytest.raises(
-            DutProtocolError, match=r"infer 1 0: no reply within 0.4 s; last line seen: 'm-lap-us-\d+'$"
+            DutTimeout, match=r"infer 1 0: no reply within 0.4 s; last line seen: 'm-lap-us-\d+'$"
         ):
             d.infer(1, 0)
     finally:
@@ -477,7 +477,9 @@ def test_a_flash_without_a_model_boots_and_says_so(mcu):
         report = b.load_firmware(b"\x00" * 4096)
         if b.boot_rom is not None:  # the ESP32's ROM finds no app image and waits in its loader
             assert report["refused"].startswith("the boot ROM did not start the application: ets Jun  8 2016")
-            assert "invalid header: 0x" in report["refused"] and report["refused"].endswith("waiting for download")
+            assert "invalid header: 0x" in report["refused"] and report["refused"].endswith(
+                "waiting for download"
+            )
         else:
             assert report["refused"].startswith("no runnable model in flash")
             with pytest.raises(DutReplyError, match=r"profile: e-\[no runnable model in flash: "):

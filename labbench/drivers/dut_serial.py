@@ -34,8 +34,8 @@ Inputs are the raw bytes of the model's input tensor, in C order: an int8 model 
 MLPerf's reference IC/VWW ports subtract 128 themselves, so feed those uint8 arrays.
 
 Errors name the board, the command and the last line seen: `DutReplyError` (an `e-[...]` reply),
-`DutResetError` (a boot banner arrived: the DUT reset), `DutProtocolError` (no reply in time, a
-garbled or unexpected line). What was measured before the failure is attached as `.partial`, and
+`DutResetError` (a boot banner arrived: the DUT reset), `DutTimeout` (no complete reply in time),
+`DutProtocolError` (their base; also a garbled or unexpected line). What was measured before the failure is attached as `.partial`, and
 the recent lines as `.transcript`.
 """
 
@@ -72,6 +72,10 @@ class DutReplyError(DutProtocolError):
 
 class DutResetError(DutProtocolError):
     """The DUT printed its boot banner during a command: it reset."""
+
+
+class DutTimeout(DutProtocolError):
+    """The DUT did not complete a reply in time."""
 
 
 @dataclass(frozen=True)
@@ -277,7 +281,7 @@ class DutSerial:
                     pending = bytes(self._rx).decode("ascii", errors="replace")
                     seen = f"no reply within {head.timeout_s:g} s; last line seen: {self._last_line()!r}"
                     raise self._fail(
-                        DutProtocolError,
+                        DutTimeout,
                         _short(head.text),
                         seen + (f", then {pending!r} without a line end" if pending else ""),
                     ) from None
@@ -398,8 +402,10 @@ class DutSerial:
             try:
                 name_reply = self._one("name")  # one at a time: a broken reply is pinned on its command
                 break
-            except (DutReplyError, DutProtocolError) as exc:
-                if retries == NAME_ATTEMPTS - 1 or "no reply within" in exc.seen:
+            except DutTimeout:
+                raise
+            except DutProtocolError:
+                if retries == NAME_ATTEMPTS - 1:
                     raise
         profile_reply = self._one("profile")
         names = [m for line, _ in name_reply.lines if (m := _NAME.match(line))]
@@ -469,7 +475,7 @@ class DutSerial:
                 banner.append(self._readline(deadline)[0])
         except _Timeout:
             raise self._fail(
-                DutProtocolError,
+                DutTimeout,
                 "reset",
                 f"no boot banner within {timeout_s:g} s "
                 f"(does this port reach the reset line?); seen {banner!r}",
