@@ -28,6 +28,7 @@ from labbench.errors import DutProtocolError
 from labbench.inventory import BoardEntry, SerialConn
 
 READY = b"m-ready\r\n"
+HANG_UP = b"<hang up>"  # a reply that makes the scripted DUT close the connection
 
 
 class ScriptedDut:
@@ -80,6 +81,8 @@ class ScriptedDut:
                         pass
                     self.outstanding.append(len(raw) + 1 + len(buf))
                     reply = self.respond(self, command)
+                    if reply == HANG_UP:
+                        return
                     if reply:
                         conn.sendall(reply)
 
@@ -238,6 +241,21 @@ def test_results_command(dut_with):
     assert d.results().tolist() == [0.125, 0.875]
 
 
+def test_a_results_reply_without_results(dut_with):
+    _, d = dut_with(replacing("results", b"m-infer-done\r\n" + READY))
+    with pytest.raises(DutProtocolError, match=r"results: no m-results line: \['m-infer-done'\]"):
+        d.results()
+
+
+def test_nonsense_requests_are_refused_before_any_byte_is_sent(dut_with):
+    dut, d = dut_with()
+    with pytest.raises(ValueError, match="count >= 1"):
+        d.run_timed(SAMPLE, 0, 0)
+    with pytest.raises(ValueError, match="nothing to upload"):
+        d.upload(b"")
+    assert dut.commands == []
+
+
 def test_from_lab_takes_the_inventory_entry():
     entry = BoardEntry(
         name="esp32",
@@ -282,9 +300,24 @@ def test_a_line_cut_off_without_its_end_times_out_showing_it(dut_with):
 
 
 def test_a_reply_without_name_line(dut_with):
-    _, d = dut_with(replacing("name", b"m-dut-ok\r\n" + READY))
+    dut, d = dut_with(replacing("name", b"m-dut-ok\r\n" + READY))
     with pytest.raises(DutProtocolError, match=r"name: no m-name-...-\[...\] line"):
         d.identify()
+    assert dut.commands == ["name"] * 3
+
+
+def test_identify_realigns_after_a_stale_reply(dut_with):
+    names = []
+
+    def name(command: str) -> bytes:  # the first reply is an earlier session's tail, then the real one
+        names.append(command)
+        stale = b"m-lap-us-5\r\nm-infer-done\r\nm-results-[1]\r\n" + READY if len(names) == 1 else b""
+        return stale + b"m-name-dut-[scripted]\r\n" + READY
+
+    dut, d = dut_with(replacing("name", name))
+    ident = d.identify()
+    assert (ident.name, ident.model, ident.extra) == ("scripted", "ic01", {"name_retries": 1})
+    assert dut.commands == ["name", "name", "profile"]
 
 
 def test_name_is_retried_after_a_swallowed_command(dut_with):
@@ -448,6 +481,15 @@ def test_a_silent_dut_times_out_with_the_last_line(dut_with):
     ):
         d.infer(1, 0)
     assert time.monotonic() - t0 < 2
+
+
+def test_a_dut_that_drops_the_connection_mid_reply(dut_with):
+    _, d = dut_with(replacing(r"infer .*", HANG_UP))
+    d.upload(b"\x01")
+    with pytest.raises(
+        DutProtocolError, match=r"^board7: infer 1 0: connection lost \(.*\); last line seen: 'm-ready'"
+    ):
+        d.infer(1, 0)
 
 
 def test_a_port_that_cannot_be_opened():

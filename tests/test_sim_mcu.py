@@ -402,6 +402,22 @@ def test_a_reset_mid_run_is_reported_with_the_inferences_before():
         b.stop()
 
 
+def test_a_session_that_left_mid_inference_does_not_confuse_the_next():
+    b = start(name="leaver", speed_factor=20000)  # 2.3 s per inference
+    port = serial.serial_for_url(b.url, baudrate=115200, timeout=0.05)
+    port.write(b"db load 64%db " + b"00" * 38 + b"%db " + b"00" * 26 + b"%infer 1 0%")
+    time.sleep(0.2)
+    port.close()  # gone while the DUT infers; the rest of its reply comes after the next session opens
+    d = DutSerial(b.url, board=b.name)
+    try:
+        ident = d.identify()
+        assert ident.model == "digits_mlp_int8" and ident.extra["name_retries"] == 1
+        assert d.results().shape == (10,)  # in step: the next reply is this command's
+    finally:
+        d.close()
+        b.stop()
+
+
 def test_a_dut_slower_than_the_timeout():
     b = start(name="slowdut", speed_factor=20000)  # 2.3 s per inference
     d = DutSerial(b.url, board=b.name, infer_timeout_s=0.4)

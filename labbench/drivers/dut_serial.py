@@ -35,8 +35,8 @@ MLPerf's reference IC/VWW ports subtract 128 themselves, so feed those uint8 arr
 
 Errors name the board, the command and the last line seen: `DutReplyError` (an `e-[...]` reply),
 `DutResetError` (a boot banner arrived: the DUT reset), `DutTimeout` (no complete reply in time),
-`DutProtocolError` (their base; also a garbled or unexpected line). What was measured before the failure is attached as `.partial`, and
-the recent lines as `.transcript`.
+`DutProtocolError` (their base; also a garbled or unexpected line, a lost connection). What was
+measured before the failure is attached as `.partial`, and the recent lines as `.transcript`.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ class DutSerial:
 
     # -- lines ------------------------------------------------------------------------------------
 
-    def _readline(self, deadline: float) -> tuple[str, float]:
+    def _readline(self, deadline: float, command: str) -> tuple[str, float]:
         port = self._open()
         while (i := self._rx.find(b"\n")) < 0:
             if time.monotonic() >= deadline:
@@ -212,9 +212,7 @@ class DutSerial:
             try:
                 chunk = port.read(max(1, port.in_waiting))
             except serial.SerialException as exc:
-                raise DutProtocolError(
-                    self.board, "read", f"{exc}; last line seen: {self._last_line()!r}"
-                ) from None
+                raise self._lost(command, exc) from None
             if chunk:
                 self._rx += chunk
                 self._rx_s = time.monotonic()
@@ -227,18 +225,27 @@ class DutSerial:
     def _last_line(self) -> str:
         return self.transcript[-1] if self.transcript else "(none)"
 
+    def _lost(self, command: str, exc: Exception) -> DutProtocolError:
+        """The connection broke: drop the port (the next command reopens it) and say so."""
+        self.close()
+        return self._fail(
+            DutProtocolError,
+            _short(command),
+            f"connection lost ({exc}); last line seen: {self._last_line()!r}",
+        )
+
     def _fail(self, cls: type[DutProtocolError], command: str, seen: str) -> DutProtocolError:
         exc = cls(self.board, command, seen)
         exc.transcript = list(self.transcript)
         exc.partial = None
         return exc
 
-    def _settle(self) -> None:
-        """After a reset: discard whatever the DUT prints until the line is quiet."""
+    def _settle(self, command: str) -> None:
+        """Discard whatever the DUT prints until the line is quiet (after a reset, or to re-align)."""
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             try:
-                self._readline(min(deadline, time.monotonic() + 0.2))
+                self._readline(min(deadline, time.monotonic() + 0.2), command)
             except _Timeout:
                 break
         self._rx.clear()
@@ -268,7 +275,10 @@ class DutSerial:
                     cmd = queue.popleft()
                     cmd.wire = cmd.text.encode("ascii") + b"%"
                     cmd.sent_s = time.monotonic()
-                    port.write(cmd.wire)
+                    try:
+                        port.write(cmd.wire)
+                    except serial.SerialException as exc:
+                        raise self._lost(cmd.text, exc) from None
                     self.bytes_tx += len(cmd.wire)
                     inflight.append(cmd)
                     inflight_bytes += len(cmd.wire)
@@ -276,7 +286,7 @@ class DutSerial:
                     break
                 head = inflight[0]
                 try:
-                    line, t = self._readline(time.monotonic() + head.timeout_s)
+                    line, t = self._readline(time.monotonic() + head.timeout_s, head.text)
                 except _Timeout:
                     pending = bytes(self._rx).decode("ascii", errors="replace")
                     seen = f"no reply within {head.timeout_s:g} s; last line seen: {self._last_line()!r}"
@@ -300,7 +310,7 @@ class DutSerial:
                         yield _Reply(head.text, tuple(head.lines), head.sent_s)
                 elif line.startswith(RESET_MARKERS):
                     inflight.clear()
-                    self._settle()
+                    self._settle(head.text)
                     raise self._fail(
                         DutResetError,
                         _short(head.text),
@@ -319,7 +329,7 @@ class DutSerial:
         except GeneratorExit:  # the caller stopped early (a bad reply): collect the replies in flight
             for cmd in inflight:
                 try:
-                    while self._readline(time.monotonic() + cmd.timeout_s)[0] != "m-ready":
+                    while self._readline(time.monotonic() + cmd.timeout_s, cmd.text)[0] != "m-ready":
                         pass
                 except (_Timeout, DutProtocolError):
                     break
@@ -393,26 +403,32 @@ class DutSerial:
         """`name%` and `profile%` (after flushing stale input). A board that refused its model
         answers profile with e-[...] (the sizes): DutReplyError.
 
-        `name` is retried up to NAME_ATTEMPTS times when its reply is an error or garbled (as
-        MLCommons' runner does): a partial command left in the DUT's buffer by an earlier broken
-        exchange swallows the first one. The retries are recorded in `extra["name_retries"]`.
+        This is where a session starts, so it re-aligns with the DUT: `name` is retried up to
+        NAME_ATTEMPTS times, the line let go quiet between tries, when its reply is an error, garbled
+        or has no m-name line (MLCommons' runner retries too). An earlier session's broken exchange
+        can leave a partial command in the DUT's buffer (it swallows the next one) or a reply still
+        to come. A DUT that stays silent is not retried. Retries are recorded in
+        `extra["name_retries"]`.
         """
         self._flush_input()
         for retries in range(NAME_ATTEMPTS):
             try:
                 name_reply = self._one("name")  # one at a time: a broken reply is pinned on its command
-                break
+                names = [m for line, _ in name_reply.lines if (m := _NAME.match(line))]
+                if len(names) == 1:
+                    break
+                raise self._fail(
+                    DutProtocolError,
+                    "name",
+                    f"no m-name-...-[...] line: {[l for l, _ in name_reply.lines]!r}",
+                )
             except DutTimeout:
                 raise
             except DutProtocolError:
                 if retries == NAME_ATTEMPTS - 1:
                     raise
+                self._settle("name")
         profile_reply = self._one("profile")
-        names = [m for line, _ in name_reply.lines if (m := _NAME.match(line))]
-        if len(names) != 1:
-            raise self._fail(
-                DutProtocolError, "name", f"no m-name-...-[...] line: {[l for l, _ in name_reply.lines]!r}"
-            )
         fields = self._fields(profile_reply)
         if "model" not in fields or "profile" not in fields:
             raise self._fail(
@@ -472,7 +488,7 @@ class DutSerial:
         banner: list[str] = []
         try:
             while not (banner[-1:] == ["m-ready"] and "m-init-done" in banner):
-                banner.append(self._readline(deadline)[0])
+                banner.append(self._readline(deadline, "reset")[0])
         except _Timeout:
             raise self._fail(
                 DutTimeout,
