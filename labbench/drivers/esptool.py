@@ -14,10 +14,14 @@ table beside it, named by its flasher_args.json, goes too) and:
 5. identifies the DUT (`DutSerial.identify`): the model SHA-256 it reports must be the image's.
 
 esptool's output goes to a log file per flash (its path is in the record and in every
-FlashError); its progress bars drive a rich progress bar on stderr. The port is opened here with
-esptool's default command timeout, so pyserial's RFC 2217 client does not renegotiate the port
-settings around every command (about 0.1 s each, which dominates esptool over RFC 2217 otherwise).
-esptool's logger is process-wide, so flashes in one process take turns.
+FlashError); its progress bars drive a rich progress bar on stderr. esptool's logger is
+process-wide, so flashes in one process take turns.
+
+The port is opened here, not by esptool: an ``rfc2217://`` URL gets `LocalTimeoutRfc2217`.
+esptool sets the port's read timeout around nearly every command, and pyserial's RFC 2217 client
+answers each timeout change by sending every port setting to the server and waiting for its
+answers (50 ms or more, twice per command): a deflated 16 KiB block then costs 0.2 s more than
+its bytes (benchmarks/flash_throughput.py measures both).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import serial
+from serial import rfc2217
 from esp_pylib.logger import EspLogBase
 from esptool.cmds import attach_flash, detect_chip, reset_chip, run_stub, write_flash
 from esptool.loader import DEFAULT_TIMEOUT, ESPLoader
@@ -46,6 +51,32 @@ ROM_BAUD = ESPLoader.ESP_ROM_BAUD  # 115200: the ROM loader's rate after reset
 DEFAULT_FLASH_BAUD = 460800
 BOOT_WAIT_S = 10.0  # for the DUT's m-ready after the reset (model load included)
 _ESPTOOL_TURN = threading.Lock()
+
+
+class LocalTimeoutRfc2217(rfc2217.Serial):
+    """pyserial's RFC 2217 client whose read timeout stays local, as it is on every other port.
+
+    The server has no use for it; SerialBase's setter reconfigures the port anyway, which this
+    client turns into a renegotiation of baud rate, data size, parity and stop bits."""
+
+    @property
+    def timeout(self) -> float | None:
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, timeout: float | None) -> None:
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"Not a valid timeout: {timeout!r}")
+        self._timeout = timeout
+
+
+def open_port(url: str, timeout_s: float = DEFAULT_TIMEOUT) -> serial.SerialBase:
+    """The port esptool gets: `LocalTimeoutRfc2217` for an rfc2217:// URL, pyserial's own otherwise."""
+    if url.startswith("rfc2217://"):
+        port = LocalTimeoutRfc2217(url, timeout=timeout_s)
+    else:
+        port = serial.serial_for_url(url, timeout=timeout_s)
+    return port
 
 
 class _LogToFile(EspLogBase):
@@ -165,9 +196,9 @@ class EsptoolFlasher:
     def _session(self, files: list[tuple[int, bytes, str]], force: bool, logger: _LogToFile) -> dict[str, Any]:
         """One esptool connection: MD5 check, write, reset, boot log."""
         action = "connect"
-        port = serial.serial_for_url(self.url, timeout=DEFAULT_TIMEOUT, do_not_open=True)
+        port = None
         try:
-            port.open()
+            port = open_port(self.url)
             esp = detect_chip(port, baud=ROM_BAUD)
             action = "compare flash MD5"
             t = time.monotonic()
@@ -199,7 +230,8 @@ class EsptoolFlasher:
             raise FlashError(self.board, action, f"{exc} (esptool: {tail})" if tail else str(exc),
                              log=logger._file.name) from None
         finally:
-            port.close()
+            if port is not None:
+                port.close()
 
     def _checked_identity(self, expected_sha: str | None, log_path: Path) -> DutIdentity:
         try:
