@@ -23,7 +23,7 @@ Constructor (plain arguments; the sim lab passes lab.yaml's `sim:` block through
     SimMcuBoard(name, host="127.0.0.1", port=0, family="esp32_devkitc", bus_channel=None,
                 model_path=None, firmware=None, *, speed_factor=1.0, vendor=None, baud=None,
                 boot_rom=None, rx_fifo_bytes=256, tx_buffer_bytes=256, timer_start_us=0,
-                strap_delay_s=0.1, devices_dir=None)
+                strap_delay_s=0.15, devices_dir=None)
 
 `speed_factor` scales the device model's latency (> 1: a slower device, for regression tests);
 `baud` is the chip's UART rate (default: the family's `serial_baud`); `rx_fifo_bytes` and
@@ -32,9 +32,9 @@ Constructor (plain arguments; the sim lab passes lab.yaml's `sim:` block through
 Reset, boot and flash (the hooks a boot-ROM personality such as the ESP32's builds on):
 - Reset circuit, ESP32 DevKitC style, wired on every family: EN is low while RTS is asserted and
   DTR is not; IO0 is low while DTR is asserted and RTS is not. The chip leaves reset
-  `strap_delay_s` after EN rises (the EN pin's RC delay, sized for RFC 2217, where pyserial spaces
-  line changes ~50 ms apart, so esptool's classic reset lands in download mode) and samples IO0
-  then: low means download boot. `reset(download=False, wait=False)` resets from the simulator's
+  `strap_delay_s` after EN rises (the EN pin's RC delay, sized for RFC 2217: pyserial spaces line
+  changes ~50 ms apart, 100 ms with `?ign_set_control`, so esptool's classic reset holds IO0 low
+  from 0.1 to 0.2 s after EN rises in both modes) and samples IO0 then: low means download boot. `reset(download=False, wait=False)` resets from the simulator's
   side (the EN button; a flasher).
 - `boot_rom`: an object with `run(board, download: bool)`, called in the chip's thread on every
   boot before the application (default: `esp32_rom.Esp32BootRom` for families flashed with
@@ -424,7 +424,7 @@ class SimMcuBoard:
         rx_fifo_bytes: int = 256,
         tx_buffer_bytes: int = 256,
         timer_start_us: int = 0,
-        strap_delay_s: float = 0.1,
+        strap_delay_s: float = 0.15,
         devices_dir: str | Path | None = None,
     ):
         self.name = name
