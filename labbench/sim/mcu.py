@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -150,7 +149,7 @@ class _Model:
         self.info = ModelInfo.from_bytes(model, name)
         self.name = name or self.info.name
         self.bytes = model
-        self.arena_bytes = _arena_bytes(model)
+        self.arena_bytes = min_arena_bytes(model)  # bisected in child processes, cached by sha256
         problem = board.family.fits(len(model), self.arena_bytes)
         if problem:
             raise _Refused(f"model {self.name} does not fit {board.family.name}: {problem}")
@@ -194,14 +193,6 @@ class _Model:
 
 class _Refused(Exception):
     """The firmware will not run the model in flash; the message is what it reports."""
-
-
-def _arena_bytes(model: bytes) -> int:
-    """The model's minimum TFLM arena (modelinfo bisects it in child processes from a file and caches it)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{hashlib.sha256(model).hexdigest()[:16]}.tflite"
-        path.write_bytes(model)
-        return min_arena_bytes(path)
 
 
 def _atoi(text: str) -> int:
