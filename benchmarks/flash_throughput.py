@@ -62,12 +62,15 @@ def app_image(size_bytes: int, models: list[Path]) -> bytes:
     return firmware_image.build_app_image(bytes(blob[: size_bytes - overhead]), "bench")
 
 
-PORTS = {"pyserial": lambda url: serial.serial_for_url(url, timeout=DEFAULT_TIMEOUT),
-         "local-timeout": open_port}
+PORTS = {
+    "pyserial": lambda url: serial.serial_for_url(url, timeout=DEFAULT_TIMEOUT),
+    "local-timeout": open_port,
+}
 
 
-def write_times(board: SimMcuBoard, port_kind: str, baud: int, sizes_kib: list[int],
-                models: list[Path]) -> list[dict]:
+def write_times(
+    board: SimMcuBoard, port_kind: str, baud: int, sizes_kib: list[int], models: list[Path]
+) -> list[dict]:
     rows = []
     port = PORTS[port_kind](board.url)
     try:
@@ -79,13 +82,25 @@ def write_times(board: SimMcuBoard, port_kind: str, baud: int, sizes_kib: list[i
             for compress in (False, True):
                 wire = len(zlib.compress(image, 9)) if compress else len(image)
                 t = time.monotonic()
-                write_flash(esp, [(firmware_image.APP_OFFSET, image)], compress=compress, no_compress=not compress)
+                write_flash(
+                    esp, [(firmware_image.APP_OFFSET, image)], compress=compress, no_compress=not compress
+                )
                 seconds = time.monotonic() - t
                 floor = wire * 10 / baud
-                rows.append({"port": port_kind, "size": f"{kib} KiB", "mode": "deflated" if compress else "plain",
-                             "baud": baud,
-                             "image": len(image), "wire": wire, "floor_s": floor, "write_s": seconds,
-                             "ratio": seconds / floor, "kbit_s": len(image) * 8 / seconds / 1000})
+                rows.append(
+                    {
+                        "port": port_kind,
+                        "size": f"{kib} KiB",
+                        "mode": "deflated" if compress else "plain",
+                        "baud": baud,
+                        "image": len(image),
+                        "wire": wire,
+                        "floor_s": floor,
+                        "write_s": seconds,
+                        "ratio": seconds / floor,
+                        "kbit_s": len(image) * 8 / seconds / 1000,
+                    }
+                )
     finally:
         port.close()
     return rows
@@ -97,8 +112,16 @@ def skip_times(board: SimMcuBoard, model: Path, work: Path) -> list[dict]:
     rows = []
     for label, force in (("first write", False), ("again: skipped on MD5", False), ("again, forced", True)):
         r = flasher.flash(str(packed.image), force=force)
-        rows.append({"run": label, "skipped": r["skipped"], "bytes": r["bytes_written"], "total_s": r["total_s"],
-                     "md5_s": r["md5_check_s"], "write_s": r.get("write_s", 0.0)})
+        rows.append(
+            {
+                "run": label,
+                "skipped": r["skipped"],
+                "bytes": r["bytes_written"],
+                "total_s": r["total_s"],
+                "md5_s": r["md5_check_s"],
+                "write_s": r.get("write_s", 0.0),
+            }
+        )
     return rows
 
 
@@ -109,12 +132,21 @@ def main() -> None:
     args = parser.parse_args()
     models, source = model_files()
     esptool_log.set_verbosity("silent")
-    board = SimMcuBoard("esp32", family="esp32_devkitc", model_path=FIXTURE_MODELS / "digits_mlp_int8.tflite",
-                        strap_delay_s=STRAP_DELAY_S)
+    board = SimMcuBoard(
+        "esp32",
+        family="esp32_devkitc",
+        model_path=FIXTURE_MODELS / "digits_mlp_int8.tflite",
+        strap_delay_s=STRAP_DELAY_S,
+    )
     board.start()
     try:
-        rows = [row for baud in args.baud for kib in args.sizes_kib for kind in PORTS
-                for row in write_times(board, kind, baud, [kib], models)]
+        rows = [
+            row
+            for baud in args.baud
+            for kib in args.sizes_kib
+            for kind in PORTS
+            for row in write_times(board, kind, baud, [kib], models)
+        ]
         with tempfile.TemporaryDirectory() as tmp:
             skip_model = max(models, key=lambda p: p.stat().st_size)
             skips = skip_times(board, skip_model, Path(tmp))
@@ -122,20 +154,30 @@ def main() -> None:
         board.stop()
 
     print(f"\nesptool write-flash on the simulated ESP32 (stub, RFC 2217 on loopback); payload: {source}")
-    print(f"{'image':>8} {'mode':>9} {'port':>14} {'baud':>7} {'bytes':>8} {'on wire':>8} {'floor s':>8} "
-          f"{'write s':>8} {'x floor':>8} {'kbit/s':>7}")
+    print(
+        f"{'image':>8} {'mode':>9} {'port':>14} {'baud':>7} {'bytes':>8} {'on wire':>8} {'floor s':>8} "
+        f"{'write s':>8} {'x floor':>8} {'kbit/s':>7}"
+    )
     for r in rows:
-        print(f"{r['size']:>8} {r['mode']:>9} {r['port']:>14} {r['baud']:>7} {r['image']:>8} {r['wire']:>8} "
-              f"{r['floor_s']:>8.2f} {r['write_s']:>8.2f} {r['ratio']:>8.2f} {r['kbit_s']:>7.0f}")
-    print(f"\nEsptoolFlasher.flash of {skip_model.name} packed ({skips[0]['bytes']} bytes written the first time), "
-          f"flash baud {EsptoolFlasher(board.url).baud}")
+        print(
+            f"{r['size']:>8} {r['mode']:>9} {r['port']:>14} {r['baud']:>7} {r['image']:>8} {r['wire']:>8} "
+            f"{r['floor_s']:>8.2f} {r['write_s']:>8.2f} {r['ratio']:>8.2f} {r['kbit_s']:>7.0f}"
+        )
+    print(
+        f"\nEsptoolFlasher.flash of {skip_model.name} packed ({skips[0]['bytes']} bytes written "
+        f"the first time), flash baud {EsptoolFlasher(board.url).baud}"
+    )
     print(f"{'run':>24} {'skipped':>8} {'bytes':>8} {'total s':>8} {'MD5 s':>7} {'write s':>8}")
     for r in skips:
-        print(f"{r['run']:>24} {str(r['skipped']):>8} {r['bytes']:>8} {r['total_s']:>8.2f} {r['md5_s']:>7.3f} "
-              f"{r['write_s']:>8.2f}")
+        print(
+            f"{r['run']:>24} {r['skipped']!s:>8} {r['bytes']:>8} {r['total_s']:>8.2f} {r['md5_s']:>7.3f} "
+            f"{r['write_s']:>8.2f}"
+        )
     first, skipped = skips[0]["total_s"], skips[1]["total_s"]
-    print(f"the skip takes {skipped:.2f} s, {skipped / first:.0%} of writing it "
-          "(connect with reset, ROM MD5 per region, hard reset, boot, DUT identity)")
+    print(
+        f"the skip takes {skipped:.2f} s, {skipped / first:.0%} of writing it "
+        "(connect with reset, ROM MD5 per region, hard reset, boot, DUT identity)"
+    )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,10 @@ PARTITION_MAGIC = b"\xaa\x50"
 PARTITION_MD5_MAGIC = b"\xeb\xeb"
 PARTITION_TABLE_BYTES = 0xC00
 TYPES = {"app": 0x00, "data": 0x01}
-SUBTYPES = {"app": {"factory": 0x00, "ota_0": 0x10, "ota_1": 0x11},
-            "data": {"ota": 0x00, "phy": 0x01, "nvs": 0x02, "coredump": 0x03}}
+SUBTYPES = {
+    "app": {"factory": 0x00, "ota_0": 0x10, "ota_1": 0x11},
+    "data": {"ota": 0x00, "phy": 0x01, "nvs": 0x02, "coredump": 0x03},
+}
 
 
 class ImageError(LabbenchError):
@@ -111,16 +113,28 @@ class AppImage:
 
 
 def partitions_csv(partitions: tuple[Partition, ...] = DEFAULT_PARTITIONS) -> str:
-    rows = ["# ESP-IDF Partition Table (labbench firmware pack)", "# Name, Type, SubType, Offset, Size, Flags"]
+    rows = [
+        "# ESP-IDF Partition Table (labbench firmware pack)",
+        "# Name, Type, SubType, Offset, Size, Flags",
+    ]
     rows += [f"{p.name}, {p.type}, {p.subtype}, {p.offset:#x}, {p.size:#x}," for p in partitions]
     return "\n".join(rows) + "\n"
 
 
 def partition_table_bin(partitions: tuple[Partition, ...] = DEFAULT_PARTITIONS) -> bytes:
     entries = b"".join(
-        struct.pack(PARTITION_ENTRY_FMT, PARTITION_MAGIC, TYPES[p.type], SUBTYPES[p.type][p.subtype],
-                    p.offset, p.size, p.name.encode(), 0)
-        for p in partitions)
+        struct.pack(
+            PARTITION_ENTRY_FMT,
+            PARTITION_MAGIC,
+            TYPES[p.type],
+            SUBTYPES[p.type][p.subtype],
+            p.offset,
+            p.size,
+            p.name.encode(),
+            0,
+        )
+        for p in partitions
+    )
     table = entries + PARTITION_MD5_MAGIC + b"\xff" * 14 + hashlib.md5(entries).digest()
     return table + b"\xff" * (PARTITION_TABLE_BYTES - len(table))
 
@@ -130,7 +144,7 @@ def parse_partition_table(data: bytes) -> tuple[Partition, ...]:
     entry_bytes = struct.calcsize(PARTITION_ENTRY_FMT)
     found, names = [], {v: k for k, v in TYPES.items()}
     for pos in range(0, min(len(data), PARTITION_TABLE_BYTES), entry_bytes):
-        entry = data[pos:pos + entry_bytes]
+        entry = data[pos : pos + entry_bytes]
         if entry[:2] == PARTITION_MD5_MAGIC:
             if entry[16:] != hashlib.md5(data[:pos]).digest():
                 raise ImageError("partition table MD5 mismatch")
@@ -159,8 +173,23 @@ def boot_partition(partitions: tuple[Partition, ...]) -> Partition:
 def build_app_image(model: bytes, model_name: str, version: str = __version__) -> bytes:
     """An ESP32 application image whose DROM segment holds the app description and the model."""
     sha = hashlib.sha256(model).digest()
-    desc = struct.pack(APP_DESC_FMT, APP_DESC_MAGIC, 0, b"", version.encode()[:31], PROJECT_NAME.encode(),
-                       b"", b"", b"labbench pack", sha, 0, 99, MMU_PAGE_SIZE_LOG2, b"", b"")
+    desc = struct.pack(
+        APP_DESC_FMT,
+        APP_DESC_MAGIC,
+        0,
+        b"",
+        version.encode()[:31],
+        PROJECT_NAME.encode(),
+        b"",
+        b"",
+        b"labbench pack",
+        sha,
+        0,
+        99,
+        MMU_PAGE_SIZE_LOG2,
+        b"",
+        b"",
+    )
     record = struct.pack(MODEL_HEADER_FMT, MODEL_MAGIC, len(model), sha, model_name.encode()[:31])
     data = desc + record + model
     image = ESP32FirmwareImage()
@@ -184,19 +213,28 @@ def read_app_image(data: bytes) -> AppImage:
         raise ImageError("image checksum mismatch")
     if not image.append_digest or image.stored_digest != image.calc_digest:
         raise ImageError("image SHA-256 digest mismatch")
-    drom = next((s.data for s in image.segments
-                 if ESP32ROM.DROM_MAP_START <= s.addr < ESP32ROM.DROM_MAP_END), None)
+    drom = next(
+        (s.data for s in image.segments if ESP32ROM.DROM_MAP_START <= s.addr < ESP32ROM.DROM_MAP_END), None
+    )
     if drom is None or len(drom) < APP_DESC_BYTES + MODEL_HEADER_BYTES:
         raise ImageError("image has no DROM segment with an application description")
     desc = struct.unpack(APP_DESC_FMT, drom[:APP_DESC_BYTES])
     if desc[0] != APP_DESC_MAGIC:
         raise ImageError("image has no application description (esp_app_desc_t)")
-    magic, size, sha, name = struct.unpack(MODEL_HEADER_FMT, drom[APP_DESC_BYTES:APP_DESC_BYTES + MODEL_HEADER_BYTES])
-    model = drom[APP_DESC_BYTES + MODEL_HEADER_BYTES:][:size]
+    magic, size, sha, name = struct.unpack(
+        MODEL_HEADER_FMT, drom[APP_DESC_BYTES : APP_DESC_BYTES + MODEL_HEADER_BYTES]
+    )
+    model = drom[APP_DESC_BYTES + MODEL_HEADER_BYTES :][:size]
     if magic != MODEL_MAGIC or len(model) != size or hashlib.sha256(model).digest() != sha:
         raise ImageError("image carries no intact model record")
-    return AppImage(project=_cstr(desc[4]), version=_cstr(desc[3]), model_name=_cstr(name),
-                    model_sha256=sha.hex(), model=bytes(model), size_bytes=image.data_length + 32)
+    return AppImage(
+        project=_cstr(desc[4]),
+        version=_cstr(desc[3]),
+        model_name=_cstr(name),
+        model_sha256=sha.hex(),
+        model=bytes(model),
+        size_bytes=image.data_length + 32,
+    )
 
 
 def _cstr(raw: bytes) -> str:
@@ -219,16 +257,25 @@ class Packed:
 def pack(model_path: str | Path, out_dir: str | Path, board: str = "esp32") -> Packed:
     """Write the image, the partition layout and the flash manifest for `board` into `out_dir`."""
     if board not in SUPPORTED_BOARDS:
-        raise ImageError(f"pack: no image format for board family {board!r} (known: {', '.join(SUPPORTED_BOARDS)})")
+        raise ImageError(
+            f"pack: no image format for board family {board!r} (known: {', '.join(SUPPORTED_BOARDS)})"
+        )
     model_path, out = Path(model_path), Path(out_dir)
     model = model_path.read_bytes()
     out.mkdir(parents=True, exist_ok=True)
     image = build_app_image(model, model_path.stem)
     app = boot_partition(DEFAULT_PARTITIONS)
     if len(image) > app.size:
-        raise ImageError(f"pack: {model_path.name} makes a {len(image)} B image; the app partition holds {app.size} B")
-    paths = Packed(out / IMAGE_NAME, out / PARTITIONS_CSV, out / PARTITION_TABLE_BIN, out / FLASHER_ARGS,
-                   hashlib.sha256(model).hexdigest())
+        raise ImageError(
+            f"pack: {model_path.name} makes a {len(image)} B image; the app partition holds {app.size} B"
+        )
+    paths = Packed(
+        out / IMAGE_NAME,
+        out / PARTITIONS_CSV,
+        out / PARTITION_TABLE_BIN,
+        out / FLASHER_ARGS,
+        hashlib.sha256(model).hexdigest(),
+    )
     paths.image.write_bytes(image)
     paths.partitions_csv.write_text(partitions_csv())
     paths.partition_table.write_bytes(partition_table_bin())
@@ -241,11 +288,19 @@ def _flasher_args() -> dict:
         "write_flash_args": ["--flash-mode", "dio", "--flash-size", "4MB", "--flash-freq", "40m"],
         "flash_settings": {"flash_mode": "dio", "flash_size": "4MB", "flash_freq": "40m"},
         "flash_files": {f"{PARTITION_TABLE_OFFSET:#x}": PARTITION_TABLE_BIN, f"{APP_OFFSET:#x}": IMAGE_NAME},
-        "bootloader": {"offset": f"{BOOTLOADER_OFFSET:#x}", "file": None,
-                       "note": "not built by pack: ESP-IDF's bootloader from firmware/esp32 on a real board"},
+        "bootloader": {
+            "offset": f"{BOOTLOADER_OFFSET:#x}",
+            "file": None,
+            "note": "not built by pack: ESP-IDF's bootloader from firmware/esp32 on a real board",
+        },
         "partition-table": {"offset": f"{PARTITION_TABLE_OFFSET:#x}", "file": PARTITION_TABLE_BIN},
         "app": {"offset": f"{APP_OFFSET:#x}", "file": IMAGE_NAME},
-        "extra_esptool_args": {"after": "hard-reset", "before": "default-reset", "stub": True, "chip": "esp32"},
+        "extra_esptool_args": {
+            "after": "hard-reset",
+            "before": "default-reset",
+            "stub": True,
+            "chip": "esp32",
+        },
     }
 
 
@@ -268,22 +323,29 @@ def flash_files(image: str | Path) -> list[tuple[int, Path]]:
 def pack_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    packed = pack(args.model, args.out or Path("build") / "firmware" / args.board / Path(args.model).stem,
-                  board=args.board)
-    Console().print(f"packed {args.model} for {args.board}: {packed.image} "
-                    f"(model sha256 {packed.model_sha256}), layout in {packed.partitions_csv.name}, "
-                    f"{packed.partition_table.name} @ {PARTITION_TABLE_OFFSET:#x}, {packed.flasher_args.name}",
-                    highlight=False)
+    packed = pack(
+        args.model,
+        args.out or Path("build") / "firmware" / args.board / Path(args.model).stem,
+        board=args.board,
+    )
+    Console().print(
+        f"packed {args.model} for {args.board}: {packed.image} "
+        f"(model sha256 {packed.model_sha256}), layout in {packed.partitions_csv.name}, "
+        f"{packed.partition_table.name} @ {PARTITION_TABLE_OFFSET:#x}, {packed.flasher_args.name}",
+        highlight=False,
+    )
     return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """`labbench firmware pack MODEL.tflite --board esp32 [--out DIR]`."""
     firmware = subparsers.add_parser("firmware", help="build firmware images").add_subparsers(
-        dest="firmware_command", required=True)
+        dest="firmware_command", required=True
+    )
     p = firmware.add_parser("pack", help="pack a .tflite model into a bootable application image")
     p.add_argument("model", type=Path, help="the .tflite model")
     p.add_argument("--board", default="esp32", choices=SUPPORTED_BOARDS, help="board family (default esp32)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output directory (default build/firmware/BOARD/MODEL)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output directory (default build/firmware/BOARD/MODEL)"
+    )
     p.set_defaults(func=pack_command)

@@ -14,12 +14,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import esptool
 import numpy as np
 import pytest
 import serial
-import esptool
-from esptool.cmds import (attach_flash, detect_chip, erase_region, read_flash, reset_chip, run_stub,
-                          write_flash)
+from esptool.cmds import (
+    attach_flash,
+    detect_chip,
+    erase_region,
+    read_flash,
+    reset_chip,
+    run_stub,
+    write_flash,
+)
 from esptool.loader import DEFAULT_TIMEOUT
 from esptool.util import FatalError
 
@@ -40,8 +47,13 @@ SCRATCH = 0x200000  # a flash region no image uses
 def esp32():
     # EN's rise time between the two spacings of pyserial's RFC 2217 control-line writes (~50 ms
     # acknowledged, 100 ms with ?ign_set_control), so the classic reset lands in download mode with both
-    b = SimMcuBoard("esp32", family="esp32_devkitc", model_path=MODELS / "digits_mlp_int8.tflite",
-                    boot_rom=Esp32BootRom(), strap_delay_s=STRAP_DELAY_S)
+    b = SimMcuBoard(
+        "esp32",
+        family="esp32_devkitc",
+        model_path=MODELS / "digits_mlp_int8.tflite",
+        boot_rom=Esp32BootRom(),
+        strap_delay_s=STRAP_DELAY_S,
+    )
     b.start()
     yield b
     b.stop()
@@ -51,8 +63,10 @@ def esp32():
 def packed(tmp_path_factory):
     """Two small packed images: the board's boot model and another one."""
     out = tmp_path_factory.mktemp("packed")
-    return {name: firmware_image.pack(MODELS / f"{name}.tflite", out / name)
-            for name in ("digits_mlp_int8", "mnist5k_mlp_int8")}
+    return {
+        name: firmware_image.pack(MODELS / f"{name}.tflite", out / name)
+        for name in ("digits_mlp_int8", "mnist5k_mlp_int8")
+    }
 
 
 def connect(esp32) -> esptool.ESPLoader:
@@ -86,7 +100,11 @@ def test_cli_subprocess_over_rfc2217_url(esp32):
     board runs its app: only a reset into download mode gets the loader to answer)."""
     proc = subprocess.run(
         [sys.executable, "-m", "esptool", "--port", f"{esp32.url}?ign_set_control", "--no-stub", "read-mac"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"})
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "Chip type:          ESP32-D0WD-V3 (revision v3.0)" in out
@@ -104,8 +122,18 @@ def test_flash_id(esp32, capsys):
 
 def test_write_flash_with_stub_after_baud_change_boots_the_new_model(esp32, packed):
     new = packed["mnist5k_mlp_int8"]
-    esptool_cli(esp32, "--baud", "460800", "--after", "hard-reset", "write-flash",
-                "0x8000", str(new.partition_table), "0x10000", str(new.image))
+    esptool_cli(
+        esp32,
+        "--baud",
+        "460800",
+        "--after",
+        "hard-reset",
+        "write-flash",
+        "0x8000",
+        str(new.partition_table),
+        "0x10000",
+        str(new.image),
+    )
     with DutSerial(esp32.url, board="esp32") as dut:
         assert dut.reset()[-1] == "m-ready"  # a fresh boot banner: the board runs the flashed app
         identity = dut.identify()
@@ -121,7 +149,9 @@ def test_write_flash_with_stub_after_baud_change_boots_the_new_model(esp32, pack
         interpreter.set_input(sample[None, :], 0)
         interpreter.invoke()
         expected = dequantize_output(info, interpreter.get_output(0))
-        np.testing.assert_array_equal(np.asarray(got, np.float32).ravel(), expected.astype(np.float32).ravel())
+        np.testing.assert_array_equal(
+            np.asarray(got, np.float32).ravel(), expected.astype(np.float32).ravel()
+        )
 
 
 @pytest.mark.parametrize("compression", ["-u", "-z"])
@@ -203,5 +233,8 @@ def test_image_info_shows_the_app_description(packed, capsys):
     out = capsys.readouterr().out
     assert "Project name: labbench-dut" in out
     assert "App version: 0.1.0" in out
-    assert f"ELF file SHA256: {hashlib.sha256((MODELS / 'digits_mlp_int8.tflite').read_bytes()).hexdigest()}" in out
+    assert (
+        f"ELF file SHA256: {hashlib.sha256((MODELS / 'digits_mlp_int8.tflite').read_bytes()).hexdigest()}"
+        in out
+    )
     assert "Validation hash:" in out and "(valid)" in out

@@ -34,8 +34,13 @@ STRAP_DELAY_S = 0.15
 def esp32():
     # EN's rise time between the two spacings of pyserial's RFC 2217 control-line writes (~50 ms
     # acknowledged, 100 ms with ?ign_set_control), so the classic reset lands in download mode with both
-    b = SimMcuBoard("esp32", family="esp32_devkitc", model_path=MODELS / "digits_mlp_int8.tflite",
-                    boot_rom=Esp32BootRom(), strap_delay_s=STRAP_DELAY_S)
+    b = SimMcuBoard(
+        "esp32",
+        family="esp32_devkitc",
+        model_path=MODELS / "digits_mlp_int8.tflite",
+        boot_rom=Esp32BootRom(),
+        strap_delay_s=STRAP_DELAY_S,
+    )
     b.start()
     yield b
     b.stop()
@@ -51,8 +56,11 @@ def test_esptool_flasher_writes_verifies_identifies_then_skips_on_md5(esp32, tmp
     # the partition table already in flash matches its MD5: only the app region is written
     assert first["bytes_written"] == packed.image.stat().st_size
     assert first["identity"]["model"] == "mnist5k_mlp_int8"
-    assert first["identity"]["model_sha256"] == packed.model_sha256 == ModelInfo.from_file(
-        MODELS / "mnist5k_mlp_int8.tflite").sha256
+    assert (
+        first["identity"]["model_sha256"]
+        == packed.model_sha256
+        == ModelInfo.from_file(MODELS / "mnist5k_mlp_int8.tflite").sha256
+    )
     log = Path(first["log"]).read_text()
     assert "Hash of data verified." in log and "Writing at 0x" in log  # verified, progress recorded
     assert "m-ready" in first["boot_log"]
@@ -85,12 +93,21 @@ def test_esptool_flasher_reports_a_board_left_in_the_loader(esp32, tmp_path):
 
 
 def test_esptool_flasher_from_lab_entry():
-    entry = inventory.BoardEntry(name="esp32", family="esp32_devkitc",
-                                 serial={"url": "rfc2217://127.0.0.1:14001", "baud": 115200},
-                                 flash={"tool": "esptool", "baud": 921600, "timeout_s": 60}, sim={})
+    entry = inventory.BoardEntry(
+        name="esp32",
+        family="esp32_devkitc",
+        serial={"url": "rfc2217://127.0.0.1:14001", "baud": 115200},
+        flash={"tool": "esptool", "baud": 921600, "timeout_s": 60},
+        sim={},
+    )
     flasher = EsptoolFlasher.from_lab(entry)
     assert (flasher.url, flasher.board, flasher.baud, flasher.timeout_s, flasher.dut_baud) == (
-        "rfc2217://127.0.0.1:14001", "esp32", 921600, 60, 115200)
+        "rfc2217://127.0.0.1:14001",
+        "esp32",
+        921600,
+        60,
+        115200,
+    )
 
 
 def test_command_flasher_failure_names_board_tool_exit_code_output_and_log(tmp_path):
@@ -106,15 +123,35 @@ def test_command_flasher_failure_names_board_tool_exit_code_output_and_log(tmp_p
 
 
 def test_command_flasher_default_command_lines():
-    entry = inventory.BoardEntry(name="nano33", family="nano33_ble_sense", serial={"url": "/dev/ttyACM0"},
-                                 flash={"tool": "bossac"})
+    entry = inventory.BoardEntry(
+        name="nano33", family="nano33_ble_sense", serial={"url": "/dev/ttyACM0"}, flash={"tool": "bossac"}
+    )
     assert BossacFlasher.from_lab(entry).argv(Path("/b/fw.bin")) == [
-        "bossac", "--port=/dev/ttyACM0", "-U", "-i", "-e", "-w", "/b/fw.bin", "-R"]
-    coral = inventory.BoardEntry(name="coral", family="coral_dev_board_micro", serial={"url": "/dev/ttyACM1"},
-                                 flash={"tool": "flashtool", "command": ["flashtool.py", "--elf_path", "{image}",
-                                                                         "--serial", "ABC123"]})
+        "bossac",
+        "--port=/dev/ttyACM0",
+        "-U",
+        "-i",
+        "-e",
+        "-w",
+        "/b/fw.bin",
+        "-R",
+    ]
+    coral = inventory.BoardEntry(
+        name="coral",
+        family="coral_dev_board_micro",
+        serial={"url": "/dev/ttyACM1"},
+        flash={
+            "tool": "flashtool",
+            "command": ["flashtool.py", "--elf_path", "{image}", "--serial", "ABC123"],
+        },
+    )
     assert FlashtoolFlasher.from_lab(coral).argv(Path("/b/app.elf")) == [
-        "flashtool.py", "--elf_path", "/b/app.elf", "--serial", "ABC123"]
+        "flashtool.py",
+        "--elf_path",
+        "/b/app.elf",
+        "--serial",
+        "ABC123",
+    ]
 
 
 def _free_port() -> int:
@@ -155,7 +192,9 @@ boards:
     sim.stop()
 
 
-@pytest.mark.parametrize("board_name,flasher_class", [("nano33", BossacFlasher), ("coral_micro", FlashtoolFlasher)])
+@pytest.mark.parametrize(
+    "board_name,flasher_class", [("nano33", BossacFlasher), ("coral_micro", FlashtoolFlasher)]
+)
 def test_standin_tools_load_the_simulated_board(mcu_lab, board_name, flasher_class, tmp_path, monkeypatch):
     monkeypatch.setenv(STATE_ENV, str(simlab.state_dir(mcu_lab)))
     flasher = flasher_class.from_lab(mcu_lab.boards[board_name])
@@ -167,5 +206,8 @@ def test_standin_tools_load_the_simulated_board(mcu_lab, board_name, flasher_cla
     record = flasher.flash(str(model))
     assert not record["skipped"]
     assert record["identity"]["model_sha256"] == ModelInfo.from_file(model).sha256
-    assert f"labbench stand-in for {flasher.TOOL}: simulated board '{board_name}' loaded" in Path(record["log"]).read_text()
+    assert (
+        f"labbench stand-in for {flasher.TOOL}: simulated board '{board_name}' loaded"
+        in Path(record["log"]).read_text()
+    )
     assert flasher.flash(str(model))["skipped"]  # the DUT already reports the model's hash

@@ -30,18 +30,19 @@ import hashlib
 import re
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import serial
-from serial import rfc2217
 from esp_pylib.logger import EspLogBase
 from esptool.cmds import attach_flash, detect_chip, reset_chip, run_stub, write_flash
 from esptool.loader import DEFAULT_TIMEOUT, ESPLoader
 from esptool.util import FatalError
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from serial import rfc2217
 
 from labbench import firmware_image
 from labbench.capabilities import DutIdentity
@@ -131,9 +132,18 @@ class _LogToFile(EspLogBase):
 class EsptoolFlasher:
     """The Flasher of ESP32 boards (see the module docstring)."""
 
-    def __init__(self, url: str, *, board: str = "esp32", baud: int = DEFAULT_FLASH_BAUD,
-                 timeout_s: float = 300.0, dut_baud: int = 115200, log_dir: str | Path = "reports/flash",
-                 show_progress: bool = True, identify: Callable[[], DutIdentity] | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        board: str = "esp32",
+        baud: int = DEFAULT_FLASH_BAUD,
+        timeout_s: float = 300.0,
+        dut_baud: int = 115200,
+        log_dir: str | Path = "reports/flash",
+        show_progress: bool = True,
+        identify: Callable[[], DutIdentity] | None = None,
+    ):
         self.url, self.board, self.baud, self.timeout_s = url, board, baud, timeout_s
         self.dut_baud = dut_baud
         self.log_dir = Path(log_dir)
@@ -143,8 +153,13 @@ class EsptoolFlasher:
     @classmethod
     def from_lab(cls, entry: Any, family: Any = None) -> EsptoolFlasher:
         flash = entry.flash
-        return cls(entry.serial.url, board=entry.name, baud=(flash.baud if flash and flash.baud else DEFAULT_FLASH_BAUD),
-                   timeout_s=flash.timeout_s if flash else 300.0, dut_baud=entry.serial.baud)
+        return cls(
+            entry.serial.url,
+            board=entry.name,
+            baud=(flash.baud if flash and flash.baud else DEFAULT_FLASH_BAUD),
+            timeout_s=flash.timeout_s if flash else 300.0,
+            dut_baud=entry.serial.baud,
+        )
 
     def __repr__(self) -> str:
         return f"EsptoolFlasher({self.board!r}, {self.url!r})"
@@ -168,8 +183,12 @@ class EsptoolFlasher:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{self.board}-{datetime.now():%Y%m%d-%H%M%S-%f}.log"
         record: dict[str, Any] = {
-            "board": self.board, "tool": "esptool", "image": str(image), "log": str(log_path),
-            "image_sha256": hashlib.sha256(app).hexdigest(), "model_sha256": expected_sha,
+            "board": self.board,
+            "tool": "esptool",
+            "image": str(image),
+            "log": str(log_path),
+            "image_sha256": hashlib.sha256(app).hexdigest(),
+            "model_sha256": expected_sha,
             "regions": [{"offset": offset, "file": name, "bytes": len(data)} for offset, data, name in files],
         }
         with _ESPTOOL_TURN, open(log_path, "w") as log_file, self._progress() as progress:
@@ -180,20 +199,37 @@ class EsptoolFlasher:
             finally:
                 _swap_logger(previous)
         if record["stayed_in_loader"]:
-            raise FlashError(self.board, "boot after flashing",
-                             f"stayed in the ROM loader: {_loader_reason(record['boot_log'])}", log=str(log_path))
+            raise FlashError(
+                self.board,
+                "boot after flashing",
+                f"stayed in the ROM loader: {_loader_reason(record['boot_log'])}",
+                log=str(log_path),
+            )
         identity = self._checked_identity(expected_sha, log_path)
-        record |= {"identity": {"name": identity.name, "model": identity.model,
-                                "model_sha256": identity.model_sha256},
-                   "total_s": round(time.monotonic() - t0, 3)}
+        record |= {
+            "identity": {
+                "name": identity.name,
+                "model": identity.model,
+                "model_sha256": identity.model_sha256,
+            },
+            "total_s": round(time.monotonic() - t0, 3),
+        }
         return record
 
     def _progress(self) -> Progress:
-        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                        TimeRemainingColumn(), console=Console(stderr=True), transient=True,
-                        disable=not self.show_progress)
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+            disable=not self.show_progress,
+        )
 
-    def _session(self, files: list[tuple[int, bytes, str]], force: bool, logger: _LogToFile) -> dict[str, Any]:
+    def _session(
+        self, files: list[tuple[int, bytes, str]], force: bool, logger: _LogToFile
+    ) -> dict[str, Any]:
         """One esptool connection: MD5 check, write, reset, boot log."""
         action = "connect"
         port = None
@@ -203,10 +239,18 @@ class EsptoolFlasher:
             action = "compare flash MD5"
             t = time.monotonic()
             attach_flash(esp)  # the ROM computes the MD5s: no stub upload when nothing needs writing
-            stale = [(offset, data, name) for offset, data, name in files
-                     if force or esp.flash_md5sum(offset, len(_padded(data))) != hashlib.md5(_padded(data)).hexdigest()]
-            result: dict[str, Any] = {"md5_check_s": round(time.monotonic() - t, 3), "skipped": not stale,
-                                      "bytes_written": sum(len(data) for _, data, _ in stale), "baud": ROM_BAUD}
+            stale = [
+                (offset, data, name)
+                for offset, data, name in files
+                if force
+                or esp.flash_md5sum(offset, len(_padded(data))) != hashlib.md5(_padded(data)).hexdigest()
+            ]
+            result: dict[str, Any] = {
+                "md5_check_s": round(time.monotonic() - t, 3),
+                "skipped": not stale,
+                "bytes_written": sum(len(data) for _, data, _ in stale),
+                "baud": ROM_BAUD,
+            }
             if stale:
                 action = "start the flasher stub"
                 esp = run_stub(esp)
@@ -227,8 +271,9 @@ class EsptoolFlasher:
             return result | {"boot_log": boot, "stayed_in_loader": "waiting for download" in boot}
         except (FatalError, serial.SerialException, OSError) as exc:
             tail = "; ".join(logger.lines[-3:])
-            raise FlashError(self.board, action, f"{exc} (esptool: {tail})" if tail else str(exc),
-                             log=logger._file.name) from None
+            raise FlashError(
+                self.board, action, f"{exc} (esptool: {tail})" if tail else str(exc), log=logger._file.name
+            ) from None
         finally:
             if port is not None:
                 port.close()
@@ -239,11 +284,16 @@ class EsptoolFlasher:
         except FlashError:
             raise
         except Exception as exc:  # DutProtocolError and the like: the board did not come up as a DUT
-            raise FlashError(self.board, "identify the DUT after flashing", str(exc), log=str(log_path)) from None
+            raise FlashError(
+                self.board, "identify the DUT after flashing", str(exc), log=str(log_path)
+            ) from None
         if expected_sha is not None and identity.model_sha256 != expected_sha:
-            raise FlashError(self.board, "verify the DUT's model",
-                             f"DUT reports model sha256 {identity.model_sha256}, the image carries {expected_sha}",
-                             log=str(log_path))
+            raise FlashError(
+                self.board,
+                "verify the DUT's model",
+                f"DUT reports model sha256 {identity.model_sha256}, the image carries {expected_sha}",
+                log=str(log_path),
+            )
         return identity
 
 
@@ -276,4 +326,3 @@ def _loader_reason(boot: str) -> str:
     lines = [line.strip() for line in boot.splitlines() if line.strip()]
     why = [line for line in lines if "invalid header" in line or line.startswith("E (")]
     return "; ".join(why or lines[-2:]) or "no boot output"
-

@@ -21,9 +21,10 @@ import hashlib
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from labbench.capabilities import DutIdentity
 from labbench.errors import FlashError
@@ -38,9 +39,18 @@ class CommandFlasher:
     DEFAULT_COMMAND: tuple[str, ...] = ()
     STANDIN_COMMAND: tuple[str, ...] = ()
 
-    def __init__(self, port: str, *, board: str, command: list[str] | None = None, baud: int | None = None,
-                 timeout_s: float = 300.0, dut_baud: int = 115200, log_dir: str | Path = "reports/flash",
-                 identify: Callable[[], DutIdentity] | None = None):
+    def __init__(
+        self,
+        port: str,
+        *,
+        board: str,
+        command: list[str] | None = None,
+        baud: int | None = None,
+        timeout_s: float = 300.0,
+        dut_baud: int = 115200,
+        log_dir: str | Path = "reports/flash",
+        identify: Callable[[], DutIdentity] | None = None,
+    ):
         self.port, self.board, self.baud, self.timeout_s = port, board, baud, timeout_s
         self.command = list(command or self.DEFAULT_COMMAND)
         self.dut_baud = dut_baud
@@ -53,8 +63,14 @@ class CommandFlasher:
         command = flash.command if flash and flash.command else None
         if command is None and entry.sim is not None:
             command = [sys.executable, *cls.STANDIN_COMMAND]
-        return cls(entry.serial.url, board=entry.name, command=command, baud=flash.baud if flash else None,
-                   timeout_s=flash.timeout_s if flash else 300.0, dut_baud=entry.serial.baud)
+        return cls(
+            entry.serial.url,
+            board=entry.name,
+            command=command,
+            baud=flash.baud if flash else None,
+            timeout_s=flash.timeout_s if flash else 300.0,
+            dut_baud=entry.serial.baud,
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.board!r}, {self.command[0] if self.command else '?'!r})"
@@ -79,16 +95,24 @@ class CommandFlasher:
         path = Path(image).resolve()
         data = path.read_bytes()
         expected = hashlib.sha256(data).hexdigest() if data[4:8] == b"TFL3" else None
-        record: dict[str, Any] = {"board": self.board, "tool": self.TOOL, "image": str(path),
-                                  "image_sha256": hashlib.sha256(data).hexdigest(), "model_sha256": expected}
+        record: dict[str, Any] = {
+            "board": self.board,
+            "tool": self.TOOL,
+            "image": str(path),
+            "image_sha256": hashlib.sha256(data).hexdigest(),
+            "model_sha256": expected,
+        }
         if expected and not force:
             try:
                 current = self._identify()
             except Exception:  # not answering as a DUT: flash it
                 current = None
             if current is not None and current.model_sha256 == expected:
-                return record | {"skipped": True, "identity": _identity(current),
-                                 "total_s": round(time.monotonic() - t0, 3)}
+                return record | {
+                    "skipped": True,
+                    "identity": _identity(current),
+                    "total_s": round(time.monotonic() - t0, 3),
+                }
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{self.board}-{self.TOOL}-{datetime.now():%Y%m%d-%H%M%S-%f}.log"
         argv = self.argv(path)
@@ -98,28 +122,51 @@ class CommandFlasher:
             with open(log_path, "w") as log:
                 log.write(f"$ {subprocess.list2cmdline(argv)}\n")
                 log.flush()
-                proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      timeout=self.timeout_s)
+                proc = subprocess.run(
+                    argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    timeout=self.timeout_s,
+                )
                 log.write(f"[exit code {proc.returncode}]\n")
         except subprocess.TimeoutExpired:
-            raise FlashError(self.board, f"flash with {self.TOOL}",
-                             f"no exit within {self.timeout_s:g} s; output: {_tail(log_path)}", log=str(log_path)) from None
+            raise FlashError(
+                self.board,
+                f"flash with {self.TOOL}",
+                f"no exit within {self.timeout_s:g} s; output: {_tail(log_path)}",
+                log=str(log_path),
+            ) from None
         except OSError as exc:  # the tool is not installed, not executable
-            raise FlashError(self.board, f"flash with {self.TOOL}", f"cannot run {argv[0]!r}: {exc}",
-                             log=str(log_path)) from None
+            raise FlashError(
+                self.board, f"flash with {self.TOOL}", f"cannot run {argv[0]!r}: {exc}", log=str(log_path)
+            ) from None
         if proc.returncode != 0:
-            raise FlashError(self.board, f"flash with {self.TOOL}",
-                             f"exit code {proc.returncode}; output: {_tail(log_path)}", log=str(log_path))
-        record |= {"skipped": False, "bytes_written": len(data), "write_s": round(time.monotonic() - t, 3),
-                   "log": str(log_path)}
+            raise FlashError(
+                self.board,
+                f"flash with {self.TOOL}",
+                f"exit code {proc.returncode}; output: {_tail(log_path)}",
+                log=str(log_path),
+            )
+        record |= {
+            "skipped": False,
+            "bytes_written": len(data),
+            "write_s": round(time.monotonic() - t, 3),
+            "log": str(log_path),
+        }
         try:
             identity = self._identify()
         except Exception as exc:  # DutProtocolError and the like: the board did not come up as a DUT
-            raise FlashError(self.board, f"identify the DUT after {self.TOOL}", str(exc), log=str(log_path)) from None
+            raise FlashError(
+                self.board, f"identify the DUT after {self.TOOL}", str(exc), log=str(log_path)
+            ) from None
         if expected and identity.model_sha256 != expected:
-            raise FlashError(self.board, "verify the DUT's model",
-                             f"DUT reports model sha256 {identity.model_sha256}, the image is {expected}",
-                             log=str(log_path))
+            raise FlashError(
+                self.board,
+                "verify the DUT's model",
+                f"DUT reports model sha256 {identity.model_sha256}, the image is {expected}",
+                log=str(log_path),
+            )
         return record | {"identity": _identity(identity), "total_s": round(time.monotonic() - t0, 3)}
 
 

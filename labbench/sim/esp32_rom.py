@@ -31,9 +31,10 @@ import hashlib
 import json
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from esptool.loader import ESPLoader, StubFlasher
@@ -59,7 +60,7 @@ XTAL_HZ, STUB_APB_HZ = 40_000_000, 80_000_000
 
 # SPI flash opcodes run through the SPI peripheral's user-command registers
 SPI_CMD_USR = 1 << 18
-SFDP = bytes.fromhex("53464450050101ff" "00050110800000ff" "ef000101800000ff")  # signature, 2 headers
+SFDP = bytes.fromhex("53464450050101ff00050110800000ffef000101800000ff")  # signature, 2 headers
 
 # Error codes: ROM (serial-protocol.rst) and flasher stub (esp-flasher-stub commands.h)
 ROM_INVALID_MESSAGE, ROM_FAILED, ROM_BAD_CHECKSUM, ROM_FLASH_WRITE, ROM_DEFLATE = 0x05, 0x06, 0x07, 0x08, 0x0B
@@ -109,11 +110,14 @@ class SpiFlash:
 
     def boot_image(self) -> AppImage:
         """The app the second-stage bootloader would boot; ImageError says why there is none."""
-        partitions = firmware_image.parse_partition_table(self.read(firmware_image.PARTITION_TABLE_OFFSET,
-                                                                    firmware_image.PARTITION_TABLE_BYTES))
+        partitions = firmware_image.parse_partition_table(
+            self.read(firmware_image.PARTITION_TABLE_OFFSET, firmware_image.PARTITION_TABLE_BYTES)
+        )
         app = firmware_image.boot_partition(partitions)
         try:
-            return firmware_image.read_app_image(self.read(app.offset, min(app.size, self.size_bytes - app.offset)))
+            return firmware_image.read_app_image(
+                self.read(app.offset, min(app.size, self.size_bytes - app.offset))
+            )
         except ImageError as exc:
             raise ImageError(f"image at {app.offset:#x}: {exc}") from None
 
@@ -194,8 +198,13 @@ class _Reading:
 class Esp32Loader:
     """The ROM serial loader, and the flasher stub after esptool uploads and starts it."""
 
-    def __init__(self, flash: SpiFlash, registers: dict[int, int], send: Callable[[bytes], None],
-                 set_baud: Callable[[int], None]):
+    def __init__(
+        self,
+        flash: SpiFlash,
+        registers: dict[int, int],
+        send: Callable[[bytes], None],
+        set_baud: Callable[[int], None],
+    ):
         self.flash, self.registers, self._send, self._set_baud = flash, registers, send, set_baud
         self._stubs = _known_stubs()
         self.stub = False
@@ -221,7 +230,9 @@ class Esp32Loader:
             if end < 0:
                 del self._rx[:start]
                 return
-            frame = bytes(self._rx[start + 1:end]).replace(b"\xdb\xdc", b"\xc0").replace(b"\xdb\xdd", b"\xdb")
+            frame = (
+                bytes(self._rx[start + 1 : end]).replace(b"\xdb\xdc", b"\xc0").replace(b"\xdb\xdd", b"\xdb")
+            )
             del self._rx[:end]  # the closing delimiter may open the next frame
             if frame and self.exit is None:
                 self._frame(frame)
@@ -249,9 +260,13 @@ class Esp32Loader:
         if len(frame) < 8 or frame[0] != 0:
             return
         _, op, size, chk = struct.unpack("<BBHI", frame[:8])
-        data = frame[8:8 + size]
+        data = frame[8 : 8 + size]
         handler = self._HANDLERS.get(op)
-        if handler is None or (op in self._STUB_ONLY and not self.stub) or (op in self._ROM_ONLY and self.stub):
+        if (
+            handler is None
+            or (op in self._STUB_ONLY and not self.stub)
+            or (op in self._ROM_ONLY and self.stub)
+        ):
             self._reply(op, error=STUB_INVALID_COMMAND if self.stub else ROM_INVALID_MESSAGE)
             return
         try:
@@ -279,7 +294,7 @@ class Esp32Loader:
 
     def _write_reg(self, op, data, chk):
         for pos in range(0, len(data) - 15, 16):
-            address, value, mask, _delay_us = struct.unpack("<IIII", data[pos:pos + 16])
+            address, value, mask, _delay_us = struct.unpack("<IIII", data[pos : pos + 16])
             self.registers[address] = (self.registers.get(address, 0) & ~mask) | (value & mask)
             if address == ESP32ROM.SPI_REG_BASE and value & mask & SPI_CMD_USR:
                 self._spi_user_command()
@@ -292,7 +307,7 @@ class Esp32Loader:
             result = FLASH_ID
         elif opcode == 0x5A:  # read SFDP, 24-bit address in the top of the ADDR register
             address = self.registers.get(base + 0x04, 0) >> 8
-            result = int.from_bytes(SFDP[address:address + 4].ljust(4, b"\xff"), "little")
+            result = int.from_bytes(SFDP[address : address + 4].ljust(4, b"\xff"), "little")
         else:  # status registers read 0; reset, write enable and the like just happen
             result = 0
         self.registers[base + ESP32ROM.SPI_W0_OFFS] = result
@@ -324,14 +339,14 @@ class Esp32Loader:
         no_entry, entry = struct.unpack("<II", data[:8])
         self._reply(op)
         if no_entry:
-            return None
+            return
         text_start, text = self._stubs.get(entry, (None, b""))
         if text and self._ram.get(text_start) == text:
             self.stub = True
             self._send(slip(b"OHAI"))
         else:  # some other RAM program: the sim cannot run it; the chip is silent until reset
             self.exit = "halt"
-        return None
+        return
 
     def _data_block(self, data: bytes, chk: int) -> bytes:
         length, _seq = struct.unpack("<II", data[:8])
@@ -347,7 +362,9 @@ class Esp32Loader:
         deflate = op == CMD["FLASH_DEFL_BEGIN"]
         if size:
             self.flash.erase(offset, size)
-        self._download = _Download(offset, size, block_bytes, inflate=zlib.decompressobj() if deflate else None)
+        self._download = _Download(
+            offset, size, block_bytes, inflate=zlib.decompressobj() if deflate else None
+        )
         return 0, b""
 
     def _flash_data(self, op, data, chk):
@@ -382,7 +399,6 @@ class Esp32Loader:
             self.exit = "run" if stay else "reboot"
         elif not stay:
             self.exit = "rom"
-        return None
 
     def _md5(self, op, data, chk):
         offset, size = struct.unpack("<II", data[:8])
@@ -409,7 +425,6 @@ class Esp32Loader:
         self.flash._check(offset, length)
         self._reply(op)
         self._reading = _Reading(offset, length, packet_bytes, max_unacked)
-        return None
 
     def send_read_packet(self) -> None:
         """The next READ_FLASH packet; the caller interleaves these with the host's acknowledgements."""
@@ -425,18 +440,29 @@ class Esp32Loader:
             self._send(slip(self.flash.md5(r.offset, r.length)))
 
     _HANDLERS = {
-        CMD["SYNC"]: _sync, CMD["READ_REG"]: _read_reg, CMD["WRITE_REG"]: _write_reg,
-        CMD["SPI_ATTACH"]: _ok, CMD["SPI_SET_PARAMS"]: _ok, CMD["CHANGE_BAUDRATE"]: _change_baudrate,
-        CMD["MEM_BEGIN"]: _mem_begin, CMD["MEM_DATA"]: _mem_data, CMD["MEM_END"]: _mem_end,
-        CMD["FLASH_BEGIN"]: _flash_begin, CMD["FLASH_DATA"]: _flash_data, CMD["FLASH_END"]: _flash_end,
-        CMD["FLASH_DEFL_BEGIN"]: _flash_begin, CMD["FLASH_DEFL_DATA"]: _flash_data,
-        CMD["FLASH_DEFL_END"]: _flash_end, CMD["SPI_FLASH_MD5"]: _md5, CMD["READ_FLASH_SLOW"]: _read_flash_slow,
-        CMD["ERASE_FLASH"]: _erase_flash, CMD["ERASE_REGION"]: _erase_region, CMD["READ_FLASH"]: _read_flash,
+        CMD["SYNC"]: _sync,
+        CMD["READ_REG"]: _read_reg,
+        CMD["WRITE_REG"]: _write_reg,
+        CMD["SPI_ATTACH"]: _ok,
+        CMD["SPI_SET_PARAMS"]: _ok,
+        CMD["CHANGE_BAUDRATE"]: _change_baudrate,
+        CMD["MEM_BEGIN"]: _mem_begin,
+        CMD["MEM_DATA"]: _mem_data,
+        CMD["MEM_END"]: _mem_end,
+        CMD["FLASH_BEGIN"]: _flash_begin,
+        CMD["FLASH_DATA"]: _flash_data,
+        CMD["FLASH_END"]: _flash_end,
+        CMD["FLASH_DEFL_BEGIN"]: _flash_begin,
+        CMD["FLASH_DEFL_DATA"]: _flash_data,
+        CMD["FLASH_DEFL_END"]: _flash_end,
+        CMD["SPI_FLASH_MD5"]: _md5,
+        CMD["READ_FLASH_SLOW"]: _read_flash_slow,
+        CMD["ERASE_FLASH"]: _erase_flash,
+        CMD["ERASE_REGION"]: _erase_region,
+        CMD["READ_FLASH"]: _read_flash,
     }  # GET_SECURITY_INFO is absent: the ESP32 ROM does not implement it
     _STUB_ONLY = {CMD["ERASE_FLASH"], CMD["ERASE_REGION"], CMD["READ_FLASH"]}
     _ROM_ONLY = {CMD["READ_FLASH_SLOW"]}
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +492,11 @@ class Esp32BootRom:
             exit = self._serve(board, flash)
             # "run": the ROM jumps to the flash app; "reboot"/"rom": a software reset of the chip
             download = exit == "rom"
-            text = "" if exit == "run" else ROM_BANNER + SOFTWARE_RESET + (DOWNLOAD_BOOT if download else FLASH_BOOT)
+            text = (
+                ""
+                if exit == "run"
+                else ROM_BANNER + SOFTWARE_RESET + (DOWNLOAD_BOOT if download else FLASH_BOOT)
+            )
 
     def _say(self, board: SimMcuBoard, text: str) -> None:
         self.last_boot = text
@@ -475,8 +505,12 @@ class Esp32BootRom:
     def _serve(self, board: SimMcuBoard, flash: SpiFlash) -> str:
         """The loader (ROM, then stub) until it leaves; a chip reset ends it with ChipReset."""
         uart = board.uart
-        loader = Esp32Loader(flash, default_registers(self.mac or default_mac(board.name)), uart.write,
-                             lambda baud: setattr(uart, "device_baud", baud))
+        loader = Esp32Loader(
+            flash,
+            default_registers(self.mac or default_mac(board.name)),
+            uart.write,
+            lambda baud: setattr(uart, "device_baud", baud),
+        )
         while loader.exit is None:
             if loader.read_pending:  # stream READ_FLASH packets, taking acknowledgements as they come
                 loader.send_read_packet()
@@ -491,7 +525,9 @@ class Esp32BootRom:
 
 def _app_boot_log(app: AppImage) -> str:
     """The lines ESP-IDF's bootloader and startup code print for this app."""
-    return (f"I (31) boot: Loaded app from partition at offset {firmware_image.APP_OFFSET:#x}\r\n"
-            f"I (52) cpu_start: Project name:     {app.project}\r\n"
-            f"I (57) cpu_start: App version:      {app.version}\r\n"
-            f"I (62) cpu_start: ELF file SHA256:  {app.model_sha256[:16]}...\r\n")
+    return (
+        f"I (31) boot: Loaded app from partition at offset {firmware_image.APP_OFFSET:#x}\r\n"
+        f"I (52) cpu_start: Project name:     {app.project}\r\n"
+        f"I (57) cpu_start: App version:      {app.version}\r\n"
+        f"I (62) cpu_start: ELF file SHA256:  {app.model_sha256[:16]}...\r\n"
+    )

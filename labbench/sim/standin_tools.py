@@ -49,8 +49,10 @@ def _find_board(port: str) -> tuple[Path, str]:
         for name, board in lab.boards.items():
             if board.simulated and board.serial and inventory.endpoint(board.serial.url) == wanted:
                 return state_dir, name
-    raise LabbenchError(f"no running simulated lab serves a board at {port} (is `labbench sim up` running, "
-                        f"here or in a parent directory, or {STATE_ENV} set?)")
+    raise LabbenchError(
+        f"no running simulated lab serves a board at {port} (is `labbench sim up` running, "
+        f"here or in a parent directory, or {STATE_ENV} set?)"
+    )
 
 
 def _load(tool: str, port: str, image: str) -> None:
@@ -58,9 +60,11 @@ def _load(tool: str, port: str, image: str) -> None:
     path = Path(image).resolve()
     t0 = time.monotonic()
     booted = SimControl(state_dir, timeout_s=120).call("load_firmware", board=board, path=str(path))
-    print(f"labbench stand-in for {tool}: simulated board {board!r} loaded {path.name} "
-          f"({path.stat().st_size} bytes) in {time.monotonic() - t0:.1f} s and reset; it runs model "
-          f"{booted.get('model')} (sha256 {booted.get('model_sha256')})")
+    print(
+        f"labbench stand-in for {tool}: simulated board {board!r} loaded {path.name} "
+        f"({path.stat().st_size} bytes) in {time.monotonic() - t0:.1f} s and reset; it runs model "
+        f"{booted.get('model')} (sha256 {booted.get('model_sha256')})"
+    )
     if booted.get("refused"):
         raise LabbenchError(f"the board does not run it: {booted['refused']}")
 
@@ -69,8 +73,15 @@ def bossac(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="bossac (labbench stand-in)")
     p.add_argument("-p", "--port", required=True)
     p.add_argument("-U", "--usb-port", nargs="?", const="true")
-    for flag, long in (("-i", "--info"), ("-e", "--erase"), ("-w", "--write"), ("-v", "--verify"),
-                       ("-R", "--reset"), ("-d", "--debug"), ("-b", "--boot")):
+    for flag, long in (
+        ("-i", "--info"),
+        ("-e", "--erase"),
+        ("-w", "--write"),
+        ("-v", "--verify"),
+        ("-R", "--reset"),
+        ("-d", "--debug"),
+        ("-b", "--boot"),
+    ):
         p.add_argument(flag, long, action="store_true")
     p.add_argument("file", nargs="?")
     args = p.parse_args(argv)
@@ -82,8 +93,11 @@ def bossac(argv: list[str]) -> None:
 def flashtool(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="flashtool.py (labbench stand-in)")
     p.add_argument("--elf_path", "-e", required=True)
-    p.add_argument("--serial", default=os.environ.get("CORAL_MICRO_SERIAL"),
-                   help="the simulated board's serial URL (a real Coral's USB serial number)")
+    p.add_argument(
+        "--serial",
+        default=os.environ.get("CORAL_MICRO_SERIAL"),
+        help="the simulated board's serial URL (a real Coral's USB serial number)",
+    )
     p.add_argument("--ram", action="store_true")
     p.add_argument("--noram", action="store_true")
     args = p.parse_args(argv)
