@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     from labbench.sim.mcu import SimMcuBoard
 
 CMD = ESPLoader.ESP_CMDS
-FLASH_SIZE_BYTES = firmware_image.FLASH_SIZE_BYTES
 SECTOR_BYTES = ESPLoader.FLASH_SECTOR_SIZE
 FLASH_ID = 0x1640EF  # Winbond W25Q32: manufacturer 0xEF, 4 MB
 SYNC_VALUE = 0x20120707  # ROM's SYNC reply value; the stub replies 0
