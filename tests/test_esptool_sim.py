@@ -99,7 +99,7 @@ def test_cli_subprocess_over_rfc2217_url(esp32):
     """esptool's own executable, the URL form esptool documents, its default classic reset (the
     board runs its app: only a reset into download mode gets the loader to answer)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "esptool", "--port", f"{esp32.url}?ign_set_control", "--no-stub", "read-mac"],
+        [sys.executable, "-m", "esptool", "--port", f"{esp32.url}?ign_set_control", "--no-stub", "chip-id"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -109,6 +109,7 @@ def test_cli_subprocess_over_rfc2217_url(esp32):
     out = proc.stdout
     assert "Chip type:          ESP32-D0WD-V3 (revision v3.0)" in out
     assert "Crystal frequency:  40MHz" in out
+    assert "ESP32 has no chip ID. Reading MAC address instead." in proc.stderr
     assert f"MAC:                {default_mac('esp32').hex(':')}" in out
     assert "Hard resetting via RTS pin" in out
 
