@@ -46,7 +46,8 @@ def rpi(tmp_path):
 def openssh(sim: SimLinuxBoard, *args: str, tool: str = "ssh") -> subprocess.CompletedProcess:
     port = ["-p", str(sim.port)] if tool == "ssh" else ["-P", str(sim.port)]
     return subprocess.run([tool, *port, "-i", str(sim.key), "-o", f"UserKnownHostsFile={sim.known_hosts}",
-                           "-o", "BatchMode=yes", *args], check=False, capture_output=True, text=True, timeout=30)
+                           "-o", "BatchMode=yes", *args], check=False, capture_output=True, text=True,
+                          timeout=30)
 
 
 def test_plain_ssh_and_scp_work_with_the_lab_key_and_strict_host_keys(rpi, tmp_path):
@@ -101,7 +102,8 @@ def test_a_port_in_use_is_an_error_with_sshds_own_words(tmp_path):
         sim = SimLinuxBoard("rpi4", "127.0.0.1", port, load_family("rpi4b"), PowerBus().channel("pm:1"),
                             key=tmp_path / "id_ed25519", known_hosts=tmp_path / "known_hosts",
                             state_dir=tmp_path / "state")
-        with pytest.raises(SimBoardError, match=rf"^rpi4: start sshd on 127.0.0.1:{port}: .*Address already in use"):
+        in_use = rf"^rpi4: start sshd on 127.0.0.1:{port}: .*Address already in use"
+        with pytest.raises(SimBoardError, match=in_use):
             sim.start()
     assert sim.pids() == [] and f":{port} " not in sim.known_hosts.read_text()
     assert (sim.state_dir / "sshd.log").exists()  # kept for diagnosis until the next start or stop
@@ -117,7 +119,8 @@ def test_power_is_idle_plus_active_share_of_the_cpu_time_of_the_sshd_tree(rpi):
     time.sleep(0.6)
     assert channel.mean_power_w(t0, time.monotonic()) == pytest.approx(idle_w, abs=0.02 * (active_w - idle_w))
 
-    busy = "import os,time\nt=time.monotonic()\nwhile time.monotonic()-t<1.2: pass\nprint(sum(os.times()[:4]))"
+    busy = ("import os,time\nt=time.monotonic()\nwhile time.monotonic()-t<1.2: pass\n"
+            "print(sum(os.times()[:4]))")
     t0 = time.monotonic()
     out = openssh(sim, f"{sim.user}@127.0.0.1", "python3", "-c", f"'{busy}'")
     deadline = time.monotonic() + 10
@@ -127,14 +130,15 @@ def test_power_is_idle_plus_active_share_of_the_cpu_time_of_the_sshd_tree(rpi):
     board_cpu_s = float(out.stdout)  # the busy process's own CPU time, as its kernel counted it
     drawn_above_idle_j = channel.energy_j(t0, t1) - idle_w * (t1 - t0)
     attributed_cpu_s = drawn_above_idle_j / (active_w - idle_w)
-    assert board_cpu_s <= attributed_cpu_s < board_cpu_s + 0.25, (board_cpu_s, attributed_cpu_s)  # + sshd's work
+    # what the ledger attributes is the busy process's CPU time plus sshd's own work
+    assert board_cpu_s <= attributed_cpu_s < board_cpu_s + 0.25, (board_cpu_s, attributed_cpu_s)
     assert idle_w < channel.stats(t0, t1).peak_power_w <= active_w
 
 
 def test_jetson_power_follows_its_power_mode(tmp_path):
     bus = PowerBus()
-    sims = [start_board(tmp_path / mode, bus, name=f"jetson{mode}", family="jetson_orin_nano", power_mode=mode)
-            for mode in ("7W", "15W")]
+    sims = [start_board(tmp_path / mode, bus, name=f"jetson{mode}", family="jetson_orin_nano",
+                        power_mode=mode) for mode in ("7W", "15W")]
     try:
         time.sleep(0.3)
         now = time.monotonic()
@@ -146,8 +150,8 @@ def test_jetson_power_follows_its_power_mode(tmp_path):
 
 
 def test_pm1000_measures_the_energy_the_ledger_says_the_simulated_pi_drew(rpi):
-    pm1000_sim = pytest.importorskip("labbench.sim.pm1000", reason="the PM1000+ simulator has not landed yet")
-    pm1000 = pytest.importorskip("labbench.instruments.pm1000", reason="the PM1000+ driver has not landed yet")
+    pm1000_sim = pytest.importorskip("labbench.sim.pm1000", reason="no PM1000+ simulator yet")
+    pm1000 = pytest.importorskip("labbench.instruments.pm1000", reason="no PM1000+ driver yet")
     sim, channel = rpi
     board = SshBoard(sim.name, sim.host, sim.port, sim.user, sim.key, sim.known_hosts, ssh_config=None)
     board.deploy(MODEL)
@@ -160,10 +164,12 @@ def test_pm1000_measures_the_energy_the_ledger_says_the_simulated_pi_drew(rpi):
         with meter, meter.capture() as capture:
             run = board.run_timed(sample, count=count, warmup=100)
     board.close()
-    # the steady state of back-to-back inferences: one instrument update in from each end of the
-    # run, so neither edge update mixes in the cold start (before) or the idle board (after)
-    t0, t1 = run.host_start + meter.update_period_s, run.host_end - meter.update_period_s
-    assert t1 - t0 > 4 * meter.update_period_s
+    # whole instrument updates inside the run, one period in from each end: no update mixes in the
+    # cold start before the run or the idle board after it, and none is split at a window edge
+    period_s = meter.update_period_s
+    ends = [t for t in capture.trace.t_s if run.host_start + 2 * period_s <= t <= run.host_end - period_s]
+    t0, t1 = ends[0], ends[-1]
+    assert t1 - t0 >= 4 * period_s
     truth_j = channel.energy_j(t0, t1)
     for method in ("trace", "integrator"):
         measured = capture.trace.energy(t0, t1, method=method)

@@ -47,9 +47,9 @@ def lab(tmp_path_factory):
     sims = {}
     try:
         for name, (family, mode) in BOARDS.items():
-            sim = SimLinuxBoard(name, "127.0.0.1", free_port(), load_family(family), bus.channel(f"pm_{name}:1"),
-                                key=root / "keys" / "id_ed25519", known_hosts=root / "known_hosts",
-                                power_mode=mode, state_dir=root / name)
+            sim = SimLinuxBoard(name, "127.0.0.1", free_port(), load_family(family),
+                                bus.channel(f"pm_{name}:1"), key=root / "keys" / "id_ed25519",
+                                known_hosts=root / "known_hosts", power_mode=mode, state_dir=root / name)
             sim.start()
             sims[name] = sim
         yield sims
@@ -162,8 +162,9 @@ def test_identify_reports_host_model_and_runtime(deployed):
 def test_unknown_host_key_is_refused_with_its_fingerprint_and_the_command_to_trust_it(lab, tmp_path):
     sim = lab["rpi4"]
     known_hosts = tmp_path / "known_hosts"
-    fingerprint = subprocess.run(["ssh-keygen", "-lf", str(sim.state_dir / "etc" / "ssh_host_ed25519_key.pub")],
-                                 capture_output=True, text=True, check=True).stdout.split()[1]
+    host_key = sim.state_dir / "etc" / "ssh_host_ed25519_key.pub"
+    fingerprint = subprocess.run(["ssh-keygen", "-lf", str(host_key)], capture_output=True, text=True,
+                                 check=True).stdout.split()[1]
     board = SshBoard("rpi4", sim.host, sim.port, sim.user, sim.key, known_hosts, ssh_config=None)
     with pytest.raises(RemoteError) as err:
         board.execute(["true"])
@@ -239,7 +240,8 @@ def _exists(pid: int) -> bool:
 
 def test_runner_exit_is_an_error_not_a_shorter_run(deployed):
     boards, _ = deployed
-    with pytest.raises(RemoteRunError, match=r"broke off after 0 of 5 inferences completed: exit status 1") as err:
+    broke_off = r"broke off after 0 of 5 inferences completed: exit status 1"
+    with pytest.raises(RemoteRunError, match=broke_off) as err:
         boards["rpi4"].run_timed(np.zeros(3, np.float32), count=5, warmup=0)  # wrong input size
     assert "reshape" in str(err.value) and err.value.partial.count == 0
 
@@ -332,14 +334,16 @@ def test_a_runner_that_does_not_speak_the_protocol_is_an_error(lab, deployed):
     sim = lab["rpi4"]
     board = SshBoard("rpi4", sim.host, sim.port, sim.user, sim.key, sim.known_hosts, python="echo",
                      remote_dir="labbench/test lab", ssh_config=None)  # "echo" prints the runner's argv back
-    with pytest.raises(RemoteRunError, match=r"broke off after 0 of 4 inferences completed: runner printed b'/"):
+    broke_off = r"broke off after 0 of 4 inferences completed: runner printed b'/"
+    with pytest.raises(RemoteRunError, match=broke_off):
         board.run_timed(np.zeros(64, np.float32), count=4, warmup=0)
     board.close()
 
 
 def test_runner_keeps_stdout_for_records_whatever_a_runtime_prints(tmp_path):
     noisy = ("import os, sys\nsys.path.insert(0, sys.argv[1])\nimport runner\nload = runner.load\n"
-             "def noisy(path):\n    print('python noise')\n    os.write(1, b'C noise\\n')\n    return load(path)\n"
+             "def noisy(path):\n    print('python noise')\n    os.write(1, b'C noise\\n')\n"
+             "    return load(path)\n"
              "runner.load = noisy\nrunner.main(['info', sys.argv[2]])\n")
     out = subprocess.run([sys.executable, "-c", noisy, str(Path(str(RUNNER)).parent), str(MODEL)],
                          capture_output=True, text=True, check=True)

@@ -3,11 +3,13 @@
 Connection: ~/.ssh/config is honoured for the board's host as `ssh <host>` would: HostName,
 IdentityFile, ProxyCommand, and UserKnownHostsFile, Port and User where the caller leaves them unset
 (lab.yaml always sets port and user). Keys come from lab.yaml, the config, ~/.ssh/id_* and the agent.
-`command_timeout_s` bounds a remote command's silence: no output for that long ends it (a
-streamed run may last longer, as long as inferences keep coming). Host keys are verified against `known_hosts` (lab.yaml's, else
-the config's, else ~/.ssh/known_hosts): an unknown or changed key is a RemoteError with its SHA256
-fingerprint and the command that trusts it. Trust on first use happens only where lab.yaml says so,
-and appends the key to known_hosts; a changed key is refused even then.
+`command_timeout_s` bounds a remote command's silence: no output for that long ends it (a streamed
+run may last longer, as long as inferences keep coming).
+
+Host keys are verified against `known_hosts` (lab.yaml's, else the config's, else
+~/.ssh/known_hosts): an unknown or changed key is a RemoteError with its SHA256 fingerprint and the
+command that trusts it. Trust on first use happens only where lab.yaml says so, and appends the key
+to known_hosts; a changed key is refused even then.
 
 Remote commands are argument lists joined with shlex.quote; file transfer is SFTP (no shell).
 Deployment goes to `<home>/<remote_dir>/` on the board (one directory per lab):
@@ -44,7 +46,7 @@ from labbench.errors import RemoteError
 RUNNER = resources.files("labbench.remote") / "runner.py"
 DEPLOYMENT_FILE = "deployment.json"
 KEEPALIVE_S = 10
-_TIMED_LINE = re.compile(rb'\{"type":"inference","i":(\d+),"latency_ns":(\d+)\}')  # as runner.timed() writes it
+_TIMED_LINE = re.compile(rb'\{"type":"inference","i":(\d+),"latency_ns":(\d+)\}')  # runner.timed()'s lines
 _POLL_S = 0.2
 
 
@@ -132,6 +134,9 @@ class _Stream:
                         self.stalled = True
                         break
                     continue
+                except (EOFError, OSError, paramiko.SSHException):  # the connection broke under recv
+                    self.lost = True
+                    break
                 if not data:
                     break
                 last = time.monotonic()
@@ -140,16 +145,19 @@ class _Stream:
                     yield line, last
             self.tail = pending
             self._finish()
-        finally:
-            chan.close()  # also when the reader stops early: the remote command gets EOF/SIGPIPE
+        finally:  # also when the reader stops early: the remote command gets EOF/SIGPIPE
+            try:
+                chan.close()
+            except (EOFError, OSError, paramiko.SSHException):
+                pass  # the connection went first; the channel is gone with it
 
     def _finish(self) -> None:
-        if not self.stalled and self.chan.status_event.wait(self.stall_s):
+        if not (self.stalled or self.lost) and self.chan.status_event.wait(self.stall_s):
             while self.chan.recv_stderr_ready():
                 self.stderr += self.chan.recv_stderr(65536)
             status = self.chan.exit_status
             self.exit_status = None if status == -1 else status
-        self.lost = not self.chan.get_transport().is_active()
+        self.lost = self.lost or not self.chan.get_transport().is_active()
 
     def why(self) -> str:
         if self.garbage is not None:
@@ -169,7 +177,8 @@ class SshBoard:
                  key: Path | None = None, known_hosts: Path | None = None, trust_on_first_use: bool = False,
                  connect_timeout_s: float = 10.0, command_timeout_s: float = 120.0,
                  power_mode: str | None = None, remote_dir: str = "labbench/default",
-                 python: str = "python3", ssh_config: Path | None = Path("~/.ssh/config"), family: str | None = None):
+                 python: str = "python3", ssh_config: Path | None = Path("~/.ssh/config"),
+                 family: str | None = None):
         self.board, self.family, self.power_mode = board, family, power_mode
         self.remote_dir, self.python = remote_dir, python
         self.connect_timeout_s, self.command_timeout_s = connect_timeout_s, command_timeout_s
@@ -177,8 +186,8 @@ class SshBoard:
         self.host = config.get("hostname", host)
         self.port = int(port or config.get("port", 22))
         self.user = user or config.get("user") or getpass.getuser()
-        self.keys = [str(Path(k).expanduser()) for k in ([key] if key else []) + config.get("identityfile", [])
-                     if Path(k).expanduser().exists()]
+        candidates = ([key] if key else []) + config.get("identityfile", [])
+        self.keys = [str(Path(k).expanduser()) for k in candidates if Path(k).expanduser().exists()]
         default_known = config.get("userknownhostsfile", "~/.ssh/known_hosts").split()[0]
         self.known_hosts = Path(known_hosts or default_known).expanduser()
         self.trust_on_first_use = trust_on_first_use
@@ -213,7 +222,8 @@ class SshBoard:
 
     def connect(self) -> paramiko.SSHClient:
         """The open connection, (re)connecting when there is none; bounded by connect_timeout_s."""
-        if self._client is not None and self._client.get_transport() and self._client.get_transport().is_active():
+        transport = self._client.get_transport() if self._client is not None else None
+        if transport is not None and transport.is_active():
             return self._client
         self.close()
         client = paramiko.SSHClient()
@@ -231,7 +241,8 @@ class SshBoard:
             known = f"[{self.host}]:{self.port}" if self.port != 22 else self.host
             raise RemoteError(self.board, where, (
                 f"HOST KEY CHANGED: {self.known_hosts} has {exc.expected_key.get_name()} "
-                f"{exc.expected_key.fingerprint}, the board offered {exc.key.get_name()} {exc.key.fingerprint}. "
+                f"{exc.expected_key.fingerprint}, the board offered "
+                f"{exc.key.get_name()} {exc.key.fingerprint}. "
                 f"If the board was reinstalled, forget the old key with: ssh-keygen -f "
                 f"{shlex.quote(str(self.known_hosts))} -R {shlex.quote(known)} and trust the new one with: "
                 f"{self.keyscan_command(exc.key)}")) from None
@@ -253,7 +264,7 @@ class SshBoard:
 
     def _credentials(self) -> str:
         keys = ", ".join(self.keys) or "none in lab.yaml or ~/.ssh/config"
-        agent = "agent at $SSH_AUTH_SOCK" if os.environ.get("SSH_AUTH_SOCK") else "no agent ($SSH_AUTH_SOCK unset)"
+        agent = "the agent at $SSH_AUTH_SOCK" if os.environ.get("SSH_AUTH_SOCK") else "no agent (unset)"
         return f"keys tried: {keys}, ~/.ssh/id_*; {agent}"
 
     def close(self) -> None:
@@ -268,12 +279,29 @@ class SshBoard:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _open(self, command: str, stdin: bytes | None, action: str) -> _Stream:
+    def _channel(self, action: str) -> paramiko.Channel:
+        """A new session. A connection found dead (a dropped link, a rebooted board) is re-established
+        once: the transport may not have noticed yet."""
+        def open_session() -> paramiko.Channel:
+            return self.connect().get_transport().open_session(timeout=self.connect_timeout_s)
+
         try:
-            chan = self.connect().get_transport().open_session(timeout=self.connect_timeout_s)
+            return open_session()
+        except (paramiko.SSHException, OSError, EOFError):
+            self.close()
+        try:
+            return open_session()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            seen = f"cannot open a session: {type(exc).__name__}: {exc}"
+            raise RemoteError(self.board, action, seen) from None
+
+    def _open(self, command: str, stdin: bytes | None, action: str) -> _Stream:
+        chan = self._channel(action)
+        try:
             chan.exec_command(command)
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise RemoteError(self.board, action, f"cannot start {command!r}: {exc}") from None
+            raise RemoteError(self.board, action, f"cannot start {command!r}: {type(exc).__name__}: {exc}") \
+                from None
         if stdin is not None:
             try:
                 chan.sendall(stdin)
@@ -308,10 +336,12 @@ class SshBoard:
         return posixpath.join(self.home, self.remote_dir)
 
     def _sftp(self, action: str) -> paramiko.SFTPClient:
+        chan = self._channel(action)
         try:
-            return self.connect().open_sftp()
-        except (paramiko.SSHException, OSError) as exc:
-            raise RemoteError(self.board, action, f"SFTP: {exc}") from None
+            chan.invoke_subsystem("sftp")
+            return paramiko.SFTPClient(chan)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise RemoteError(self.board, action, f"SFTP: {type(exc).__name__}: {exc}") from None
 
     def remote_sha256(self, paths: list[str]) -> list[str | None]:
         """sha256 of each remote file (None where it is missing), in one round trip."""
@@ -343,8 +373,8 @@ class SshBoard:
                     self._upload(sftp, path, remote[role])
                 files[role] = {"local": str(path), "remote": remote[role], "sha256": wanted[role],
                                "bytes": path.stat().st_size, "skipped": skipped}
-            record = {"board": self.board, "host": f"{self.user}@{self.host}:{self.port}", "dir": self.lab_dir,
-                      "model": Path(model).stem, "files": files,
+            record = {"board": self.board, "host": f"{self.user}@{self.host}:{self.port}",
+                      "dir": self.lab_dir, "model": Path(model).stem, "files": files,
                       "skipped": all(f["skipped"] for f in files.values()),
                       "deployed_at": time.time(), "seconds": round(time.monotonic() - t0, 3)}
             with sftp.open(posixpath.join(self.lab_dir, DEPLOYMENT_FILE), "w") as f:
@@ -452,7 +482,8 @@ class SshBoard:
                 completed=len(rows), expected=expected, partial=build(start, rows, None))
         return build(start, rows, end)
 
-    def run_timed(self, sample: np.ndarray, count: int, warmup: int, *, per_inference: bool = False) -> TimedRun:
+    def run_timed(self, sample: np.ndarray, count: int, warmup: int, *,
+                  per_inference: bool = False) -> TimedRun:
         """`count` back-to-back inferences of `sample` after `warmup`, each timed on the board
         (so `per_inference` changes nothing here)."""
         if count < 1 or warmup < 0:
