@@ -8,8 +8,9 @@ strict host-key checking works out of the box. `ssh`, `scp`, `sftp` and paramiko
 The board's home: sshd takes the login directory from the passwd database, and without root it
 cannot chroot or switch users. It is therefore started with nss_wrapper (Debian's libnss-wrapper,
 the cwrap library made for testing servers without root) preloaded and pointed at a passwd file of
-its own, in which the board's account has the invoking user's uid and `state_dir/home` as its home.
-sshd then does what it does on a real board: chdir to that home, set HOME, and start SFTP there.
+its own, in which the board's account (named as lab.yaml's `user`, so `pi@` works whoever runs the
+lab) has the invoking user's uid and `state_dir/home` as its home. sshd then does what it does on
+a real board: chdir to that home, set HOME, and start SFTP there; no ForceCommand or shell wrapper.
 The preload stays inside sshd: sessions get sshd's fresh environment, in which PATH starts with
 `state_dir/bin`, holding the board's `python3` (a wrapper around the interpreter given, by default
 the one running the lab, which has numpy and ai-edge-litert). When the invoking user is root, sshd
@@ -129,9 +130,10 @@ def cpu_times_s(root: int) -> tuple[float, list[int]]:
 class SimLinuxBoard:
     """One simulated Linux board: its own sshd on host:port, and its power on a bus channel."""
 
-    def __init__(self, name: str, host: str, port: int, family: Any, bus_channel: Any, user: str | None = None,
-                 key: Path | None = None, known_hosts: Path | None = None, power_mode: str | None = None,
-                 state_dir: Path | None = None, python: str = sys.executable, sample_period_s: float = 0.1):
+    def __init__(self, name: str, host: str, port: int, family: Any, bus_channel: Any,
+                 user: str | None = None, key: Path | None = None, known_hosts: Path | None = None,
+                 power_mode: str | None = None, state_dir: Path | None = None, python: str = sys.executable,
+                 sample_period_s: float = 0.1):
         self.name, self.host, self.port, self.family = name, host, port, family
         self.channel, self.power_mode = bus_channel, power_mode
         _, self.power = family.profile(power_mode)
@@ -194,7 +196,7 @@ class SimLinuxBoard:
         except FileNotFoundError as exc:
             raise SimBoardError(self.name, "start sshd", str(exc)) from None
         if not os.access(SSHD, os.X_OK):
-            raise SimBoardError(self.name, "start sshd", f"{SSHD} not found (install Debian's openssh-server)")
+            raise SimBoardError(self.name, "start sshd", f"no {SSHD} (install Debian's openssh-server)")
         host_key = etc / "ssh_host_ed25519_key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{self.name} (simulated)",
                         "-f", str(host_key)], check=True, capture_output=True)
@@ -262,7 +264,8 @@ class SimLinuxBoard:
                 return
             if self._proc.poll() is not None:
                 raise SimBoardError(self.name, f"start sshd on {self.host}:{self.port}",
-                                    f"exited with status {self._proc.returncode}: {text.strip()[-600:]}", str(log))
+                                    f"exited with status {self._proc.returncode}: {text.strip()[-600:]}",
+                                    str(log))
             time.sleep(0.02)
         raise SimBoardError(self.name, f"start sshd on {self.host}:{self.port}",
                             f"not listening after {timeout_s:g} s", str(log))
