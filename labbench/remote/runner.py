@@ -94,7 +94,8 @@ class TfliteModel:
 
 
 ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
-              "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int32)": "int32", "tensor(int64)": "int64"}
+              "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int32)": "int32",
+              "tensor(int64)": "int64"}
 
 
 class OnnxModel:
@@ -180,7 +181,8 @@ def timed(path: str, sample: np.ndarray, count: int, warmup: int) -> None:
         model.invoke(x)
         t1 = time.perf_counter_ns()
         emit_line(b'{"type":"inference","i":%d,"latency_ns":%d}\n' % (i, t1 - t0))  # json.dumps costs more
-    emit({"type": "end", "count": count, "peak_rss_kib": peak_rss_kib(), "output": scores(model, model.output())})
+    emit({"type": "end", "count": count, "peak_rss_kib": peak_rss_kib(),
+          "output": scores(model, model.output())})
 
 
 def classify(path: str, samples: np.ndarray) -> None:
