@@ -101,11 +101,10 @@ def test_esptool_flasher_from_lab_entry():
         sim={},
     )
     flasher = EsptoolFlasher.from_lab(entry)
-    assert (flasher.url, flasher.board, flasher.baud, flasher.timeout_s, flasher.dut_baud) == (
+    assert (flasher.url, flasher.board, flasher.baud, flasher.dut_baud) == (
         "rfc2217://127.0.0.1:14001",
         "esp32",
         921600,
-        60,
         115200,
     )
 

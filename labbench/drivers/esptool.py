@@ -30,7 +30,6 @@ import hashlib
 import re
 import threading
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -138,17 +137,16 @@ class EsptoolFlasher:
         *,
         board: str = "esp32",
         baud: int = DEFAULT_FLASH_BAUD,
-        timeout_s: float = 300.0,
         dut_baud: int = 115200,
         log_dir: str | Path = "reports/flash",
         show_progress: bool = True,
-        identify: Callable[[], DutIdentity] | None = None,
     ):
-        self.url, self.board, self.baud, self.timeout_s = url, board, baud, timeout_s
+        """esptool's own per-command timeouts bound every step (lab.yaml's flash.timeout_s is the
+        command flashers')."""
+        self.url, self.board, self.baud = url, board, baud
         self.dut_baud = dut_baud
         self.log_dir = Path(log_dir)
         self.show_progress = show_progress
-        self._identify = identify or self._identify_dut
 
     @classmethod
     def from_lab(cls, entry: Any, family: Any = None) -> EsptoolFlasher:
@@ -157,14 +155,13 @@ class EsptoolFlasher:
             entry.serial.url,
             board=entry.name,
             baud=(flash.baud if flash and flash.baud else DEFAULT_FLASH_BAUD),
-            timeout_s=flash.timeout_s if flash else 300.0,
             dut_baud=entry.serial.baud,
         )
 
     def __repr__(self) -> str:
         return f"EsptoolFlasher({self.board!r}, {self.url!r})"
 
-    def _identify_dut(self) -> DutIdentity:
+    def _identify(self) -> DutIdentity:
         from labbench.drivers.dut_serial import DutSerial
 
         with DutSerial(self.url, board=self.board, baud=self.dut_baud) as dut:

@@ -21,7 +21,6 @@ import hashlib
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -49,13 +48,11 @@ class CommandFlasher:
         timeout_s: float = 300.0,
         dut_baud: int = 115200,
         log_dir: str | Path = "reports/flash",
-        identify: Callable[[], DutIdentity] | None = None,
     ):
         self.port, self.board, self.baud, self.timeout_s = port, board, baud, timeout_s
         self.command = list(command or self.DEFAULT_COMMAND)
         self.dut_baud = dut_baud
         self.log_dir = Path(log_dir)
-        self._identify = identify or self._identify_dut
 
     @classmethod
     def from_lab(cls, entry: Any, family: Any = None) -> CommandFlasher:
@@ -75,7 +72,7 @@ class CommandFlasher:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.board!r}, {self.command[0] if self.command else '?'!r})"
 
-    def _identify_dut(self) -> DutIdentity:
+    def _identify(self) -> DutIdentity:
         from labbench.drivers.dut_serial import DutSerial
 
         with DutSerial(self.port, board=self.board, baud=self.dut_baud) as dut:
