@@ -42,7 +42,6 @@ from labbench.sim.mcu import SimMcuBoard
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MODELS = REPO.parent / "shared" / "workloads" / "mlperf_tiny"
 FIXTURE_MODELS = REPO / "fixtures" / "models"
-STRAP_DELAY_S = 0.15  # see tests/test_esptool_sim.py
 
 
 def model_files() -> tuple[list[Path], str]:
@@ -136,7 +135,6 @@ def main() -> None:
         "esp32",
         family="esp32_devkitc",
         model_path=FIXTURE_MODELS / "digits_mlp_int8.tflite",
-        strap_delay_s=STRAP_DELAY_S,
     )
     board.start()
     try:

@@ -27,19 +27,15 @@ from labbench.sim.standin_tools import STATE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "fixtures" / "models"
-STRAP_DELAY_S = 0.15
 
 
 @pytest.fixture(scope="module")
 def esp32():
-    # EN's rise time between the two spacings of pyserial's RFC 2217 control-line writes (~50 ms
-    # acknowledged, 100 ms with ?ign_set_control), so the classic reset lands in download mode with both
     b = SimMcuBoard(
         "esp32",
         family="esp32_devkitc",
         model_path=MODELS / "digits_mlp_int8.tflite",
         boot_rom=Esp32BootRom(),
-        strap_delay_s=STRAP_DELAY_S,
     )
     b.start()
     yield b
