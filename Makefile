@@ -10,9 +10,10 @@ BOARD ?= esp32
 REPORT := reports/lab-$(BOARD).html
 # The simulated Linux boards run sshd as the invoking user, and lab.yaml names that user as ${USER}.
 export USER ?= $(shell id -un)
-# Debian packages: a real OpenSSH server and client for the simulated Linux boards, a C compiler
-# for the firmware core's host tests.
-DEB_PACKAGES := openssh-server openssh-client gcc g++ make
+# Debian packages: a real OpenSSH server and client for the simulated Linux boards (nss_wrapper
+# gives each simulated board its own account and home without root), a C compiler for the
+# firmware core's host tests.
+DEB_PACKAGES := openssh-server openssh-client libnss-wrapper gcc g++ make
 DEB_MISSING = $(shell for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done)
 
 .PHONY: lab test setup system-packages

@@ -22,11 +22,11 @@ from labbench.yamlsource import unknown
 LOCK_DIR = Path(os.environ.get("LABBENCH_LOCK_DIR", Path.home() / ".cache" / "labbench" / "locks"))
 
 
-def _construct(group: str, name: str, entry: Any, family: Any = None) -> Any:
+def _construct(group: str, name: str, entry: Any, family: Any = None, **options: Any) -> Any:
     plugins = registered(group)
     if name not in plugins:
         raise UsageError(unknown(group.split(".")[-1].rstrip("s"), name, plugins))
-    return plugins[name].load().from_lab(entry, family)
+    return plugins[name].load().from_lab(entry, family, **options)
 
 
 class Board:
@@ -60,7 +60,9 @@ class Board:
     @cached_property
     def target(self) -> Any:
         """The InferenceTarget: the MLPerf Tiny DUT over serial, or the SSH runner."""
-        return _construct(DRIVER_GROUP, "dut_serial" if self.entry.serial else "ssh", self.entry, self.family)
+        if self.entry.serial:
+            return _construct(DRIVER_GROUP, "dut_serial", self.entry, self.family)
+        return _construct(DRIVER_GROUP, "ssh", self.entry, self.family, lab=self.lab.name)  # its own dir per lab
 
     @cached_property
     def flasher(self) -> Any:
@@ -86,6 +88,7 @@ class Board:
         Each driver skips the transfer when the board already holds the same bytes."""
         if "deploy" in self.capabilities:
             return self.deployer.deploy(model, dataset)
+        self._close("target")  # a serial port has one user: the flasher needs it to itself
         image = Path(model)
         if self.family.flasher == "esptool":
             from labbench.firmware_image import pack
@@ -126,9 +129,12 @@ class Board:
             os.close(self._lock_fd)
             self._lock_fd = None
         for attr in ("target", "flasher", "power_meter"):
-            driver = self.__dict__.pop(attr, None)
-            if hasattr(driver, "close"):
-                driver.close()
+            self._close(attr)
+
+    def _close(self, attr: str) -> None:
+        driver = self.__dict__.pop(attr, None)
+        if hasattr(driver, "close"):
+            driver.close()
 
     def __enter__(self) -> "Board":
         return self.acquire()

@@ -33,26 +33,12 @@ from esptool.util import FatalError
 from labbench import firmware_image
 from labbench.drivers.dut_serial import DutSerial
 from labbench.modelinfo import ModelInfo, dequantize_output, quantize_input
-from labbench.sim.esp32_rom import Esp32BootRom, default_mac
-from labbench.sim.mcu import SimMcuBoard
+from labbench.sim.esp32_rom import default_mac
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "fixtures" / "models"
 DATA = REPO / "fixtures" / "datasets"
 SCRATCH = 0x200000  # a flash region no image uses
-
-
-@pytest.fixture(scope="module")
-def esp32():
-    b = SimMcuBoard(
-        "esp32",
-        family="esp32_devkitc",
-        model_path=MODELS / "digits_mlp_int8.tflite",
-        boot_rom=Esp32BootRom(),
-    )
-    b.start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture(scope="module")

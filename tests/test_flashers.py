@@ -21,25 +21,10 @@ from labbench.errors import FlashError
 from labbench.modelinfo import ModelInfo
 from labbench.sim import lab as simlab
 from labbench.sim.control import SOCKET_NAME, ControlServer
-from labbench.sim.esp32_rom import Esp32BootRom
-from labbench.sim.mcu import SimMcuBoard
 from labbench.sim.standin_tools import STATE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "fixtures" / "models"
-
-
-@pytest.fixture(scope="module")
-def esp32():
-    b = SimMcuBoard(
-        "esp32",
-        family="esp32_devkitc",
-        model_path=MODELS / "digits_mlp_int8.tflite",
-        boot_rom=Esp32BootRom(),
-    )
-    b.start()
-    yield b
-    b.stop()
 
 
 def test_esptool_flasher_writes_verifies_identifies_then_skips_on_md5(esp32, tmp_path):

@@ -204,3 +204,12 @@ def test_endpoint_notations():
     assert inventory.endpoint("socket://lab-pc:7000") == ("lab-pc", 7000)
     assert inventory.endpoint("TCPIP0::10.0.0.9::5025::SOCKET") == ("10.0.0.9", 5025)
     assert inventory.endpoint("/dev/ttyUSB0") is None
+
+
+def test_real_lab_example_differs_from_the_default_only_in_addresses(monkeypatch):
+    monkeypatch.setenv("USER", "tester")
+    sim, real = inventory.load(REPO / "lab.yaml"), inventory.load(REPO / "examples/lab.real.yaml")
+    assert not real.simulated and sim.simulated
+    assert {n: b.family for n, b in real.boards.items()} == {n: b.family for n, b in sim.boards.items()}
+    assert {n: b.power for n, b in real.boards.items()} == {n: b.power for n, b in sim.boards.items()}
+    assert {n: i.kind for n, i in real.instruments.items()} == {n: i.kind for n, i in sim.instruments.items()}

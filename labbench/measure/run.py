@@ -38,7 +38,8 @@ from labbench.payloads import Payload
 
 @dataclass(frozen=True)
 class RunSettings:
-    latency_samples: int = 200
+    latency_samples: int = 200  # at most; fewer when they would take longer than latency_budget_s
+    latency_budget_s: float = 10.0
     warmup: int = 10
     window_s: float = 10.0  # MLPerf Tiny: a window shorter than 10 s is invalid
     windows: int = 5  # MLPerf Tiny takes the median of 5
@@ -67,13 +68,29 @@ def check_identity(board: Board, payload: Payload, identity: DutIdentity) -> Non
 
 
 def _latency(board: Board, payload: Payload, s: RunSettings) -> TimedRun:
-    return board.target.run_timed(payload.timing_input(), s.latency_samples, s.warmup, per_inference=True)
+    """Inferences timed one by one: as many as `latency_budget_s` of device time allows (10 to
+    `latency_samples`), sized by a 3-inference probe so a 600 ms model does not take minutes."""
+    sample = payload.timing_input()
+    probe = board.target.run_timed(sample, 3, s.warmup, per_inference=True)
+    est_s = float(np.median(probe.latencies_us)) / 1e6
+    n = int(min(s.latency_samples, max(10, math.ceil(s.latency_budget_s / max(est_s, 1e-9)))))
+    return board.target.run_timed(sample, n, 0, per_inference=True)
+
+
+def _window_count(board: Board, sample: np.ndarray, s: RunSettings, latency_ms: float) -> int:
+    """Inferences per energy window: a short calibration run measures the wall time per inference
+    (on an SSH board the per-inference overhead can exceed the inference itself), then the count
+    that fills `window_s`."""
+    n0 = max(10, math.ceil(min(1.0, s.window_s / 5) * 1000 / max(latency_ms, 1e-6)))
+    cal = board.target.run_timed(sample, n0, s.warmup)
+    per_inference_s = max((cal.host_end - cal.host_start) / cal.count, latency_ms / 1000, 1e-9)
+    return max(10, math.ceil(s.window_s / per_inference_s))
 
 
 def _energy(board: Board, payload: Payload, s: RunSettings, latency_ms: float, outcome: Outcome,
             progress: Callable[[str], None]) -> tuple[Energy, list[float]]:
     """Idle baseline, then windows of back-to-back inferences under a power capture."""
-    count = max(10, math.ceil(s.window_s * 1000 / max(latency_ms, 1e-6)))
+    count = _window_count(board, payload.timing_input(), s, latency_ms)
     runs: list[TimedRun] = []
     meter = board.power_meter
     with meter.capture(board.power_channel) as cap:
@@ -83,7 +100,7 @@ def _energy(board: Board, payload: Payload, s: RunSettings, latency_ms: float, o
         t_idle1 = cap.mark("idle-end")
         for i in range(s.windows):
             progress(f"energy window {i + 1}/{s.windows}: {count} inferences")
-            run = board.target.run_timed(payload.timing_input(), count, s.warmup if i == 0 else 0)
+            run = board.target.run_timed(payload.timing_input(), count, 0)
             cap.mark(f"window-{i}-start", run.host_start)
             cap.mark(f"window-{i}-end", run.host_end)
             runs.append(run)
@@ -140,7 +157,7 @@ def measure(board: Board, payload: Payload, settings: RunSettings = RunSettings(
     identity = target.identify()
     check_identity(board, payload, identity)
     outcome = Outcome(measurement=None)  # type: ignore[arg-type]
-    progress(f"latency: {settings.latency_samples} inferences timed one by one")
+    progress("latency: inferences timed one by one")
     lat_run = _latency(board, payload, settings)
     samples_ms = [u / 1000 for u in lat_run.latencies_us]
     summary = LatencySummary.of(samples_ms)

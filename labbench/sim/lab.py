@@ -151,6 +151,12 @@ def _write_state(directory: Path, state: dict) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (a daemon this process started and has not reaped) is reaped."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:  # not our child: ask the kernel
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
