@@ -261,9 +261,9 @@ class EsptoolFlasher:
                 write_flash(esp, [(offset, data) for offset, data, _ in stale], compress=True)
                 result["write_s"] = round(time.monotonic() - t, 3)
             action = "hard reset"
-            port.baudrate = self.dut_baud  # before the reset: the boot log comes at the app's rate
+            port.baudrate = ROM_BAUD  # the ROM and the bootloader log at 115200, the app at its own rate
             reset_chip(esp, "hard-reset")
-            boot = _read_boot_log(port, BOOT_WAIT_S)
+            boot = _read_boot_log(port, BOOT_WAIT_S, self.dut_baud)
             logger.print("boot log after reset:\n" + boot)
             return result | {"boot_log": boot, "stayed_in_loader": "waiting for download" in boot}
         except (FatalError, serial.SerialException, OSError) as exc:
@@ -307,15 +307,20 @@ def _swap_logger(new: EspLogBase | None) -> EspLogBase | None:
     return previous
 
 
-def _read_boot_log(port: serial.SerialBase, wait_s: float) -> str:
-    """The chip's output after reset until the DUT's m-ready, the loader's prompt, or `wait_s`."""
+def _read_boot_log(port: serial.SerialBase, wait_s: float, app_baud: int) -> str:
+    """The chip's output after reset: the ROM's and bootloader's lines at 115200 up to the loader's
+    prompt or the app's start (its ELF SHA256 line), then the app's banner at `app_baud` up to m-ready."""
     out = bytearray()
     deadline = time.monotonic() + wait_s
     port.timeout = 0.05
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not re.search(rb"waiting for download|ELF file SHA256:[^\n]*\n", out):
         out += port.read(4096)
-        if b"m-ready" in out or b"waiting for download" in out:
-            break
+    if b"waiting for download" in out:
+        return out.decode("latin-1")
+    if app_baud != port.baudrate:
+        port.baudrate = app_baud
+    while time.monotonic() < deadline and b"m-ready" not in out:
+        out += port.read(4096)
     return out.decode("latin-1")
 
 

@@ -68,12 +68,13 @@ def check_identity(board: Board, payload: Payload, identity: DutIdentity) -> Non
 
 
 def _latency(board: Board, payload: Payload, s: RunSettings) -> TimedRun:
-    """Inferences timed one by one: as many as `latency_budget_s` of device time allows (10 to
-    `latency_samples`), sized by a 3-inference probe so a 600 ms model does not take minutes."""
+    """Inferences timed one by one: as many as fit in `latency_budget_s` (10 to `latency_samples`),
+    sized by a 3-inference probe's wall time, so neither a 600 ms model nor one whose every reply
+    carries 640 outputs over a serial line takes minutes."""
     sample = payload.timing_input()
     probe = board.target.run_timed(sample, 3, s.warmup, per_inference=True)
-    est_s = float(np.median(probe.latencies_us)) / 1e6
-    n = int(min(s.latency_samples, max(10, math.ceil(s.latency_budget_s / max(est_s, 1e-9)))))
+    per_s = max((probe.host_end - probe.host_start) / probe.count, float(np.median(probe.latencies_us)) / 1e6)
+    n = int(min(s.latency_samples, max(10, math.ceil(s.latency_budget_s / max(per_s, 1e-9)))))
     return board.target.run_timed(sample, n, 0, per_inference=True)
 
 

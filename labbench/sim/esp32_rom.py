@@ -470,6 +470,8 @@ class Esp32Loader:
 class Esp32BootRom:
     """The ESP32 boot ROM as a `SimMcuBoard` boot-ROM personality (see the module docstring)."""
 
+    rom_baud = 115200  # the ROM talks at 115200 (40 MHz crystal); the application sets its own rate
+
     def __init__(self, mac: bytes | None = None):
         self.mac = mac  # default: derived from the board's name
         self.last_boot = ""  # what the ROM printed at the last boot (for the sim's own reports)

@@ -438,11 +438,12 @@ class SimMcuBoard:
         self.boot_rom = boot_rom
         self.flash = FlashStore(self.family.flash_kib * 1024)
         self.reset_line = ResetLine()
+        self.app_baud = baud or self.family.serial_baud  # the DUT firmware's UART rate
         self.uart = SimUart(
             name,
             host,
             port,
-            device_baud=baud or self.family.serial_baud,
+            device_baud=getattr(boot_rom, "rom_baud", None) or self.app_baud,  # a boot ROM has its own
             reset=self.reset_line,
             on_lines=self._on_lines,
             rx_fifo_bytes=rx_fifo_bytes,
@@ -553,6 +554,7 @@ class SimMcuBoard:
                     self._in_rom = True
                     self.boot_rom.run(self, download)
                     self._in_rom = False
+                self.uart.device_baud = self.app_baud
                 self.firmware = MlperfDut(self)
                 self.firmware.run()
             except ChipReset:
