@@ -81,6 +81,8 @@ class Deployer(Protocol):
 class PowerMeter(Protocol):
     """An instrument that captures power on a channel in sync with the host clock."""
 
+    update_period_s: float  # each reading averages this long; windows need a settled update each side
+
     def identity(self) -> str: ...
 
     def capture(self, channel: int | str = 1) -> ContextManager[Any]: ...

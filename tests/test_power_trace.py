@@ -125,3 +125,17 @@ def test_integrator_needs_readings(channel: PowerChannel) -> None:
     with pytest.raises(ValueError, match="integrator readings"):
         bare.energy(1.0, 2.0, method="integrator")
     assert bare.covers[1] == pytest.approx(trace.covers[1])
+
+
+def test_an_edge_update_mostly_outside_before_a_load_step_stays_physical():
+    """The idle window ends a few ms into an update whose rest, and the next update, carry a
+    workload: taking the next update's level for the outside part would make the inside negative."""
+    from labbench.measure.power import _apportion
+
+    starts = np.array([-1.001, -0.501, -0.001, 0.499, 0.999, 1.499, 1.999, 2.499])
+    ends = starts + 0.5
+    levels = np.array([0.1309, 0.099, 0.099, 0.099, 0.099, 0.099, 0.099, 0.2204])
+    energy_j, uncertainty_j, _ = _apportion(0.0, 2.0001, starts, ends, levels * 0.5, levels,
+                                            np.full(8, 0.004), np.zeros(8, bool))
+    truth_j = 0.099 * 2.0001
+    assert abs(energy_j - truth_j) <= uncertainty_j and abs(energy_j - truth_j) / truth_j < 0.001

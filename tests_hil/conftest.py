@@ -89,6 +89,13 @@ def default_payload() -> Payload:
 @pytest.fixture(scope="session")
 def bench(run_settings: RunSettings, pytestconfig: pytest.Config) -> Bench:
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-    verbose = pytestconfig.getoption("verbose") >= 0 and reporter is not None
-    return Bench(run_settings, Path(pytestconfig.rootpath) / "build",
-                 say=lambda line: verbose and reporter.write_line(line, cyan=True))
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+
+    def say(line: str) -> None:
+        """Progress of long measurements, shown past pytest's output capture (not with -q)."""
+        if reporter is None or pytestconfig.getoption("verbose") < 0:
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line, cyan=True)
+
+    return Bench(run_settings, Path(pytestconfig.rootpath) / "build", say=say)

@@ -255,12 +255,20 @@ def _apportion(t0, t1, starts, ends, increments, levels, unc, overload) -> tuple
     for i in inside:
         left_out, right_out = max(0.0, t0 - starts[i]), max(0.0, ends[i] - t1)
         part = increments[i]
+        seen = [levels[i]]
         for out_s, outward in ((left_out, -1), (right_out, +1)):
             if out_s <= 0:
                 continue
             p_out, p_in = level(i, i + outward), level(i, i - outward)
             p_far = level(i + outward, i + 2 * outward) if adjacent(i, i + outward) else p_out
             part -= p_out * out_s
+            seen += [p_out, p_in]
             uncertainty_j += abs(p_in - p_out) * unc[i] + abs(p_out - p_far) * out_s
-        energy_j += part
+        # When the load changed inside this update (a workload starting just past the edge), the
+        # outside part did not draw its neighbour's level throughout and the estimate can leave the
+        # physically possible range: the inside part lies between nothing and the whole update.
+        bounded = min(max(part, 0.0), increments[i])
+        if bounded != part:
+            uncertainty_j += max(seen) * ((ends[i] - starts[i]) - left_out - right_out)
+        energy_j += bounded
     return float(energy_j), float(uncertainty_j), bool(overload[inside].any())

@@ -94,17 +94,24 @@ def _energy(board: Board, payload: Payload, s: RunSettings, latency_ms: float, o
     count = _window_count(board, payload.timing_input(), s, latency_ms)
     runs: list[TimedRun] = []
     meter = board.power_meter
+    # An update straddling a window edge is split assuming the load beyond the edge is steady, so
+    # every window gets a settled update period of idle on each side (the idle baseline is taken
+    # from the middle of its stretch for the same reason).
+    guard_s = 2 * meter.update_period_s
     with meter.capture(board.power_channel) as cap:
         progress(f"idle baseline {s.idle_s:g} s")
+        time.sleep(guard_s)
         t_idle0 = cap.mark("idle-start")
         time.sleep(s.idle_s)
         t_idle1 = cap.mark("idle-end")
         for i in range(s.windows):
+            time.sleep(guard_s)
             progress(f"energy window {i + 1}/{s.windows}: {count} inferences")
             run = board.target.run_timed(payload.timing_input(), count, 0)
             cap.mark(f"window-{i}-start", run.host_start)
             cap.mark(f"window-{i}-end", run.host_end)
             runs.append(run)
+        time.sleep(guard_s)
     trace = cap.trace
     outcome.trace, outcome.idle = trace, (t_idle0, t_idle1)
     outcome.windows = [(r.host_start, r.host_end) for r in runs]
