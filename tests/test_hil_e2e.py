@@ -95,3 +95,42 @@ def test_killed_run_leaves_a_loadable_journal(sim_lab):
     assert len(df) >= 2 and set(df["board"]) == {"rpi4"}
     assert all(json.loads(line)["provenance"]["source"] == "sim" for line in journal.read_text().splitlines()
                if line.endswith("}"))
+
+
+def test_slower_device_model_gates_red_for_that_board_only(tmp_path):
+    """Baseline from one run; a second run where lab.yaml's simulator makes the Nano 30 % slower:
+    `labbench gate` fails that board's latency and energy, and nothing on the ESP32."""
+    lab_path = tmp_path / "lab.yaml"
+    text = shifted_lab((REPO / "lab.yaml").read_text())  # then one range up again: apart from sim_lab's
+    text = re.sub(r"(127\.0\.0\.1(?:::|:))2(\d{4})", r"\g<1>3\2", text)
+    text = re.sub(r"^(\s+port: )2(\d{4})$", r"\g<1>3\2", text, flags=re.M)
+    slow = re.sub(r"(^  nano33:\n(?:.*\n)*?    sim: \{model: [^,]+, baud: 921600)\}", r"\1, speed_factor: 1.3}",
+                  text, flags=re.M)
+    assert slow != text
+    journals = []
+    for name, content in (("base", text), ("slow", slow)):
+        lab_path.write_text(content)
+        lab = inventory.load(lab_path)
+        simlab.up(lab)
+        try:
+            journal = tmp_path / f"{name}.jsonl"
+            done = subprocess.run(
+                [sys.executable, "-m", "pytest", str(REPO / "tests_hil"), "--lab", str(lab_path), "--board", "esp32",
+                 "--board", "nano33", "--journal", str(journal), *QUICK, "--latency-samples", "60",
+                 "-k", "inference and digits_mlp_int8 and not aggressive"],
+                cwd=REPO, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stdout[-3000:]
+        finally:
+            simlab.down(lab)
+        journals.append(journal)
+    cli = [sys.executable, "-m", "labbench.cli"]
+    saved = subprocess.run([*cli, "baseline", "save", str(journals[0]), "--name", "e2e", "--dir", str(tmp_path)],
+                           capture_output=True, text=True, cwd=REPO)
+    assert saved.returncode == 0, saved.stderr
+    verdict = subprocess.run([*cli, "gate", str(journals[1]), "--baseline", str(tmp_path / "e2e.json"),
+                              "--lab", str(lab_path), "--json", str(tmp_path / "gate.json")],
+                             capture_output=True, text=True, cwd=REPO)
+    assert verdict.returncode == 1, verdict.stdout + verdict.stderr
+    checks = json.loads((tmp_path / "gate.json").read_text())["checks"]
+    red = {(c["board"], c["metric"]) for c in checks if c["verdict"] in ("REGRESSION", "FAIL")}
+    assert ("nano33", "latency_p50_ms") in red and all(board == "nano33" for board, _ in red), red
