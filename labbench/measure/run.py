@@ -51,7 +51,7 @@ class RunSettings:
 class Outcome:
     """A measurement and what produced it (for plots): the power trace and the window bounds."""
 
-    measurement: Measurement
+    measurement: Measurement | None = None  # set once everything is measured
     trace: PowerTrace | None = None
     windows: list[tuple[float, float]] = field(default_factory=list)
     idle: tuple[float, float] | None = None
@@ -164,7 +164,7 @@ def measure(board: Board, payload: Payload, settings: RunSettings = RunSettings(
     target = board.target
     identity = target.identify()
     check_identity(board, payload, identity)
-    outcome = Outcome(measurement=None)  # type: ignore[arg-type]
+    outcome = Outcome()
     progress("latency: inferences timed one by one")
     lat_run = _latency(board, payload, settings)
     samples_ms = [u / 1000 for u in lat_run.latencies_us]
@@ -201,7 +201,7 @@ def measure(board: Board, payload: Payload, settings: RunSettings = RunSettings(
                               model_sha256=payload.info.sha256, firmware_sha256=firmware_sha256,
                               dataset_sha256=payload.dataset_sha256, instrument=instrument,
                               dut=f"{identity.name} / {identity.firmware or ''}", lab_sha256=lab.sha256),
-        extra={k: v for k, v in (extra or {}).items()})
+        extra=extra or {})
     return outcome
 
 
