@@ -67,6 +67,9 @@ def test_budget_verdicts_name_number_unit_and_budget():
 
 def test_pareto_mask():
     assert pareto_mask([0.9, 0.95, 0.8, 0.96], [1.0, 2.0, 3.0, 2.5]).tolist() == [True, True, False, True]
+    # slower but smaller and as accurate: on the accuracy/latency/memory frontier
+    assert pareto_mask([0.97, 0.97], [0.2, 0.1], [5.0, 10.0]).tolist() == [True, True]
+    assert pareto_mask([0.97, 0.97], [0.2, 0.1], [10.0, 10.0]).tolist() == [False, True]
 
 
 def test_dashboard_has_tables_and_frontier(tmp_path):

@@ -51,21 +51,25 @@ def latency_histogram(samples_ms: Sequence[float], title: str, marks: dict[str, 
     return _png(fig)
 
 
-def pareto_mask(accuracy: Sequence[float], latency_ms: Sequence[float]) -> np.ndarray:
-    """True for points no other point beats on both accuracy (higher) and latency (lower)."""
+def pareto_mask(accuracy: Sequence[float], latency_ms: Sequence[float],
+                memory_kib: Sequence[float] | None = None) -> np.ndarray:
+    """True for points no other point beats: at least as accurate, as fast (and, given memory, as
+    small) and strictly better in one. Seed 000's frontier is accuracy / latency / memory."""
     acc, lat = np.asarray(accuracy, float), np.asarray(latency_ms, float)
+    mem = np.zeros(acc.size) if memory_kib is None else np.asarray(memory_kib, float)
     mask = np.ones(acc.size, bool)
     for i in range(acc.size):
-        better = (acc >= acc[i]) & (lat <= lat[i]) & ((acc > acc[i]) | (lat < lat[i]))
-        mask[i] = not better.any()
+        no_worse = (acc >= acc[i]) & (lat <= lat[i]) & (mem <= mem[i])
+        better = (acc > acc[i]) | (lat < lat[i]) | (mem < mem[i])
+        mask[i] = not (no_worse & better).any()
     return mask
 
 
 def frontier(labels: Sequence[str], accuracy: Sequence[float], latency_ms: Sequence[float],
              memory_kib: Sequence[float], title: str) -> bytes:
-    """Accuracy vs latency, point size by memory, the Pareto frontier highlighted."""
+    """Accuracy vs latency, point size by memory, the accuracy/latency/memory frontier highlighted."""
     acc, lat, mem = (np.asarray(v, float) for v in (accuracy, latency_ms, memory_kib))
-    on = pareto_mask(acc, lat)
+    on = pareto_mask(acc, lat, mem)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     sizes = 40 + 400 * mem / max(mem.max(), 1e-9)
     ax.scatter(lat[~on], acc[~on], s=sizes[~on], color="tab:grey", alpha=0.6, label="dominated")
