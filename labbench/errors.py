@@ -24,6 +24,7 @@ class HardwareError(LabbenchError):
 
     def __init__(self, target: str, action: str, seen: str, log: str | None = None):
         self.target, self.action, self.seen, self.log = target, action, seen, log
+        self.partial: object = None  # what was measured before the fault, kept but never judged
         where = f" (full log: {log})" if log else ""
         super().__init__(f"{target}: {action}: {seen}{where}")
 
@@ -42,6 +43,10 @@ class InstrumentError(HardwareError):
 
 class RemoteError(HardwareError):
     """An SSH board could not be reached, refused a host key, or a remote run broke off."""
+
+
+class RunAborted(HardwareError):
+    """A run was stopped from outside: another part of the bench (the power capture) failed mid-run."""
 
 
 class BoardBusy(LabbenchError):
