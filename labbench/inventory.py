@@ -3,13 +3,16 @@
 Validation is strict: unknown keys, wrong types and dangling references (a power link to a missing
 instrument, a family with no devices/ file, two boards on one port, an unknown driver) are errors
 formatted `lab.yaml:LINE: key.path: message`, with a did-you-mean where a close name exists.
-`${VAR}` in any string is taken from the environment; an unset variable is an error naming it.
+`${VAR}` and `${VAR:-default}` in any string are taken from the environment (see yamlsource); an
+unset variable without a default is an error naming it.
 Relative paths are resolved against the directory of lab.yaml.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import pwd
 import re
 from functools import cached_property
 from importlib.metadata import entry_points
@@ -52,6 +55,8 @@ class SerialConn(_Strict):
 
 
 class SshConn(_Strict):
+    """An SSH link; without `user:` the user is the local account name, as ssh uses."""
+
     host: str
     port: int = Field(22, gt=0, lt=65536)
     user: str
@@ -60,6 +65,17 @@ class SshConn(_Strict):
     trust_on_first_use: bool = False
     connect_timeout_s: float = Field(10.0, gt=0)
     command_timeout_s: float = Field(120.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_user(cls, data: Any) -> Any:
+        """The account of the uid, from the passwd database ($USER may be unset or stale)."""
+        if not isinstance(data, dict) or "user" in data:
+            return data
+        try:
+            return {**data, "user": pwd.getpwuid(os.getuid()).pw_name}
+        except KeyError:
+            raise ValueError(f"no user: given and uid {os.getuid()} has no account name") from None
 
 
 class FlashSettings(_Strict):

@@ -1,8 +1,13 @@
 """YAML loading that keeps line numbers, so validation errors can say `file:LINE: key.path: message`.
 
 ruamel.yaml's round-trip loader records where each key and value sits; pydantic reports where an
-error is as a key path. This module joins the two: load, substitute `${VAR}`, validate with a pydantic
-model, and turn every pydantic error into one line naming the file, line and key path.
+error is as a key path. This module joins the two: load, substitute environment variables, validate
+with a pydantic model, and turn every pydantic error into one line naming the file, line and key path.
+
+Substitution, in every string value, as in the shell: `${VAR}` (an unset VAR is an error),
+`${VAR:-default}` (the default when VAR is unset or empty), `${VAR-default}` (only when unset).
+`$$` is a literal `$`; a `$` not followed by `{` or `$` stays as it is. Anything else starting
+with `${` (no closing brace, a bad name, a nested substitution) is an error, never kept as text.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from ruamel.yaml.error import MarkedYAMLError
 
 from labbench.errors import LabConfigError
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: `$$`, or `${` up to the next `}` (or the end of the string, when there is none)
+_DOLLAR = re.compile(r"\$(\$|\{[^}]*\}?)")
+#: what follows `$` in a well-formed substitution: name, operator (`:-` or `-`), default
+_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^${}]*))?\}")
 
 Loc = Sequence[str | int]
 
@@ -52,7 +60,7 @@ class Source:
         return src
 
     def _substitute(self, node: Any, loc: tuple, error: type[LabConfigError]) -> Any:
-        """Replace `${VAR}` in every string scalar; an unset variable is an error naming it."""
+        """Substitute environment variables in every string scalar (see the module docstring)."""
         if isinstance(node, CommentedMap):
             for key in list(node):
                 node[key] = self._substitute(node[key], loc + (key,), error)
@@ -62,11 +70,23 @@ class Source:
         elif isinstance(node, str):
 
             def value(m: re.Match) -> str:
-                if m.group(1) not in os.environ:
-                    raise error(self.where(loc, f"environment variable {m.group(1)} is not set"))
-                return os.environ[m.group(1)]
+                token = m.group(1)
+                if token == "$":
+                    return "$"
+                ref = _REF.fullmatch(token)
+                if ref is None:
+                    problem = ("no closing }" if not token.endswith("}") else
+                               "expected ${VAR}, ${VAR:-default} or ${VAR-default} ($$ for a literal $)")
+                    raise error(self.where(loc, f'bad substitution "${token}": {problem}'))
+                name, op, default = ref.groups()
+                current = os.environ.get(name)
+                if op and (current is None or (op == ":-" and not current)):
+                    return default
+                if current is None:
+                    raise error(self.where(loc, f"environment variable {name} is not set"))
+                return current
 
-            return _VAR.sub(value, node)
+            return _DOLLAR.sub(value, node)
         return node
 
     def line(self, loc: Loc) -> int:

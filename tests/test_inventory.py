@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pwd
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -11,6 +15,7 @@ from labbench import inventory
 from labbench.errors import LabConfigError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
+ME = pwd.getpwuid(os.getuid()).pw_name
 
 # Line numbers below refer to this document (line 1 is "lab:").
 BASE = textwrap.dedent("""\
@@ -76,17 +81,68 @@ def test_family_budget_applies_to_its_boards(tmp_path):
     assert lab.budget("esp32", "digits_mlp_int8").accuracy.min == 0.95
 
 
-def test_default_lab_is_valid(monkeypatch):
-    monkeypatch.setenv("USER", "tester")
+def test_default_lab_is_valid_without_user_in_the_environment(monkeypatch):
+    monkeypatch.delenv("USER", raising=False)
+    monkeypatch.delenv("LOGNAME", raising=False)
     lab = inventory.load(REPO / "lab.yaml")
     assert len(lab.boards) == 5 and all(i.kind == "pm1000" for i in lab.instruments.values())
     assert lab.simulated
+    assert {b.ssh.user for b in lab.boards.values() if b.ssh} == {ME}
+
+
+def test_default_lab_checks_with_an_empty_environment():
+    done = subprocess.run([sys.executable, "-m", "labbench.cli", "lab", "check"], cwd=REPO, env={},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"ssh {ME}@127.0.0.1:12201" in done.stdout
+
+
+def test_ssh_user_defaults_to_the_local_account_not_user_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("USER", "someone-else")
+    lab = inventory.load(write(tmp_path, _sub("ssh: {host: 10.0.0.5, user: lab}", "ssh: {host: 10.0.0.5}")))
+    assert lab.boards["jetson"].ssh.user == ME
+
+
+def test_ssh_user_without_an_account_name_is_an_error(tmp_path, monkeypatch):
+    def no_account(uid):
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", no_account)
+    with pytest.raises(LabConfigError) as exc:
+        inventory.load(write(tmp_path, _sub("ssh: {host: 10.0.0.5, user: lab}", "ssh: {host: 10.0.0.5}")))
+    message = f"lab.yaml:25: boards.jetson.ssh: no user: given and uid {os.getuid()} has no account name"
+    assert str(exc.value) == message
+
+
+@pytest.mark.parametrize("expr, env, user", [
+    ("${LABBENCH_TEST_USER:-pi}", {}, "pi"),
+    ("${LABBENCH_TEST_USER:-pi}", {"LABBENCH_TEST_USER": ""}, "pi"),
+    ("${LABBENCH_TEST_USER:-pi}", {"LABBENCH_TEST_USER": "bench"}, "bench"),
+    ("${LABBENCH_TEST_USER-pi}", {}, "pi"),
+    ("${LABBENCH_TEST_USER-pi}", {"LABBENCH_TEST_USER": ""}, ""),
+    ("${LABBENCH_TEST_USER-pi}", {"LABBENCH_TEST_USER": "bench"}, "bench"),
+    ("${LABBENCH_TEST_USER}", {"LABBENCH_TEST_USER": ""}, ""),
+    ("${LABBENCH_TEST_USER:-}", {}, ""),
+    ('"a-${LABBENCH_TEST_USER:-b c}-${LABBENCH_TEST_USER:-d}"', {}, "a-b c-d"),
+    ("pi$$1$${LABBENCH_TEST_USER}$x", {"LABBENCH_TEST_USER": "bench"}, "pi$1${LABBENCH_TEST_USER}$x"),
+], ids=["default-unset", "default-empty", "default-set", "unset-only-unset", "unset-only-empty",
+        "unset-only-set", "plain-empty", "empty-default", "two-in-one", "dollar-escapes"])
+def test_substitution(tmp_path, monkeypatch, expr, env, user):
+    monkeypatch.delenv("LABBENCH_TEST_USER")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    lab = inventory.load(write(tmp_path, _sub("${LABBENCH_TEST_USER}", expr)))
+    assert lab.boards["pi"].ssh.user == user
 
 
 def test_unknown_board_is_a_usage_error_listing_boards(tmp_path):
     lab = inventory.load(write(tmp_path, BASE))
     with pytest.raises(UsageError, match=r'unknown board "esp33"; did you mean "esp32"\? \(known: esp32, jetson, pi\)'):
         lab.board("esp33")
+
+
+#: the end of the message for a malformed `${...}`
+FORMS = "expected ${VAR}, ${VAR:-default} or ${VAR-default} ($$ for a literal $)"
 
 
 def _sub(old: str, new: str, count: int = 1) -> str:
@@ -171,6 +227,19 @@ MALFORMED = [
     # environment and syntax
     ("unset-variable", _sub("${LABBENCH_TEST_USER}", "${LABBENCH_NO_SUCH_VAR}"),
      "lab.yaml:20: boards.pi.ssh.user: environment variable LABBENCH_NO_SUCH_VAR is not set"),
+    ("unterminated-substitution", _sub("host: 127.0.0.1", "host: ${RPI4_HOST:-127.0.0.1"),
+     'lab.yaml:18: boards.pi.ssh.host: bad substitution "${RPI4_HOST:-127.0.0.1": no closing }'),
+    ("substitution-bad-name", _sub("${LABBENCH_TEST_USER}", "${1BAD}"),
+     'lab.yaml:20: boards.pi.ssh.user: bad substitution "${1BAD}": ' + FORMS),
+    ("substitution-empty", _sub("resource: TCPIP::127.0.0.1::15025::SOCKET", "resource: TCPIP::${}::SOCKET"),
+     'lab.yaml:6: instruments.meter.resource: bad substitution "${}": ' + FORMS),
+    ("substitution-nested", _sub("${LABBENCH_TEST_USER}", "${NO_SUCH_VAR:-${LABBENCH_TEST_USER}}"),
+     'lab.yaml:20: boards.pi.ssh.user: bad substitution "${NO_SUCH_VAR:-${LABBENCH_TEST_USER}": ' + FORMS),
+    ("substitution-bad-operator", _sub("${LABBENCH_TEST_USER}", "${LABBENCH_TEST_USER:=pi}"),
+     'lab.yaml:20: boards.pi.ssh.user: bad substitution "${LABBENCH_TEST_USER:=pi}": ' + FORMS),
+    ("substitution-in-list", _sub("flash: {tool: esptool, baud: 460800}",
+                                  "flash: {tool: esptool, command: [esptool, '${PORT']}"),
+     'lab.yaml:12: boards.esp32.flash.command.1: bad substitution "${PORT": no closing }'),
     ("bad-yaml", _sub("settings: {timeout_s: 2}", "settings: {timeout_s: 2"),
      "lab.yaml:8: not valid YAML: expected ',' or '}', but got ':'"),
 ]
@@ -206,8 +275,7 @@ def test_endpoint_notations():
     assert inventory.endpoint("/dev/ttyUSB0") is None
 
 
-def test_real_lab_example_differs_from_the_default_only_in_addresses(monkeypatch):
-    monkeypatch.setenv("USER", "tester")
+def test_real_lab_example_differs_from_the_default_only_in_addresses():
     sim, real = inventory.load(REPO / "lab.yaml"), inventory.load(REPO / "examples/lab.real.yaml")
     assert not real.simulated and sim.simulated
     assert {n: b.family for n, b in real.boards.items()} == {n: b.family for n, b in sim.boards.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import socket
 import subprocess
 import time
@@ -54,6 +56,8 @@ def test_plain_ssh_and_scp_work_with_the_lab_key_and_strict_host_keys(rpi, tmp_p
     sim, _ = rpi
     target = f"{sim.user}@127.0.0.1"
     assert openssh(sim, target, "true").returncode == 0
+    assert sim.user == pwd.getpwuid(os.getuid()).pw_name  # no user given: the account ssh defaults to
+    assert openssh(sim, "-F", "none", "127.0.0.1", "true").returncode == 0
     where = openssh(sim, target, 'pwd; echo "$HOME"; command -v python3')
     assert where.stdout.split() == [str(sim.home), str(sim.home), str(sim.state_dir / "bin" / "python3")]
 

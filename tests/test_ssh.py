@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -286,6 +287,15 @@ def test_command_timeout_is_bounded(lab):
         board.execute(["sleep", "10"])
     assert time.monotonic() - t0 < 5
     board.close()
+
+
+def test_user_defaults_to_the_local_account_as_ssh_does(tmp_path, monkeypatch):
+    monkeypatch.setenv("USER", "someone-else")
+    config = tmp_path / "config"
+    config.write_text("Host withuser\n  User pi\n")
+    assert SshBoard("rpi4", "127.0.0.1", ssh_config=config).user == pwd.getpwuid(os.getuid()).pw_name
+    assert SshBoard("rpi4", "withuser", ssh_config=config).user == "pi"
+    assert SshBoard("rpi4", "withuser", user="bench", ssh_config=config).user == "bench"
 
 
 def test_ssh_config_and_agent_are_honoured(lab, tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 
 Connection: ~/.ssh/config is honoured for the board's host as `ssh <host>` would: HostName,
 IdentityFile, ProxyCommand, and UserKnownHostsFile, Port and User where the caller leaves them unset
-(lab.yaml always sets port and user). Keys come from lab.yaml, the config, ~/.ssh/id_* and the agent.
+(a lab.yaml entry always gives both: port defaults to 22, user to the local account name). Keys come
+from lab.yaml, the config, ~/.ssh/id_* and the agent.
 `command_timeout_s` bounds a remote command's silence: no output for that long ends it (a streamed
 run may last longer, as long as inferences keep coming).
 
@@ -22,12 +23,12 @@ breaks off raises RemoteRunError carrying the inferences that did complete.
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import io
 import json
 import os
 import posixpath
+import pwd
 import re
 import shlex
 import time
@@ -185,7 +186,7 @@ class SshBoard:
         config = self._ssh_config(host, ssh_config)
         self.host = config.get("hostname", host)
         self.port = int(port or config.get("port", 22))
-        self.user = user or config.get("user") or getpass.getuser()
+        self.user = user or config.get("user") or pwd.getpwuid(os.getuid()).pw_name  # as ssh: not $USER
         candidates = ([key] if key else []) + config.get("identityfile", [])
         self.keys = [str(Path(k).expanduser()) for k in candidates if Path(k).expanduser().exists()]
         default_known = config.get("userknownhostsfile", "~/.ssh/known_hosts").split()[0]

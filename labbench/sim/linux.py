@@ -9,8 +9,9 @@ The board's home: sshd takes the login directory from the passwd database, and w
 cannot chroot or switch users. It is therefore started with nss_wrapper (Debian's libnss-wrapper,
 the cwrap library made for testing servers without root) preloaded and pointed at a passwd file of
 its own, in which the board's account (named as lab.yaml's `user`, so `pi@` works whoever runs the
-lab) has the invoking user's uid and `state_dir/home` as its home. sshd then does what it does on
-a real board: chdir to that home, set HOME, and start SFTP there; no ForceCommand or shell wrapper.
+lab; by default the invoking user's account name, as ssh uses) has the invoking user's uid and
+`state_dir/home` as its home. sshd then does what it does on a real board: chdir to that home, set
+HOME, and start SFTP there; no ForceCommand or shell wrapper.
 The preload stays inside sshd: sessions get sshd's fresh environment, in which PATH starts with
 `state_dir/bin`, holding the board's `python3` (a wrapper around the interpreter given, by default
 the one running the lab, which has numpy and ai-edge-litert). When the invoking user is root, sshd
