@@ -5,18 +5,18 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+# pyproject.toml has the version ranges, constraints.txt the exact versions installed here.
+CONSTRAINTS := constraints.txt
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) | sha256sum | cut -c1-12)
 BOARD ?= esp32
 REPORT := reports/lab-$(BOARD).html
-# The simulated Linux boards run sshd as the invoking user, and lab.yaml names that user as ${USER}.
-export USER ?= $(shell id -un)
 # Debian packages: a real OpenSSH server and client for the simulated Linux boards (nss_wrapper
 # gives each simulated board its own account and home without root), a C compiler for the
 # firmware core's host tests.
 DEB_PACKAGES := openssh-server openssh-client libnss-wrapper gcc g++ make
 DEB_MISSING = $(shell for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done)
 
-.PHONY: lab test setup system-packages
+.PHONY: lab test setup system-packages constraints
 
 # Shorter energy windows than MLPerf Tiny's 10 s x 5 keep the main job to minutes; run
 # `pytest tests_hil --board esp32` without them for MLPerf-length windows.
@@ -44,8 +44,18 @@ system-packages:
 	echo "installing Debian packages:$$missing"; \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[fixtures,dev]'
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) --upgrade pip
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) --build-constraint $(CONSTRAINTS) -e '.[fixtures,dev]'
 	@rm -f $(VENV)/.installed-*; touch $@
+
+# Rewrite constraints.txt with the newest versions pyproject.toml's ranges allow, resolved in a scratch
+# virtualenv (then `make test` installs and tests them).
+LOCK_VENV := build/lock-venv
+constraints:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip setuptools
+	$(LOCK_VENV)/bin/python -m pip install -q '.[fixtures,dev]'
+	{ grep '^#' $(CONSTRAINTS); $(LOCK_VENV)/bin/python -m pip freeze --all --exclude labbench; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS) && rm -rf $(LOCK_VENV)

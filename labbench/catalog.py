@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import numbers
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-import labbench
 from labbench.errors import CatalogError
 from labbench.yamlsource import Source, plain, unknown
 
@@ -138,8 +138,8 @@ class BoardFamily(_Strict):
 
 
 def default_devices_dir() -> Path:
-    """The repository's devices/ folder."""
-    return Path(labbench.__file__).resolve().parents[1] / "devices"
+    """The catalog shipped with the package (labbench.devices: devices/ of the checkout when editable)."""
+    return Path(resources.files("labbench.devices"))
 
 
 def load_family(name: str, devices_dir: str | Path | None = None) -> BoardFamily:
