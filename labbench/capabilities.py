@@ -6,9 +6,10 @@ Drivers implement these; tests and `measure` depend only on them, never on a dri
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Iterable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Protocol, runtime_checkable
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 #: capability name (as used by ``@pytest.mark.requires``) -> Protocol, filled at the end of the module
 CAPABILITIES: dict[str, type] = {}

@@ -30,9 +30,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from esptool.bin_image import ESP32FirmwareImage, ImageSegment
-from esptool.targets.esp32 import ESP32ROM
-
 from labbench import __version__
 from labbench.errors import LabbenchError
 
@@ -42,8 +39,10 @@ PARTITIONS_CSV = "partitions.csv"
 PARTITION_TABLE_BIN = "partition-table.bin"
 FLASHER_ARGS = "flasher_args.json"
 
+# Values of esptool's ESP32ROM are written out: the CLI imports this module, and esptool loads only
+# where an image is built or read.
 FLASH_SIZE_BYTES = 4 * 1024 * 1024
-BOOTLOADER_OFFSET = ESP32ROM.BOOTLOADER_FLASH_OFFSET  # 0x1000
+BOOTLOADER_OFFSET = 0x1000  # ESP32ROM.BOOTLOADER_FLASH_OFFSET
 PARTITION_TABLE_OFFSET = 0x8000
 APP_OFFSET = 0x10000
 SUPPORTED_BOARDS = ("esp32",)
@@ -58,9 +57,9 @@ MODEL_MAGIC = b"LBMODEL1"
 MODEL_HEADER_FMT = "<8sI32s32s"  # magic, size_bytes, sha256, name
 MODEL_HEADER_BYTES = struct.calcsize(MODEL_HEADER_FMT)
 # First flash-mapped segment: its data lands at DROM + 0x20, matching its file offset modulo 64 KB
-DROM_SEGMENT_ADDR = ESP32ROM.DROM_MAP_START + 0x20
+DROM_SEGMENT_ADDR = 0x3F400000 + 0x20  # ESP32ROM.DROM_MAP_START + 0x20
 FLASH_MODE_DIO = 2
-FLASH_SIZE_FREQ = ESP32ROM.FLASH_SIZES["4MB"] | ESP32ROM.FLASH_FREQUENCY["40m"]
+FLASH_SIZE_FREQ = 0x20 | 0x00  # ESP32ROM.FLASH_SIZES["4MB"] | ESP32ROM.FLASH_FREQUENCY["40m"]
 MAX_CHIP_REV_FULL = 399  # v3.99, ESP-IDF's default upper bound for the ESP32
 
 # ESP-IDF partition table binary (components/partition_table/gen_esp32part.py)
@@ -172,6 +171,8 @@ def boot_partition(partitions: tuple[Partition, ...]) -> Partition:
 
 def build_app_image(model: bytes, model_name: str, version: str = __version__) -> bytes:
     """An ESP32 application image whose DROM segment holds the app description and the model."""
+    from esptool.bin_image import ESP32FirmwareImage, ImageSegment
+
     sha = hashlib.sha256(model).digest()
     desc = struct.pack(
         APP_DESC_FMT,
@@ -201,6 +202,9 @@ def build_app_image(model: bytes, model_name: str, version: str = __version__) -
 
 def read_app_image(data: bytes) -> AppImage:
     """Validate an image (magic, chip, checksum, SHA-256 digest, app description, model record)."""
+    from esptool.bin_image import ESP32FirmwareImage
+    from esptool.targets.esp32 import ESP32ROM
+
     if not data or data[0] != ESP32ROM.ESP_IMAGE_MAGIC:
         raise ImageError(f"invalid magic byte {data[:1].hex() or 'none'} (nothing flashed?)")
     try:

@@ -8,10 +8,12 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
-from labbench.modelinfo import ModelInfo, quantize_input
+    from labbench.modelinfo import ModelInfo
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
@@ -32,17 +34,25 @@ class Payload:
 
     @cached_property
     def info(self) -> ModelInfo:
+        from labbench.modelinfo import ModelInfo
+
         return ModelInfo.from_file(self.path)
 
     @cached_property
     def data(self) -> dict[str, np.ndarray] | None:
         if self.dataset is None:
             return None
+        import numpy as np
+
         with np.load(self.dataset) as npz:
             return {k: npz[k] for k in npz.files}
 
     def test_inputs(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The test split as the model's input tensors (quantized for int8 models) and the labels."""
+        import numpy as np
+
+        from labbench.modelinfo import quantize_input
+
         x, y = self.data["x_test"][:limit], self.data["y_test"][:limit]
         shape = self.info.inputs[0].shape[1:]
         return np.stack([quantize_input(self.info, xi.reshape((1, *shape)))[0] for xi in x]), y
@@ -51,6 +61,8 @@ class Payload:
         """One input for back-to-back timing: the first test sample, or a seeded random one."""
         if self.data is not None:
             return self.test_inputs(limit=1)[0][0]
+        import numpy as np
+
         t = self.info.inputs[0]
         rng = np.random.default_rng(0)
         if np.issubdtype(np.dtype(t.dtype), np.integer):
