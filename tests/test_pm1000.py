@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import re
 import socket
+import subprocess
+import sys
+import threading
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from labbench.errors import InstrumentError, LabConfigError, UsageError
+from labbench.errors import InstrumentError, LabConfigError, RunAborted, UsageError
 from labbench.instruments.pm1000 import DataStatus, Pm1000
+from labbench.measure.power import PowerTrace
 from labbench.sim.pm1000 import DEFAULT_IDN, Pm1000Sim
 from labbench.sim.powerbus import PowerBus, PowerChannel, SquareWave
 
@@ -58,6 +65,65 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class SilenceableProxy:
+    """A loopback TCP proxy in front of the simulated instrument. `silence()` keeps the connection
+    open but forwards nothing more, either way: an instrument that hangs without dropping the link."""
+
+    def __init__(self, upstream: Pm1000Sim):
+        self._upstream = (upstream.host, upstream.port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.resource = f"TCPIP::127.0.0.1::{self._listener.getsockname()[1]}::SOCKET"
+        self._silent = threading.Event()
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def silence(self) -> float:
+        """Go silent now; returns when (host monotonic s)."""
+        self._silent.set()
+        return time.monotonic()
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._upstream)
+            self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(4096):
+                if not self._silent.is_set():
+                    dst.sendall(data)
+        except OSError:
+            return
+
+
+class FreezableClock:
+    """The simulated instrument's clock: frozen, its results stop updating though it still answers."""
+
+    def __init__(self) -> None:
+        self.frozen_at: float | None = None
+
+    def __call__(self) -> float:
+        return time.monotonic() if self.frozen_at is None else self.frozen_at
+
+    def freeze(self) -> float:
+        self.frozen_at = time.monotonic()
+        return self.frozen_at
+
+
 def test_identity_selection_and_results(meter: Pm1000, channel: PowerChannel) -> None:
     assert meter.identity() == DEFAULT_IDN
     meter.configure()
@@ -104,19 +170,101 @@ def test_unknown_command_names_the_command_and_esr_bits(meter: Pm1000) -> None:
         meter.configure(current_range=9)  # a known command with a value out of range
 
 
-def test_killed_mid_capture_raises_and_keeps_the_trace(sim: Pm1000Sim, channel: PowerChannel) -> None:
-    meter = Pm1000(sim.resource, name=NAME, timeout_s=0.5, current_range=3)
+def test_silent_analyzer_fails_the_capture_within_2_s(sim: Pm1000Sim, channel: PowerChannel) -> None:
+    """Silent mid-run: `failed` stops the DUT run, whose RunAborted is chained under the instrument error."""
+    proxy = SilenceableProxy(sim)
+    meter = Pm1000(proxy.resource, name=NAME, current_range=3)  # commands wait 2 s, polls 1 s
+    heard: list[tuple[float, InstrumentError]] = []
+    try:
+        with pytest.raises(InstrumentError) as err, meter.capture() as cap:
+            cap.on_failure(lambda e: heard.append((time.monotonic(), e)))
+            t0 = cap.mark("start")
+            time.sleep(1.3)
+            t1 = cap.mark("end")
+            silent_at = proxy.silence()
+            assert cap.failed.wait(3.0)
+            delay_s = time.monotonic() - silent_at
+            raise RunAborted("dut", "run_timed", "stopped: the power capture failed")
+    finally:
+        meter.close()
+        proxy.close()
+    assert delay_s < 2.0 and heard[0][0] - silent_at < 2.0
+    e = err.value
+    assert e is cap.error and [h[1] for h in heard] == [e]
+    assert (e.target, e.action) == (NAME, "capture") and proxy.resource in e.seen
+    assert re.search(r":(DSR|FRD)\?: no reply within 1 s", e.seen)
+    assert isinstance(e.__context__, RunAborted)
+    kept = e.partial
+    assert isinstance(kept, PowerTrace) and kept.fault == str(e)
+    assert [m.label for m in kept.marks] == ["start", "end"] and len(kept) >= 3
+    assert silent_at - 0.55 < kept.covers[1] < silent_at + 0.05  # up to the last update before the silence
+    assert kept.energy(t0, t0 + 0.5).energy_j == pytest.approx(channel.energy_j(t0, t0 + 0.5), rel=1e-3)
+    with pytest.raises(ValueError, match="reaches past the end of a partial trace"):
+        kept.energy(t0, t1)  # the update holding t1 completed after the silence
+    assert len(cap.trace) == len(kept)
+
+
+def test_dropped_connection_fails_the_capture_and_keeps_the_trace(sim: Pm1000Sim, channel: PowerChannel):
+    meter = Pm1000(sim.resource, name=NAME, current_range=3)
     with pytest.raises(InstrumentError) as err, meter.capture() as cap:
         t0 = cap.mark("start")
         time.sleep(1.3)
+        dropped_at = time.monotonic()
         sim.stop()
-        time.sleep(0.8)
-    assert err.value.action == "capture" and "kept" in err.value.seen
-    kept = err.value.trace
-    assert len(kept) >= 3 and kept.marks[0].t_s == t0
-    assert kept.energy(t0, t0 + 0.5).energy_j == pytest.approx(channel.energy_j(t0, t0 + 0.5), rel=1e-3)
-    assert len(cap.trace) == len(kept)
+        dropped_by = time.monotonic()
+        assert cap.failed.wait(3.0)
+        delay_s = time.monotonic() - dropped_at
     meter.close()
+    assert delay_s < 2.0
+    e = err.value
+    assert e is cap.error and e.action == "capture" and sim.resource in e.seen and "readings kept" in e.seen
+    kept = e.partial
+    assert len(kept) >= 3 and kept.marks[0].t_s == t0 and dropped_at - 0.55 < kept.covers[1] < dropped_by
+    assert kept.energy(t0, t0 + 0.5).energy_j == pytest.approx(channel.energy_j(t0, t0 + 0.5), rel=1e-3)
+
+
+def test_analyzer_that_stops_updating_fails_within_3_periods(channel: PowerChannel) -> None:
+    """It still answers, with no new reading: the 3-period rule. A KeyboardInterrupt is not replaced."""
+    clock = FreezableClock()
+    with Pm1000Sim(NAME, "127.0.0.1", 0, channel, clock=clock, use_pty=False) as sim:
+        meter = Pm1000(sim.resource, name=NAME, current_range=3)
+        with pytest.raises(KeyboardInterrupt), meter.capture() as cap:
+            time.sleep(0.7)
+            frozen_at = clock.freeze()
+            assert cap.failed.wait(3.0)
+            delay_s = time.monotonic() - frozen_at
+            raise KeyboardInterrupt
+        meter.close()
+    assert delay_s < 2.0 and cap.stale_after_s == 1.5
+    assert cap.error is not None
+    assert re.search(r"no new reading for 1\.5\d s \(limit 1.5 s, 3 update periods\)", cap.error.seen)
+    assert cap.error.partial == cap.trace and len(cap.trace) >= 1
+    assert Pm1000(sim.resource, auto_zero=True).capture().stale_after_s == 2.5  # auto-zero blanks ~1 s
+
+
+def test_healthy_capture_on_a_loaded_host_never_trips(meter: Pm1000) -> None:
+    """10 s with every core busy, and a busy thread contending with the poller and the simulated
+    instrument for this process's interpreter lock."""
+    busy_until = time.monotonic() + 12.0
+    spin = f"import time\nwhile time.monotonic() < {busy_until}: pass"
+    burners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 1)]
+    spinner = threading.Thread(target=exec, args=(spin,))
+    spinner.start()
+    try:
+        with meter.capture() as cap:
+            t0 = cap.mark("start")
+            time.sleep(10.0)
+            t1 = cap.mark("end")
+    finally:
+        for p in burners:
+            p.kill()
+            p.wait()
+        spinner.join()
+    assert not cap.failed.is_set() and cap.error is None
+    trace = cap.trace
+    assert trace.fault is None and trace.integrator is not None
+    assert len(trace) >= 21 and np.diff(trace.t_s).max() < 1.5 * trace.period_s  # not one update missed
+    assert trace.energy(t0, t1).energy_j == pytest.approx(0.8 * (t1 - t0), rel=1e-3)
 
 
 def test_unopenable_resources_name_the_resource() -> None:
@@ -195,12 +343,14 @@ def test_rs232_path_through_the_pty(sim: Pm1000Sim, channel: PowerChannel) -> No
 
 
 def test_manual_literal_cr_terminator(channel: PowerChannel) -> None:
-    with Pm1000Sim(NAME, "127.0.0.1", 0, channel, terminator="\r", use_pty=False) as sim:
-        with Pm1000(sim.resource, name=NAME, read_termination="\r", timeout_s=0.5) as meter:
-            meter.configure()
-            assert meter.send(":BLK?") == "1"
-            meter.send(":BLK:DIS")
-            assert meter.send(":BLK?") == "0"
+    with (
+        Pm1000Sim(NAME, "127.0.0.1", 0, channel, terminator="\r", use_pty=False) as sim,
+        Pm1000(sim.resource, name=NAME, read_termination="\r", timeout_s=0.5) as meter,
+    ):
+        meter.configure()
+        assert meter.send(":BLK?") == "1"
+        meter.send(":BLK:DIS")
+        assert meter.send(":BLK?") == "0"
 
 
 def test_from_lab_reads_the_inventory_settings(sim: Pm1000Sim) -> None:

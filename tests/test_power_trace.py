@@ -139,3 +139,28 @@ def test_an_edge_update_mostly_outside_before_a_load_step_stays_physical():
                                             np.full(8, 0.004), np.zeros(8, bool))
     truth_j = 0.099 * 2.0001
     assert abs(energy_j - truth_j) <= uncertainty_j and abs(energy_j - truth_j) / truth_j < 0.001
+
+
+def test_partial_trace_measures_its_complete_windows_and_refuses_the_rest(channel: PowerChannel) -> None:
+    """A capture that failed at about t=4.5 s: window 0 finished before it, window 1 did not."""
+    truth = workload(channel, 1.1, 3.9)
+    marks = (Mark("window-0-start", 1.1), Mark("window-0-end", 3.9), Mark("window-1-start", 4.3))
+    updates = synthetic_trace(channel, phase_s=0.0, n=20).updates[:9]  # the last one ends at 4.5
+    fault = "pm: capture: TCPIP::x::1::SOCKET: no new reading for 1.50 s"
+    partial = PowerTrace(PERIOD_S, updates, marks, fault=fault)
+    for method in ("trace", "integrator"):
+        w = partial.between("window-0-start", "window-0-end", method=method)
+        assert abs(w.energy_j - truth) <= w.uncertainty_j + 1e-9, method
+        assert abs(w.energy_j - truth) / truth < 2e-3, method
+        tail = partial.energy(1.1, 4.4, method=method)  # ends inside the last reading: no neighbour beyond
+        assert tail.energy_j == pytest.approx(truth + 0.8 * 0.5, rel=2e-3), method
+        with pytest.raises(ValueError, match=r"end of a partial trace \(its last reading ends at 4\.5"):
+            partial.energy(4.3, 6.0, method=method)
+    with pytest.raises(ValueError, match=f"partial trace.*{fault}"):
+        partial.energy(4.3, 6.0)
+    with pytest.raises(KeyError, match="window-1-end"):
+        partial.between("window-1-start", "window-1-end")  # never marked: the run stopped at the fault
+    with pytest.raises(ValueError, match="not covered"):
+        PowerTrace(PERIOD_S, updates, marks).energy(4.3, 6.0)  # a complete trace says so plainly
+    with pytest.raises(ValueError, match=r"holds no readings\): pm: capture"):
+        PowerTrace(PERIOD_S, (), marks, fault=fault).energy(1.1, 3.9)  # failed before the first reading

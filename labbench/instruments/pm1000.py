@@ -7,16 +7,20 @@ section 2.2). Every configuration command is followed by `*ESR?`, which also ser
 control the manual asks for between configuration commands; a nonzero ESR names the command.
 
 A capture (`with meter.capture() as cap:`) runs the new-data idiom in a background thread:
-`:DSR?` about every `poll_interval_s` (dithered), and `:FRD?` when NDV is set. How updates are placed on the host
-clock, and how energy over a window is computed from them, is labbench.measure.power's job.
+`:DSR?` about every `poll_interval_s` (dithered), and `:FRD?` when NDV is set. It also watches the
+instrument (Pm1000Capture says how) and fails at once, keeping what it captured, when the instrument
+stops answering or stops updating. How updates are placed on the host clock, and how energy over a
+window is computed from them, is labbench.measure.power's job.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -34,6 +38,13 @@ DEFAULT_RESULTS = ("W", "V", "A", "PF", "Wh", "Ah", "HRS")
 _CAPTURE_NEEDS = ("W", "V", "A")
 DSR_DVL, DSR_NDV, DSR_OVA, DSR_OVV = 1, 2, 8, 16
 ESR_EXE = 16
+# A capture's poll queries get this long beyond one update period to answer, and a query left
+# unanswered ends the capture (see Pm1000Capture). A healthy instrument answers in milliseconds (a
+# 9600 baud :FRD? reply takes about 0.1 s); on loopback with every core oversubscribed and three
+# threads contending for the interpreter lock, :DSR? round trips reached 0.37 s.
+_POLL_MARGIN_S = 0.5
+_STALE_PERIODS = 3  # a capture fails when no new reading came for this many update periods ...
+_ZERO_BLANK_S = 1.0  # ... plus this long while auto-zero is on (the manual: no results for ~1 s a minute)
 _ESR_BITS = {0: "OPC", 1: "RQC", 2: "QYE query error", 3: "DDE device error", 4: "EXE execution error",
              5: "CME command error", 6: "URQ", 7: "PON"}  # fmt: skip
 
@@ -99,9 +110,11 @@ class Pm1000:
         self.voltage_range, self.current_range, self.auto_zero = voltage_range, current_range, auto_zero
         self.integrator = integrator
         self._res: Any = None
+        self._res_timeout_ms = 0  # the resource's read timeout as last set
         self._io = threading.Lock()
         self._idn: str | None = None
         self._selected: tuple[str, ...] | None = None  # what :FRD? returns, once configured
+        self._zeroing = auto_zero  # auto-zero as last configured
 
     @classmethod
     def from_lab(cls, entry: Any, family: Any = None) -> Pm1000:
@@ -124,12 +137,13 @@ class Pm1000:
             return self
         kwargs: dict[str, Any] = {
             "read_termination": self.read_termination, "write_termination": self.write_termination,
-            "timeout": int(self.timeout_s * 1000),
+            "timeout": round(self.timeout_s * 1000),
         }  # fmt: skip
         if self.resource.upper().startswith("ASRL"):
             kwargs["baud_rate"] = self.baud_rate
         try:
             self._res = pyvisa.ResourceManager("@py").open_resource(self.resource, **kwargs)
+            self._res_timeout_ms = kwargs["timeout"]
         except (pyvisa.Error, ValueError, OSError) as e:
             raise InstrumentError(self.name, f"open {self.resource}", _seen(e)) from e
         try:
@@ -194,11 +208,11 @@ class Pm1000:
         commands = ["*CLS", ":SEL:CLR", *(f":SEL:{RESULTS[r]}" for r in results)]
         for which, value in (("VLT", voltage_range or self.voltage_range), ("AMP", current_range or self.current_range)):
             commands.append(f":RNG:{which}:AUT" if value == "auto" else f":RNG:{which}:FIX {int(value)}")
-        commands += [f":SYST:ZERO {int(self.auto_zero if auto_zero is None else auto_zero)}", ":AVG 0",
-                     f":DSE {DSR_DVL | DSR_NDV | DSR_OVA | DSR_OVV}"]  # fmt: skip
+        zeroing = self.auto_zero if auto_zero is None else auto_zero
+        commands += [f":SYST:ZERO {int(zeroing)}", ":AVG 0", f":DSE {DSR_DVL | DSR_NDV | DSR_OVA | DSR_OVV}"]
         for command in commands:
             self.send(command)
-        self._selected = results
+        self._selected, self._zeroing = results, zeroing
 
     def data_status(self) -> DataStatus:
         """Read (and so clear) the data status register."""
@@ -237,6 +251,12 @@ class Pm1000:
     def integrator_reset(self) -> None:
         self.send(":INT:RESET")
 
+    @property
+    def poll_timeout_s(self) -> float:
+        """How long a capture's poll query may go unanswered: one update period and a margin (or
+        `timeout_s`, when shorter)."""
+        return min(self.timeout_s, self.update_period_s + _POLL_MARGIN_S)
+
     def capture(self, channel: int | str = 1) -> Pm1000Capture:
         """A capture window: background polling, host-clock marks, a PowerTrace at the end."""
         if str(channel) != "1":
@@ -245,21 +265,26 @@ class Pm1000:
 
     # -- the wire ------------------------------------------------------------------------------
 
-    def _transact(self, command: str, expect_reply: bool) -> str | None:
-        if self._res is None:
-            raise InstrumentError(self.name, command, "not open")
+    def _transact(self, command: str, expect_reply: bool, timeout_s: float | None = None) -> str | None:
+        """One command and its reply (or acknowledge), read within `timeout_s` (default `self.timeout_s`)."""
+        timeout_s = timeout_s or self.timeout_s
         with self._io:
+            res = self._res
+            if res is None:
+                raise InstrumentError(self.name, command, "not open")
             try:
-                self._res.write(command)
+                if round(timeout_s * 1000) != self._res_timeout_ms:
+                    res.timeout = self._res_timeout_ms = round(timeout_s * 1000)
+                res.write(command)
                 if expect_reply or self.ack_set_commands:
-                    reply = self._res.read()
+                    reply = res.read()
                     return reply.strip() if expect_reply else None
                 return None
             except (pyvisa.Error, OSError) as e:
-                raise InstrumentError(self.name, command, _seen(e)) from e
+                raise InstrumentError(self.name, command, _seen(e, timeout_s)) from e
 
-    def _query(self, command: str) -> str:
-        return self._transact(command, expect_reply=True) or ""
+    def _query(self, command: str, timeout_s: float | None = None) -> str:
+        return self._transact(command, expect_reply=True, timeout_s=timeout_s) or ""
 
     def _write(self, command: str) -> None:
         self._transact(command, expect_reply=False)
@@ -286,20 +311,49 @@ class Pm1000Capture:
     Entering configures the meter if needed, starts the integrator (when "Wh" is selected),
     and returns once the first update is in, so marks made afterwards lie inside the trace.
     Leaving waits for two updates that began after the exit (the edge update and the baseline
-    beyond it), stops the integrator and keeps its totals. If the instrument stops answering,
-    leaving raises InstrumentError with the trace so far as `err.trace`.
+    beyond it), stops the integrator and keeps its totals.
+
+    Watchdog. The capture fails the moment the instrument
+    - leaves a poll query (`:DSR?`, `:FRD?`) unanswered for `meter.poll_timeout_s` (one update period
+      plus 0.5 s; pyvisa-py reports a dropped TCP connection as such a timeout too), or
+    - brings no new reading for `stale_after_s` after the last one (or the start): 3 update periods,
+      plus the auto-zero blanking while auto-zero is on (a range change blanks one update: tolerated).
+    A silent instrument is so caught one poll timeout after it went silent (1 s at the 0.5 s period),
+    and at the latest 3 update periods after its last reading. Failing sets `failed` (a
+    threading.Event: pass it as the `stop` of a DUT run), sets `error` (an InstrumentError, action
+    "capture", naming the resource, what was seen and the last reading's time), calls the
+    `on_failure` callbacks, and stops polling.
+
+    Leaving a failed capture (or entering, when it fails before the first reading) raises `error`,
+    with `.partial` = the PowerTrace of everything captured before the fault (readings and marks,
+    `fault` set; `cap.trace` stays readable too). When the body raised an
+    exception of its own after the capture had failed (typically RunAborted, the DUT stopped by
+    `failed`), the instrument error is the cause and surfaces instead, with the body's exception as
+    its `__context__` (its message carries the failing query's text rather than chaining that
+    error, so a traceback shows the body's exception). A body exception while the capture was still
+    healthy, or one that is not an Exception (KeyboardInterrupt), propagates as it is.
     """
 
     def __init__(self, meter: Pm1000):
         self.meter = meter
+        self.failed = threading.Event()
+        self.error: InstrumentError | None = None
         self._updates: list[PowerUpdate] = []
         self._marks: list[Mark] = []
         self._lock = threading.Condition()
         self._stop = threading.Event()
-        self._error: InstrumentError | None = None
-        self._thread: threading.Thread | None = None
+        self._callbacks: list[Callable[[InstrumentError], None]] = []
+        self._threads: list[threading.Thread] = []
+        self._last_reading_s = 0.0  # host time of the newest reading (of the start, before any)
         self._integrating = False
         self._integrator: IntegratorReading | None = None
+
+    @property
+    def stale_after_s(self) -> float:
+        """How long the capture waits for a new reading before it fails."""
+        m = self.meter
+        periods = _STALE_PERIODS + (math.ceil(_ZERO_BLANK_S / m.update_period_s) if m._zeroing else 0)
+        return periods * m.update_period_s
 
     def mark(self, label: str, t_s: float | None = None) -> float:
         """Record an event at `t_s` (default now) on the host monotonic clock."""
@@ -308,6 +362,15 @@ class Pm1000Capture:
             self._marks.append(Mark(label, t_s))
         return t_s
 
+    def on_failure(self, callback: Callable[[InstrumentError], None]) -> None:
+        """Call `callback(error)` when the capture fails (at once if it already has), on the thread
+        that noticed the failure: it should be quick and not raise."""
+        with self._lock:
+            if self.error is None:
+                self._callbacks.append(callback)
+                return
+        callback(self.error)
+
     @property
     def trace(self) -> PowerTrace:
         """What has been captured so far (everything, after the with block)."""
@@ -315,6 +378,7 @@ class Pm1000Capture:
             return PowerTrace(
                 period_s=self.meter.update_period_s, updates=tuple(self._updates), marks=tuple(self._marks),
                 instrument=self.meter._idn or "", integrator=self._integrator,
+                fault=str(self.error) if self.error else None,
             )  # fmt: skip
 
     def __enter__(self) -> Self:
@@ -331,40 +395,40 @@ class Pm1000Capture:
             m.integrator_reset()
             m.integrator_run()
             self._integrating = True
-        drained_at = time.monotonic()
+        drained_at = self._last_reading_s = time.monotonic()
         m.data_status()  # clears any stale NDV: the first update recorded refreshed after this
-        self._thread = threading.Thread(target=self._poll, args=(drained_at,), name=f"{m.name}-capture", daemon=True)
-        self._thread.start()
+        for target, args, role in ((self._poll, (drained_at,), "poll"), (self._watch, (), "watch")):
+            thread = threading.Thread(target=target, args=args, name=f"{m.name}-capture-{role}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
         self._wait_for(lambda: len(self._updates) >= 1)
-        if self._error:
+        if self.error:
             self._finish()
-            raise self._failed()
+            raise self.error
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        failed_before = self.failed.is_set()
         if exc_type is None:
             t_end = max([time.monotonic()] + [mk.t_s for mk in self._marks])
             self._wait_for(lambda: sum(u.seen_after_s > t_end for u in self._updates) >= 2)
         self._finish()
-        if self._error and exc_type is None:
-            raise self._failed()
+        if self.error and (exc_type is None or (failed_before and isinstance(exc, Exception))):
+            raise self.error  # the body's exception, if any, becomes its __context__
         return False
 
-    def _wait_for(self, condition) -> None:
-        deadline = time.monotonic() + 3 * self.meter.update_period_s + self.meter.timeout_s
+    def _wait_for(self, condition: Callable[[], bool]) -> None:
+        """Until `condition` holds or the capture fails (the watchdog bounds the wait)."""
         with self._lock:
-            while not (condition() or self._error):
-                remaining_s = deadline - time.monotonic()
-                if remaining_s <= 0:
-                    self._error = InstrumentError(self.meter.name, "capture", "no new results from the instrument")
-                    return
-                self._lock.wait(remaining_s)
+            self._lock.wait_for(lambda: condition() or self.error is not None)
 
     def _finish(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=self.meter.timeout_s + 1.0)
-        if self._integrating and not self._error:
+        with self._lock:
+            self._stop.set()
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=self.meter.poll_timeout_s + 1.0)
+        if self._integrating and not self.error:
             try:
                 self.meter.integrator_stop()
                 r = self.meter.read_results()
@@ -373,33 +437,59 @@ class Pm1000Capture:
                     elapsed_s=r["HRS"] * 3600.0 if "HRS" in r else None,
                 )  # fmt: skip
             except InstrumentError as e:
-                self._error = e
+                self._fail(f"stopping the integrator: {e.action}: {e.seen}")
+        if self.error:
+            self.error.partial = self.trace
 
-    def _failed(self) -> InstrumentError:
-        cause = self._error
-        err = InstrumentError(self.meter.name, "capture", f"{cause}; kept {len(self._updates)} updates")
-        err.trace = self.trace  # type: ignore[attr-defined]
-        err.__cause__ = cause
-        return err
+    def _fail(self, seen: str) -> None:
+        """Mark the capture failed (the first failure only), then tell the callbacks."""
+        m = self.meter
+        with self._lock:
+            if self.error is not None:
+                return
+            last = f"last reading at t={self._last_reading_s:.3f} s" if self._updates else "no reading yet"
+            self.error = InstrumentError(
+                m.name, "capture", f"{m.resource}: {seen}; {last}, {len(self._updates)} readings kept"
+            )
+            callbacks, self._callbacks = self._callbacks, []
+            self._lock.notify_all()
+        self.failed.set()
+        for callback in callbacks:
+            callback(self.error)
+
+    def _watch(self) -> None:
+        """Fail the capture when no new reading has come for `stale_after_s`."""
+        limit_s = self.stale_after_s
+        with self._lock:
+            while True:
+                if self._stop.is_set() or self.error is not None:
+                    return
+                quiet_s = time.monotonic() - self._last_reading_s
+                if quiet_s >= limit_s:
+                    break
+                self._lock.wait(limit_s - quiet_s)
+        periods = limit_s / self.meter.update_period_s
+        self._fail(f"no new reading for {quiet_s:.2f} s (limit {limit_s:g} s, {periods:g} update periods)")
 
     def _poll(self, previous_sent: float) -> None:
         m = self.meter
+        timeout_s = m.poll_timeout_s
         try:
-            while not self._stop.is_set():
+            while not (self._stop.is_set() or self.failed.is_set()):
                 sent = time.monotonic()
-                status = DataStatus(int(m._query(":DSR?")))
+                status = DataStatus(int(m._query(":DSR?", timeout_s)))
                 replied = time.monotonic()
                 if status.new_data:
-                    self._record(previous_sent, replied, status, m._parse(m._query(":FRD?")))
+                    self._record(previous_sent, replied, status, m._parse(m._query(":FRD?", timeout_s)))
                 previous_sent = sent
                 # dithered: polls at a fixed phase to the instrument's clock would let every
                 # update's interval fall at the same offset, and the clock fit could not narrow it
                 pause_s = m.poll_interval_s * (0.5 + random.random())
                 self._stop.wait(max(0.0, sent + pause_s - time.monotonic()))
-        except (InstrumentError, ValueError) as e:
-            with self._lock:
-                self._error = e if isinstance(e, InstrumentError) else InstrumentError(m.name, ":DSR?", str(e))
-                self._lock.notify_all()
+        except InstrumentError as e:
+            self._fail(f"{e.action}: {e.seen.rstrip('.')}")
+        except ValueError as e:  # a reply that is not a number
+            self._fail(f":DSR?: {e}")
 
     def _record(self, after_s: float, by_s: float, status: DataStatus, r: dict[str, float]) -> None:
         update = PowerUpdate(
@@ -410,12 +500,14 @@ class Pm1000Capture:
             integrator_elapsed_s=r["HRS"] * 3600.0 if self._integrating and "HRS" in r else None,
         )  # fmt: skip
         with self._lock:
-            self._updates.append(update)
-            self._lock.notify_all()
+            if self.error is None:  # nothing after the fault: the partial trace ends where it failed
+                self._updates.append(update)
+                self._last_reading_s = by_s
+                self._lock.notify_all()
 
 
-def _seen(e: Exception) -> str:
+def _seen(e: Exception, timeout_s: float | None = None) -> str:
     text = str(e)
     if isinstance(e, pyvisa.VisaIOError) and e.error_code == pyvisa.constants.StatusCode.error_timeout:
-        return f"no reply (timeout): {text}"
+        return f"no reply within {timeout_s:g} s: {text}" if timeout_s else f"no reply (timeout): {text}"
     return text or type(e).__name__

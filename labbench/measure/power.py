@@ -35,7 +35,6 @@ from functools import cached_property
 from typing import Literal
 
 import numpy as np
-from scipy.optimize import linprog
 
 Method = Literal["trace", "integrator"]
 _CONTIGUOUS = 1.5  # consecutive updates closer than this many periods are adjacent (none missed)
@@ -113,6 +112,8 @@ def fit_update_clock(
     k = np.concatenate([[0.0], np.cumsum(np.round(np.diff(mid) / period_s))])  # tick numbers, gaps kept
     if np.any(np.diff(k) < 1):
         return mid, half, period_s
+    from scipy.optimize import linprog
+
     # variables (phase - lo[0], period, margin): lo + margin <= phase + k period <= hi - margin
     ones = np.ones_like(k)
     a_ub = np.vstack([np.column_stack([-ones, -k, ones]), np.column_stack([ones, k, ones])])
@@ -138,13 +139,18 @@ def fit_update_clock(
 
 @dataclass(frozen=True)
 class PowerTrace:
-    """What a capture recorded: the updates, the caller's marks, the integrator's final totals."""
+    """What a capture recorded: the updates, the caller's marks, the integrator's final totals.
+
+    A partial trace (a capture that failed) holds what came before the fault, with `fault` saying
+    why it ends there: windows inside it measure as usual, one reaching past its end is refused.
+    """
 
     period_s: float
     updates: tuple[PowerUpdate, ...]
     marks: tuple[Mark, ...] = ()
     instrument: str = ""
-    integrator: IntegratorReading | None = None
+    integrator: IntegratorReading | None = None  # None also when the capture failed before stopping it
+    fault: str | None = None  # why the capture stopped short; None when it ran to its end
 
     def __len__(self) -> int:
         return len(self.updates)
@@ -230,6 +236,10 @@ class PowerTrace:
             levels, unc, overload = levels[idx], unc[idx], overload[idx]
         else:
             raise ValueError(f"unknown method {method!r}")
+        if self.fault and (not len(ends) or t1_s > ends[-1]):
+            last = f"its last reading ends at {ends[-1]:.3f}" if len(ends) else "it holds no readings"
+            window = f"window [{t0_s:.3f}, {t1_s:.3f}]"
+            raise ValueError(f"{window} reaches past the end of a partial trace ({last}): {self.fault}")
         energy_j, uncertainty_j, flagged = _apportion(t0_s, t1_s, starts, ends, increments, levels, unc, overload)
         return WindowEnergy(t0_s, t1_s, energy_j, uncertainty_j, method, flagged)
 
