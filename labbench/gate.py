@@ -42,9 +42,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from scipy import stats
 
 from labbench import inventory, results
 from labbench.budgets import judge_value
@@ -208,6 +206,7 @@ def collect(journals: Iterable[str | Path], since: dt.datetime | None = None
 
     A torn record (an interrupted run) and a journal that is missing or unreadable are problems;
     records before an unreadable line are kept. `since` keeps only measurements taken at or after it.
+    Partial records are left out, with a note each.
     """
     found: list[Measurement] = []
     problems: list[str] = []
@@ -225,10 +224,12 @@ def collect(journals: Iterable[str | Path], since: dt.datetime | None = None
         problems += [str(w.message) for w in caught]
     if since is not None:
         found = [m for m in found if _time(m) >= since]
+    notes = [f"{m.board}/{m.model}: partial record {m.id[:12]} ({m.time_utc}) not judged: {m.error}"
+             for m in found if m.status == "partial"]
     by_key: dict[Key, list[Measurement]] = {}
     for m in found:
-        by_key.setdefault((m.board, m.model), []).append(m)
-    notes = []
+        if m.status == "valid":  # a partial record (cut short by an infrastructure error) is never judged
+            by_key.setdefault((m.board, m.model), []).append(m)
     for (board, model), ms in by_key.items():
         ms.sort(key=_time)  # stable: equal times keep journal order
         if len(ms) > 1:
@@ -296,6 +297,9 @@ def _direction(worse: bool, better: bool) -> GateVerdict:
 def compare_latency(baseline_ms: Iterable[float], now_ms: Iterable[float],
                     tol: Tolerance = DEFAULT_TOLERANCE) -> Comparison:
     """Mann-Whitney U (two-sided) on the samples and the relative shift of the median (see module doc)."""
+    import numpy as np
+    from scipy import stats
+
     base, now = np.asarray(list(baseline_ms), float), np.asarray(list(now_ms), float)
     if base.size < 2 or now.size < 2:
         return GateVerdict.MISSING, f"too few latency samples ({base.size} baseline, {now.size} now)"
@@ -321,6 +325,8 @@ def compare_energy(base: Measurement, now: Measurement,
 def compare_accuracy(base: Measurement, now: Measurement,
                      tol: Tolerance = DEFAULT_TOLERANCE) -> Comparison:
     """Fisher's exact test on correct/incorrect counts at alpha, with a minimum change of accuracy_pts."""
+    from scipy import stats
+
     change_pts = (now.accuracy - base.accuracy) * 100
     big = abs(change_pts) >= tol.accuracy_pts
     if not (base.accuracy_n and now.accuracy_n):

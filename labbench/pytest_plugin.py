@@ -1,12 +1,22 @@
-"""pytest plugin: `--lab`, `--board`, `--list-boards`, the `board` fixture and the `requires` marker.
+"""pytest plugin: `--lab`, `--board`, `--list-boards`, `--retries`, the `board`, `recorder` and `recovery`
+fixtures and the `requires` marker.
 
 Installed through the `pytest11` entry point, so it works from any test folder. It does nothing
 unless a test asks for `board` or `--board` / `--list-boards` is given.
+
+Infrastructure faults are errors, never failures: suites do a board's I/O (install, measure) in
+fixtures through `recovery.run(...)`, so a HardwareError is raised in setup and pytest reports an
+ERROR (JUnit `<error>`); only a budget verdict (`recorder.record`) fails a test. A failed step gets
+a bounded recovery (`--retries N`: reset or reconnect, then the step again), each attempt journalled
+and reported; a board that still fails (or whose lock is held) is quarantined: its later tests are
+skipped with the reason, while the other boards' tests go on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +30,7 @@ from labbench.results import Journal
 _LAB = pytest.StashKey[inventory.Lab]()
 _SELECTED = pytest.StashKey[list[str]]()
 _STARTED_SIM = pytest.StashKey[bool]()
+_RECOVERY = pytest.StashKey["Recovery"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -29,7 +40,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="board to test (repeatable); 'all' selects every board of the lab")
     group.addoption("--list-boards", action="store_true", help="list the lab's boards and exit")
     group.addoption("--journal", type=Path, default=Path("reports/journal.jsonl"),
-                    help="results journal to append measurements to (default reports/journal.jsonl)")
+                    help="results journal to append measurements, attempts and quarantines to "
+                         "(default reports/journal.jsonl)")
+    group.addoption("--retries", type=int, default=1, metavar="N",
+                    help="after an infrastructure error, reset or reconnect the board and retry the step up "
+                         "to N times; a board that still fails is quarantined for the rest of the run (default 1)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,6 +53,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "budget(**limits): budget for the measurement this test records, "
                             "e.g. latency_p99_ms=5, energy_mj=0.5, accuracy=0.95, arena_kib=8; "
                             "tighter than and merged over lab.yaml's")
+    if config.getoption("retries") < 0:
+        raise pytest.UsageError(f"--retries {config.getoption('retries')}: must be 0 or more")
+    config.stash[_RECOVERY] = Recovery(config.getoption("journal"), config.getoption("retries"))
     names: list[str] = config.getoption("board")
     if not names and not config.getoption("list_boards"):
         return
@@ -115,9 +133,156 @@ def board(request: pytest.FixtureRequest) -> Board:
     if request.param is None:
         pytest.skip("no --board given (try --board esp32, or --list-boards)")
     b = Board(request.config.stash[_LAB], request.param)
-    b.acquire()
+    b.acquire()  # BoardBusy quarantines the board at once (pytest_runtest_makereport): no use retrying
     request.addfinalizer(b.release)
     return b
+
+
+def recover(board: Board, exc: Exception) -> str:
+    """Bring `board` back before a failed step is tried again; returns what was done (a HardwareError
+    if that failed). The power meter is reconnected after an instrument fault; a serial board is
+    reset through its DUT port (after a flash fault only the port is closed: the flasher resets the
+    chip); an SSH board is reconnected."""
+    from labbench.errors import FlashError, InstrumentError, RunAborted
+
+    done = []
+    if isinstance(exc, (InstrumentError, RunAborted)) and "power" in board.capabilities:
+        board.power_meter.close()
+        board.power_meter.open()
+        done.append("power meter reconnected")
+    target = board.target
+    target.close()
+    if "deploy" in board.capabilities:
+        target.connect()
+        done.append("reconnected")
+    elif isinstance(exc, FlashError):
+        done.append("serial port closed")
+    else:
+        target.reset()
+        done.append("reset")
+    return ", ".join(done)
+
+
+class Recovery:
+    """Runs board steps with bounded recovery, and quarantines a board whose step still fails.
+
+    `run(node, board, step, fn)` calls `fn`. After a HardwareError it journals the attempt (and the
+    partial measurement the error kept, `.partial`), recovers the board (`recover`) and calls `fn`
+    again, at most `retries` times; each attempt also goes to the test's report and JUnit properties.
+    When the step still fails, or the recovery itself does, the board is quarantined and the error
+    propagates: raised in a fixture, it makes the test an ERROR."""
+
+    def __init__(self, journal: Path, retries: int):
+        self.journal_path, self.retries = journal, retries
+        self.quarantined: dict[str, str] = {}  # board -> why
+        self.recovered: list[str] = []  # steps that passed after a retry
+
+    def run(self, node: pytest.Item, board: Board, step: str, fn: Callable[[], Any]) -> Any:
+        from labbench.errors import HardwareError
+        from labbench.measure.record import Event
+
+        if board.name in self.quarantined:
+            pytest.skip(self.quarantined[board.name])
+        attempts, attempt = self.retries + 1, 1
+        while True:
+            try:
+                result = fn()
+            except HardwareError as exc:
+                self._keep_partial(node, exc)
+                recovered, recovery = attempt < attempts, None
+                if recovered:
+                    try:
+                        recovery = recover(board, exc)
+                    except HardwareError as failed:
+                        recovered, recovery = False, f"recovery failed: {failed}"
+                self._attempt(node, Event(kind="attempt", test=node.nodeid, board=board.name, step=step,
+                                          error=f"{type(exc).__name__}: {exc}", attempt=attempt,
+                                          attempts=attempts, recovery=recovery))
+                if not recovered:
+                    self.quarantine(node, board.name, step, exc)
+                    raise
+                attempt += 1
+                continue
+            if attempt > 1:
+                self._attempt(node, Event(kind="attempt", test=node.nodeid, board=board.name, step=step,
+                                          attempt=attempt, attempts=attempts))
+                self.recovered.append(f"{board.name}: {step} passed at attempt {attempt} of {attempts} "
+                                      f"({node.nodeid})")
+            return result
+
+    def quarantine(self, node: pytest.Item, board: str, step: str, exc: BaseException) -> None:
+        """Skip `board`'s remaining tests, saying why; journal and report it."""
+        from labbench.measure.record import Event
+        from labbench.report import extras
+
+        reason = f"board {board} quarantined after {type(exc).__name__}: {exc} at {node.nodeid}"
+        self.quarantined[board] = reason
+        self._journal(Event(kind="quarantine", test=node.nodeid, board=board, step=step,
+                            error=f"{type(exc).__name__}: {exc}"))
+        node.user_properties.append(("quarantined", reason))
+        add_report_html(node, extras.quarantine_html(reason))
+
+    def _attempt(self, node: pytest.Item, event: Any) -> None:
+        from labbench.report import extras
+
+        self._journal(event)
+        outcome = event.error or "passed"
+        node.user_properties.append((f"attempt.{event.step}.{event.attempt}",
+                                     outcome + (f"; then {event.recovery}" if event.recovery else "")))
+        add_report_html(node, extras.attempt_html(event))
+
+    def _journal(self, record: Any) -> None:
+        Journal(self.journal_path).append(record)
+
+    def _keep_partial(self, node: pytest.Item, exc: Exception) -> None:
+        """Journal and report what the failed step measured before the fault; it is never judged."""
+        from labbench.report import extras
+
+        m = exc.partial
+        if isinstance(m, Measurement):
+            m = m.model_copy(update={"test": node.nodeid})
+            self._journal(m)
+            add_report_html(node, extras.measurement_table(m))
+
+
+@pytest.fixture(scope="session")
+def recovery(pytestconfig: pytest.Config) -> Recovery:
+    """`recovery.run(request.node, board, step, fn)`: a board step with bounded recovery and quarantine."""
+    return pytestconfig.stash[_RECOVERY]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip, before any fixture runs, the tests of a board quarantined earlier in the session."""
+    quarantined = item.config.stash[_RECOVERY].quarantined
+    if (name := _board_of(item)) in quarantined:
+        pytest.skip(quarantined[name])
+
+
+def _board_of(item: pytest.Item) -> str | None:
+    """The board a test is parametrized with, if any."""
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("board") if callspec else None
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    recovery = config.stash[_RECOVERY]
+    if recovery.recovered:
+        terminalreporter.write_sep("=", "labbench: steps recovered after a retry", yellow=True)
+        for line in recovery.recovered:
+            terminalreporter.write_line(line)
+    if recovery.quarantined:
+        terminalreporter.write_sep("=", "labbench: quarantined boards", red=True)
+        for reason in recovery.quarantined.values():
+            terminalreporter.write_line(reason)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_html_results_summary(prefix: list, summary: list, postfix: list, session: pytest.Session) -> None:
+    import html
+
+    for reason in session.config.stash[_RECOVERY].quarantined.values():
+        prefix.append(f"<p style='color:#c33'><b>{html.escape(reason)}</b></p>")
 
 
 @pytest.fixture(autouse=True)
@@ -155,6 +320,8 @@ class Recorder:
         from labbench.budgets import Verdict, judge
         from labbench.report import extras
 
+        if m.status != "valid":
+            raise UsageError(f"{m.board} / {m.model}: a partial record (cut short by {m.error}) is never judged")
         m = m.model_copy(update={"test": self.request.node.nodeid})
         self.journal.append(m)  # first, so no verdict or report failure can lose it
         node = self.request.node
@@ -199,9 +366,15 @@ def recorder(request: pytest.FixtureRequest, journal: Journal) -> Recorder:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    from labbench.errors import BoardBusy
+
     report = yield
+    busy = report.when == "setup" and call.excinfo is not None and call.excinfo.errisinstance(BoardBusy)
+    if busy and (board := _board_of(item)):
+        item.config.stash[_RECOVERY].quarantine(item, board, "acquire", call.excinfo.value)
     parts = item.stash.get(_EXTRAS, None)
-    if parts and report.when == "call":
+    # what setup and call added, shown with the call, or with the setup error when there is no call
+    if parts and (report.when == "call" or (report.when == "setup" and report.failed)):
         try:
             from pytest_html import extras as html_extras
         except ImportError:

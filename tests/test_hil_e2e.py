@@ -9,7 +9,6 @@ numbers, which the benchmarks and the component tests check.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -39,7 +38,6 @@ def shifted_lab(text: str, budget: str = "") -> str:
 
 @pytest.fixture(scope="module")
 def sim_lab(tmp_path_factory):
-    os.environ.setdefault("USER", "root")
     d = tmp_path_factory.mktemp("lab")
     path = d / "lab.yaml"
     path.write_text(shifted_lab((REPO / "lab.yaml").read_text()))
@@ -66,6 +64,7 @@ def test_hil_run_journals_reports_and_gates_on_budgets(sim_lab, hil_board):
     df = results.load(sim_lab / f"{board}.jsonl")
     row = df[df["model"] == "digits_mlp_int8"].iloc[-1]
     assert row["provenance.source"] == "sim" and row["provenance.board"] == board
+    assert re.fullmatch(r"[0-9a-f]{64}", row["provenance.firmware_sha256"])  # the image, or the SSH runner
     assert row["accuracy"] > 0.9 and row["latency.p50_ms"] > 0 and row["energy.per_inference_mj"] > 0
     report = html.read_text()
     assert "energy per inference" in report and "data:image/png;base64" in report

@@ -1,12 +1,19 @@
-"""The pytest plugin's options, fixture and markers, through pytest's own pytester."""
+"""The pytest plugin: options, fixtures and markers, and infrastructure faults as ERRORs with bounded
+recovery and quarantine, through pytest's own pytester."""
 
 from __future__ import annotations
 
+import json
 import textwrap
+from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
+from test_hil_faults import FlakyProxy
 
 pytest_plugins = ["pytester"]
+
+MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "models" / "digits_mlp_int8.tflite"
 
 # Hardware boards (no sim: blocks), so selecting them starts nothing; nothing here connects to them.
 LAB = textwrap.dedent("""\
@@ -88,7 +95,156 @@ def test_board_lock_excludes_a_second_holder(lab_dir):
     from labbench.errors import BoardBusy
 
     lab = inventory.load(lab_dir.path / "lab.yaml")
-    with Board(lab, "esp32"):
-        with pytest.raises(BoardBusy, match=r"esp32: acquire: board is locked by pid \d+"):
-            Board(lab, "esp32").acquire()
+    with Board(lab, "esp32"), pytest.raises(BoardBusy, match=r"esp32: acquire: board is locked by pid \d+"):
+        Board(lab, "esp32").acquire()
     Board(lab, "esp32").acquire().release()
+
+
+def test_busy_board_errors_once_then_its_tests_skip_while_the_other_board_runs(lab_dir):
+    """The lock is the one fault needing no connection: this test holds esp32's lock itself."""
+    from labbench import inventory
+    from labbench.board import Board
+
+    with Board(inventory.load(lab_dir.path / "lab.yaml"), "esp32"):
+        result = lab_dir.runpytest("--board", "esp32", "--board", "pi", "--journal", "j.jsonl", "-rs")
+    result.assert_outcomes(passed=2, skipped=3, errors=1)
+    result.stdout.fnmatch_lines_random([
+        "*ERROR at setup of test_named?esp32?*", "*BoardBusy: esp32: acquire: board is locked by pid*",
+        "*labbench: quarantined boards*",
+        "*board esp32 quarantined after BoardBusy: esp32: acquire: board is locked by pid * at *test_named?esp32?*"])
+    events = [json.loads(line) for line in (lab_dir.path / "j.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e["board"], e["step"]) for e in events] == [("quarantine", "esp32", "acquire")]
+
+
+# --- infrastructure faults on simulated boards ------------------------------------------------------
+# Real MLPerf Tiny DUT simulators (labbench.sim.mcu) on ephemeral loopback ports, named in a lab.yaml
+# without `sim:` blocks, so the bench treats them as hardware. A dead board is a simulator that was
+# stopped (its port refuses connections); a flaky one sits behind a proxy (test_hil_faults.FlakyProxy)
+# that drops the connection the first time the bench asks for the DUT's profile.
+
+FAULT_TESTS = textwrap.dedent("""\
+    import pytest
+
+    from labbench.measure.run import RunSettings, measure
+    from labbench.payloads import fixtures
+
+    @pytest.fixture
+    def identity(board, recovery, request):
+        return recovery.run(request.node, board, "identify", board.target.identify)
+
+    @pytest.fixture
+    def outcome(board, recovery, request):
+        payload = fixtures()["digits_mlp_int8"]
+        settings = RunSettings(latency_samples=10, warmup=1, accuracy_samples=20)
+        return recovery.run(request.node, board, "measure", lambda: measure(board, payload, settings))
+
+    def test_identify(identity):
+        assert identity.name == "nano33_ble_sense"
+
+    def test_model(identity):
+        assert identity.model
+
+    @pytest.mark.budget(latency_p50_ms=1e-6)
+    def test_budget(outcome, recorder):
+        recorder.record(outcome.measurement)
+    """)
+
+
+@pytest.fixture(scope="module")
+def sims():
+    """Three simulated Nano 33 BLE Sense boards holding the int8 digits model: `good`, `dead`
+    (stopped: its port refuses connections) and `flaky` (behind FlakyProxy instances)."""
+    from labbench.sim.mcu import SimMcuBoard
+
+    boards = {name: SimMcuBoard(name, family="nano33_ble_sense", model_path=MODEL) for name in ("good", "dead", "flaky")}
+    for b in boards.values():
+        b.start()
+    boards["dead"].stop()
+    yield boards
+    for name in ("good", "flaky"):
+        boards[name].stop()
+
+
+def fault_lab(pytester, boards: dict[str, str]) -> None:
+    """A lab.yaml of MCU boards at the given serial URLs, and the fault tests."""
+    entries = "".join(f"  {name}:\n    family: nano33_ble_sense\n    serial: {{url: \"{url}\"}}\n"
+                      for name, url in boards.items())
+    pytester.makefile(".yaml", lab="lab: {name: faults}\nboards:\n" + entries)
+    pytester.makepyfile(test_faults=FAULT_TESTS)
+
+
+def junit(path) -> dict[str, tuple[str, str]]:
+    """test name -> (outcome element or "passed", its message)."""
+    cases = {}
+    for case in ElementTree.parse(path).getroot().iter("testcase"):
+        child = next((c for c in case if c.tag in ("error", "failure", "skipped")), None)
+        cases[case.get("name")] = (child.tag, child.get("message")) if child is not None else ("passed", "")
+    return cases
+
+
+def test_fault_is_a_junit_error_and_quarantines_its_board_while_the_next_board_runs(pytester, sims, monkeypatch,
+                                                                                   tmp_path):
+    monkeypatch.setenv("LABBENCH_LOCK_DIR", str(tmp_path / "locks"))
+    fault_lab(pytester, {"dead": sims["dead"].url, "good": sims["good"].url})
+    result = pytester.runpytest("--board", "dead", "--board", "good", "--journal", "j.jsonl",
+                                "--junitxml", "junit.xml", "-rs")
+    result.assert_outcomes(passed=2, failed=1, skipped=2, errors=1)
+    cases = junit(pytester.path / "junit.xml")
+    assert cases["test_identify[dead]"][0] == "error"
+    assert "DutProtocolError" in cases["test_identify[dead]"][1] and "Connection refused" in cases["test_identify[dead]"][1]
+    for name in ("test_model[dead]", "test_budget[dead]"):
+        tag, message = cases[name]
+        assert tag == "skipped" and message.startswith("board dead quarantined after DutProtocolError: dead: open ")
+        assert message.endswith("at test_faults.py::test_identify[dead]")
+    assert cases["test_identify[good]"][0] == cases["test_model[good]"][0] == "passed"
+    assert cases["test_budget[good]"][0] == "failure"  # a valid measurement against a budget: the only FAIL
+    assert "latency_p50_ms: measured" in cases["test_budget[good]"][1]
+    result.stdout.fnmatch_lines(["*labbench: quarantined boards*", "board dead quarantined after DutProtocolError*"])
+
+    events = [json.loads(line) for line in (pytester.path / "j.jsonl").read_text().splitlines()]
+    attempt, quarantine, measurement = events
+    assert attempt["kind"] == "attempt" and attempt["board"] == "dead" and attempt["attempt"] == 1
+    assert attempt["attempts"] == 2 and attempt["recovery"].startswith("recovery failed: dead: open ")
+    assert quarantine["kind"] == "quarantine" and quarantine["test"] == "test_faults.py::test_identify[dead]"
+    assert measurement["board"] == "good" and measurement["status"] == "valid"
+
+
+def test_a_dropped_connection_is_recovered_by_a_reset_and_the_step_retried(pytester, sims, monkeypatch, tmp_path):
+    monkeypatch.setenv("LABBENCH_LOCK_DIR", str(tmp_path / "locks"))
+    target = (sims["flaky"].uart.host, sims["flaky"].uart.port)
+    proxy = FlakyProxy(target, cut=b"profile%")
+    try:
+        fault_lab(pytester, {"flaky": f"rfc2217://127.0.0.1:{proxy.port}"})
+        result = pytester.runpytest("--board", "flaky", "--journal", "j.jsonl", "--junitxml", "junit.xml",
+                                    "-k", "identify or model")
+    finally:
+        proxy.close()
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*labbench: steps recovered after a retry*",
+                                 "flaky: identify passed at attempt 2 of 2 (test_faults.py::test_identify[flaky])"])
+    events = [json.loads(line) for line in (pytester.path / "j.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e["attempt"], e["recovery"]) for e in events] == [("attempt", 1, "reset"),
+                                                                          ("attempt", 2, None)]
+    assert "profile: connection lost" in events[0]["error"] and events[1]["error"] is None
+    properties = {p.get("name"): p.get("value")
+                  for p in ElementTree.parse(pytester.path / "junit.xml").getroot().iter("property")}
+    assert properties["attempt.identify.1"].endswith("; then reset")
+    assert properties["attempt.identify.2"] == "passed"
+
+
+def test_without_retries_the_dropped_connection_quarantines(pytester, sims, monkeypatch, tmp_path):
+    monkeypatch.setenv("LABBENCH_LOCK_DIR", str(tmp_path / "locks"))
+    proxy = FlakyProxy((sims["flaky"].uart.host, sims["flaky"].uart.port), cut=b"profile%")
+    try:
+        fault_lab(pytester, {"flaky": f"rfc2217://127.0.0.1:{proxy.port}"})
+        result = pytester.runpytest("--board", "flaky", "--retries", "0", "-k", "identify or model", "-rs")
+    finally:
+        proxy.close()
+    result.assert_outcomes(errors=1, skipped=1)
+    result.stdout.fnmatch_lines(["*board flaky quarantined after DutProtocolError: flaky: profile: connection lost*"])
+
+
+def test_negative_retries_is_a_usage_error(lab_dir):
+    result = lab_dir.runpytest("--board", "pi", "--retries", "-1")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--retries -1: must be 0 or more*"])

@@ -1,4 +1,5 @@
-"""Journal, latency statistics, budget verdicts and the dashboard, on records built in the test."""
+"""Journal, latency statistics, budget verdicts and the dashboard, on records built in the test;
+partial records (cut short by an infrastructure error) load but are never judged nor a baseline."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 
 from labbench import results
 from labbench.budgets import Verdict, judge, overall
+from labbench.gate import GateVerdict, collect, gate, load_baseline, save_baseline
 from labbench.inventory import ModelBudget
-from labbench.measure.record import Energy, Latency, Measurement, Memory, Provenance
+from labbench.measure.record import Energy, Event, Latency, Measurement, Memory, Provenance
 from labbench.measure.stats import LatencySummary
 from labbench.report import dashboard
 from labbench.report.plots import pareto_mask
@@ -86,3 +88,64 @@ def test_dashboard_has_tables_and_frontier(tmp_path):
 def test_measurement_json_is_traceable():
     data = json.loads(measurement().model_dump_json())
     assert {"board", "family", "source", "model_sha256", "lab_sha256", "bench_git_rev"} <= set(data["provenance"])
+
+
+def test_partial_records_and_events_load_and_old_records_stay_valid(tmp_path):
+    journal = results.Journal(tmp_path / "j.jsonl")
+    old = json.loads(measurement().model_dump_json())
+    del old["status"], old["error"]  # a record written before partial records existed
+    with open(journal.path, "a") as f:
+        f.write(json.dumps(old) + "\n")
+    journal.append(measurement(p50=5.0).model_copy(update={"status": "partial", "error": "esp32: pm: gone"}))
+    journal.append(Event(kind="attempt", board="esp32", step="measure", error="InstrumentError: pm: gone",
+                         attempt=1, attempts=2, recovery="power meter reconnected, reset"))
+    journal.append(Event(kind="quarantine", board="esp32", step="measure", error="InstrumentError: pm: gone"))
+    assert [m.status for m in results.read(journal.path)] == ["valid", "partial"]
+    assert [e.kind for e in results.events(journal.path)] == ["attempt", "quarantine"]
+    assert results.load(journal.path)["status"].tolist() == ["valid"]  # partial records only when asked for
+    df = results.load(journal.path, include_partial=True)
+    assert df["status"].tolist() == ["valid", "partial"] and df["error"].iloc[1] == "esp32: pm: gone"
+    assert df["latency.p50_ms"].iloc[1] == pytest.approx(5.0, rel=0.05)
+
+
+def test_partial_records_are_never_judged_nor_a_baseline(tmp_path):
+    journal = results.Journal(tmp_path / "j.jsonl")
+    journal.append(measurement(p50=1.0))
+    # later, a run cut short: slower, and no energy; it must not stand for the board
+    journal.append(measurement(p50=9.0).model_copy(update={"status": "partial", "error": "esp32: infer: lost",
+                                                           "energy": None}))
+    latest, notes, problems = collect([journal.path])
+    assert latest[("esp32", "digits_mlp_int8")].latency.p50_ms == pytest.approx(1.0, rel=0.05) and not problems
+    assert any("partial record" in n and "esp32: infer: lost" in n for n in notes)
+    saved = load_baseline(save_baseline([journal.path], "b", tmp_path))
+    assert [m.status for m in saved.measurements] == ["valid"]
+    assert saved.measurements[0].latency.p50_ms == pytest.approx(1.0, rel=0.05)
+
+    only_partial = results.Journal(tmp_path / "p.jsonl")
+    only_partial.append(measurement().model_copy(update={"status": "partial", "error": "cut"}))
+    result = gate([only_partial.path], baseline=saved)
+    assert result.exit_code == 2  # the baseline's board+model was not measured: missing, not judged
+    assert {c.verdict for c in result.checks} == {GateVerdict.MISSING}
+
+
+def test_dashboard_marks_partial_records_and_lists_faults(tmp_path):
+    journal = results.Journal(tmp_path / "j.jsonl")
+    journal.append(measurement())
+    journal.append(measurement(board="nano33").model_copy(update={"status": "partial", "error": "nano33: infer: lost"}))
+    journal.append(Event(kind="quarantine", board="nano33", step="measure digits_mlp_int8",
+                         error="DutProtocolError: nano33: infer: lost", test="t.py::test_x[nano33]"))
+    text = dashboard.build([journal.path], tmp_path / "index.html").read_text()
+    assert "1 measurements (latest per board and model), 1 partial records, 1 quarantines" in text
+    nano = text.split("<h2>nano33</h2>")[1]
+    assert "partial records: cut short by an infrastructure error, never judged" in nano
+    assert "nano33: infer: lost" in nano and "QUARANTINED" in nano and "t.py::test_x[nano33]" in nano
+    assert "partial records" not in text.split("<h2>esp32</h2>")[1].split("<h2>")[0]
+
+
+def test_recorder_refuses_to_judge_a_partial_record():
+    from labbench.errors import UsageError
+    from labbench.pytest_plugin import Recorder
+
+    partial = measurement().model_copy(update={"status": "partial", "error": "cut"})
+    with pytest.raises(UsageError, match="a partial record .* is never judged"):
+        Recorder(request=None, journal=None).record(partial)

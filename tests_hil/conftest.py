@@ -1,17 +1,22 @@
 """Shared fixtures of the HIL suites: run settings, the payloads a board can hold, and one
-install + measurement per (board, payload) per run, reused by every test that needs it."""
+install + measurement per (board, payload) per run, reused by every test that needs it.
+
+Board I/O happens in fixtures (`outcome`, `default_outcome`, `installed`), each step through the
+plugin's `recovery`: an infrastructure fault is then a setup ERROR after a bounded recovery, and a
+board that still fails is quarantined for the rest of the run."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from labbench.board import Board
+from labbench.capabilities import DutIdentity
 from labbench.measure.run import Outcome, RunSettings, measure
-from labbench.modelinfo import min_arena_bytes
 from labbench.payloads import Payload, all_payloads
+from labbench.pytest_plugin import Recovery
 
 PAYLOADS = all_payloads()
 DEFAULT_PAYLOAD = "digits_mlp_int8"
@@ -46,38 +51,53 @@ def run_settings(pytestconfig: pytest.Config) -> RunSettings:
 
 def not_deployable(board: Board, payload: Payload) -> str | None:
     """Why `payload` cannot go on `board` (the catalog's sizes), or None when it fits."""
+    from labbench.modelinfo import min_arena_bytes
+
     why = board.family.fits(payload.info.size_bytes, min_arena_bytes(payload.path))
     return f"{payload.name} is not deployable on {board.name}: {why}" if why else None
 
 
-class Bench:
-    """Installs and measures each (board, payload) once per run; tests share the outcomes."""
+def firmware_sha256(record: dict) -> str | None:
+    """What runs the model, from an install record: the flashed image (MCU) or the deployed runner (Linux)."""
+    if "files" in record:
+        return record["files"]["runner"]["sha256"]
+    return record.get("image_sha256")
 
-    def __init__(self, settings: RunSettings, build_dir: Path, say: Callable[[str], None]):
-        self.settings, self.build_dir, self.say = settings, build_dir, say
+
+class Bench:
+    """Installs and measures each (board, payload) once per run; tests share the outcomes. Each step
+    runs through `recovery` on behalf of the test `node` that needs it first."""
+
+    def __init__(self, settings: RunSettings, build_dir: Path, say: Callable[[str], None], recovery: Recovery):
+        self.settings, self.build_dir, self.say, self.recovery = settings, build_dir, say, recovery
         self.installed: dict[str, tuple[str, dict]] = {}  # board -> (payload it holds, install record)
         self.outcomes: dict[tuple[str, str], Outcome] = {}
 
-    def install(self, board: Board, payload: Payload) -> dict:
+    def install(self, node: pytest.Item, board: Board, payload: Payload) -> dict:
         """Make `payload` what the board runs (the driver skips bytes the board already holds)."""
         held = self.installed.get(board.name)
         if held is None or held[0] != payload.name:
             if (why := not_deployable(board, payload)):
                 pytest.skip(why)
             self.say(f"  {board.name}: installing {payload.name}")
-            self.installed[board.name] = (payload.name, board.install(payload.path, payload.dataset, self.build_dir))
+            record = self.recovery.run(node, board, f"install {payload.name}",
+                                       lambda: board.install(payload.path, payload.dataset, self.build_dir))
+            self.installed[board.name] = (payload.name, record)
         return self.installed[board.name][1]
 
-    def measure(self, board: Board, payload: Payload) -> Outcome:
+    def measure(self, node: pytest.Item, board: Board, payload: Payload) -> Outcome:
         key = (board.name, payload.name)
         if key not in self.outcomes:
-            record = self.install(board, payload)
-            self.outcomes[key] = measure(board, payload, self.settings,
-                                         progress=lambda step: self.say(f"  {board.name} / {payload.name}: {step}"),
-                                         firmware_sha256=record.get("image_sha256") or record.get("sha256"),
-                                         extra={"install": {k: v for k, v in record.items()
-                                                            if isinstance(v, (str, int, float, bool))}})
+            record = self.install(node, board, payload)
+            extra = {"install": {k: v for k, v in record.items() if isinstance(v, (str, int, float, bool))}}
+            self.outcomes[key] = self.recovery.run(
+                node, board, f"measure {payload.name}",
+                lambda: measure(board, payload, self.settings, firmware_sha256=firmware_sha256(record), extra=extra,
+                                progress=lambda step: self.say(f"  {board.name} / {payload.name}: {step}")))
         return self.outcomes[key]
+
+    def identify(self, node: pytest.Item, board: Board) -> DutIdentity:
+        return self.recovery.run(node, board, "identify", board.target.identify)
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +107,7 @@ def default_payload() -> Payload:
 
 
 @pytest.fixture(scope="session")
-def bench(run_settings: RunSettings, pytestconfig: pytest.Config) -> Bench:
+def bench(run_settings: RunSettings, pytestconfig: pytest.Config, recovery: Recovery) -> Bench:
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
     capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
 
@@ -98,4 +118,24 @@ def bench(run_settings: RunSettings, pytestconfig: pytest.Config) -> Bench:
         with capture.global_and_fixture_disabled():
             reporter.write_line(line, cyan=True)
 
-    return Bench(run_settings, Path(pytestconfig.rootpath) / "build", say=say)
+    return Bench(run_settings, Path(pytestconfig.rootpath) / "build", say=say, recovery=recovery)
+
+
+@pytest.fixture
+def outcome(board: Board, payload: Payload, bench: Bench, request: pytest.FixtureRequest) -> Outcome:
+    """(board, payload) installed and measured, in setup."""
+    return bench.measure(request.node, board, payload)
+
+
+@pytest.fixture
+def default_outcome(board: Board, default_payload: Payload, bench: Bench, request: pytest.FixtureRequest) -> Outcome:
+    """(board, the default payload) installed and measured, in setup."""
+    return bench.measure(request.node, board, default_payload)
+
+
+@pytest.fixture
+def installed(board: Board, default_payload: Payload, bench: Bench,
+              request: pytest.FixtureRequest) -> tuple[dict, DutIdentity]:
+    """The default payload installed, with its install record and what the board then says it is."""
+    record = bench.install(request.node, board, default_payload)
+    return record, bench.identify(request.node, board)

@@ -1,9 +1,8 @@
 """Flash or deploy the board's default payload and check the board says it runs it."""
 
 
-def test_install_and_identify(board, bench, default_payload):
-    record = bench.install(board, default_payload)
-    identity = board.target.identify()
+def test_install_and_identify(board, default_payload, installed):
+    record, identity = installed
     assert identity.model_sha256 == default_payload.info.sha256, (
         f"{board.name} reports model {identity.model_sha256}, expected {default_payload.name} "
         f"{default_payload.info.sha256} after install {record}")

@@ -13,13 +13,11 @@ from labbench.payloads import FIXTURES
 from labbench.report import plots
 from labbench.report.extras import png_html
 
-
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())["models"]
 
 
 @pytest.mark.requires("inference")
-def test_inference_budget(board, payload, bench, recorder):
-    outcome = bench.measure(board, payload)
+def test_inference_budget(board, payload, outcome, recorder):
     m = outcome.measurement
     parts = []
     if outcome.trace is not None and len(outcome.trace):

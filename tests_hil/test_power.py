@@ -4,9 +4,8 @@ import pytest
 
 
 @pytest.mark.requires("power", "inference")
-def test_idle_and_active_power_within_profile(board, bench, default_payload):
-    outcome = bench.measure(board, default_payload)
-    energy = outcome.measurement.energy
+def test_idle_and_active_power_within_profile(board, default_outcome):
+    energy = default_outcome.measurement.energy
     _, profile = board.family.profile(board.entry.power_mode)
     # idle sits at the profile's idle figure; active between idle and the profile's active figure
     # (a model too small to keep the core busy between serial replies draws less than active_w)

@@ -82,7 +82,7 @@ class Measurement(_Record):
 
     schema_version: int = SCHEMA
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
-    time_utc: str = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
+    time_utc: str = Field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
     test: str | None = None  # the pytest node id that produced it
     board: str
     model: str
@@ -97,6 +97,10 @@ class Measurement(_Record):
     runtime: str | None = None
     provenance: Provenance
     extra: dict[str, Any] = {}
+    #: "partial": what was measured before an infrastructure error cut the run short (`error`);
+    #: journalled and reported, never judged against a budget or used as a baseline
+    status: Literal["valid", "partial"] = "valid"
+    error: str | None = None
 
     def metric(self, name: str) -> float | None:
         """A budget metric by its lab.yaml name (see inventory.METRICS), or None if not measured."""
@@ -122,6 +126,27 @@ class Measurement(_Record):
             e = self.energy
             return e.per_inference_mj - e.uncertainty_mj, e.per_inference_mj + e.uncertainty_mj
         return None
+
+
+class Event(_Record):
+    """An infrastructure event journalled beside the measurements: an attempt at a board step
+    (failed, with the recovery made before the next one, or the attempt that succeeded after a
+    failure), or a board quarantined for the rest of a session."""
+
+    schema_version: int = SCHEMA
+    kind: Literal["attempt", "quarantine"]
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    time_utc: str = Field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
+    test: str | None = None  # the pytest node id it happened in
+    board: str
+    step: str  # e.g. "install digits_mlp_int8", "measure digits_mlp_int8"
+    error: str | None = None  # None on the attempt that succeeded
+    attempt: int | None = None  # 1-based, of `attempts`
+    attempts: int | None = None
+    recovery: str | None = None  # what was done before the next attempt, or how that failed
+
+
+EVENT_KINDS = ("attempt", "quarantine")
 
 
 @lru_cache(maxsize=1)

@@ -1,15 +1,17 @@
-"""`labbench report`: journals -> reports/index.html with per-board tables and the frontier plots."""
+"""`labbench report`: journals -> reports/index.html with per-board tables, partial records and
+infrastructure faults, and the frontier plots."""
 
 from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 
 from labbench import results
+from labbench.measure.record import Event
 from labbench.report import plots
 
 COLUMNS = {
@@ -45,25 +47,59 @@ def frontier_sections(df: pd.DataFrame) -> list[str]:
     return out
 
 
+PARTIAL_COLUMNS = {"model": "model", "error": "error", "extra.partial.failed_phase": "failed in",
+                   "latency.p50_ms": "p50 (ms)", "energy.per_inference_mj": "energy (mJ/inf)",
+                   "accuracy": "top-1", "time_utc": "measured (UTC)"}
+
+
+def _table(df: pd.DataFrame, columns: dict[str, str]) -> str:
+    cols = [c for c in columns if c in df.columns]
+    return df[cols].rename(columns=columns).to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
+
+
+def _faults(events: list[Event]) -> str:
+    """A board's quarantines and failed or retried attempts, from the journal's events."""
+    rows = []
+    for e in events:
+        what = "QUARANTINED" if e.kind == "quarantine" else f"attempt {e.attempt} of {e.attempts}"
+        rows.append(f"<tr><td>{html.escape(e.time_utc)}</td><td>{html.escape(e.test or '-')}</td>"
+                    f"<td>{html.escape(e.step)}</td><td>{what}</td><td>{html.escape(e.error or 'passed')}</td>"
+                    f"<td>{html.escape(e.recovery or '-')}</td></tr>")
+    return ("<table><tr><th>time (UTC)</th><th>test</th><th>step</th><th>event</th><th>error</th>"
+            f"<th>recovery</th></tr>{''.join(rows)}</table>")
+
+
 def build(journals: Iterable[str | Path], out: str | Path = "reports/index.html") -> Path:
-    df = results.load(list(journals))
+    """The HTML report: per board, the latest valid measurement of each model, then its partial
+    records (marked, never judged) and its infrastructure faults (attempts, quarantines)."""
+    journals = list(journals)
+    df = results.load(journals, include_partial=True)
+    events = results.events(journals)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>labbench results</title>",
-             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#eee}</style>",
+             ("<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#eee}"
+              ".partial{color:#c33}</style>"),
              "</head><body><h1>labbench results</h1>"]
-    if df.empty:
+    if df.empty and not events:
         parts.append("<p>No measurements in the journals.</p>")
     else:
-        df = latest(df)
-        parts.append(f"<p>{len(df)} measurements (latest per board and model).</p>")
-        for board, group in df.groupby("board"):
-            cols = [c for c in COLUMNS if c in group.columns]
-            table = group[cols].rename(columns=COLUMNS).to_html(index=False, float_format=lambda v: f"{v:.4g}",
-                                                                na_rep="-")
-            parts.append(f"<h2>{html.escape(board)}</h2>{table}")
-        parts += frontier_sections(df)
+        valid = latest(df[df["status"] == "valid"]) if not df.empty else df
+        partial = df[df["status"] == "partial"] if not df.empty else df
+        parts.append(f"<p>{len(valid)} measurements (latest per board and model), {len(partial)} partial "
+                     f"records, {sum(e.kind == 'quarantine' for e in events)} quarantines.</p>")
+        for board in sorted(set(df["board"] if not df.empty else []) | {e.board for e in events}):
+            parts.append(f"<h2>{html.escape(board)}</h2>")
+            if not (group := valid[valid["board"] == board] if not valid.empty else valid).empty:
+                parts.append(_table(group, COLUMNS))
+            if not (group := partial[partial["board"] == board] if not partial.empty else partial).empty:
+                parts.append("<h3 class='partial'>partial records: cut short by an infrastructure error, "
+                             f"never judged</h3>{_table(group, PARTIAL_COLUMNS)}")
+            if faults := [e for e in events if e.board == board]:
+                parts.append(f"<h3 class='partial'>infrastructure faults</h3>{_faults(faults)}")
+        if not valid.empty:
+            parts += frontier_sections(valid)
     parts.append("</body></html>")
     out.write_text("\n".join(parts))
     return out

@@ -1,4 +1,5 @@
-"""Per-test report content for pytest-html: the measurement table, verdicts, and plots."""
+"""Per-test report content for pytest-html: the measurement table, verdicts, plots, and the
+infrastructure attempts and quarantines of the test's board."""
 
 from __future__ import annotations
 
@@ -6,14 +7,18 @@ import base64
 import html
 
 from labbench.budgets import Judgement, Verdict
-from labbench.measure.record import Measurement
+from labbench.measure.record import Event, Measurement
 
 _COLOURS = {Verdict.PASS: "#2a7", Verdict.MARGINAL: "#d90", Verdict.FAIL: "#c33", Verdict.MISSING: "#888"}
 
 
 def measurement_table(m: Measurement) -> str:
-    """An HTML table of every number in the measurement, each with its unit and how it was obtained."""
+    """An HTML table of every number in the measurement, each with its unit and how it was obtained;
+    a partial record is headed as such, with the error that cut it short."""
     rows: list[tuple[str, str, str]] = []
+    if m.status == "partial":
+        kept = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in m.extra.get("partial", {}).items())
+        rows.append(("PARTIAL: never judged", m.error or "", kept))
     if m.latency:
         lat = m.latency
         rows += [("latency p50", f"{lat.p50_ms:.4g} ms", f"95% CI {lat.p50_ci95_ms[0]:.4g}..{lat.p50_ci95_ms[1]:.4g} ms; {lat.method}"),
@@ -42,8 +47,8 @@ def measurement_table(m: Measurement) -> str:
             rows.append((label, f"{value:,} {unit}", ""))
     p = m.provenance
     rows.append(("provenance", f"{p.source} / {p.board} ({p.family})",
-                 f"model {p.model_sha256[:12]}, firmware {(p.firmware_sha256 or '-')[:12]}, "
-                 f"instrument {p.instrument or '-'}, bench {p.bench_git_rev}, lab {p.lab_sha256[:12]}"))
+                 (f"model {p.model_sha256[:12]}, firmware {(p.firmware_sha256 or '-')[:12]}, "
+                  f"instrument {p.instrument or '-'}, bench {p.bench_git_rev}, lab {p.lab_sha256[:12]}")))
     body = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
                    for a, b, c in rows)
     return (f"<h4>{html.escape(m.board)} / {html.escape(m.model)}</h4><table class='labbench'>"
@@ -54,6 +59,19 @@ def verdict_table(judgements: list[Judgement]) -> str:
     rows = "".join(f"<tr><td style='color:{_COLOURS[j.verdict]}'><b>{j.verdict.value}</b></td>"
                    f"<td>{html.escape(str(j))}</td></tr>" for j in judgements)
     return f"<table class='labbench'><tr><th>verdict</th><th>budget</th></tr>{rows}</table>"
+
+
+def attempt_html(e: Event) -> str:
+    """One attempt at a board step: its error and the recovery made, or that it passed."""
+    colour, outcome = ("#c33", e.error) if e.error else ("#2a7", "passed")
+    then = f"; then {e.recovery}" if e.recovery else ""
+    return (f"<p class='labbench-attempt'>{html.escape(e.board)} / {html.escape(e.step)}: attempt "
+            f"{e.attempt} of {e.attempts}: <span style='color:{colour}'>{html.escape(outcome or '')}</span>"
+            f"{html.escape(then)}</p>")
+
+
+def quarantine_html(reason: str) -> str:
+    return f"<p class='labbench-quarantine' style='color:#c33'><b>{html.escape(reason)}</b></p>"
 
 
 def png_html(png: bytes, alt: str) -> str:
