@@ -366,9 +366,13 @@ def recorder(request: pytest.FixtureRequest, journal: Journal) -> Recorder:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    from labbench.errors import BoardBusy
+    from labbench.errors import BoardBusy, LabbenchError
 
     report = yield
+    if call.excinfo is not None and call.excinfo.errisinstance(LabbenchError):
+        # a typed bench error already names the board, the step, what was seen and the log file:
+        # that line is the report, not the driver's traceback
+        report.longrepr = f"{call.excinfo.typename}: {call.excinfo.value}"
     busy = report.when == "setup" and call.excinfo is not None and call.excinfo.errisinstance(BoardBusy)
     if busy and (board := _board_of(item)):
         item.config.stash[_RECOVERY].quarantine(item, board, "acquire", call.excinfo.value)

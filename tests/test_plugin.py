@@ -192,6 +192,9 @@ def test_fault_is_a_junit_error_and_quarantines_its_board_while_the_next_board_r
     cases = junit(pytester.path / "junit.xml")
     assert cases["test_identify[dead]"][0] == "error"
     assert "DutProtocolError" in cases["test_identify[dead]"][1] and "Connection refused" in cases["test_identify[dead]"][1]
+    # the typed error is the whole report: board, step and what was seen, no driver traceback
+    assert "DutProtocolError: dead: open " in result.stdout.str() and "Traceback" not in result.stdout.str()
+    assert "serial_for_url" not in result.stdout.str()
     for name in ("test_model[dead]", "test_budget[dead]"):
         tag, message = cases[name]
         assert tag == "skipped" and message.startswith("board dead quarantined after DutProtocolError: dead: open ")
