@@ -22,6 +22,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from labbench.errors import LabConfigError, UsageError
+from labbench.sim.faults import Fault
+from labbench.sim.faults import check as check_fault
 from labbench.yamlsource import Source, unknown
 
 DRIVER_GROUP = "labbench.drivers"
@@ -92,6 +94,19 @@ class PowerLink(_Strict):
     channel: int = Field(1, ge=1)
 
 
+class SimBlock(BaseModel):
+    """A `sim:` block: the simulator's settings, passed on as they are, and the faults it injects
+    (labbench.sim.faults; which kinds apply is checked against the entry's link)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    faults: list[Fault] = []
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 #: a field filled from the entry's key in lab.yaml, not written in the entry itself
 def _from_key() -> Any:
     return Field(json_schema_extra={"from_key": True})
@@ -105,7 +120,7 @@ class BoardEntry(_Strict):
     flash: FlashSettings | None = None
     power: PowerLink | None = None
     power_mode: str | None = None
-    sim: dict[str, Any] | None = None
+    sim: SimBlock | None = None
 
     @model_validator(mode="after")
     def _one_link(self) -> "BoardEntry":
@@ -123,7 +138,7 @@ class InstrumentEntry(_Strict):
     kind: str
     resource: str
     settings: dict[str, Any] = {}
-    sim: dict[str, Any] | None = None
+    sim: SimBlock | None = None
 
     @property
     def simulated(self) -> bool:
@@ -326,6 +341,12 @@ def _cross_check(src: Source, boards: dict[str, BoardEntry], instruments: dict[s
             claim((board.ssh.host, board.ssh.port), f"boards.{name}", ("boards", name, "ssh", "port"))
         if board.power_mode is not None and board.family in families:
             problems += _check_power_mode(src, name, board, devices_dir)
+    for section, entries in (("instruments", instruments), ("boards", boards)):
+        for name, entry in entries.items():
+            link = "instrument" if section == "instruments" else "serial" if entry.serial else "ssh"
+            for i, fault in enumerate(entry.sim.faults if entry.sim else ()):
+                problems += [src.where((section, name, "sim", "faults", i, *key), message)
+                             for key, message in check_fault(fault, link)]
     targets = set(boards) | {b.family for b in boards.values()}
     for key in budgets:
         if key not in targets:

@@ -1,8 +1,9 @@
 """The simulated lab's control socket: one JSON request per line, one JSON reply per line.
 
 It is the sim's back door, not an instrument: tests and benchmarks ask it for the power bus's
-ground-truth ledger, the stand-in flashing tools use it to load a board, and `labbench sim down`
-uses it to stop the lab. The bench itself never talks to it.
+ground-truth ledger and inject faults with it (labbench.sim.faults), the stand-in flashing tools use
+it to load a board, and `labbench sim down` uses it to stop the lab. The bench itself never talks
+to it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import json
 import socket
 import socketserver
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from labbench.errors import LabbenchError
 
@@ -36,7 +38,7 @@ class ControlServer:
                     try:
                         request = json.loads(line)
                         reply = {"ok": True, "result": handlers[request.pop("op")](**request)}
-                    except Exception as exc:  # reported to the caller, who raises SimControlError
+                    except Exception as exc:  # noqa: BLE001 - reported to the caller, who raises SimControlError
                         reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                     self.wfile.write(json.dumps(reply).encode() + b"\n")
 
@@ -77,3 +79,16 @@ class SimControl:
     def ledger(self, channel: str, t0: float, t1: float) -> dict[str, float]:
         """Ground-truth energy (J) and mean power (W) a bus channel drew between two monotonic times."""
         return self.call("ledger", channel=channel, t0=t0, t1=t1)
+
+    def fault_set(self, target: str, spec: dict[str, Any]) -> int:
+        """Arm a fault on a board or instrument (`esp32`, `instruments.pm1000_esp32`); returns its id.
+        `spec` is a fault as lab.yaml writes it, e.g. {"kind": "silence", "duration_s": 2}."""
+        return self.call("fault_set", target=target, spec=spec)
+
+    def fault_clear(self, target: str, fault: int | None = None) -> int:
+        """Disarm fault `fault` of `target`, or all its faults; returns how many were disarmed."""
+        return self.call("fault_clear", target=target, fault=fault)
+
+    def faults(self, target: str | None = None) -> dict[str, Any]:
+        """`target`'s armed faults and the log of what they injected (every target's, by key, when None)."""
+        return self.call("faults", target=target)

@@ -5,6 +5,12 @@ simulator for every instrument and board of lab.yaml that has a `sim:` block, ea
 the address lab.yaml gives. It writes `state.json` (its pid and the pids of the sshd servers it
 started) once everything answers; `down()` stops exactly those processes and removes what `up()`
 created. The state lives in `.labbench/sim/<lab file stem>/` beside lab.yaml.
+
+Faults (labbench.sim.faults): each simulator has an injector, armed with the `sim: {faults: [...]}`
+of lab.yaml at start and driven at run time through the control socket (`fault_set`, `fault_clear`,
+`faults`; see SimControl). An MCU board's reset faults use the board's reset. A Linux board's sshd
+listens on a free loopback port behind a fault proxy (`FaultProxy`) on lab.yaml's address, which
+is the one in known_hosts.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from labbench import catalog, inventory
-from labbench.errors import LabbenchError
+from labbench.errors import LabbenchError, UsageError
 from labbench.inventory import Lab, endpoint
-from labbench.sim.control import ControlServer, SimControl, SimControlError, SOCKET_NAME
+from labbench.sim.control import SOCKET_NAME, ControlServer, SimControl, SimControlError
+from labbench.sim.faults import FaultProxy, Injector, parse
+from labbench.sim.linux import SimLinuxBoard, known_hosts_name, set_known_host
 from labbench.sim.powerbus import PowerBus
+from labbench.yamlsource import unknown
 
 STATE_FILE = "state.json"
 
@@ -46,6 +55,57 @@ def bus_channel(instrument: str, channel: int = 1) -> str:
 # The daemon: runs the simulators
 
 
+class ProxiedLinuxBoard:
+    """A simulated Linux board behind a fault proxy: its sshd on a free port of the same host, the
+    proxy on the address clients use, and that address's host key in the lab's known_hosts."""
+
+    def __init__(self, board: SimLinuxBoard, host: str, port: int, known_hosts: Path | None):
+        self.board, self.known_hosts = board, known_hosts
+        self.proxy = FaultProxy(board.name, host, port, (board.host, board.port))
+
+    def __repr__(self) -> str:
+        return f"ProxiedLinuxBoard({self.board!r} at {self.proxy.host}:{self.proxy.port})"
+
+    def start(self) -> None:
+        self.board.start()
+        try:
+            self.proxy.start()
+            if self.known_hosts:
+                name = known_hosts_name(self.proxy.host, self.proxy.port)
+                key = _host_key(self.board.host, self.board.port)
+                set_known_host(self.known_hosts, name, f"{name} {key.get_name()} {key.get_base64()}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self.proxy.stop()
+        self.board.stop()
+        if self.known_hosts:
+            set_known_host(self.known_hosts, known_hosts_name(self.proxy.host, self.proxy.port), None)
+
+    def pids(self) -> list[int]:
+        return self.board.pids()
+
+
+def _host_key(host: str, port: int) -> Any:
+    """The host key (a paramiko.PKey) an SSH server offers, as ssh-keyscan reads it."""
+    import paramiko
+
+    with socket.create_connection((host, port), timeout=10) as sock:
+        transport = paramiko.Transport(sock)
+        try:
+            transport.start_client(timeout=10)
+            return transport.get_remote_server_key()
+        finally:
+            transport.close()
+
+
+def _free_port(host: str) -> int:
+    with socket.create_server((host, 0)) as s:
+        return s.getsockname()[1]
+
+
 class SimLab:
     """Every simulated part of one lab, sharing one power bus, in this process."""
 
@@ -53,56 +113,62 @@ class SimLab:
         self.lab, self.dir = lab, directory
         self.bus = PowerBus()
         self.components: dict[str, Any] = {}
+        self.injectors: dict[str, Injector] = {}
 
     def start(self) -> None:
         for name, inst in self.lab.instruments.items():
             if inst.simulated:
-                self._start(f"instruments.{name}", self._instrument(inst))
+                self._start(f"instruments.{name}", inst.sim, *self._instrument(inst))
         for name, board in self.lab.boards.items():
             if board.simulated:
-                self._start(f"boards.{name}", self._board(board))
+                self._start(f"boards.{name}", board.sim, *self._board(board))
 
-    def _start(self, key: str, component: Any) -> None:
+    def _start(self, key: str, sim: inventory.SimBlock, component: Any, injector: Injector) -> None:
+        for fault in sim.faults:
+            injector.add(fault)
         component.start()
         self.components[key] = component
+        self.injectors[key] = injector
 
-    def _instrument(self, inst: inventory.InstrumentEntry) -> Any:
+    def _instrument(self, inst: inventory.InstrumentEntry) -> tuple[Any, Injector]:
         from labbench.sim.pm1000 import Pm1000Sim
 
         host, port = endpoint(inst.resource) or _no_endpoint(inst.name, inst.resource)
-        return Pm1000Sim(name=inst.name, host=host, port=port,
-                         channel=self.bus.channel(bus_channel(inst.name)), **inst.sim)
+        sim = Pm1000Sim(name=inst.name, host=host, port=port,
+                        channel=self.bus.channel(bus_channel(inst.name)), **inst.sim.settings)
+        return sim, sim.faults
 
-    def _board(self, board: inventory.BoardEntry) -> Any:
+    def _board(self, board: inventory.BoardEntry) -> tuple[Any, Injector]:
         family = catalog.load_family(board.family, self.lab.devices_dir)
         power = board.power
         channel = self.bus.channel(bus_channel(power.instrument, power.channel) if power else f"{board.name}:unwired")
-        settings = dict(board.sim)
+        settings = board.sim.settings
         if family.kind == "linux":
-            from labbench.sim.linux import SimLinuxBoard
-
-            return SimLinuxBoard(name=board.name, host=board.ssh.host, port=board.ssh.port, family=family,
-                                 bus_channel=channel, user=board.ssh.user, key=board.ssh.key,
-                                 known_hosts=board.ssh.known_hosts, power_mode=board.power_mode,
+            ssh = board.ssh
+            sshd = SimLinuxBoard(name=board.name, host=ssh.host, port=_free_port(ssh.host), family=family,
+                                 bus_channel=channel, user=ssh.user, key=ssh.key, power_mode=board.power_mode,
                                  state_dir=self.dir / board.name, **settings)
+            proxied = ProxiedLinuxBoard(sshd, ssh.host, ssh.port, ssh.known_hosts)
+            return proxied, proxied.proxy
         from labbench.sim.mcu import SimMcuBoard
 
         host, port = endpoint(board.serial.url) or _no_endpoint(board.name, board.serial.url)
         if "model" in settings:
             settings["model_path"] = self.lab.dir / settings.pop("model")
-        return SimMcuBoard(name=board.name, host=host, port=port, family=family, bus_channel=channel,
-                           **settings)
+        mcu = SimMcuBoard(name=board.name, host=host, port=port, family=family, bus_channel=channel, **settings)
+        mcu.uart.faults.reset = mcu.reset
+        return mcu, mcu.uart.faults
 
     def stop(self) -> None:
         for component in reversed(list(self.components.values())):
             try:
                 component.stop()
-            except Exception as exc:  # keep stopping the others; the log says which failed
+            except Exception as exc:  # noqa: BLE001 - keep stopping the others; the log says which failed
                 print(f"stopping {component!r}: {exc}", file=sys.stderr)
         self.components.clear()
 
     def child_pids(self) -> list[int]:
-        return [pid for c in self.components.values() for pid in getattr(c, "pids", lambda: [])()]
+        return [pid for c in self.components.values() for pid in getattr(c, "pids", list)()]
 
     def ledger(self, channel: str, t0: float, t1: float) -> dict[str, float]:
         ch = self.bus.channel(channel)
@@ -111,6 +177,30 @@ class SimLab:
     def load_firmware(self, board: str, path: str) -> dict[str, Any]:
         """Used by the stand-in flashing tools of the simulated Nano and Coral (see sim/standin_tools)."""
         return self.components[f"boards.{board}"].load_firmware(Path(path).read_bytes())
+
+    def fault_set(self, target: str, spec: dict[str, Any]) -> int:
+        """Arm a fault (a spec as in lab.yaml) on a board or instrument; returns its id."""
+        injector = self.injector(target)
+        return injector.add(parse(spec, injector.link, target))
+
+    def fault_clear(self, target: str, fault: int | None = None) -> int:
+        """Disarm one fault of a target (by id) or all of them; returns how many."""
+        return self.injector(target).clear(fault)
+
+    def faults(self, target: str | None = None) -> dict[str, Any]:
+        """A target's armed faults and injection log (see Injector.report); every target's by key."""
+        if target is None:
+            return {key: injector.report() for key, injector in self.injectors.items()}
+        return self.injector(target).report()
+
+    def injector(self, target: str) -> Injector:
+        """By key (`boards.esp32`) or by name when no board and instrument share it."""
+        keys = [k for k in self.injectors if target in (k, k.split(".", 1)[1])]
+        if len(keys) != 1:
+            names = {k.split(".", 1)[1] for k in self.injectors}
+            raise UsageError(f"{target} is ambiguous: say {' or '.join(keys)}" if keys else
+                             unknown("simulated board or instrument", target, names))
+        return self.injectors[keys[0]]
 
 
 def _no_endpoint(name: str, address: str) -> tuple[str, int]:
@@ -126,6 +216,9 @@ def serve(lab_path: Path, directory: Path) -> None:
         "ping": lambda: "pong",
         "ledger": sim.ledger,
         "load_firmware": sim.load_firmware,
+        "fault_set": sim.fault_set,
+        "fault_clear": sim.fault_clear,
+        "faults": sim.faults,
         "shutdown": stopped.set,
     })
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())

@@ -8,6 +8,9 @@ but nothing serves a pty; no library does both with the ack rules instruments ne
 Lines end with LF, CR or CR LF. The handler returns a reply (sent with the terminator) or None
 for a command that has none; a transport that acknowledges commands then sends the terminator
 alone (the PM1000+'s Ethernet port does; its RS232 port does not).
+
+Faults (`faults`, a `labbench.sim.faults.InstrumentFaults`) see every command line first: a silent
+instrument neither executes nor answers it; a disconnect closes the TCP connection instead.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import tty
 from collections.abc import Callable
 
 from labbench.errors import LabConfigError
+from labbench.sim.faults import InstrumentFaults
 
 #: command line -> reply, or None for a command that has none
 Handler = Callable[[str], "str | None"]
@@ -56,6 +60,7 @@ class LineServer:
         self._threads: list[threading.Thread] = []
         self._pty: tuple[int, int] | None = None
         self.pty_path: str | None = None
+        self.faults = InstrumentFaults(name, self._drop_clients)
 
     @property
     def port(self) -> int:
@@ -120,10 +125,25 @@ class LineServer:
         t.start()
         self._threads.append(t)
 
-    def _respond(self, line: bytes, transport: str) -> bytes:
+    def _drop_clients(self) -> int:
+        """Close every TCP connection (their threads end); returns how many there were."""
+        with self._lock:
+            clients = list(self._clients)
+        for sock in clients:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return len(clients)
+
+    def _respond(self, line: bytes, transport: str) -> bytes | None:
+        """The bytes to send for one line; None: close the connection instead."""
         text = line.decode("ascii", errors="replace").strip()
         if not text:
             return b""
+        verdict = self.faults.command(text, transport)
+        if verdict != "reply":
+            return None if verdict == "disconnect" else b""
         reply = self._handler(text)
         if reply is None:
             return self._terminator if self._ack[transport] else b""
@@ -141,9 +161,16 @@ class LineServer:
                 if not data:
                     return
                 *lines, buf = _LINE_END.split(buf + data)
-                out = b"".join(self._respond(line, "tcp") for line in lines)
+                out, reply = bytearray(), b""
+                for line in lines:
+                    reply = self._respond(line, "tcp")
+                    if reply is None:
+                        break
+                    out += reply
                 if out:
                     sock.sendall(out)
+                if reply is None:
+                    return  # the server closes the connection
         except OSError:
             return  # the client went away, or stop() closed the socket under us
         finally:
@@ -161,7 +188,7 @@ class LineServer:
             except (OSError, ValueError):
                 return  # closed by stop()
             *lines, buf = _LINE_END.split(buf + data)
-            out = b"".join(self._respond(line, "serial") for line in lines)
+            out = b"".join(self._respond(line, "serial") or b"" for line in lines)
             if out:
                 try:
                     os.write(master, out)

@@ -22,6 +22,8 @@ Ethernet acknowledge, number format, range tables) and is marked "inferred" belo
   (inferred from the mnemonic). Leaving integrator mode stops it (inferred).
 - ESR: bit 5 (CME) for an unknown or malformed command, bit 4 (EXE) for a refused one or an
   out-of-range value; a refused query sends no reply (only the Ethernet acknowledge).
+- Faults (`faults`: silence, disconnect; see labbench.sim.faults) act in the transport, before the
+  parser sees a command.
 - Not simulated: harmonics, distortion factors (selecting them sets EXE), averaging, filters,
   clock-started integration, the display; their settings are kept and read back.
 """
@@ -37,6 +39,7 @@ from typing import Self
 
 from pyvisa import rname
 
+from labbench.sim.faults import InstrumentFaults
 from labbench.sim.lineserver import LineServer
 from labbench.sim.powerbus import PowerChannel
 
@@ -465,6 +468,10 @@ class Pm1000Sim:
     @property
     def resource(self) -> str:
         return f"TCPIP::{self.host}::{self.port}::SOCKET"
+
+    @property
+    def faults(self) -> InstrumentFaults:
+        return self._server.faults
 
     @property
     def pty_path(self) -> str | None:

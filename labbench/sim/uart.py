@@ -13,6 +13,9 @@ port that PortManager drives and the cable behind it; no library models those, h
 - A client whose baud differs from the device's by more than 3 %, or whose framing is not 8N1,
   sees garbage, and the device receives garbage.
 - DTR/RTS changes go to `on_lines(dtr, rts)`: what they mean (a reset circuit) is the board's.
+- Faults (`faults`, a `labbench.sim.faults.SerialFaults`) act on the bytes of each direction as they
+  go on the wire, before a baud mismatch garbles them; device-to-host bytes only while a client is
+  connected. Its `reset` is left for the board's wiring to set.
 
 The device side runs in one thread (the board's CPU), and all its waits go through a `ResetLine`,
 so asserting reset (or stopping the board) ends any of them with `ChipReset`.
@@ -29,6 +32,8 @@ from collections.abc import Callable
 
 import serial
 from serial.rfc2217 import PortManager
+
+from labbench.sim.faults import SerialFaults
 
 BAUD_TOLERANCE = 0.03  # a UART samples mid-bit: a few percent of baud mismatch still decodes
 SPIN_S = 0.0003  # the last stretch before a deadline is spun (yielding the GIL) for µs accuracy
@@ -167,6 +172,7 @@ class SimUart:
         self.device_baud = self._boot_baud = device_baud
         self.rx_fifo_bytes, self.tx_buffer_bytes = rx_fifo_bytes, tx_buffer_bytes
         self.on_lines = on_lines
+        self.faults = SerialFaults(name)
         self._reset = reset
         self._log = logging.getLogger(f"labbench.sim.uart.{name}")
         # host -> device, guarded by reset.cv: chunks of (arrival of the first byte, char time, bytes)
@@ -254,10 +260,13 @@ class SimUart:
 
     def _feed(self, data: bytes, t: float, line: _LinePort) -> None:
         ct = line.char_time_s()
-        if not line.matches(self.device_baud):
-            data = _garble(data)
         with self._reset.cv:
             start = max(t, self._wire_free)
+            data = self.faults.process("to_device", data, lambda i: start + (i + 1) * ct)
+            if not data:
+                return
+            if not line.matches(self.device_baud):
+                data = _garble(data)
             self._pending.append((start + ct, ct, data))
             self._wire_free = start + len(data) * ct
             self._reset.cv.notify_all()
@@ -388,10 +397,12 @@ class SimUart:
         ct = 10 / self.device_baud  # the device's own framing: 8N1
         with self._tx_cv:
             line = self._line
-            if line is not None and not line.matches(self.device_baud):
-                data = _garble(data)
             now = time.monotonic()
             start = max(now, self._tx_free)
+            if line is not None:
+                data = self.faults.process("to_host", data, lambda i: start + (i + 1) * ct)
+                if not line.matches(self.device_baud):
+                    data = _garble(data)
             sent = 0
             while sent < len(data):
                 end = data.find(b"\n", sent, sent + PIECE_BYTES)
