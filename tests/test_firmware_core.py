@@ -2,8 +2,8 @@
 
 The C tests check the protocol byte for byte; this file runs them through make so that the
 project's test command covers them, drives the core (on a pty, with its fake model) with the
-bench's own DutSerial driver, and checks that a model embedded the way the boards embed it
-(firmware/tools/embed_model.py) is what the core hashes for `profile%`.
+bench's own DutSerial driver, reply CRCs on, and checks that a model embedded the way the boards
+embed it (firmware/tools/embed_model.py) is what the core hashes for `profile%`.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def _read_until(fd: int, marker: bytes, timeout_s: float) -> bytes:
 
 def test_bench_driver_runs_the_core_over_a_pty(tmp_path):
     """DutSerial (identify, run_timed, classify, an error reply) against the host build of the
-    core: 64-byte input, fake model whose outputs are input bytes 0-3 / 4, runs of >= 500 us."""
+    core: 64-byte input, fake model whose outputs are input bytes 0-3 / 4, runs of >= 500 us. The
+    core offers the reply-CRC extension, so every reply after identify carries a checked CRC."""
     build = _make("host-dut", tmp_path)
     assert build.returncode == 0, build.stdout + build.stderr
     master, slave = pty.openpty()
@@ -95,7 +96,8 @@ def test_bench_driver_runs_the_core_over_a_pty(tmp_path):
         assert _read_until(slave, b"m-init-done\r\nm-ready\r\n", 10).startswith(
             b"m-timestamp-mode-performance\r\n"
         )
-        with DutSerial(os.ttyname(slave), board="host-dut", timeout_s=5.0) as dut:
+        log_path = tmp_path / "host-dut-serial.log"
+        with DutSerial(os.ttyname(slave), board="host-dut", timeout_s=5.0, log_path=log_path) as dut:
             identity = dut.identify()
             assert (identity.name, identity.model, identity.firmware) == (
                 "host_dut",
@@ -103,12 +105,12 @@ def test_bench_driver_runs_the_core_over_a_pty(tmp_path):
                 "ULPMark for tinyML Firmware V0.0.1",
             )
             assert identity.model_sha256 == hashlib.sha256(b"labbench host model").hexdigest()
-            assert identity.extra == {"model_bytes": 19, "arena_bytes": 2256}
+            assert identity.extra == {"model_bytes": 19, "arena_bytes": 2256, "reply_crc32": True}
 
             sample = np.arange(-32, 32, dtype=np.int8)
             expected = sample[:4].view(np.uint8).astype(np.float32) / 4  # (224, 225, 226, 227) / 4
             timed = dut.run_timed(sample, count=5, warmup=2)
-            assert timed.count == 5 and min(timed.latencies_us) >= 500
+            assert timed.count == 5 and min(timed.latencies_us) >= 500 and timed.extra["reply_crc32"]
             np.testing.assert_array_equal(timed.outputs, expected)
             per_run = dut.run_timed(sample, count=3, warmup=0, per_inference=True)
             assert per_run.count == 3 and min(per_run.latencies_us) >= 500
@@ -120,6 +122,7 @@ def test_bench_driver_runs_the_core_over_a_pty(tmp_path):
             with pytest.raises(DutReplyError, match=r"e-\[Input is 10 bytes; the model expects 64\]"):
                 dut.run_timed(np.zeros(10, np.int8), count=1, warmup=0)
             assert dut.identify().model == "fake01"  # the line is still in step after the error
+        assert "-> b'crc32 on%'" in log_path.read_text()  # once: the core kept it on throughout
     finally:
         dut_process.kill()
         dut_process.wait()

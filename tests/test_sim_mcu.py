@@ -244,7 +244,7 @@ def test_mlperf_models_are_refused_with_sizes_where_they_do_not_fit():
         assert (
             small.fits(resnet.stat().st_size, min_arena_bytes(resnet)) == "arena 55,984 B exceeds SRAM 24 KiB"
         )
-        with pytest.raises(DutReplyError, match=f"^nrf52810: profile: e-\\[{problem}\\]$"):
+        with pytest.raises(DutReplyError, match=f"^nrf52810: profile: e-\\[{problem}\\] \\(full log: .*\\)$"):
             d.identify()
         banner = d.reset()
         assert banner[2] == f"e-[{problem}]" and banner[-2:] == ["m-init-done", "m-ready"]
@@ -424,7 +424,7 @@ def test_a_dut_slower_than_the_timeout():
     try:
         d.upload(bytes(64))
         with pytest.raises(
-            DutTimeout, match=r"infer 1 0: no reply within 0.4 s; last line seen: 'm-lap-us-\d+'$"
+            DutTimeout, match=r"infer 1 0: no reply within 0.4 s; last line seen: 'm-lap-us-\d+' \(full log: .*\)$"
         ):
             d.infer(1, 0)
     finally:

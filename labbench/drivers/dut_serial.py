@@ -33,37 +33,107 @@ Inputs are the raw bytes of the model's input tensor, in C order: an int8 model 
 (quantize floats with `labbench.modelinfo.quantize_input`). The bench does no uint8 -> int8 shift;
 MLPerf's reference IC/VWW ports subtract 128 themselves, so feed those uint8 arrays.
 
-Errors name the board, the command and the last line seen: `DutReplyError` (an `e-[...]` reply),
-`DutResetError` (a boot banner arrived: the DUT reset), `DutTimeout` (no complete reply in time),
-`DutProtocolError` (their base; also a garbled or unexpected line, a lost connection). What was
-measured before the failure is attached as `.partial`, and the recent lines as `.transcript`.
+Checks. No number from the DUT is believed before its exchange is checked:
+- each reply has exactly the lines its command calls for, and echoes what was sent: `db load N`
+  `m-[Expecting N bytes]`; a chunk nothing, the last `m-load-done`; `infer N W` `m-warmup-start-W`,
+  `m-warmup-done`, `m-infer-start-N`, two `m-lap-us-T`, `m-infer-done`, `m-results-[...]` (a byte
+  lost on the way to the DUT turns `infer 8742 0` into `infer 742 0`, or `infer 1 0` into `infer 10`);
+- numbers are written as the firmware writes them: counts and stamps in decimal without leading
+  zeros, stamps below 2^32; result values `-?(0|[1-9][0-9]*)(\\.[0-9]+)?` with an optional exponent,
+  finite, as many as the model has outputs (`output_count`: given, else the first results line
+  since `identify`);
+- stamps are monotonic (mod 2^32) and agree with the host clock: each stamp follows the one before
+  it (the clock sync's, the previous run's) by at most the host time from the sending of the
+  earlier stamp's command to the arrival of the later stamp's line, x (1 + `clock_tolerance_ppm`)
+  + TIMER_SLACK_S (a stamp that went backwards wraps to ~71 min and fails this). The host side can
+  only be longer: it adds the link and the host's own delays;
+- a window is at least as long as the host saw it: T1 - T0 >= (arrival of T1's line - arrival of
+  T0's line) x (1 - tolerance) - `link_latency_s` (how much later than its event a line can be
+  read: wire time, USB latency timers, a loaded host; 1 s); and at least WINDOW_MIN_FRACTION of
+  count x the time per inference known from earlier runs;
+- `classify` returns exactly one row per sample sent.
+A lost digit changes a stamp by at least half its value, so a lost byte in a count or a stamp is an
+error, not a number, unless the DUT's counter is within about twice a command's duration of zero
+(just after boot or the 71.6-min wrap). A lost '.' of a value below 1 leaves a leading zero
+(`0.967` -> `0967`): an error. What the checks cannot see without the CRC extension: a lost or
+changed digit of a result that still leaves a well-formed number (`0.967` -> `0.97`, `12.5` ->
+`125`), a lost '-', before `output_count` is known a lost ',' between two integers (`1,0` -> `10`),
+and a changed (not lost) low digit of a stamp. Commands carry no CRC: a lost hex digit of an upload
+leaves an odd count, which the firmware refuses, but a changed one reaches the model unnoticed.
+
+Reply integrity (an extension of the protocol, firmware/core/src/lb_dut.h). A DUT that has it
+lists `m-ext-[crc32]` in its `profile` reply; `identify` then sends `crc32 on%` (answered
+`m-crc32-[on]`), and from that reply on every line comes as `<line> *XXXXXXXX`, XXXXXXXX the
+CRC-32 (zlib.crc32) of the line before " *" in upper-case hex. The client checks and strips it; a
+line without a valid tag is a DutProtocolError. A reset turns it off; the client turns it on again
+before its next exchange. `crc32 off%` ends it. DUTs that do not announce it (MLPerf's reference
+firmware) are never sent `crc32` and get the checks above only. `extra["reply_crc32"]` of
+`identify` and of each TimedRun says whether it was on.
+
+Timeouts. A command is timed from when it heads the pipeline (its predecessor's m-ready arrived,
+or it was sent) to its own m-ready. `infer N W` gets max(2 x E, E + EXPECTED_SLACK_S) with E its
+expected duration (`expected_s`): (N + W) x the time per inference + the command's and reply's
+wire time. The time per inference is `inference_s`: given, or measured by the longest infer run
+since `identify`, whose elapsed time is taken as up to TIMER_SLACK_S off (a 1 kHz timer's
+resolution), so a one-inference probe gives a loose bound and a longer run a tight one. While it
+is unknown, `infer_timeout_s` (default 120 s). Other commands get `timeout_s`. So once a run was
+timed, a DUT silent inside a 10 s window is reported about 20 s after the window's command started.
+
+Stopping. `run_timed`, `classify` and `infer` take `stop` (a threading.Event): once it is set,
+the wait ends within READ_POLL_S with RunAborted. The DUT still finishes what it was sent; the
+next exchange first collects those replies, so the link stays in step.
+
+Serial log. Every byte both ways is appended, with host time.monotonic() stamps, to `log_path`
+(default `reports/logs/<board>-serial.log` under the working directory; `from_lab(log_dir=...)`
+puts it elsewhere): one line per read or write, `<time> -> b'...'` to the DUT, `<time> <- b'...'`
+from it, `<time> -- ...` for events (open, flush, reset). Every error names it.
+
+Errors name the board, the command, what was expected and what was seen: `DutReplyError` (an
+`e-[...]` reply), `DutResetError` (a boot banner arrived: the DUT reset), `DutTimeout` (no complete
+reply in time), `DutProtocolError` (their base; also a garbled, unexpected or inconsistent line, a
+lost connection), RunAborted (stopped from outside). What was measured before the failure is
+attached as `.partial`, and the recent lines as `.transcript`.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any, Self
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, Self
 
 import numpy as np
 import serial
 
 from labbench.capabilities import DutIdentity, TimedRun
-from labbench.errors import DutProtocolError
+from labbench.errors import DutProtocolError, HardwareError, RunAborted
 
 NAME_ATTEMPTS = 3
 CHUNK_BYTES = 38  # "db " + 76 hex digits = 79 characters: the reference's EE_CMD_SIZE is 80
 DEFAULT_INFLIGHT_BYTES = 160
 READ_POLL_S = 0.05  # pyserial read timeout; waits loop on it up to their own deadline
 TIMER_WRAP = 1 << 32
+TIMER_SLACK_S = 0.002  # two readings of a 1 kHz timer (the EEMBC minimum) are each up to 1 ms off
+EXPECTED_SLACK_S = 5.0  # an infer command's bound: max(2 x expected, expected + 5 s)
+WINDOW_MIN_FRACTION = 0.5  # a window is at least half of count x the time per inference seen before
+REPLY_BYTES = 160  # an infer reply without its results line, tags included
+VALUE_BYTES = 24  # the most one result value takes on the line
+UNKNOWN_OUTPUTS = 640  # outputs assumed while the model's are unknown (AD01's, the largest in MLPerf Tiny)
 # lines only a booting board prints: the DUT harness's banner, the ESP32 ROM's first lines
 RESET_MARKERS = ("m-timestamp-mode-", "m-init-done", "ets ", "rst:0x")
 _FIELD = re.compile(r"^m-([a-z0-9-]+)-\[(.*)\]$")
 _NAME = re.compile(r"^m-name-([^\[]+)-\[(.*)\]$")
+_STAMP = re.compile(r"^m-lap-us-(0|[1-9][0-9]{0,9})$")
+_RESULTS = re.compile(r"^m-results-\[(.*)\]$")
+_VALUE = re.compile(r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
+_TAG = re.compile(rb"^(.*) \*([0-9A-F]{8})$", re.DOTALL)
 
 
 class DutReplyError(DutProtocolError):
@@ -108,23 +178,30 @@ class ClockSync:
 @dataclass
 class _Command:
     text: str
-    timeout_s: float
+    timeout_s: float | None = None  # None: an infer command's bound, computed when it heads the pipeline
     alone: bool = False  # sent only with nothing else in flight (clock sync)
-    expect: str | None = None  # a line the reply must hold (m-load-done after the last chunk)
+    expect: tuple[str, ...] | None = None  # the exact lines the reply must hold
+    count: int | None = None  # of an `infer count warmup`
+    warmup: int = 0
+    crc: bool | None = None  # the reply-CRC state this command sets (and its own reply has)
     wire: bytes = b""
     sent_s: float = 0.0
-    lines: list[tuple[str, float]] = field(default_factory=list)
-    error: DutProtocolError | None = None
+    lines: list[tuple[str, float]] = field(default_factory=list)  # (line, host time its end arrived)
+    error: HardwareError | None = None
 
 
-@dataclass(frozen=True)
-class _Reply:
-    command: str
-    lines: tuple[tuple[str, float], ...]  # (line, host time its end arrived)
-    sent_s: float
+@dataclass
+class _Stamps:
+    """The last DUT stamp of an exchange and when its command was sent (for the next stamp's check)."""
+
+    last: tuple[int, float] | None = None
 
 
 class _Timeout(Exception):
+    pass
+
+
+class _Stopped(Exception):
     pass
 
 
@@ -140,7 +217,12 @@ def tensor_bytes(sample: np.ndarray) -> bytes:
 
 
 class DutSerial:
-    """A board running MLPerf Tiny DUT firmware, reached at a pyserial URL."""
+    """A board running MLPerf Tiny DUT firmware, reached at a pyserial URL (see the module docstring).
+
+    `inference_s` (the DUT's time per inference) and `output_count` (the model's outputs) may be
+    given; otherwise runs measure them, and `identify` and `reset` forget what was measured.
+    A given `inference_s` is taken as exact: the bounds of the module docstring rest on it.
+    """
 
     def __init__(
         self,
@@ -151,26 +233,46 @@ class DutSerial:
         timeout_s: float = 5.0,
         infer_timeout_s: float = 120.0,
         max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
+        log_path: str | Path | None = None,
+        inference_s: float | None = None,
+        output_count: int | None = None,
+        clock_tolerance_ppm: float = 1000.0,
+        link_latency_s: float = 1.0,
     ):
+        """`clock_tolerance_ppm` bounds how far the DUT's and the host's clocks may disagree in rate
+        (crystals: tens of ppm; NTP slews CLOCK_MONOTONIC by up to 500 ppm); an RC-clocked DUT needs
+        more."""
         self.url, self.board, self.baud = url, board, baud
         self.timeout_s, self.infer_timeout_s = timeout_s, infer_timeout_s
         self.max_inflight_bytes = max_inflight_bytes
+        self.log_path = Path(log_path or Path("reports") / "logs" / f"{board}-serial.log").resolve()
+        self._given_inference_s, self._given_output_count = inference_s, output_count
+        self.output_count = output_count
+        self._longest: tuple[float, int] | None = None  # (elapsed s, count) of the longest run measured
+        self.clock_tolerance = clock_tolerance_ppm * 1e-6
+        self.link_latency_s = link_latency_s
         self.bytes_tx = self.bytes_rx = 0  # bytes written to / read from the line so far
         self.transcript: deque[str] = deque(maxlen=50)
         self._port: serial.SerialBase | None = None
+        self._log: IO[str] | None = None
         self._rx = bytearray()
         self._rx_s = 0.0
+        self._crc = False  # the DUT tags its reply lines
+        self._crc_announced = False  # its profile offered the crc32 extension
+        self._owed: list[_Command] = []  # sent commands whose replies are still to come (after a stop)
 
     @classmethod
-    def from_lab(cls, entry: Any, family: Any = None) -> DutSerial:
-        """From a lab.yaml board entry (`family` is part of the common driver signature; unused)."""
+    def from_lab(cls, entry: Any, family: Any = None, *, log_dir: str | Path | None = None) -> DutSerial:
+        """From a lab.yaml board entry (`family` is part of the common driver signature; unused); the
+        serial log goes to `log_dir`/<board>-serial.log (default reports/logs/)."""
         conn = entry.serial
-        return cls(conn.url, board=entry.name, baud=conn.baud, timeout_s=conn.timeout_s)
+        log_path = Path(log_dir) / f"{entry.name}-serial.log" if log_dir is not None else None
+        return cls(conn.url, board=entry.name, baud=conn.baud, timeout_s=conn.timeout_s, log_path=log_path)
 
     def __repr__(self) -> str:
         return f"DutSerial({self.board!r}, {self.url!r})"
 
-    # -- connection -------------------------------------------------------------------------------
+    # -- connection and log -----------------------------------------------------------------------
 
     @property
     def char_time_s(self) -> float:
@@ -178,17 +280,28 @@ class DutSerial:
         return 10 / self.baud
 
     def _open(self) -> serial.SerialBase:
+        if self._log is None:
+            try:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                self._log = open(self.log_path, "a", buffering=1)  # noqa: SIM115 (kept open until close())
+            except OSError as exc:
+                raise DutProtocolError(self.board, f"open log {self.log_path}", str(exc)) from None
         if self._port is None:
+            self._event(f"open {self.url} at {self.baud} baud; host time {datetime.now().isoformat()}")
             try:
                 self._port = serial.serial_for_url(self.url, baudrate=self.baud, timeout=READ_POLL_S)
             except (serial.SerialException, ValueError, OSError) as exc:
-                raise DutProtocolError(self.board, f"open {self.url}", str(exc)) from None
+                raise self._fail(DutProtocolError, f"open {self.url}", str(exc)) from None
         return self._port
 
     def close(self) -> None:
         if self._port is not None:
             self._port.close()
             self._port = None
+            self._event("closed")
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def __enter__(self) -> Self:
         self._open()
@@ -197,16 +310,32 @@ class DutSerial:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _event(self, what: str) -> None:
+        if self._log is not None:
+            self._log.write(f"{time.monotonic():.6f} -- {what}\n")
+
     def _flush_input(self) -> None:
         port = self._open()
         port.reset_input_buffer()
         self._rx.clear()
+        self._event("input flushed")
+
+    def _forget(self) -> None:
+        """A new session or a reset: the firmware may be another; what runs measured is forgotten."""
+        self.output_count = self._given_output_count
+        self._longest = None
 
     # -- lines ------------------------------------------------------------------------------------
 
-    def _readline(self, deadline: float, command: str) -> tuple[str, float]:
+    def _readline(
+        self, deadline: float, command: str, stop: threading.Event | None = None
+    ) -> tuple[str, bool, float]:
+        """The next line (its reply-CRC tag stripped when valid), whether it had a valid tag, and
+        the host time its end arrived."""
         port = self._open()
         while (i := self._rx.find(b"\n")) < 0:
+            if stop is not None and stop.is_set():
+                raise _Stopped()
             if time.monotonic() >= deadline:
                 raise _Timeout()
             try:
@@ -217,27 +346,33 @@ class DutSerial:
                 self._rx += chunk
                 self._rx_s = time.monotonic()
                 self.bytes_rx += len(chunk)
-        line = bytes(self._rx[:i]).rstrip(b"\r").decode("ascii", errors="replace")
+                self._log.write(f"{self._rx_s:.6f} <- {bytes(chunk)!r}\n")
+        raw = bytes(self._rx[:i]).rstrip(b"\r")
         del self._rx[: i + 1]
+        m = _TAG.match(raw)
+        tagged = m is not None and zlib.crc32(m.group(1)) == int(m.group(2), 16)
+        line = (m.group(1) if tagged else raw).decode("ascii", errors="replace")
         self.transcript.append(line)
-        return line, self._rx_s
+        return line, tagged, self._rx_s
 
     def _last_line(self) -> str:
         return self.transcript[-1] if self.transcript else "(none)"
 
     def _lost(self, command: str, exc: Exception) -> DutProtocolError:
         """The connection broke: drop the port (the next command reopens it) and say so."""
-        self.close()
+        self._event(f"connection lost: {exc}")
+        self._port.close()
+        self._port = None
         return self._fail(
             DutProtocolError,
             _short(command),
             f"connection lost ({exc}); last line seen: {self._last_line()!r}",
         )
 
-    def _fail(self, cls: type[DutProtocolError], command: str, seen: str) -> DutProtocolError:
-        exc = cls(self.board, command, seen)
+    def _fail(self, cls: type[HardwareError], command: str, seen: str) -> Any:
+        exc = cls(self.board, command, seen, log=str(self.log_path))
         exc.transcript = list(self.transcript)
-        exc.partial = None
+        self._event(f"error: {command}: {seen}")
         return exc
 
     def _settle(self, command: str) -> None:
@@ -250,15 +385,60 @@ class DutSerial:
                 break
         self._rx.clear()
 
+    # -- expected durations -----------------------------------------------------------------------
+
+    @property
+    def inference_s(self) -> float | None:
+        """The DUT's time per inference: given, or the longest run's mean; None while unknown."""
+        if self._given_inference_s is not None or self._longest is None:
+            return self._given_inference_s
+        return self._longest[0] / self._longest[1]
+
+    def _per_inference_bounds(self) -> tuple[float, float] | None:
+        """(least, most) seconds per inference, or None while unknown."""
+        if self._given_inference_s is not None or self._longest is None:
+            given = self._given_inference_s
+            return None if given is None else (given, given)
+        elapsed_s, count = self._longest
+        return max(0.0, elapsed_s - TIMER_SLACK_S) / count, (elapsed_s + TIMER_SLACK_S) / count
+
+    def expected_s(self, count: int, warmup: int) -> float | None:
+        """How long `infer count warmup` should take at most, or None while the time per inference is
+        unknown."""
+        bounds = self._per_inference_bounds()
+        if bounds is None:
+            return None
+        outputs = self.output_count or UNKNOWN_OUTPUTS
+        reply = len(f"infer {count} {warmup}%") + REPLY_BYTES + VALUE_BYTES * outputs
+        return (count + warmup) * bounds[1] + reply * self.char_time_s
+
+    def _timeout(self, cmd: _Command) -> tuple[float, str]:
+        """The command's time limit, and what it is (for the message)."""
+        if cmd.timeout_s is not None:
+            return cmd.timeout_s, ""
+        expected = self.expected_s(cmd.count, cmd.warmup)
+        if expected is None:
+            return self.infer_timeout_s, ""
+        return max(2 * expected, expected + EXPECTED_SLACK_S), f" (it should take {expected:.3g} s)"
+
     # -- the pipeline -----------------------------------------------------------------------------
 
-    def _transact(self, commands: list[_Command]) -> Iterator[_Reply]:
-        """Send `commands` pipelined; yield each reply in order. Errors are raised once the
-        commands in flight have answered, so the link stays in step."""
+    def _transact(self, commands: list[_Command], stop: threading.Event | None = None) -> Iterator[_Command]:
+        """Send `commands` pipelined; yield each answered one in order (those setting the reply CRC
+        excepted). Errors are raised once the commands in flight have answered, so the link stays
+        in step; a `stop` ends the wait at once (the replies still to come are collected later)."""
         port = self._open()
+        self._collect_owed()
+        if stop is not None and stop.is_set():
+            raise self._fail(
+                RunAborted, _short(commands[0].text) if commands else "-", "stopped before it was sent"
+            )
+        if self._crc_announced and not self._crc:
+            commands = [self._crc_command(True)] + commands
         queue, inflight = deque(commands), deque()
         inflight_bytes = 0
-        failure: DutProtocolError | None = None
+        failure: HardwareError | None = None
+        since = 0.0  # when the head of `inflight` became the head
         try:
             while queue or inflight:
                 while (
@@ -279,43 +459,70 @@ class DutSerial:
                         port.write(cmd.wire)
                     except serial.SerialException as exc:
                         raise self._lost(cmd.text, exc) from None
+                    self._log.write(f"{cmd.sent_s:.6f} -> {cmd.wire!r}\n")
                     self.bytes_tx += len(cmd.wire)
+                    if not inflight:
+                        since = cmd.sent_s
                     inflight.append(cmd)
                     inflight_bytes += len(cmd.wire)
                 if not inflight:
                     break
                 head = inflight[0]
+                limit, basis = self._timeout(head)
                 try:
-                    line, t = self._readline(time.monotonic() + head.timeout_s, head.text)
+                    line, tagged, t = self._readline(since + limit, head.text, stop)
                 except _Timeout:
+                    if failure or head.error:  # a broken reply can take its m-ready with it
+                        raise (failure or head.error) from None
                     pending = bytes(self._rx).decode("ascii", errors="replace")
-                    seen = f"no reply within {head.timeout_s:g} s; last line seen: {self._last_line()!r}"
+                    seen = f"no reply within {limit:g} s{basis}; last line seen: {self._last_line()!r}"
                     raise self._fail(
                         DutTimeout,
                         _short(head.text),
                         seen + (f", then {pending!r} without a line end" if pending else ""),
                     ) from None
-                if line == "m-ready":
-                    inflight.popleft()
-                    inflight_bytes -= len(head.wire)
-                    if head.expect and head.error is None and all(l != head.expect for l, _ in head.lines):
-                        head.error = self._fail(
-                            DutProtocolError,
-                            _short(head.text),
-                            f"no {head.expect} in the reply: {[l for l, _ in head.lines]!r}",
-                        )
-                    if head.error is not None:
-                        failure = failure or head.error
-                    elif failure is None:
-                        yield _Reply(head.text, tuple(head.lines), head.sent_s)
-                elif line.startswith(RESET_MARKERS):
+                except _Stopped:
+                    self._owed = list(inflight)
+                    raise self._fail(
+                        RunAborted,
+                        _short(head.text),
+                        f"stopped from outside after {time.monotonic() - since:.3g} s of this command; "
+                        f"last line seen: {self._last_line()!r}",
+                    ) from None
+                if line.startswith(RESET_MARKERS):
                     inflight.clear()
                     self._settle(head.text)
+                    self._crc = False
+                    self._forget()
                     raise self._fail(
                         DutResetError,
                         _short(head.text),
                         f"the DUT reset: boot banner line {line!r} in the reply",
                     )
+                if (self._crc if head.crc is None else head.crc) and not tagged and head.error is None:
+                    head.error = self._fail(
+                        DutProtocolError,
+                        _short(head.text),
+                        f"expected a line ending ' *' and its CRC-32, got {self.transcript[-1]!r}",
+                    )
+                if line == "m-ready":
+                    inflight.popleft()
+                    inflight_bytes -= len(head.wire)
+                    if inflight:
+                        since = max(t, inflight[0].sent_s)
+                    got = [l for l, _ in head.lines]
+                    if head.expect is not None and head.error is None and tuple(got) != head.expect:
+                        head.error = self._fail(
+                            DutProtocolError,
+                            _short(head.text),
+                            f"expected {list(head.expect)!r}, got {got!r}",
+                        )
+                    if head.error is not None:
+                        failure = failure or head.error
+                    elif head.crc is not None:
+                        self._crc = head.crc
+                    elif failure is None:
+                        yield head
                 elif line.startswith("e-["):
                     head.error = head.error or self._fail(DutReplyError, _short(head.text), line)
                 elif line.startswith("m-") or not line:
@@ -327,93 +534,191 @@ class DutSerial:
             if failure is not None:
                 raise failure
         except GeneratorExit:  # the caller stopped early (a bad reply): collect the replies in flight
-            for cmd in inflight:
-                try:
-                    while self._readline(time.monotonic() + cmd.timeout_s, cmd.text)[0] != "m-ready":
-                        pass
-                except (_Timeout, DutProtocolError):
-                    break
+            self._drain(list(inflight))
             raise
 
-    def _one(self, text: str, timeout_s: float | None = None, alone: bool = False) -> _Reply:
-        with closing(self._transact([_Command(text, timeout_s or self.timeout_s, alone)])) as replies:
+    def _drain(self, commands: list[_Command]) -> None:
+        """Read and drop the replies of `commands` (each within its own time limit)."""
+        for cmd in commands:
+            deadline = time.monotonic() + self._timeout(cmd)[0]
+            try:
+                while (line := self._readline(deadline, cmd.text)[0]) != "m-ready":
+                    if line.startswith(RESET_MARKERS):
+                        return
+            except (_Timeout, DutProtocolError):
+                return
+
+    def _collect_owed(self) -> None:
+        """The replies of commands a stop left unanswered, read and dropped."""
+        owed, self._owed = self._owed, []
+        self._drain(owed)
+
+    def _one(self, cmd: _Command, stop: threading.Event | None = None) -> _Command:
+        with closing(self._transact([cmd], stop)) as replies:
             return next(replies)
+
+    def _run(self, cmds: list[_Command]) -> None:
+        """Send `cmds`, whose replies need nothing beyond the pipeline's own checks."""
+        with closing(self._transact(cmds)) as replies:
+            for _ in replies:
+                pass
+
+    def _crc_command(self, on: bool) -> _Command:
+        word = "on" if on else "off"
+        return _Command(f"crc32 {word}", self.timeout_s, expect=(f"m-crc32-[{word}]",), crc=on)
 
     def _upload_commands(self, data: bytes) -> list[_Command]:
         if not data:
             raise ValueError(f"{self.board}: nothing to upload (0 bytes)")
-        cmds = [_Command(f"db load {len(data)}", self.timeout_s)]
+        cmds = [
+            _Command(f"db load {len(data)}", self.timeout_s, expect=(f"m-[Expecting {len(data)} bytes]",))
+        ]
         cmds += [
-            _Command("db " + data[i : i + CHUNK_BYTES].hex(), self.timeout_s)
+            _Command("db " + data[i : i + CHUNK_BYTES].hex(), self.timeout_s, expect=())
             for i in range(0, len(data), CHUNK_BYTES)
         ]
-        cmds[-1].expect = "m-load-done"
+        cmds[-1].expect = ("m-load-done",)
         return cmds
 
-    def _infer_command(self, count: int, warmup: int) -> _Command:
-        return _Command(f"infer {count} {warmup}", self.infer_timeout_s)
+    @staticmethod
+    def _infer_command(count: int, warmup: int) -> _Command:
+        return _Command(f"infer {count} {warmup}", count=count, warmup=warmup)
 
-    # -- parsing ----------------------------------------------------------------------------------
+    # -- checks -----------------------------------------------------------------------------------
 
-    def _fields(self, reply: _Reply) -> dict[str, str]:
-        found = {}
-        for line, _ in reply.lines:
-            m = _FIELD.match(line)
-            if m:
-                found.setdefault(m.group(1), m.group(2))
-        return found
+    def _stamp(self, command: str, line: str) -> int:
+        m = _STAMP.match(line)
+        if m is None or int(m.group(1)) >= TIMER_WRAP:
+            raise self._fail(
+                DutProtocolError, command, f"expected m-lap-us-N (N < 2^32, no leading zeros), got {line!r}"
+            )
+        return int(m.group(1))
 
-    def _infer_run(self, reply: _Reply, count: int, warmup: int) -> InferRun:
-        laps = [line[len("m-lap-us-") :] for line, _ in reply.lines if line.startswith("m-lap-us-")]
-        results = [line for line, _ in reply.lines if line.startswith("m-results-")]
-        if len(laps) != 2 or not all(x.isdigit() for x in laps) or len(results) != 1:
+    def _follows(self, stamps: _Stamps, command: _Command, stamp: int, arrived_s: float) -> None:
+        """Check `stamp` (its line arrived at `arrived_s`) against the stamp before it, then make it the
+        last."""
+        if stamps.last is not None:
+            before, before_sent_s = stamps.last
+            step_s = ((stamp - before) % TIMER_WRAP) / 1e6
+            host_s = arrived_s - before_sent_s
+            if step_s > host_s * (1 + self.clock_tolerance) + TIMER_SLACK_S:
+                raise self._fail(
+                    DutProtocolError,
+                    command.text,
+                    f"stamp {stamp} comes {step_s:.6g} s after the stamp before it ({before}), but only "
+                    f"{host_s:.6g} s passed on the host (tolerance {self.clock_tolerance * 1e6:g} ppm + "
+                    f"{TIMER_SLACK_S:g} s): a stamp is wrong or went backwards",
+                )
+        stamps.last = (stamp, command.sent_s)
+
+    def _infer_run(self, reply: _Command, stamps: _Stamps) -> InferRun:
+        """The run an infer reply reports, once every check of the module docstring has passed."""
+        count, warmup, command = reply.count, reply.warmup, reply.text
+        got = [line for line, _ in reply.lines]
+        shape = [
+            f"m-warmup-start-{warmup}",
+            "m-warmup-done",
+            f"m-infer-start-{count}",
+            "m-lap-us-T0",
+            "m-lap-us-T1",
+            "m-infer-done",
+            "m-results-[...]",
+        ]
+        if len(got) != len(shape):
+            raise self._fail(DutProtocolError, command, f"expected the lines {shape!r}, got {got!r}")
+        for i in (0, 1, 2, 5):
+            if got[i] != shape[i]:
+                raise self._fail(
+                    DutProtocolError,
+                    command,
+                    f"expected {shape[i]!r} (line {i + 1} of the reply), got {got[i]!r}",
+                )
+        t0, t1 = self._stamp(command, got[3]), self._stamp(command, got[4])
+        outputs = self._results(command, got[6])
+        (_, arrived0), (_, arrived1) = reply.lines[3], reply.lines[4]
+        self._follows(stamps, reply, t0, arrived0)
+        self._follows(stamps, reply, t1, arrived1)
+        elapsed_s = ((t1 - t0) % TIMER_WRAP) / 1e6
+        seen_s = arrived1 - arrived0
+        if elapsed_s < seen_s * (1 - self.clock_tolerance) - self.link_latency_s:
             raise self._fail(
                 DutProtocolError,
-                reply.command,
-                f"expected two m-lap-us-N stamps and one m-results line, got {[l for l, _ in reply.lines]!r}",
+                command,
+                f"the stamps {t0} and {t1} span {elapsed_s:.6g} s, but their lines arrived {seen_s:.6g} s "
+                f"apart (link latency allowed: {self.link_latency_s:g} s): a stamp is wrong",
             )
-        return InferRun(count, warmup, int(laps[0]), int(laps[1]), self._results(reply.command, results[0]))
+        bounds = self._per_inference_bounds()
+        if bounds is not None and elapsed_s < WINDOW_MIN_FRACTION * count * bounds[0] - TIMER_SLACK_S:
+            raise self._fail(
+                DutProtocolError,
+                command,
+                f"{count} inferences took {elapsed_s:.6g} s by the stamps {t0} and {t1}; at the "
+                f"{bounds[0] * 1e3:.6g} ms or more per inference known before, they take at least "
+                f"{WINDOW_MIN_FRACTION * count * bounds[0]:.6g} s",
+            )
+        if self._longest is None or elapsed_s > self._longest[0]:
+            self._longest = (elapsed_s, count)
+        return InferRun(count, warmup, t0, t1, outputs)
 
     def _results(self, command: str, line: str) -> np.ndarray:
-        m = _FIELD.match(line)
-        try:
-            if m is None or m.group(1) != "results":
-                raise ValueError
-            return np.array([float(v) for v in m.group(2).split(",") if v.strip()], dtype=np.float32)
-        except ValueError:
-            raise self._fail(DutProtocolError, command, f"malformed results line {line!r}") from None
-
-    def _clock(self, reply: _Reply) -> ClockSync:
-        stamps = [(line, t) for line, t in reply.lines if line.startswith("m-lap-us-")]
-        if len(stamps) != 1 or not stamps[0][0][len("m-lap-us-") :].isdigit():
+        m = _RESULTS.match(line)
+        values = m.group(1).split(",") if m else []
+        bad = next((v for v in values if not _VALUE.match(v)), None)
+        if m is None or bad is not None:
+            why = f": {bad!r} is not a number as the firmware prints one" if bad is not None else ""
+            raise self._fail(DutProtocolError, command, f"malformed results line {line!r}{why}")
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+            outputs = np.array([float(v) for v in values], dtype=np.float32)
+        if not np.isfinite(outputs).all():
+            raise self._fail(DutProtocolError, command, f"a result is not finite in float32: {line!r}")
+        if self.output_count is None:
+            self.output_count = len(outputs)
+        elif len(outputs) != self.output_count:
             raise self._fail(
                 DutProtocolError,
-                reply.command,
+                command,
+                f"expected {self.output_count} result values (the model's outputs), "
+                f"got {len(outputs)}: {line!r}",
+            )
+        return outputs
+
+    def _clock(self, reply: _Command) -> ClockSync:
+        if len(reply.lines) != 1:
+            raise self._fail(
+                DutProtocolError,
+                reply.text,
                 f"expected one m-lap-us-N stamp (is the firmware in energy mode?), got "
                 f"{[l for l, _ in reply.lines]!r}",
             )
-        line, received = stamps[0]
+        line, received = reply.lines[0]
+        stamp = self._stamp(reply.text, line)
         earliest = reply.sent_s + len(b"timestamp%") * self.char_time_s
         latest = max(earliest, received - (len(line) + 2) * self.char_time_s)
-        return ClockSync(int(line[len("m-lap-us-") :]), (earliest + latest) / 2, (latest - earliest) / 2)
+        return ClockSync(stamp, (earliest + latest) / 2, (latest - earliest) / 2)
 
     # -- commands ---------------------------------------------------------------------------------
 
     def identify(self) -> DutIdentity:
-        """`name%` and `profile%` (after flushing stale input). A board that refused its model
-        answers profile with e-[...] (the sizes): DutReplyError.
+        """`name%` and `profile%` (after flushing stale input), then `crc32 on%` if the profile
+        offers it. A board that refused its model answers profile with e-[...] (the sizes):
+        DutReplyError.
 
         This is where a session starts, so it re-aligns with the DUT: `name` is retried up to
         NAME_ATTEMPTS times, the line let go quiet between tries, when its reply is an error, garbled
         or has no m-name line (MLCommons' runner retries too). An earlier session's broken exchange
         can leave a partial command in the DUT's buffer (it swallows the next one) or a reply still
         to come. A DUT that stays silent is not retried. Retries are recorded in
-        `extra["name_retries"]`.
+        `extra["name_retries"]`. Lines are taken with or without a valid CRC tag until the
+        extension is turned on (an earlier session may have left it on).
         """
+        self._collect_owed()
         self._flush_input()
+        self._crc = self._crc_announced = False
+        self._forget()
         for retries in range(NAME_ATTEMPTS):
             try:
-                name_reply = self._one("name")  # one at a time: a broken reply is pinned on its command
+                # one at a time: a broken reply is pinned on its command
+                name_reply = self._one(_Command("name", self.timeout_s))
                 names = [m for line, _ in name_reply.lines if (m := _NAME.match(line))]
                 if len(names) == 1:
                     break
@@ -428,7 +733,7 @@ class DutSerial:
                 if retries == NAME_ATTEMPTS - 1:
                     raise
                 self._settle("name")
-        profile_reply = self._one("profile")
+        profile_reply = self._one(_Command("profile", self.timeout_s))
         fields = self._fields(profile_reply)
         if "model" not in fields or "profile" not in fields:
             raise self._fail(
@@ -439,8 +744,12 @@ class DutSerial:
         extra = {
             key.replace("-", "_"): _number(value)
             for key, value in fields.items()
-            if key not in ("profile", "model", "model-sha256")
+            if key not in ("profile", "model", "model-sha256", "ext")
         }
+        if any(line == "m-ext-[crc32]" for line, _ in profile_reply.lines):
+            self._run([self._crc_command(True)])
+            self._crc_announced = True  # from now on, turned on again after a reset
+            extra["reply_crc32"] = True
         if retries:
             extra["name_retries"] = retries
         return DutIdentity(
@@ -451,29 +760,38 @@ class DutSerial:
             extra=extra,
         )
 
+    @staticmethod
+    def _fields(reply: _Command) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for line, _ in reply.lines:
+            m = _FIELD.match(line)
+            if m:
+                found.setdefault(m.group(1), m.group(2))
+        return found
+
     def sync_clock(self) -> ClockSync:
         """Map the DUT's microsecond counter onto the host monotonic clock (one `timestamp%`)."""
-        return self._clock(self._one("timestamp", alone=True))
+        return self._clock(self._one(_Command("timestamp", self.timeout_s, alone=True)))
 
     def upload(self, data: bytes) -> None:
         """`db load N` and the `db HEX` chunks, pipelined; the last must answer m-load-done."""
-        with closing(self._transact(self._upload_commands(data))) as replies:
-            for _ in replies:
-                pass
+        self._run(self._upload_commands(data))
 
-    def infer(self, count: int = 1, warmup: int = 0) -> InferRun:
-        """`infer count warmup` on the input loaded last."""
-        return self._infer_run(self._one(f"infer {count} {warmup}", self.infer_timeout_s), count, warmup)
+    def infer(self, count: int = 1, warmup: int = 0, *, stop: threading.Event | None = None) -> InferRun:
+        """`infer count warmup` on the input loaded last (checked as in the module docstring, without
+        a clock sync to start the stamps' chain)."""
+        return self._infer_run(self._one(self._infer_command(count, warmup), stop), _Stamps())
 
     def results(self) -> np.ndarray:
         """`results%`: the outputs of the last inference."""
-        reply = self._one("results")
-        lines = [line for line, _ in reply.lines if line.startswith("m-results-")]
-        if len(lines) != 1:
+        reply = self._one(_Command("results", self.timeout_s))
+        if len(reply.lines) != 1:
             raise self._fail(
-                DutProtocolError, "results", f"no m-results line: {[l for l, _ in reply.lines]!r}"
+                DutProtocolError,
+                "results",
+                f"expected one m-results line, got {[l for l, _ in reply.lines]!r}",
             )
-        return self._results("results", lines[0])
+        return self._results("results", reply.lines[0][0])
 
     def reset(self, timeout_s: float | None = None) -> list[str]:
         """Pulse reset (RTS asserted with DTR deasserted: EN low on the ESP32 auto-reset circuit) and
@@ -481,6 +799,10 @@ class DutSerial:
         timeout_s = timeout_s or self.timeout_s
         port = self._open()
         self._flush_input()
+        self._owed = []
+        self._crc = False
+        self._forget()
+        self._event("reset: RTS asserted, DTR deasserted for 50 ms")
         port.dtr, port.rts = False, True
         time.sleep(0.05)
         port.rts = False
@@ -501,9 +823,16 @@ class DutSerial:
     # -- InferenceTarget --------------------------------------------------------------------------
 
     def run_timed(
-        self, sample: np.ndarray, count: int, warmup: int, *, per_inference: bool = False
+        self,
+        sample: np.ndarray,
+        count: int,
+        warmup: int,
+        *,
+        per_inference: bool = False,
+        stop: threading.Event | None = None,
     ) -> TimedRun:
-        """Upload `sample`, sync the clocks, then time `count` inferences after `warmup` (see module doc)."""
+        """Upload `sample`, sync the clocks, then time `count` inferences after `warmup` (see module doc).
+        On a failure, the inferences timed so far are attached to the exception as `.partial`."""
         if count < 1 or warmup < 0:
             raise ValueError(f"{self.board}: need count >= 1 and warmup >= 0, got {count}, {warmup}")
         data = tensor_bytes(sample)
@@ -516,15 +845,16 @@ class DutSerial:
         cmds = self._upload_commands(data) + [_Command("timestamp", self.timeout_s, alone=True)] + infers
         runs: list[InferRun] = []
         clock: ClockSync | None = None
+        stamps = _Stamps()
         try:
-            with closing(self._transact(cmds)) as replies:
+            with closing(self._transact(cmds, stop)) as replies:
                 for reply in replies:
-                    if reply.command == "timestamp":
+                    if reply.text == "timestamp":
                         clock = self._clock(reply)
-                    elif reply.command.startswith("infer"):
-                        n, w = (int(x) for x in reply.command.split()[1:])
-                        runs.append(self._infer_run(reply, n, w))
-        except DutProtocolError as exc:
+                        stamps.last = (clock.dut_us, reply.sent_s)
+                    elif reply.count is not None:
+                        runs.append(self._infer_run(reply, stamps))
+        except HardwareError as exc:
             exc.partial = self._timed(runs, clock, t0, tx0, rx0, per_inference) if runs else None
             raise
         return self._timed(runs, clock, t0, tx0, rx0, per_inference)
@@ -549,25 +879,37 @@ class DutSerial:
                 "wall_s": time.monotonic() - t0,
                 "bytes_to_dut": self.bytes_tx - tx0,
                 "bytes_from_dut": self.bytes_rx - rx0,
+                "reply_crc32": self._crc,
             },
         )
 
-    def classify(self, samples: np.ndarray) -> np.ndarray:
-        """Outputs for each sample (upload + `infer 1 0`, all pipelined); one row per sample.
-        On a failure the rows so far are attached to the exception as `.partial`."""
+    def classify(self, samples: np.ndarray, *, stop: threading.Event | None = None) -> np.ndarray:
+        """Outputs for each sample (upload + `infer 1 0`, all pipelined); exactly one row per sample.
+        On a failure the rows so far are attached to the exception as `.partial` (a 2-D array)."""
         rows: list[np.ndarray] = []
         cmds: list[_Command] = []
         for sample in samples:
             cmds += self._upload_commands(tensor_bytes(sample)) + [self._infer_command(1, 0)]
+        stamps = _Stamps()
         try:
-            with closing(self._transact(cmds)) as replies:
+            with closing(self._transact(cmds, stop)) as replies:
                 for reply in replies:
-                    if reply.command.startswith("infer"):
-                        rows.append(self._infer_run(reply, 1, 0).outputs)
-        except DutProtocolError as exc:
-            exc.partial = np.stack(rows) if rows else np.empty((0, 0), np.float32)
+                    if reply.count is not None:
+                        rows.append(self._infer_run(reply, stamps).outputs)
+            if len(rows) != len(samples):
+                raise self._fail(
+                    DutProtocolError,
+                    "classify",
+                    f"{len(samples)} samples sent, {len(rows)} result rows received",
+                )
+        except HardwareError as exc:
+            exc.partial = self._rows(rows)
             raise
-        return np.stack(rows)
+        return self._rows(rows)
+
+    def _rows(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Rows checked against `output_count`, so all of one length."""
+        return np.stack(rows) if rows else np.empty((0, self.output_count or 0), np.float32)
 
 
 def _short(command: str) -> str:

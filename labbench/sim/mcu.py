@@ -16,14 +16,18 @@ Where the firmware differs from the reference, on purpose:
 - `profile` adds `m-model-sha256-[hex]`, `m-model-bytes-[N]`, `m-arena-bytes-[N]` (the model's
   minimum TFLM arena) and `m-latency-us-[...]` lines, which MLPerf's runner ignores;
 - `db` data beyond the loaded size and `infer` without a full input are answered with e-[...]
-  instead of corrupting memory or running on stale bytes.
+  instead of corrupting memory or running on stale bytes;
+- the reply-integrity extension of the project's firmware core (firmware/core/src/lb_dut.h):
+  `profile` announces it with `m-ext-[crc32]`; after `crc32 on%` every reply line ends
+  ` *XXXXXXXX` (zlib.crc32 of the line before it, upper-case hex) until `crc32 off%` or a reset.
+  `reply_crc=False` makes a board without it, as MLPerf's reference firmware is.
 
 Constructor (plain arguments; the sim lab passes lab.yaml's `sim:` block through)::
 
     SimMcuBoard(name, host="127.0.0.1", port=0, family="esp32_devkitc", bus_channel=None,
                 model_path=None, firmware=None, *, speed_factor=1.0, vendor=None, baud=None,
                 boot_rom=None, rx_fifo_bytes=256, tx_buffer_bytes=256, timer_start_us=0,
-                strap_delay_s=0.15, devices_dir=None)
+                strap_delay_s=0.15, devices_dir=None, reply_crc=True)
 
 `speed_factor` scales the device model's latency (> 1: a slower device, for regression tests);
 `baud` is the chip's UART rate (default: the family's `serial_baud`); `rx_fifo_bytes` and
@@ -61,6 +65,7 @@ import hashlib
 import logging
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -215,11 +220,15 @@ class MlperfDut:
         self.refusal: str | None = None
         self.buffer = bytearray()
         self.buff_size = self.buff_pos = 0
+        self.crc = False  # the crc32 extension: off at every boot
 
     # -- output and clock ---------------------------------------------------------------------
 
     def say(self, line: str) -> None:
-        self.uart.write(line.encode("latin-1") + b"\r\n")
+        data = line.encode("latin-1")
+        if self.crc:
+            data += b" *%08X" % zlib.crc32(data)
+        self.uart.write(data + b"\r\n")
 
     def timer_us(self, t: float) -> int:
         return (self.board.timer_start_us + int((t - self.boot_t) * 1e6)) % TIMER_WRAP
@@ -266,6 +275,7 @@ class MlperfDut:
             "db": self._db,
             "infer": self._infer,
             "results": self._results,
+            **({"crc32": self._crc32} if self.board.reply_crc else {}),
         }
         if tokens and tokens[0] in handler:
             handler[tokens[0]](tokens[1:])
@@ -287,12 +297,13 @@ class MlperfDut:
 
     def _profile(self, _: list[str]) -> None:
         self.say(f"m-profile-[{EE_FW_VERSION}]")
+        self.say(f"m-model-[{self.model.name if self.model else 'none'}]")
+        if self.board.reply_crc:
+            self.say("m-ext-[crc32]")
         if self.model is None:
-            self.say("m-model-[none]")
             self.say(f"e-[{self.refusal}]")
             return
         m = self.model
-        self.say(f"m-model-[{m.name}]")
         self.say(f"m-model-sha256-[{m.info.sha256}]")
         self.say(f"m-model-bytes-[{len(m.bytes)}]")
         self.say(f"m-arena-bytes-[{m.arena_bytes}]")
@@ -388,6 +399,14 @@ class MlperfDut:
         self.say("m-infer-done")
         self.say(m.results_line())
 
+    def _crc32(self, args: list[str]) -> None:
+        """The reply-integrity extension; the new setting applies to this command's own reply."""
+        if args[:1] in (["on"], ["off"]):
+            self.crc = args[0] == "on"
+            self.say(f"m-crc32-[{args[0]}]")
+        else:
+            self.say("e-[Command 'crc32' takes on or off]")
+
     def _results(self, _: list[str]) -> None:
         if self.model is None:
             self.say(f"e-[No model: {self.refusal}]")
@@ -417,6 +436,7 @@ class SimMcuBoard:
         timer_start_us: int = 0,
         strap_delay_s: float = 0.15,
         devices_dir: str | Path | None = None,
+        reply_crc: bool = True,
     ):
         self.name = name
         self.family = family if isinstance(family, BoardFamily) else load_family(family, devices_dir)
@@ -429,6 +449,7 @@ class SimMcuBoard:
         self.vendor = vendor or self.family.name
         self.timer_start_us = timer_start_us
         self.strap_delay_s = strap_delay_s
+        self.reply_crc = reply_crc  # the firmware has the crc32 extension
         self.log = logging.getLogger(f"labbench.sim.mcu.{name}")
         self._esp32_layout = self.family.flasher == "esptool"
         if boot_rom is None and self._esp32_layout:

@@ -89,12 +89,14 @@ static int hex_value(char c)
     return -1;
 }
 
-/* The reference's two lines, then facts MLPerf's runner ignores (its pattern is
- * ^m-(model|profile)-\[...\]$): the model's sha256 and size, and the arena it uses. */
+/* The reference's two lines, then lines MLPerf's runner ignores (its pattern is
+ * ^m-(model|profile)-\[...\]$): the crc32 extension's announcement, the model's sha256 and size,
+ * and the arena it uses. */
 static void cmd_profile(void)
 {
     lb_printf("m-profile-[%s]\r\n", FW_VERSION);
     lb_printf("m-model-[%s]\r\n", s.cfg->model_name);
+    lb_printf("m-ext-[crc32]\r\n");
     lb_printf("m-model-sha256-[%s]\r\n", s.model_sha256);
     lb_printf("m-model-bytes-[%lu]\r\n", (unsigned long)s.cfg->model_bytes);
     if (s.model_error != NULL) {
@@ -117,6 +119,7 @@ static void cmd_help(void)
     lb_printf("db print      : Print the input buffer as hex, 8 bytes per line\r\n");
     lb_printf("infer N [W=10]: Run W warmups, then time N inferences of the input\r\n");
     lb_printf("results       : Print the outputs of the last inference\r\n");
+    lb_printf("crc32 on|off  : Append a CRC-32 to every reply line, or stop\r\n");
 }
 
 static void db_load(const char *arg)
@@ -288,6 +291,17 @@ static void cmd_infer(char **cursor)
     cmd_results();
 }
 
+/* The reply-integrity extension (lb_dut.h). The new setting applies to the command's own reply. */
+static void cmd_crc32(const char *arg)
+{
+    if (arg != NULL && (strcmp(arg, "on") == 0 || strcmp(arg, "off") == 0)) {
+        lb_out_set_crc(strcmp(arg, "on") == 0);
+        lb_printf("m-crc32-[%s]\r\n", arg);
+    } else {
+        lb_printf("e-[Command 'crc32' takes on or off]\r\n");
+    }
+}
+
 static void dispatch(char *line)
 {
     char *cursor = line;
@@ -310,6 +324,8 @@ static void dispatch(char *line)
         cmd_infer(&cursor);
     } else if (strcmp(tok, "results") == 0) {
         cmd_results();
+    } else if (strcmp(tok, "crc32") == 0) {
+        cmd_crc32(next_token(&cursor));
     } else {
         lb_printf("e-[Unknown command: %s]\r\n", tok);
     }
@@ -319,6 +335,7 @@ void lb_dut_init(const lb_dut_config *cfg)
 {
     memset(&s, 0, sizeof s);
     s.cfg = cfg;
+    lb_out_set_crc(0); /* a reset ends the crc32 extension; the host turns it on again */
     lb_sha256_hex(cfg->model, cfg->model_bytes, s.model_sha256);
     lb_printf("m-timestamp-mode-performance\r\n");
     print_timestamp();

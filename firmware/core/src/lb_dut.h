@@ -4,6 +4,14 @@
  * lb_dut_init once (it prints the boot banner) and then lb_dut_run (or lb_dut_feed per byte).
  * firmware/README.md lists the commands, the replies and where they differ from the
  * EEMBC/MLCommons reference.
+ *
+ * Reply-integrity extension (not in the reference). `profile` announces it with the line
+ * `m-ext-[crc32]`. After `crc32 on%` (reply `m-crc32-[on]`) every reply line, that one and its
+ * m-ready included, is sent as "<line> *XXXXXXXX\r\n": XXXXXXXX is the CRC-32 of the line's bytes
+ * before " *" (zlib's CRC-32, upper-case hex), so a byte lost or changed inside a number is
+ * caught by the host. `crc32 off%` (reply `m-crc32-[off]`, untagged) and every reset
+ * (lb_dut_init) turn it off; the host turns it on again after a reset. Hosts that never send
+ * `crc32` (MLCommons' runner) see the reference's replies.
  */
 #ifndef LB_DUT_H
 #define LB_DUT_H

@@ -10,6 +10,9 @@
 
 static char out_buf[128];
 static size_t out_len;
+static int crc_on;
+static uint32_t line_crc = 0xffffffffu; /* CRC register over the current line, before the final XOR */
+static int line_tagged;                 /* the current line's tag went out (at its '\r') */
 
 static void flush(void)
 {
@@ -19,12 +22,61 @@ static void flush(void)
     }
 }
 
-static void put(char c)
+static void put_raw(char c)
 {
     out_buf[out_len++] = c;
     if (c == '\n' || out_len == sizeof out_buf) {
         flush();
     }
+}
+
+static uint32_t crc_update(uint32_t crc, unsigned char byte)
+{
+    int k;
+    crc ^= byte;
+    for (k = 0; k < 8; k++) {
+        crc = (crc >> 1) ^ (0xedb88320u & (0u - (crc & 1u)));
+    }
+    return crc;
+}
+
+uint32_t lb_crc32(const char *data, size_t n)
+{
+    uint32_t crc = 0xffffffffu;
+    while (n-- > 0) {
+        crc = crc_update(crc, (unsigned char)*data++);
+    }
+    return ~crc;
+}
+
+void lb_out_set_crc(int on)
+{
+    crc_on = on;
+    line_crc = 0xffffffffu;
+    line_tagged = 0;
+}
+
+/* One character of a reply. With the CRC on, " *XXXXXXXX" goes in before the line's "\r\n" (or
+ * before a bare "\n"). */
+static void put(char c)
+{
+    if (crc_on && (c == '\r' || (c == '\n' && !line_tagged))) {
+        uint32_t crc = ~line_crc;
+        int shift;
+        put_raw(' ');
+        put_raw('*');
+        for (shift = 28; shift >= 0; shift -= 4) {
+            put_raw("0123456789ABCDEF"[(crc >> shift) & 0xfu]);
+        }
+        line_tagged = 1;
+    }
+    if (c == '\n') {
+        line_crc = 0xffffffffu;
+        line_tagged = 0;
+    } else if (c != '\r') {
+        line_crc = crc_update(line_crc, (unsigned char)c);
+    }
+    put_raw(c);
 }
 
 static void put_str(const char *s)

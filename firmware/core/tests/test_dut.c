@@ -8,6 +8,7 @@
 #include "check.h"
 #include "fake_board.h"
 #include "lb_dut.h"
+#include "lb_out.h"
 
 static const uint8_t fake_model[] = "labbench fake model";
 #define FAKE_MODEL_SHA256 "f4051b2536d32745607c6084fac3580c9128111bfd3b1f23a47a9d1399b3220b"
@@ -77,6 +78,7 @@ static void test_boot_with_failing_model(void)
     CHECK_STR(send("name%"), "m-name-dut-[labbench-host]\r\n" READY);
     CHECK_STR(send("profile%"), "m-profile-[ULPMark for tinyML Firmware V0.0.1]\r\n"
                                 "m-model-[fake01]\r\n"
+                                "m-ext-[crc32]\r\n"
                                 "m-model-sha256-[" FAKE_MODEL_SHA256 "]\r\n"
                                 "m-model-bytes-[19]\r\n"
                                 "e-[Model initialisation failed: arena too small]\r\n" READY);
@@ -91,6 +93,7 @@ static void test_name_profile_timestamp(void)
     CHECK_STR(send("name%"), "m-name-dut-[labbench-host]\r\n" READY);
     CHECK_STR(send("profile%"), "m-profile-[ULPMark for tinyML Firmware V0.0.1]\r\n"
                                 "m-model-[fake01]\r\n"
+                                "m-ext-[crc32]\r\n"
                                 "m-model-sha256-[" FAKE_MODEL_SHA256 "]\r\n"
                                 "m-model-bytes-[19]\r\n"
                                 "m-arena-bytes-[2256]\r\n" READY);
@@ -422,6 +425,83 @@ static void test_results_number_format(void)
     CHECK(round_trips);
 }
 
+/* Every line of `out` ends " *XXXXXXXX\r\n" with the CRC-32 of what precedes " *"; `untagged`
+ * receives `out` without the tags. */
+static int all_lines_tagged(const char *out, char *untagged)
+{
+    const char *line = out, *end;
+    int ok = 1;
+    *untagged = '\0';
+    while ((end = strstr(line, "\r\n")) != NULL) {
+        size_t n = (size_t)(end - line);
+        char want[9];
+        if (n < 10 || line[n - 10] != ' ' || line[n - 9] != '*') {
+            fprintf(stderr, "untagged line: %.*s\n", (int)n, line);
+            return 0;
+        }
+        sprintf(want, "%08lX", (unsigned long)lb_crc32(line, n - 10));
+        if (memcmp(want, line + n - 8, 8) != 0) {
+            fprintf(stderr, "bad tag on line: %.*s (want %s)\n", (int)n, line, want);
+            ok = 0;
+        }
+        strncat(untagged, line, n - 10);
+        strcat(untagged, "\r\n");
+        line = end + 2;
+    }
+    return ok && *line == '\0';
+}
+
+static void test_crc32_values(void)
+{
+    CHECK(lb_crc32("123456789", 9) == 0xCBF43926u); /* the CRC-32 check value */
+    CHECK(lb_crc32("", 0) == 0u);
+    CHECK(lb_crc32("m-ready", 7) == 0x22889601u); /* zlib.crc32(b"m-ready") */
+}
+
+static void test_crc_extension(void)
+{
+    static char plain[1 << 16];
+    const char *out;
+
+    reboot();
+    fake_clock_us = 42;
+    CHECK_STR(send("crc32 on%"), "m-crc32-[on] *628A0723\r\nm-ready *22889601\r\n");
+    CHECK_STR(send("name%"), "m-name-dut-[labbench-host] *199DB537\r\nm-ready *22889601\r\n");
+    CHECK_STR(send("timestamp%"), "m-lap-us-42 *B0F8E1EC\r\nm-ready *22889601\r\n");
+    CHECK_STR(send("crc32%"), "e-[Command 'crc32' takes on or off] *90BCD5F1\r\nm-ready *22889601\r\n");
+    CHECK_STR(send("crc32 maybe%"), "e-[Command 'crc32' takes on or off] *90BCD5F1\r\nm-ready *22889601\r\n");
+
+    /* Lines printed in pieces (db print, results) and the menu's empty line are tagged whole. */
+    fake_invoke_us = 250;
+    fake_input_bytes = 10;
+    out = send("db load 10%db 00010203040506070809%");
+    CHECK(all_lines_tagged(out, plain));
+    CHECK_STR(plain, "m-[Expecting 10 bytes]\r\n" READY "m-load-done\r\n" READY);
+    out = send("db print%infer 3 2%results%");
+    CHECK(all_lines_tagged(out, plain));
+    CHECK_STR(plain, "m-buffer-00-01-02-03-04-05-06-07\r\nm-buffer-08-09\r\n" READY
+                     "m-warmup-start-2\r\nm-warmup-done\r\nm-infer-start-3\r\n"
+                     "m-lap-us-542\r\nm-lap-us-1292\r\nm-infer-done\r\n"
+                     "m-results-[0,0.25,0.5,0.75]\r\n" READY "m-results-[0,0.25,0.5,0.75]\r\n" READY);
+    out = send("help%");
+    CHECK(all_lines_tagged(out, plain));
+    CHECK(strstr(out, "\r\n *00000000\r\n") != NULL); /* the empty line after the title */
+    CHECK(strstr(plain, "crc32 on|off") != NULL);
+    out = send("profile%bogus%");
+    CHECK(all_lines_tagged(out, plain));
+    CHECK(strstr(plain, "m-ext-[crc32]\r\n") != NULL && strstr(plain, "e-[Unknown command: bogus]\r\n"));
+
+    /* Off again: the reply to `crc32 off` is already untagged. */
+    CHECK_STR(send("crc32 off%"), "m-crc32-[off]\r\n" READY);
+    CHECK_STR(send("name%"), "m-name-dut-[labbench-host]\r\n" READY);
+
+    /* A reset turns it off. */
+    send("crc32 on%");
+    fake_clock_us = 0;
+    CHECK_STR(boot(), "m-timestamp-mode-performance\r\nm-lap-us-0\r\nm-init-done\r\n" READY);
+    CHECK_STR(send("name%"), "m-name-dut-[labbench-host]\r\n" READY);
+}
+
 static void test_run_loop(void)
 {
     reboot();
@@ -452,6 +532,8 @@ int main(void)
     test_infer_input_errors();
     test_infer_failure_and_results();
     test_results_number_format();
+    test_crc32_values();
+    test_crc_extension();
     test_run_loop();
     return check_summary("test_dut");
 }
