@@ -7,19 +7,14 @@ adds a board family or an instrument by installing a package, without editing th
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from labbench import catalog
-from labbench.errors import BoardBusy, UsageError
-from labbench.inventory import DRIVER_GROUP, INSTRUMENT_GROUP, BoardEntry, Lab, endpoint, registered
+from labbench import catalog, locks
+from labbench.errors import UsageError
+from labbench.inventory import DRIVER_GROUP, INSTRUMENT_GROUP, BoardEntry, Lab, registered
 from labbench.yamlsource import unknown
-
-LOCK_DIR = Path(os.environ.get("LABBENCH_LOCK_DIR", Path.home() / ".cache" / "labbench" / "locks"))
 
 
 def _construct(group: str, name: str, entry: Any, family: Any = None, **options: Any) -> Any:
@@ -36,7 +31,7 @@ class Board:
         self.lab, self.entry = lab, lab.board(name)
         self.name = name
         self.family = catalog.load_family(self.entry.family, lab.devices_dir)
-        self._lock_fd: int | None = None
+        self._locks: list[int] = []  # open lock files while acquired
 
     def __repr__(self) -> str:
         return f"Board({self.name!r}, {self.family.name})"
@@ -100,34 +95,27 @@ class Board:
     def power_channel(self) -> int:
         return self.entry.power.channel
 
-    def lock_path(self) -> Path:
-        """One lock per physical connection, so two lab files naming the same port still exclude."""
+    def lock_keys(self) -> list[locks.Key]:
+        """What the board is attached to (see labbench.locks): its serial port or SSH host:port, and
+        its power instrument's channel. No key involves the board's name."""
         e = self.entry
-        address = endpoint(e.serial.url) or e.serial.url if e.serial else (e.ssh.host, e.ssh.port)
-        digest = hashlib.sha256(repr(address).encode()).hexdigest()[:16]
-        return LOCK_DIR / f"{self.name}-{digest}.lock"
+        if e.serial:
+            keys = locks.serial_keys(e.serial.url)
+        else:
+            keys = locks.network_keys(e.ssh.host, e.ssh.port, f"ssh://{locks.host_text(e.ssh.host)}:{e.ssh.port}")
+        if e.power:
+            keys += locks.instrument_keys(self.lab.instruments[e.power.instrument].resource, e.power.channel)
+        return keys
 
-    def acquire(self) -> "Board":
-        """Take the board's lock (non-blocking): BoardBusy names who holds it."""
-        path = self.lock_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise BoardBusy(f"{self.name}: acquire: board is locked by {holder} ({path})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
-        self._lock_fd = fd
+    def acquire(self) -> Board:
+        """Lock everything the board is attached to (non-blocking, all or none): BoardBusy names the
+        holder. A board already acquired keeps its locks."""
+        if not self._locks:
+            self._locks = locks.acquire(self.lock_keys(), self.name, self.lab.path)
         return self
 
     def release(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        locks.release(self._locks)
         for attr in ("target", "flasher", "power_meter"):
             self._close(attr)
 
@@ -136,8 +124,8 @@ class Board:
         if hasattr(driver, "close"):
             driver.close()
 
-    def __enter__(self) -> "Board":
+    def __enter__(self) -> Self:
         return self.acquire()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
