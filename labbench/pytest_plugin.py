@@ -368,7 +368,10 @@ def recorder(request: pytest.FixtureRequest, journal: Journal) -> Recorder:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     from labbench.errors import BoardBusy, LabbenchError
 
+    from labbench.redact import redact_value
+
     report = yield
+    report.user_properties = [(k, redact_value(k, v)) for k, v in report.user_properties]
     if call.excinfo is not None and call.excinfo.errisinstance(LabbenchError):
         # a typed bench error already names the board, the step, what was seen and the log file:
         # that line is the report, not the driver's traceback
@@ -385,3 +388,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             return report
         report.extras = [*getattr(report, "extras", []), *(html_extras.html(p) for p in parts)]
     return report
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_metadata(metadata: dict, config: pytest.Config) -> None:
+    """No credential in pytest-metadata's table, which pytest-html shows as Environment, `-v` prints
+    in the header and `include_metadata_in_junit_xml` writes as JUnit testsuite properties."""
+    from labbench.redact import redact_env
+
+    redacted = redact_env(metadata)
+    metadata.clear()
+    metadata.update(redacted)
+
+
+@pytest.hookimpl(tryfirst=True, specname="pytest_sessionfinish")
+def pytest_sessionfinish_redact(session: pytest.Session) -> None:
+    """Entries added during the run (the `metadata` fixture), redacted before pytest-html renders."""
+    try:
+        from pytest_metadata.plugin import metadata_key
+    except ImportError:
+        return
+    if (metadata := session.config.stash.get(metadata_key, None)) is not None:
+        pytest_metadata(metadata, session.config)

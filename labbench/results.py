@@ -29,7 +29,10 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, record: Measurement | Event) -> None:
-        line = (record.model_dump_json() + "\n").encode()
+        from labbench.redact import redact_env
+
+        data = redact_env(json.loads(record.model_dump_json()))  # no credential reaches the journal
+        line = (json.dumps(data, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)  # one write per record: lines from concurrent writers never interleave

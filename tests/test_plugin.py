@@ -95,7 +95,7 @@ def test_board_lock_excludes_a_second_holder(lab_dir):
     from labbench.errors import BoardBusy
 
     lab = inventory.load(lab_dir.path / "lab.yaml")
-    with Board(lab, "esp32"), pytest.raises(BoardBusy, match=r"esp32: acquire: board is locked by pid \d+"):
+    with Board(lab, "esp32"), pytest.raises(BoardBusy, match=r"^esp32: acquire: /dev/ttyUSB7 is held by pid \d+ on host .* \(board esp32 of .*lab\.yaml\) since "):
         Board(lab, "esp32").acquire()
     Board(lab, "esp32").acquire().release()
 
@@ -109,9 +109,9 @@ def test_busy_board_errors_once_then_its_tests_skip_while_the_other_board_runs(l
         result = lab_dir.runpytest("--board", "esp32", "--board", "pi", "--journal", "j.jsonl", "-rs")
     result.assert_outcomes(passed=2, skipped=3, errors=1)
     result.stdout.fnmatch_lines_random([
-        "*ERROR at setup of test_named?esp32?*", "*BoardBusy: esp32: acquire: board is locked by pid*",
+        "*ERROR at setup of test_named?esp32?*", "*BoardBusy: esp32: acquire: /dev/ttyUSB7 is held by pid * (board esp32 of *lab.yaml) since *",
         "*labbench: quarantined boards*",
-        "*board esp32 quarantined after BoardBusy: esp32: acquire: board is locked by pid * at *test_named?esp32?*"])
+        "*board esp32 quarantined after BoardBusy: esp32: acquire: /dev/ttyUSB7 is held by pid * at *test_named?esp32?*"])
     events = [json.loads(line) for line in (lab_dir.path / "j.jsonl").read_text().splitlines()]
     assert [(e["kind"], e["board"], e["step"]) for e in events] == [("quarantine", "esp32", "acquire")]
 
@@ -251,3 +251,24 @@ def test_negative_retries_is_a_usage_error(lab_dir):
     result = lab_dir.runpytest("--board", "pi", "--retries", "-1")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--retries -1: must be 0 or more*"])
+
+
+def test_no_credential_reaches_the_html_report_junit_or_journal(lab_dir, monkeypatch):
+    """A token in the environment table, a test's JUnit property and a journal record comes out masked."""
+    lab_dir.makepyfile(test_secret=textwrap.dedent("""\
+        from labbench.measure.record import Event
+
+        def test_secret(record_property, journal):
+            record_property("origin", "https://ci:s3cr3t-prop@git.example/repo.git")
+            journal.append(Event(kind="attempt", board="esp32", test="t", step="flash", attempt=1,
+                                 error="clone https://oauth2:s3cr3t-journal@git.example/x failed"))
+        """))
+    result = lab_dir.runpytest("test_secret.py", "--journal", "j.jsonl", "--junitxml", "junit.xml",
+                               "--html", "report.html", "--metadata", "API_TOKEN", "s3cr3t-meta",
+                               "-o", "junit_logging=no")
+    result.assert_outcomes(passed=1)
+    outputs = {name: (lab_dir.path / name).read_text() for name in ("junit.xml", "report.html", "j.jsonl")}
+    for name, text in outputs.items():
+        assert "s3cr3t" not in text, name
+    assert "https://***@git.example/repo.git" in outputs["junit.xml"]
+    assert "oauth2" not in outputs["j.jsonl"] and "***@git.example/x" in outputs["j.jsonl"]
