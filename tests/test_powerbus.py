@@ -56,6 +56,16 @@ def test_stats_give_rms_and_peak(channel: PowerChannel) -> None:
     assert channel.stats(1000.5, 1000.9).peak_power_w == 1.0  # no burst inside
 
 
+def test_levels_give_the_time_at_each_power(channel: PowerChannel) -> None:
+    channel.set_power(0.5, t=1000.0)
+    channel.play(SquareWave(1.0, 3.0, burst_s=0.25, period_s=1.0, start=1001.0, duration_s=2.0))
+    levels = channel.levels(1000.5, 1002.1)
+    assert levels == pytest.approx({0.5: 0.5, 1.0: 0.75, 3.0: 0.25 + 0.1})  # the second burst cut at 0.1 s
+    assert sum(p * s for p, s in levels.items()) == pytest.approx(channel.energy_j(1000.5, 1002.1), rel=1e-12)
+    with pytest.raises(ValueError, match="empty interval"):
+        channel.levels(1001.0, 1001.0)
+
+
 def test_set_power_replaces_the_future_and_play_keeps_the_rest(channel: PowerChannel) -> None:
     channel.set_power(1.0, t=1000.0)
     channel.set_power(2.0, t=1010.0)

@@ -1,25 +1,40 @@
 """A simulated Voltech PM1000+ power analyzer reading one power-bus channel.
 
-It speaks the PM1000+ command set (../shared/reference/voltech-pm1000.md) on a TCP port and,
-with the same parser, behind a pty standing in for its RS232 port. Behaviour follows the manual
-where it speaks; where it is silent the choice is a constructor argument (terminators, the
-Ethernet acknowledge, number format, range tables) and is marked "inferred" below.
+It speaks the PM1000+ command set (../shared/reference/voltech-pm1000.md, "ref" below) on a TCP port
+and, with the same parser, behind a pty standing in for its RS232 port. It follows the manual where
+it speaks; where it is silent the choice is a setting, marked "assumed" below (docs/pm1000-sim.md
+lists every figure with its source). `IDEAL` holds the settings of an instrument without errors.
 
-- Results refresh every `update_period_s` on the instrument's own clock (epoch = `start()`),
-  each the exact statistics of the bus over the period just ended: W = mean power, Vrms = the
-  rail voltage, Arms = rms current (so PF < 1 for a bursty DC load). Updates are computed from
-  the bus ledger when a command arrives or a ticker fires, whichever is first, so a reply
-  always reflects every update that has completed.
-- DSR: each update sets DVL and NDV, plus OVA/OVV when the input exceeded a fixed range. `:DSR?`
-  answers DSR AND DSE and clears the register (the manual's loop waits for the reply "2" after
-  `:DSE 2`, which only a masked read gives).
-- A range change under autorange, and auto-zero (2 updates each minute while `:SYST:ZERO 1`),
-  blank updates: no new results, nothing integrated. Ranges are peak values (the manual quotes
-  "1.6Apk" for range 3); the tables between the manual's end points are inferred.
+- Updates: results refresh every `update_period_s` (0.5 s, ref 2.1) on the instrument's own clock
+  (epoch = `start()`), each the statistics of the input over the period just ended: W = mean of
+  v x i, Vrms, Arms (so PF < 1 for a bursty DC load). The results, and DVL/NDV, appear
+  `ndv_latency_s` +- `ndv_jitter_s` (uniform) after the period ends: assumed 20 +- 5 ms of
+  processing, which no source gives.
+- Accuracy (`accuracy="spec"`): every range of each input has a fixed gain and offset error, drawn
+  once from `seed` (default: the instrument's name) uniformly within the manual's accuracy at DC
+  (user manual p.79: V +-(0.1 % rdg + 0.1 % range + 4 mV), A +-(0.1 % rdg + 0.1 % range + 1 mA)),
+  applied to every sample. W, VA and the integrator follow from the corrected samples, so W errs
+  by at most `power_bound()`. `accuracy="ideal"`: no error.
+- Noise: each update's readings carry Gaussian noise on the V and A inputs, sigma
+  `noise_pct_of_range` % of the range (assumed 0.02 %); W, Arms and the peaks follow from it. The
+  integrator sums the calibrated samples without it (it samples continuously).
+- Ranges are peak values (the manual quotes "1.6Apk" for current range 3, and 215 V as the range
+  for 120 Vrms on p.79); the other table entries between the manual's end points are assumed.
+  Autorange goes up at once when the peak exceeds the range, down after `downrange_after` updates
+  (assumed 1) with the peak within `downrange_fraction` (assumed 0.8) of the lower range, straight
+  to the range needed. A range change blanks one update (ref 2.1): no results and, assumed, nothing
+  integrated; an up-range sets OVA/OVV for the overload that caused it. Changing the range by
+  command blanks the update in progress. On a fixed range an input beyond it is clipped at the
+  range and every such update sets OVA/OVV (ref 3.4).
+- Auto-zero (2 updates each minute while `:SYST:ZERO 1`) blanks updates as a range change does.
+- DSR: `:DSR?` answers DSR AND DSE and clears the register (the manual's loop waits for the reply
+  "2" after `:DSE 2`, which only a masked read gives).
 - Integrator: `:MOD:INT`, `:INT:START 0`, `:INT:MAN:RUN` / `:INT:MAN:STOP` / `:INT:RESET` with the
   manual's preconditions (a violation sets ESR bit 4, EXE). While running it adds whole updates
-  only (those that began after RUN and completed before STOP). `HRS` is reported in hours
-  (inferred from the mnemonic). Leaving integrator mode stops it (inferred).
+  only (those that began after RUN and completed before STOP). While it runs `:FRD?` reports its
+  totals as of the latest update; stopped, its final totals. `HRS` is in hours (from the
+  mnemonic). Leaving integrator mode stops it (assumed). Every result, Wh included, is printed with
+  `number_format` ("%.4E": five significant digits, ref 3.3's suggestion for an unknown format).
 - ESR: bit 5 (CME) for an unknown or malformed command, bit 4 (EXE) for a refused one or an
   out-of-range value; a refused query sends no reply (only the Ethernet acknowledge).
 - Faults (`faults`: silence, disconnect; see labbench.sim.faults) act in the transport, before the
@@ -31,11 +46,13 @@ Ethernet acknowledge, number format, range tables) and is marked "inferred" belo
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 from pyvisa import rname
 
@@ -44,16 +61,62 @@ from labbench.sim.lineserver import LineServer
 from labbench.sim.powerbus import PowerChannel
 
 DEFAULT_IDN = "Voltech,PM1000+,SIM-0001,1.00"
-DEFAULT_VOLTAGE_RANGES_V = (10.0, 50.0, 200.0, 1000.0)  # ranges 1 and 4 from the manual
-DEFAULT_CURRENT_RANGES_A = (0.1, 0.4, 1.6, 6.25, 25.0, 100.0)  # 1, 3, 4 (inrush example), 6: manual
+DEFAULT_VOLTAGE_RANGES_V = (10.0, 50.0, 215.0, 1000.0)  # 1 and 4: ref 3.9; 3: manual p.79
+DEFAULT_CURRENT_RANGES_A = (0.1, 0.4, 1.6, 6.25, 25.0, 100.0)  # 1, 3, 4 (p.79, inrush example), 6: manual
+
+#: accuracy at DC (the manual's frequency term vanishes): input -> (% of reading, % of range, fixed)
+ACCURACY_SPEC = {"V": (0.1, 0.1, 0.004), "A": (0.1, 0.1, 0.001)}  # user manual p.79
+#: settings that make the simulated instrument error-free and prompt
+IDEAL: dict[str, Any] = {
+    "accuracy": "ideal",
+    "noise_pct_of_range": 0.0,
+    "ndv_latency_s": 0.0,
+    "ndv_jitter_s": 0.0,
+}
 
 DSR_DVL, DSR_NDV, DSR_OVA, DSR_OVV = 1, 2, 8, 16
 ESR_EXE, ESR_CME = 16, 32
 MODE_NORMAL, MODE_INTEGRATOR = 0, 4
 _MODES = {"MOD:NOR": 0, "MOD:BAL": 1, "MOD:INR": 2, "MOD:SBY": 3, "MOD:INT": 4}
 _NAN = 9.91e37  # the SCPI "not a number" value, for a result with no meaning (Z with no current)
-_DOWNRANGE_FRACTION = 0.8  # autorange hysteresis: step down only well inside the lower range
 _ZERO_BLANK_S = 1.0  # auto-zero produces no new results for about 1 s
+
+
+def accuracy_bound(which: str, reading: float, range_: float) -> float:
+    """The manual's accuracy for one `which` ("V" or "A") reading on a range, in V or A."""
+    rdg_pct, range_pct, fixed = ACCURACY_SPEC[which]
+    return abs(reading) * rdg_pct / 100 + range_ * range_pct / 100 + fixed
+
+
+def power_bound(v: float, a: float, v_range: float, a_range: float) -> float:
+    """How far W can be off when V and A are each within their accuracy (a DC load; `a` its Arms)."""
+    dv, da = accuracy_bound("V", v, v_range), accuracy_bound("A", a, a_range)
+    return v * da + a * dv + dv * da
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One range's error: what the instrument makes of an input value x."""
+
+    gain: float = 1.0
+    offset: float = 0.0
+
+    def __call__(self, x: float) -> float:
+        return self.gain * x + self.offset
+
+
+def _calibrations(
+    rng: random.Random, which: str, ranges: tuple[float, ...], accuracy: str
+) -> tuple[Calibration, ...]:
+    if accuracy == "ideal":
+        return tuple(Calibration() for _ in ranges)
+    rdg_pct, range_pct, fixed = ACCURACY_SPEC[which]
+    return tuple(
+        Calibration(
+            1.0 + rng.uniform(-1, 1) * rdg_pct / 100, rng.uniform(-1, 1) * (r * range_pct / 100 + fixed)
+        )
+        for r in ranges
+    )
 
 
 @dataclass(frozen=True)
@@ -150,14 +213,39 @@ class Pm1000Model:
         voltage_ranges_v: tuple[float, ...] = DEFAULT_VOLTAGE_RANGES_V,
         current_ranges_a: tuple[float, ...] = DEFAULT_CURRENT_RANGES_A,
         auto_zero_interval_s: float = 60.0,
+        accuracy: str = "spec",
+        seed: int | str = 0,
+        noise_pct_of_range: float = 0.02,
+        ndv_latency_s: float = 0.02,
+        ndv_jitter_s: float = 0.005,
+        downrange_after: int = 1,
+        downrange_fraction: float = 0.8,
         clock: Callable[[], float] = time.monotonic,
     ):
+        if accuracy not in ("spec", "ideal"):
+            raise ValueError(f"accuracy must be 'spec' or 'ideal', not {accuracy!r}")
+        if not 0 <= ndv_jitter_s <= ndv_latency_s < update_period_s - ndv_jitter_s:
+            raise ValueError(
+                f"need 0 <= ndv_jitter_s <= ndv_latency_s and ndv_latency_s + ndv_jitter_s < the period, "
+                f"got {ndv_latency_s} +- {ndv_jitter_s} s for a {update_period_s} s period"
+            )
+        if noise_pct_of_range < 0 or downrange_after < 1 or not 0 < downrange_fraction <= 1:
+            raise ValueError(
+                "need noise_pct_of_range >= 0, downrange_after >= 1 and 0 < downrange_fraction <= 1"
+            )
         self.channel, self.idn = channel, idn
         self.period_s = update_period_s
         self._fmt = number_format
-        self._v_ranges, self._a_ranges = voltage_ranges_v, current_ranges_a
+        self._ranges = {"V": tuple(voltage_ranges_v), "A": tuple(current_ranges_a)}
         self._zero_every = max(1, round(auto_zero_interval_s / update_period_s))
         self._zero_blanks = max(1, round(_ZERO_BLANK_S / update_period_s))
+        cal_rng = random.Random(f"{seed}/calibration")
+        #: input -> one Calibration per range (range number - 1)
+        self.calibration = {w: _calibrations(cal_rng, w, r, accuracy) for w, r in self._ranges.items()}
+        self._rng = random.Random(f"{seed}/noise")  # reading noise and flag latency
+        self._noise = noise_pct_of_range / 100
+        self._latency, self._jitter = ndv_latency_s, ndv_jitter_s
+        self._down_after, self._down_fraction = downrange_after, downrange_fraction
         self._clock = clock
         self._lock = threading.RLock()
         self._comms = {k: d for k, (d, _) in _COMMS_REGISTERS.items()}
@@ -168,8 +256,13 @@ class Pm1000Model:
         """Power on: defaults, and the update clock starts now."""
         with self._lock:
             self._epoch = self._clock()
-            self._k = 0  # index of the last update processed; update k ends at epoch + k * period
+            self._k = 0  # index of the last update completed; update k ends at epoch + k * period
             self._reset()
+
+    @property
+    def epoch_s(self) -> float:
+        """When the update clock started (host monotonic s): update k's period ends k periods later."""
+        return self._epoch
 
     def _reset(self) -> None:
         """*RST / :DVC: defaults, comms settings kept."""
@@ -177,75 +270,113 @@ class Pm1000Model:
         self._switches = dict(_SWITCH_DEFAULTS)
         self._selection = ["VLT", "AMP", "WAT", "PWF"]  # inferred: the 4-result screen
         self._mode = MODE_NORMAL
-        self._v_auto = self._a_auto = True
-        self._v_idx, self._a_idx = len(self._v_ranges), len(self._a_ranges)
+        self._auto = {"V": True, "A": True}
+        self._range = {w: len(r) for w, r in self._ranges.items()}  # range numbers, 1-based
+        self._below = {"V": 0, "A": 0}  # consecutive updates that would allow a lower range
+        self._blank_next = False
         self._dsr = self._dse = self._esr = self._ese = 0
         self._update: _Update | None = None
+        self._pending: deque[tuple[float, _Update | None, int, dict[str, float]]] = deque()
         self._integrating = False
         self._run_since = 0.0
         self._totals = dict.fromkeys(("wh", "vah", "varh", "ah", "elapsed_s"), 0.0)
+        self._shown_totals = dict(self._totals)  # as of the latest update, while the integrator runs
 
     # -- the update clock ----------------------------------------------------------------------
 
     def next_update_s(self) -> float:
-        """When the next update completes (host monotonic s)."""
+        """When the next update completes or its results appear, whichever is first (host monotonic s)."""
         with self._lock:
-            return self._epoch + (self._k + 1) * self.period_s
+            end = self._epoch + (self._k + 1) * self.period_s
+            return min(end, self._pending[0][0]) if self._pending else end
 
     def advance(self) -> None:
-        """Process every update that has completed by now."""
+        """Complete every update whose period has ended by now, and publish the results that are due."""
         with self._lock:
-            k_now = math.floor((self._clock() - self._epoch) / self.period_s)
-            while self._k < k_now:
-                self._k += 1
-                self._refresh(self._k)
+            now = self._clock()
+            while True:
+                end = self._epoch + (self._k + 1) * self.period_s
+                if self._pending and self._pending[0][0] <= min(now, end):
+                    self._publish(*self._pending.popleft())
+                elif end <= now:
+                    self._k += 1
+                    self._complete(self._k)
+                else:
+                    return
 
-    def _refresh(self, k: int) -> None:
+    def _publish(self, _due: float, update: _Update | None, bits: int, totals: dict[str, float]) -> None:
+        if update is not None:
+            self._update, self._shown_totals = update, totals
+        self._dsr |= bits
+
+    def _complete(self, k: int) -> None:
+        """Update k's period has ended: measure it, integrate it, schedule its results."""
         t1 = self._epoch + k * self.period_s
         t0 = t1 - self.period_s
-        stats = self.channel.stats(t0, t1)
+        due = t1 + self._latency + (self._rng.uniform(-self._jitter, self._jitter) if self._jitter else 0.0)
+        levels = self.channel.levels(t0, t1)
         v = self.channel.voltage_v
-        a_rms, a_peak = stats.rms_power_w / v, stats.peak_power_w / v
-        blank = self._regs["SYST:ZERO"] == 1 and k >= self._zero_every and k % self._zero_every < self._zero_blanks
-        if self._a_auto:
-            blank |= self._autorange_current(a_peak)
-        if self._v_auto:
-            blank |= self._autorange_voltage(v)
+        a_peak = max([p for p, s in levels.items() if s > 0] or levels) / v
+        v_range, a_range = self._ranges["V"][self._range["V"] - 1], self._ranges["A"][self._range["A"] - 1]
+        overload = (DSR_OVA if a_peak > a_range else 0) | (DSR_OVV if v > v_range else 0)
+        zeroing = (
+            self._regs["SYST:ZERO"] == 1
+            and k >= self._zero_every
+            and k % self._zero_every < self._zero_blanks
+        )
+        blank, self._blank_next = self._blank_next or zeroing, False
+        blank |= self._auto["A"] and self._autorange("A", a_peak)
+        blank |= self._auto["V"] and self._autorange("V", v)
         if blank:
+            if overload:
+                self._pending.append((due, None, overload, {}))
             return
-        v_range, a_range = self._v_ranges[self._v_idx - 1], self._a_ranges[self._a_idx - 1]
+        cal_v = self.calibration["V"][self._range["V"] - 1]
+        cal_a = self.calibration["A"][self._range["A"] - 1]
+        v_in = cal_v(min(v, v_range))
+        amps: dict[float, float] = {}
+        for p, s in levels.items():
+            i = cal_a(max(-a_range, min(p / v, a_range)))
+            amps[i] = amps.get(i, 0.0) + s
+        i_mean = sum(i * s for i, s in amps.items()) / self.period_s
+        i_ms = sum(i * i * s for i, s in amps.items()) / self.period_s
+        seen = [i for i, s in amps.items() if s > 0] or list(amps)
         sv, sa = self._regs["SCL:VLT"], self._regs["SCL:AMP"]
-        upd = _Update(
-            v=v * sv, a=a_rms * sa, w=stats.mean_power_w * sv * sa,
-            a_peak=a_peak * sa, a_min=stats.min_power_w / v * sa, v_range=v_range, a_range=a_range,
-        )  # fmt: skip
-        self._update = upd
-        self._dsr |= DSR_DVL | DSR_NDV
-        if a_peak > a_range:
-            self._dsr |= DSR_OVA
-        if v > v_range:
-            self._dsr |= DSR_OVV
+
+        def reading(nv: float, na: float) -> _Update:
+            return _Update(
+                v=(v_in + nv) * sv, a=math.sqrt(max(i_ms + 2 * na * i_mean + na * na, 0.0)) * sa,
+                w=(v_in + nv) * (i_mean + na) * sv * sa, a_peak=(max(seen) + na) * sa,
+                a_min=(min(seen) + na) * sa, v_range=v_range, a_range=a_range,
+            )  # fmt: skip
+
+        clean = reading(0.0, 0.0)
+        shown = (
+            reading(*(self._rng.gauss(0.0, self._noise * r) for r in (v_range, a_range)))
+            if self._noise
+            else clean
+        )
         if self._integrating and t0 >= self._run_since:
             h = self.period_s / 3600.0
-            var = _QUANTITIES["VAR"][1](upd, self._totals)
-            for key, value in (("wh", upd.w), ("vah", upd.va), ("varh", var), ("ah", upd.a)):
+            var = _QUANTITIES["VAR"][1](clean, self._totals)
+            for key, value in (("wh", clean.w), ("vah", clean.va), ("varh", var), ("ah", clean.a)):
                 self._totals[key] += value * h
             self._totals["elapsed_s"] += self.period_s
+        self._pending.append((due, shown, DSR_DVL | DSR_NDV | overload, dict(self._totals)))
 
-    def _autorange_current(self, a_peak: float) -> bool:
-        return self._autorange("_a_idx", self._a_ranges, a_peak)
-
-    def _autorange_voltage(self, v: float) -> bool:
-        return self._autorange("_v_idx", self._v_ranges, v)
-
-    def _autorange(self, attr: str, ranges: tuple[float, ...], peak: float) -> bool:
+    def _autorange(self, which: str, peak: float) -> bool:
         """Pick the range for `peak`; True when it changed (which blanks this update)."""
-        current = getattr(self, attr)
+        ranges, current = self._ranges[which], self._range[which]
         needed = next((i + 1 for i, r in enumerate(ranges) if peak <= r), len(ranges))
-        if needed > current or (needed < current and peak <= _DOWNRANGE_FRACTION * ranges[needed - 1]):
-            setattr(self, attr, needed)
-            return True
-        return False
+        if needed < current and peak <= self._down_fraction * ranges[needed - 1]:
+            self._below[which] += 1
+            if self._below[which] < self._down_after:
+                return False
+        elif needed <= current:
+            self._below[which] = 0
+            return False
+        self._range[which], self._below[which] = needed, 0
+        return True
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -303,14 +434,14 @@ class Pm1000Model:
             "DSR?": lambda a: str(self._read_clear("_dsr", self._dse)),
             "FRD?": lambda a: self._frd(),
             "FRF?": lambda a: ", ".join(_QUANTITIES[c][0] for c in self._selection),
-            "RNG:VLT:FIX": lambda a: self._fix_range("v", a),
-            "RNG:AMP:FIX": lambda a: self._fix_range("a", a),
-            "RNG:VLT:AUT": lambda a: _no_arg(a) or setattr(self, "_v_auto", True),
-            "RNG:AMP:AUT": lambda a: _no_arg(a) or setattr(self, "_a_auto", True),
-            "RNG:VLT?": lambda a: str(self._v_idx),
-            "RNG:AMP?": lambda a: str(self._a_idx),
-            "RNG:VLT:AUT?": lambda a: str(int(self._v_auto)),
-            "RNG:AMP:AUT?": lambda a: str(int(self._a_auto)),
+            "RNG:VLT:FIX": lambda a: self._fix_range("V", a),
+            "RNG:AMP:FIX": lambda a: self._fix_range("A", a),
+            "RNG:VLT:AUT": lambda a: _no_arg(a) or self._auto.update(V=True),
+            "RNG:AMP:AUT": lambda a: _no_arg(a) or self._auto.update(A=True),
+            "RNG:VLT?": lambda a: str(self._range["V"]),
+            "RNG:AMP?": lambda a: str(self._range["A"]),
+            "RNG:VLT:AUT?": lambda a: str(int(self._auto["V"])),
+            "RNG:AMP:AUT?": lambda a: str(int(self._auto["A"])),
             "INT:MAN:RUN": lambda a: _no_arg(a) or self._integrator_run(),
             "INT:MAN:STOP": lambda a: _no_arg(a) or self._integrator_stop(),
             "INT:RESET": lambda a: _no_arg(a) or self._integrator_reset(),
@@ -353,12 +484,14 @@ class Pm1000Model:
 
     def _frd(self) -> str:
         upd = self._update or _Update(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        return ",".join(self._fmt % _QUANTITIES[c][1](upd, self._totals) for c in self._selection)
+        totals = self._shown_totals if self._integrating else self._totals
+        return ",".join(self._fmt % _QUANTITIES[c][1](upd, totals) for c in self._selection)
 
     def _fix_range(self, which: str, arg: str) -> None:
-        ranges = self._v_ranges if which == "v" else self._a_ranges
-        setattr(self, f"_{which}_idx", int(_number(arg, (1, len(ranges)))))
-        setattr(self, f"_{which}_auto", False)
+        number = int(_number(arg, (1, len(self._ranges[which]))))
+        if number != self._range[which]:
+            self._blank_next = True  # the update in progress mixes two ranges
+        self._range[which], self._auto[which] = number, False
 
     def _set_mode(self, mode: int) -> None:
         if mode != MODE_INTEGRATOR:
@@ -376,6 +509,7 @@ class Pm1000Model:
     def _integrator_run(self) -> None:
         self._integrator_ready(running=False)
         self._integrating, self._run_since = True, self._clock()
+        self._shown_totals = dict(self._totals)
 
     def _integrator_stop(self) -> None:
         self._integrator_ready(running=True)
@@ -412,7 +546,11 @@ def _number(arg: str, allowed: frozenset | tuple) -> float:
 
 
 class Pm1000Sim:
-    """The simulated PM1000+ on `host:port` (TCP, acknowledging commands) and a pty (RS232)."""
+    """The simulated PM1000+ on `host:port` (TCP, acknowledging commands) and a pty (RS232).
+
+    `instrument` settings are Pm1000Model's (the `sim:` block of lab.yaml passes them on); `seed`
+    defaults to `name`, so each named instrument is one reproducible unit with its own errors.
+    """
 
     def __init__(
         self,
@@ -421,26 +559,21 @@ class Pm1000Sim:
         port: int = 0,
         channel: PowerChannel | None = None,
         *,
-        idn: str = DEFAULT_IDN,
-        update_period_s: float = 0.5,
         terminator: str = "\n",
         ack_tcp: bool = True,
         ack_serial: bool = False,
-        number_format: str = "%.4E",
         use_pty: bool = True,
-        voltage_ranges_v: tuple[float, ...] = DEFAULT_VOLTAGE_RANGES_V,
-        current_ranges_a: tuple[float, ...] = DEFAULT_CURRENT_RANGES_A,
-        auto_zero_interval_s: float = 60.0,
+        seed: int | str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        **instrument: Any,
     ):
         if channel is None:
             raise ValueError(f"{name}: a PowerChannel to measure is required")
         self.name = name
-        self.model = Pm1000Model(
-            channel, idn=idn, update_period_s=update_period_s, number_format=number_format,
-            voltage_ranges_v=voltage_ranges_v, current_ranges_a=current_ranges_a,
-            auto_zero_interval_s=auto_zero_interval_s, clock=clock,
-        )  # fmt: skip
+        try:
+            self.model = Pm1000Model(channel, seed=name if seed is None else seed, clock=clock, **instrument)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}: {e}") from e
         self._server = LineServer(
             name, self.model.handle, host=host, port=port, use_pty=use_pty,
             terminator=terminator, ack_tcp=ack_tcp, ack_serial=ack_serial,
@@ -453,9 +586,9 @@ class Pm1000Sim:
     def from_resource(cls, name: str, resource: str, channel: PowerChannel, **kwargs) -> Pm1000Sim:
         """Listen where a `TCPIP::host::port::SOCKET` resource string points."""
         parsed = rname.parse_resource_name(resource)
-        if not isinstance(parsed, rname.TCPIPSocket):
-            raise ValueError(f"{name}: {resource!r} is not a TCPIP::host::port::SOCKET resource")
-        return cls(name, parsed.host_address, int(parsed.port), channel, **kwargs)
+        if isinstance(parsed, rname.TCPIPSocket):
+            return cls(name, parsed.host_address, int(parsed.port), channel, **kwargs)
+        raise ValueError(f"{name}: {resource!r} is not a TCPIP::host::port::SOCKET resource")
 
     @property
     def host(self) -> str:

@@ -1,7 +1,8 @@
 """The simulated lab's power bus: per-channel piecewise power on the host monotonic clock.
 
 Simulated boards post what they draw (`set_power`, or a scripted `play`), simulated instruments
-read the exact statistics of any interval (`stats`), and tests and benchmarks read the
+read the exact statistics of any interval (`stats`) or the time spent at each level (`levels`,
+for what an input sees after clipping and calibration), and tests and benchmarks read the
 ground-truth ledger (`energy_j`, `mean_power_w`). Everything is integrated in closed form from
 the piecewise description, never by sampling, so the ledger is exact to floating point.
 
@@ -225,14 +226,18 @@ class PowerChannel:
         t1 = self._clock() if t1 is None else t1
         return self.energy_j(t0, t1) / (t1 - t0)
 
-    def stats(self, t0: float, t1: float) -> LoadStats:
-        """Exact mean, rms, peak and minimum power over [t0, t1] (t0 < t1, in the retained history)."""
+    def levels(self, t0: float, t1: float) -> dict[float, float]:
+        """Seconds spent at each power level (W) within [t0, t1] (t0 < t1, in the retained history)."""
         if not t0 < t1:
             raise ValueError(f"{self.name}: empty interval [{t0}, {t1}]")
         with self._lock:
             if t0 < self._horizon_s:
                 raise LookupError(f"{self.name}: {t0:.6f} s is before the retained history")
-            levels = self._levels(t0, t1)
+            return self._levels(t0, t1)
+
+    def stats(self, t0: float, t1: float) -> LoadStats:
+        """Exact mean, rms, peak and minimum power over [t0, t1] (t0 < t1, in the retained history)."""
+        levels = self.levels(t0, t1)
         duration_s = t1 - t0
         energy_j = sum(p * s for p, s in levels.items())
         visited = [p for p, s in levels.items() if s > 0] or list(levels)
