@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pwd
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from labbench.sim.faults import Fault, FaultSpecError, parse
 from labbench.sim.lab import ProxiedLinuxBoard
 from labbench.sim.linux import SimLinuxBoard
 from labbench.sim.mcu import SimMcuBoard
-from labbench.sim.pm1000 import Pm1000Sim
+from labbench.sim.pm1000 import IDEAL, Pm1000Sim
 from labbench.sim.powerbus import PowerBus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -330,7 +329,7 @@ def test_dut_silence_times_out_until_it_ends(mcu, dut):
 def pm():
     channel = PowerBus().channel("meter:1")
     channel.set_power(0.8)
-    with Pm1000Sim("meter", "127.0.0.1", 0, channel, update_period_s=0.1, use_pty=False) as sim:
+    with Pm1000Sim("meter", "127.0.0.1", 0, channel, update_period_s=0.1, use_pty=False, **IDEAL) as sim:
         meter = Pm1000(sim.resource, name="meter", timeout_s=0.5, update_period_s=0.1, current_range=3)
         yield sim, meter
         meter.close()
@@ -397,10 +396,11 @@ def proxy(pi):
     pi.proxy.clear()
 
 
-def ssh(pi: ProxiedLinuxBoard, remote_dir: str = "labbench/faults") -> SshBoard:
+def ssh(pi: ProxiedLinuxBoard, remote_dir: str = "labbench/faults", **options) -> SshBoard:
     """The bench's driver at the address clients use (the proxy's), with the lab's known_hosts."""
     return SshBoard("pi", pi.proxy.host, pi.proxy.port, pi.board.user, pi.board.key, pi.known_hosts,
-                    command_timeout_s=2, ssh_config=None, remote_dir=remote_dir)
+                    command_timeout_s=2, ssh_config=None, remote_dir=remote_dir,
+                    log_path=pi.known_hosts.parent / "pi-ssh.log", **options)
 
 
 def test_ssh_drop_mid_command_is_a_remote_error_and_the_next_command_reconnects(pi, proxy):
@@ -419,10 +419,13 @@ def test_ssh_drop_mid_run_keeps_the_completed_inferences(pi, proxy):
     board = ssh(pi)
     board.deploy(DIGITS)
     proxy.add(Fault(kind="disconnect", direction="to_host", after_bytes=60_000))
-    with pytest.raises(RemoteRunError) as err:
+    with pytest.raises(RemoteRunError, match=r"broke off after \d+ of 5000 inferences completed: connection lost"
+                       ) as err:
         board.run_timed(digits(1)[0], 5000, 0)
-    assert 0 < err.value.completed < 5000
+    assert type(err.value) is RemoteRunError and 0 < err.value.completed < 5000
     assert len(err.value.partial.latencies_us) == err.value.completed  # every inference that arrived
+    assert all(lat > 0 for lat in err.value.partial.latencies_us)
+    assert err.value.log == str(board.log_path)
     board.close()
 
 
@@ -438,18 +441,22 @@ def test_slow_sftp_takes_its_time_and_arrives_whole(pi, proxy):
     board.close()
 
 
-def test_stalled_sftp_waits_for_the_stall_to_end(pi, proxy):
-    board = ssh(pi, "labbench/stalled")
+def test_stalled_sftp_is_a_remote_error_within_the_stall_timeout(pi, proxy):
+    board = ssh(pi, "labbench/stalled", transfer_stall_s=1.0)
     board.connect()
     fid = proxy.add(Fault(kind="stall", direction="to_device", after_bytes=4000))
-    done = threading.Event()
-    worker = threading.Thread(target=lambda: (board.deploy(MNIST), done.set()), daemon=True)
-    worker.start()
-    assert not done.wait(1.0)  # no timeout of the bench's bounds a stalled transfer
-    assert log(proxy, fid)[0]["until"] is None
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError, match=r"^pi: deploy: upload of runner.py to \S+/labbench/stalled/runner.py: "
+                                          r"no progress for 1 s \(\d+ of \d+ bytes sent\)") as err:
+        board.deploy(MNIST)
+    [stalled] = log(proxy, fid)
+    assert stalled["until"] is None and 1.0 <= time.monotonic() - stalled["t"] < 2.0
+    assert time.monotonic() - t0 < 3.0 and err.value.log == str(board.log_path)
     proxy.clear()
-    assert done.wait(10)
-    timed = ssh(pi, "labbench/stalled-1s")
+    record = board.deploy(MNIST)  # reconnects; the broken upload never looked deployed
+    assert not record["files"]["runner"]["skipped"]
+    assert board.remote_sha256([record["files"]["model"]["remote"]]) == [record["files"]["model"]["sha256"]]
+    timed = ssh(pi, "labbench/stalled-1s", transfer_stall_s=3.0)  # a stall shorter than the bound is waited out
     timed.connect()
     proxy.add(Fault(kind="stall", direction="to_device", duration_s=1.0))
     t0 = time.monotonic()

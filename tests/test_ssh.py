@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import inspect
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -13,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +25,11 @@ from ai_edge_litert.interpreter import Interpreter
 
 from labbench.capabilities import Deployer, InferenceTarget
 from labbench.catalog import load_family
-from labbench.drivers.ssh import RUNNER, RemoteRunError, SshBoard
-from labbench.errors import RemoteError
+from labbench.drivers.ssh import RUNNER, RemoteRunError, RemoteStreamError, RemoteTimeout, SshBoard
+from labbench.errors import RemoteError, RunAborted
 from labbench.inventory import BoardEntry, SshConn
 from labbench.modelinfo import ModelInfo, dequantize_output, quantize_input
+from labbench.sim.faults import Fault, FaultProxy
 from labbench.sim.linux import SimLinuxBoard, cpu_times_s
 from labbench.sim.powerbus import PowerBus
 
@@ -59,17 +64,22 @@ def lab(tmp_path_factory):
             sim.stop()
 
 
-def board_for(sim: SimLinuxBoard, **overrides) -> SshBoard:
+def board_for(sim: SimLinuxBoard, log_dir: Path, **overrides) -> SshBoard:
     """The driver as a lab builds it: from a lab.yaml entry."""
     entry = BoardEntry(name=sim.name, family=sim.family.name, power_mode=sim.power_mode,
                        ssh=SshConn(host=sim.host, port=sim.port, user=sim.user, key=sim.key,
                                    known_hosts=sim.known_hosts, **overrides))
-    return SshBoard.from_lab(entry, sim.family, lab="test lab")
+    return SshBoard.from_lab(entry, sim.family, lab="test lab", log_dir=log_dir)
 
 
 @pytest.fixture(scope="module")
-def deployed(lab):
-    boards = {name: board_for(sim) for name, sim in lab.items()}
+def logs(tmp_path_factory):
+    return tmp_path_factory.mktemp("ssh-logs")
+
+
+@pytest.fixture(scope="module")
+def deployed(lab, logs):
+    boards = {name: board_for(sim, logs) for name, sim in lab.items()}
     records = {name: b.deploy(MODEL, DATASET) for name, b in boards.items()}
     yield boards, records
     for b in boards.values():
@@ -105,7 +115,7 @@ def test_deploy_puts_files_in_the_per_lab_directory_and_skips_on_hash(lab, deplo
     boards, first = deployed
     board, sim = boards["rpi4"], lab["rpi4"]
     lab_dir = sim.home / "labbench" / "test lab"
-    assert first["rpi4"]["dir"] == str(lab_dir)
+    assert first["rpi4"]["dir"] == str(lab_dir) and first["rpi4"]["outputs"] == 10
     for role, local in (("runner", Path(str(RUNNER))), ("model", MODEL), ("dataset", DATASET)):
         record = first["rpi4"]["files"][role]
         on_board = Path(record["remote"])
@@ -166,11 +176,13 @@ def test_unknown_host_key_is_refused_with_its_fingerprint_and_the_command_to_tru
     host_key = sim.state_dir / "etc" / "ssh_host_ed25519_key.pub"
     fingerprint = subprocess.run(["ssh-keygen", "-lf", str(host_key)], capture_output=True, text=True,
                                  check=True).stdout.split()[1]
-    board = SshBoard("rpi4", sim.host, sim.port, sim.user, sim.key, known_hosts, ssh_config=None)
+    board = SshBoard("rpi4", sim.host, sim.port, sim.user, sim.key, known_hosts, ssh_config=None,
+                     log_path=tmp_path / "rpi4-ssh.log")
     with pytest.raises(RemoteError) as err:
         board.execute(["true"])
     message = str(err.value)
     assert message.startswith("rpi4: verify host key") and fingerprint in message
+    assert err.value.log == str(tmp_path / "rpi4-ssh.log") and "error: verify host key" in Path(err.value.log).read_text()
     assert not known_hosts.exists()
     command = message.split("trust it with: ")[1].split(" (or set")[0]
     subprocess.run(command, shell=True, check=True, capture_output=True)  # the command it gives works
@@ -182,11 +194,12 @@ def test_trust_on_first_use_appends_to_known_hosts_and_then_verifies(lab, tmp_pa
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text("# kept\n")
     tofu = SshBoard("rpi4", sim.host, sim.port, sim.user, sim.key, known_hosts, trust_on_first_use=True,
-                    ssh_config=None)
+                    ssh_config=None, log_path=tmp_path / "rpi4-ssh.log")
     assert tofu.execute(["true"]).exit_status == 0
     lines = known_hosts.read_text().splitlines()
     assert lines[0] == "# kept" and lines[1].startswith(f"[{sim.host}]:{sim.port} ssh-ed25519 ")
-    strict = SshBoard("rpi4", sim.host, sim.port, sim.user, sim.key, known_hosts, ssh_config=None)
+    strict = SshBoard("rpi4", sim.host, sim.port, sim.user, sim.key, known_hosts, ssh_config=None,
+                      log_path=tmp_path / "rpi4-ssh.log")
     assert strict.execute(["true"]).exit_status == 0
 
 
@@ -198,7 +211,7 @@ def test_a_changed_host_key_is_refused_even_with_trust_on_first_use(lab, tmp_pat
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(f"[{sim.host}]:{sim.port} {kind} {b64}\n")
     board = SshBoard("rpi4", sim.host, sim.port, sim.user, sim.key, known_hosts, trust_on_first_use=True,
-                     ssh_config=None)
+                     ssh_config=None, log_path=tmp_path / "rpi4-ssh.log")
     with pytest.raises(RemoteError, match="HOST KEY CHANGED") as err:
         board.execute(["true"])
     assert "ssh-keygen -f" in str(err.value) and " -R " in str(err.value)
@@ -247,7 +260,7 @@ def test_runner_exit_is_an_error_not_a_shorter_run(deployed):
     assert "reshape" in str(err.value) and err.value.partial.count == 0
 
 
-def test_shell_metacharacters_in_names_are_harmless(lab, tmp_path, digits):
+def test_shell_metacharacters_in_names_are_harmless(lab, tmp_path, digits, monkeypatch):
     sim = lab["jetson"]
     evil = "digits \"mlp\"; touch PWNED1; $(touch PWNED2) `touch PWNED3` 'q' & x.tflite"
     model = tmp_path / evil
@@ -255,7 +268,9 @@ def test_shell_metacharacters_in_names_are_harmless(lab, tmp_path, digits):
     entry = BoardEntry(name="jetson; touch PWNED4", family=sim.family.name, power_mode="15W",
                        ssh=SshConn(host=sim.host, port=sim.port, user=sim.user, key=sim.key,
                                    known_hosts=sim.known_hosts))
+    monkeypatch.chdir(tmp_path)  # the log goes to reports/logs/<board>-ssh.log under the working directory
     board = SshBoard.from_lab(entry, sim.family, lab="lab $(touch PWNED5); 'x' \"y\"")
+    assert board.log_path == tmp_path / "reports" / "logs" / "jetson; touch PWNED4-ssh.log"
     record = board.deploy(model)
     assert Path(record["files"]["model"]["remote"]).read_bytes() == MODEL.read_bytes()
     assert board.classify(digits[0][:3]).shape == (3, 10)
@@ -271,17 +286,17 @@ def test_connect_timeout_is_bounded(tmp_path):
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         board = SshBoard("mute", "127.0.0.1", silent.getsockname()[1], "pi", known_hosts=tmp_path / "kh",
-                         connect_timeout_s=0.5, ssh_config=None)
+                         connect_timeout_s=0.5, ssh_config=None, log_path=tmp_path / "mute-ssh.log")
         t0 = time.monotonic()
         with pytest.raises(RemoteError, match=r"^mute: connect to pi@127.0.0.1:\d+: "):
             board.execute(["true"])
         assert time.monotonic() - t0 < 5
 
 
-def test_command_timeout_is_bounded(lab):
+def test_command_timeout_is_bounded(lab, tmp_path):
     sim = lab["rpi4"]
     board = SshBoard("rpi4", sim.host, sim.port, sim.user, sim.key, sim.known_hosts, command_timeout_s=0.5,
-                     ssh_config=None)
+                     ssh_config=None, log_path=tmp_path / "rpi4-ssh.log")
     t0 = time.monotonic()
     with pytest.raises(RemoteError, match="no output for 0.5 s"):
         board.execute(["sleep", "10"])
@@ -296,6 +311,7 @@ def test_user_defaults_to_the_local_account_as_ssh_does(tmp_path, monkeypatch):
     assert SshBoard("rpi4", "127.0.0.1", ssh_config=config).user == pwd.getpwuid(os.getuid()).pw_name
     assert SshBoard("rpi4", "withuser", ssh_config=config).user == "pi"
     assert SshBoard("rpi4", "withuser", user="bench", ssh_config=config).user == "bench"
+    assert SshBoard("rpi4", "withuser", ssh_config=config).log_path == Path.cwd() / "reports" / "logs" / "rpi4-ssh.log"
 
 
 def test_ssh_config_and_agent_are_honoured(lab, tmp_path, monkeypatch):
@@ -305,6 +321,7 @@ def test_ssh_config_and_agent_are_honoured(lab, tmp_path, monkeypatch):
                       f"  UserKnownHostsFile {sim.known_hosts}\n")
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/id_* to fall back on
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    monkeypatch.chdir(tmp_path)
     board = SshBoard("rpi4", "simpi", ssh_config=config)
     assert (board.host, board.port, board.user) == (sim.host, sim.port, sim.user)
     with pytest.raises(RemoteError, match=r"No authentication methods.*none in lab.yaml.*no agent"):
@@ -340,12 +357,14 @@ def test_runner_needs_only_stdlib_numpy_and_a_runtime():
     assert imported <= allowed, imported - allowed
 
 
-def test_a_runner_that_does_not_speak_the_protocol_is_an_error(lab, deployed):
+def test_a_runner_that_does_not_speak_the_protocol_is_an_error(lab, deployed, tmp_path):
     sim = lab["rpi4"]
     board = SshBoard("rpi4", sim.host, sim.port, sim.user, sim.key, sim.known_hosts, python="echo",
-                     remote_dir="labbench/test lab", ssh_config=None)  # "echo" prints the runner's argv back
-    broke_off = r"broke off after 0 of 4 inferences completed: runner printed b'/"
-    with pytest.raises(RemoteRunError, match=broke_off):
+                     remote_dir="labbench/test lab", ssh_config=None,
+                     log_path=tmp_path / "rpi4-ssh.log")  # "echo" prints the runner's argv back
+    broke_off = (r"broke off after 0 of 4 inferences completed: line 1: expected a record ending in its "
+                 r"CRC-32 tag ` \*XXXXXXXX`, saw b'/")
+    with pytest.raises(RemoteStreamError, match=broke_off):
         board.run_timed(np.zeros(64, np.float32), count=4, warmup=0)
     board.close()
 
@@ -359,3 +378,303 @@ def test_runner_keeps_stdout_for_records_whatever_a_runtime_prints(tmp_path):
                          capture_output=True, text=True, check=True)
     assert out.stdout.startswith('{"type":"info"') and out.stdout.count("\n") == 1
     assert "python noise" in out.stderr and "C noise" in out.stderr
+
+
+# -- checks, bounds and stops ---------------------------------------------------------------------
+
+MANGLER = """#!{python}
+import json, subprocess, sys, time, zlib
+
+
+def body(line):
+    return line.rstrip(b"\\n").rsplit(b" *", 1)[0]
+
+
+def tag(text):
+    return b"%s *%08X\\n" % (text, zlib.crc32(text))
+
+
+def edit(line, **changes):
+    record = json.loads(body(line))
+    for key, change in changes.items():
+        record[key] = change(record[key]) if callable(change) else change
+    return tag(json.dumps(record, separators=(",", ":")).encode())
+
+
+def mangle(n, line):
+    return {rule}
+
+
+runner = subprocess.Popen([sys.executable, *sys.argv[1:]], stdout=subprocess.PIPE)
+for n, line in enumerate(runner.stdout):
+    sys.stdout.buffer.write(mangle(n, line))
+    sys.stdout.buffer.flush()
+sys.exit(runner.wait())
+"""
+
+# (mode, mangle(n, line) for stdout line n, inferences completed, what the error says). A timed run of
+# 20: line 0 the start record, 1-20 inferences 0-19, 21 the end record; classify of 5: 0, 1-5, 6.
+BROKEN_STREAMS = {
+    "changed digit": ("timed", "line.replace(b'\"latency_ns\":', b'\"latency_ns\":9') if n == 3 else line", 2,
+                      (r"line 4: expected a record ending in its CRC-32 tag ` \*XXXXXXXX`, saw "
+                       r"b'\{\"type\":\"inference\",\"i\":2,")),
+    "untagged": ("timed", "body(line) + b'\\n' if n == 3 else line", 2, r"line 4: expected a record ending in"),
+    "gap": ("timed", "b'' if n == 3 else line", 2, r"line 4: expected inference 2, saw inference 3 \(a gap\)"),
+    "repeat": ("timed", "line * 2 if n == 3 else line", 3,
+               r"line 5: expected inference 3, saw inference 2 \(a repeat\)"),
+    "zero latency": ("timed", "edit(line, latency_ns=0) if n == 3 else line", 2,
+                     r"line 4: expected inference 2: latency_ns > 0, saw 0"),
+    "stamp backwards": ("timed", "edit(line, t_ns=lambda t: t - 10**9) if n == 3 else line", 2,
+                        (r"line 4: expected inference 2 to start at or after the stamp before it \(\d+ ns\), "
+                         r"saw t_ns \d+ - latency_ns \d+ = \d+")),
+    "board ahead of the host": ("timed", "edit(line, t_ns=lambda t: t + 10**10) if n == 3 else line", 2,
+                                (r"line 4: expected inference 2 at most [\d.]+ s after the runner's first "
+                                 r"stamp .*, saw 10\.\d+ s on the board's clock")),
+    "count": ("timed", "edit(line, count=19) if n == 21 else line", 20,
+              r"line 22: expected the end record: count 20, saw 19"),
+    "short output": ("timed", "edit(line, output=lambda v: v[:-1]) if n == 21 else line", 20,
+                     (r"line 22: expected the end record: 10 output values \(the model's output length\), "
+                      r"saw 9 values")),
+    "no end": ("timed", "b'' if n == 21 else line", 20,
+               r"expected the end record, saw the end of the output \(line 21\)"),
+    "after the end": ("timed", "line * 2 if n == 21 else line", 20,
+                      r"line 23: expected nothing after the end record, saw b'\{\"type\":\"end\""),
+    "protocol": ("timed", "edit(line, protocol=1) if n == 0 else line", 0,
+                 r"line 1: expected the start record: protocol 2, saw 1"),
+    "other model": ("timed", "edit(line, model_sha256='0' * 64) if n == 0 else line", 0,
+                    r"line 1: expected the start record: model_sha256 '[0-9a-f]{64}', saw '0{64}'"),
+    "host took longer": ("timed", "(time.sleep(1.5), line)[1] if n == 21 else line", 20,
+                         (r"line 22: expected the command to take at most [\d.]+ s of host time \(the "
+                          r"board's [\d.]+ s \+ the link's overhead for \d+ bytes\), saw [\d.]+ s")),
+    "not finite": ("classify", "edit(line, output=lambda v: v[:1] + [float('nan')] + v[2:]) if n == 2 else line",
+                   1, r"line 3: expected inference 1: output 1 a finite number, saw nan"),
+    "a row short": ("classify", "b'' if n == 5 else line", 4,
+                    r"line 6: expected inference 4, saw a 'end' record: b'\{\"type\":\"end\",\"count\":5,"),
+    "a row too many": ("classify", "line + edit(line, i=5) if n == 5 else line", 5,
+                       r"line 7: expected the end record, saw a 'inference' record"),
+    "other samples": ("classify", "edit(line, input_sha256='0' * 64) if n == 0 else line", 0,
+                      r"line 1: expected the start record: input_sha256 '[0-9a-f]{64}', saw '0{64}'"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_STREAMS)
+def test_a_record_that_fails_a_check_is_an_error_keeping_the_records_before_it(lab, deployed, digits, tmp_path,
+                                                                               case):
+    """The real runner behind a filter on the board that breaks its stream the way a faulty board,
+    runtime or runner would (SSH's MAC keeps the link itself from changing a byte)."""
+    mode, rule, completed, says = BROKEN_STREAMS[case]
+    wrapper = tmp_path / "mangle"
+    wrapper.write_text(MANGLER.format(python=sys.executable, rule=rule))
+    wrapper.chmod(0o755)
+    sim, log = lab["rpi4"], tmp_path / "rpi4-ssh.log"
+    board = SshBoard("rpi4", sim.host, sim.port, sim.user, sim.key, sim.known_hosts, python=str(wrapper),
+                     remote_dir="labbench/test lab", ssh_config=None, log_path=log,
+                     link_overhead_s=0.5 if case == "host took longer" else 10.0)
+    x = digits[0]
+    with pytest.raises(RemoteStreamError) as err:
+        board.run_timed(x[3], 20, 2) if mode == "timed" else board.classify(x[:5])
+    e, count = err.value, 20 if mode == "timed" else 5
+    action = "run 20 timed inferences" if mode == "timed" else "classify 5 samples"
+    assert str(e).startswith(f"rpi4: {action}: broke off after {completed} of {count} inferences completed: ")
+    assert re.search(says, str(e)), str(e)
+    assert str(e).endswith(f" (full log: {log})") and e.log == str(log)
+    assert e.completed == completed and e.expected == count
+    if mode == "timed":
+        assert e.partial.count == completed and all(lat > 0 for lat in e.partial.latencies_us)
+    else:
+        assert len(e.partial) == completed
+        assert not completed or np.array_equal(e.partial, host_scores(x[:completed]))
+    text = log.read_text()
+    assert f"-> {wrapper} " in text and f"-- error: {action}: broke off after" in text
+    board.close()
+
+
+def runner_pids(sim: SimLinuxBoard, command: bytes) -> list[int]:
+    """The board's runner processes running `command` (b"timed", b"classify")."""
+    found = []
+    for pid in cpu_times_s(sim.pids()[0])[1]:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"/runner.py") for a in argv) and command in argv:
+            found.append(pid)
+    return found
+
+
+def wait_for(what, timeout_s: float = 20.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := what():
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+def test_a_runner_that_stops_mid_run_is_detected_within_its_bound(lab, deployed, digits):
+    boards, _ = deployed
+    board, sim = boards["rpi4"], lab["rpi4"]
+    frozen: dict[str, float] = {}
+
+    def freeze_the_runner_once_it_streams():
+        [pid] = wait_for(lambda: runner_pids(sim, b"timed"))
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGSTOP)
+        frozen.update(pid=pid, t=time.monotonic())
+
+    freezer = threading.Thread(target=freeze_the_runner_once_it_streams)
+    freezer.start()
+    try:
+        with pytest.raises(RemoteTimeout) as err:
+            board.run_timed(digits[0][0], count=50_000_000, warmup=0)
+        detected_s = time.monotonic() - frozen["t"]
+    finally:
+        freezer.join()
+        if "pid" in frozen:
+            os.kill(int(frozen["pid"]), signal.SIGKILL)
+    e = err.value
+    print(f"silent runner detected {detected_s:.2f} s after SIGSTOP")
+    assert re.search(r"inferences completed: no record for 5 s \(the next was due [\d.e-]+ s after the last; "
+                     r"bound max\(2 x due, due \+ 5 s\)\)", str(e)), str(e)
+    assert 4.5 < detected_s < 5 + 1.5  # the time per inference is microseconds: the bound is 5 s
+    assert 0 < e.completed == e.partial.count and e.partial.host_end < frozen["t"] + 0.1
+    assert board.execute(["true"]).exit_status == 0
+
+
+def test_a_runner_silent_before_its_start_record_ends_at_the_command_timeout(lab, deployed, tmp_path):
+    sim = lab["rpi4"]
+    mute = tmp_path / "mute"
+    mute.write_text("#!/bin/sh\nexec sleep 10\n")
+    mute.chmod(0o755)
+    board = SshBoard("rpi4", sim.host, sim.port, sim.user, sim.key, sim.known_hosts, python=str(mute),
+                     remote_dir="labbench/test lab", ssh_config=None, command_timeout_s=1,
+                     log_path=tmp_path / "rpi4-ssh.log")
+    t0 = time.monotonic()
+    with pytest.raises(RemoteTimeout, match=r"broke off after 0 of 5 inferences completed: no start record "
+                                            r"within 1 s \(command timeout\)"):
+        board.run_timed(np.zeros(64, np.float32), 5, 0)
+    assert 1 <= time.monotonic() - t0 < 2.5
+    board.close()
+
+
+def test_stop_aborts_a_run_at_once_and_keeps_what_was_measured(lab, deployed, digits):
+    boards, _ = deployed
+    board, sim = boards["rpi4"], lab["rpi4"]
+    assert "stop" in inspect.signature(board.run_timed).parameters  # what labbench.measure.run looks for
+    stop, set_at = threading.Event(), {}
+
+    def fail_the_capture_once_the_runner_streams():
+        wait_for(lambda: runner_pids(sim, b"timed"))
+        time.sleep(1.0)
+        set_at["t"] = time.monotonic()
+        stop.set()
+
+    failer = threading.Thread(target=fail_the_capture_once_the_runner_streams)
+    failer.start()
+    try:
+        with pytest.raises(RunAborted, match=r"^rpi4: run 50000000 timed inferences: stopped from outside after "
+                                             r"\d+ of 50000000 inferences") as err:
+            board.run_timed(digits[0][0], count=50_000_000, warmup=0, stop=stop)
+        took_s = time.monotonic() - set_at["t"]
+    finally:
+        failer.join()
+    print(f"stop honoured {took_s * 1000:.0f} ms after it was set")
+    assert took_s < 0.3
+    assert err.value.partial.count > 0 and err.value.log == str(board.log_path)
+    wait_for(lambda: not runner_pids(sim, b"timed"), 5)  # the runner ends at its next write
+    with pytest.raises(RunAborted, match="stopped before it was sent"):
+        board.classify(digits[0][:3], stop=stop)
+    assert board.classify(digits[0][:3]).shape == (3, 10)
+
+
+@pytest.fixture
+def proxied(lab, tmp_path):
+    """rpi4 reached through a fault proxy (labbench.sim.faults), with the proxy's address in known_hosts."""
+    sim = lab["rpi4"]
+    proxy = FaultProxy("rpi4", "127.0.0.1", 0, (sim.host, sim.port))
+    proxy.start()
+    kind, key = (sim.state_dir / "etc" / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{proxy.port} {kind} {key}\n")
+    board = SshBoard("rpi4", "127.0.0.1", proxy.port, sim.user, sim.key, known_hosts, ssh_config=None,
+                     remote_dir="labbench/test lab", log_path=tmp_path / "rpi4-ssh.log")
+    yield board, proxy
+    board.close()
+    proxy.stop()
+
+
+def test_a_link_that_stalls_mid_run_is_detected_within_the_bound(proxied, deployed, digits):
+    board, proxy = proxied
+    board.connect()
+    fid = proxy.add(Fault(kind="stall", direction="to_host", after_bytes=200_000))
+    with pytest.raises(RemoteTimeout, match=r"no record for 5 s") as err:
+        board.run_timed(digits[0][0], count=50_000_000, warmup=0)
+    [stalled] = [e for e in proxy.report()["log"] if e["fault"] == fid]
+    detected_s = time.monotonic() - stalled["t"]
+    print(f"stalled link detected {detected_s:.2f} s after the stall began")
+    assert 5 <= detected_s < 5 + 1.5
+    assert 0 < err.value.completed == err.value.partial.count
+
+
+def test_a_transfer_that_outlasts_its_bound_is_an_error(proxied):
+    board, proxy = proxied
+    board.remote_dir, board.transfer_timeout_s = "labbench/slow", 1.0
+    board.connect()
+    proxy.add(Fault(kind="throttle", direction="to_device", bytes_per_s=20_000))
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError, match=r"^rpi4: deploy: upload of \S+ to \S+: not done within 1 s "
+                                          r"\(\d+ of \d+ bytes sent\)"):
+        board.deploy(ROOT / "fixtures" / "models" / "mnist5k_mlp_int8.tflite")
+    assert time.monotonic() - t0 < 2.5
+
+
+@contextmanager
+def bit_flip_proxy(upstream: tuple[str, int], at: int) -> Iterator[int]:
+    """A TCP proxy for one connection that flips the low bit of byte `at` from the board."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    socks: list[socket.socket] = []
+
+    def pump(src: socket.socket, dst: socket.socket, flip: bool) -> None:
+        passed = 0
+        try:
+            while data := src.recv(65536):
+                if flip and passed <= at < passed + len(data):
+                    data = data[:at - passed] + bytes([data[at - passed] ^ 1]) + data[at - passed + 1:]
+                passed += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def serve() -> None:
+        client, _ = listener.accept()
+        server = socket.create_connection(upstream)
+        socks.extend((client, server))
+        threading.Thread(target=pump, args=(client, server, False), daemon=True).start()
+        threading.Thread(target=pump, args=(server, client, True), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        for sock in socks:
+            sock.close()
+
+
+def test_a_byte_changed_on_the_link_is_a_lost_connection_never_a_number(lab, deployed, digits, tmp_path):
+    sim = lab["rpi4"]
+    kind, key = (sim.state_dir / "etc" / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+    with bit_flip_proxy((sim.host, sim.port), at=300_000) as port:
+        known_hosts = tmp_path / "known_hosts"
+        known_hosts.write_text(f"[127.0.0.1]:{port} {kind} {key}\n")
+        board = SshBoard("rpi4", "127.0.0.1", port, sim.user, sim.key, known_hosts, ssh_config=None,
+                         remote_dir="labbench/test lab", log_path=tmp_path / "rpi4-ssh.log")
+        with pytest.raises(RemoteRunError) as err:
+            board.run_timed(digits[0][0], count=5_000_000, warmup=0)
+        board.close()
+    assert type(err.value) is RemoteRunError and "inferences completed: connection lost" in str(err.value)
+    assert 0 < err.value.completed == err.value.partial.count < 5_000_000
+    assert all(lat > 0 for lat in err.value.partial.latencies_us)

@@ -4,8 +4,6 @@ Connection: ~/.ssh/config is honoured for the board's host as `ssh <host>` would
 IdentityFile, ProxyCommand, and UserKnownHostsFile, Port and User where the caller leaves them unset
 (a lab.yaml entry always gives both: port defaults to 22, user to the local account name). Keys come
 from lab.yaml, the config, ~/.ssh/id_* and the agent.
-`command_timeout_s` bounds a remote command's silence: no output for that long ends it (a streamed
-run may last longer, as long as inferences keep coming).
 
 Host keys are verified against `known_hosts` (lab.yaml's, else the config's, else
 ~/.ssh/known_hosts): an unknown or changed key is a RemoteError with its SHA256 fingerprint and the
@@ -17,8 +15,55 @@ Deployment goes to `<home>/<remote_dir>/` on the board (one directory per lab):
 
     runner.py  models/<model file>  datasets/<dataset file>  deployment.json
 
-Results stream back one JSON line per inference (see labbench/remote/runner.py), so a run that
-breaks off raises RemoteRunError carrying the inferences that did complete.
+Stream. The runner (labbench/remote/runner.py has the format) writes one record per line, each
+ending in ` *XXXXXXXX`, the zlib CRC-32 of its JSON text in upper-case hex. No record is believed
+before it passed every check:
+- its tag matches; its fields are exactly those of its type, integers where integers belong;
+- the start record has the runner's PROTOCOL, the deployed model's sha256, the input's sha256 (of
+  dtype, shape and bytes: classify runs exactly the samples sent), the count and warmup asked for,
+  and an output length equal to the model's (read from the .tflite on the host at deploy);
+- inferences are numbered 0, 1, ... without gaps or repeats, exactly `count` of them come before the
+  end record, nothing after it; latencies are positive, and each inference fits between the stamp
+  before it and its own (t_ns - latency_ns >= the previous stamp, for the first the start record's),
+  so stamps are monotonic and a window is at least as long as its inferences;
+- outputs (each classify row, timed's last) are the model's output length of finite numbers;
+- the board's clock agrees with the host's: no stamp lies further after the runner's first stamp
+  than the host time since it sent the command x (1 + clock_tolerance_ppm) + CLOCK_SLACK_S (the
+  board cannot see more time pass than the host); and the host's wall time of the command exceeds the
+  board's by at most `link_overhead_s` (session and interpreter start, line latency, host delays)
+  plus the bytes sent and received at `link_min_bytes_per_s` (a slow link delays the stream).
+A record that fails is a RemoteStreamError; the records that passed before it are its `.partial`.
+SSH's own MAC already turns bytes changed on the link into a dropped connection: these checks catch a
+board, a runtime or a runner that misbehaves.
+
+Host times. Each record's arrival bounds the clocks' offset (arrival - stamp >= the true offset); the
+smallest bound puts a TimedRun's `host_start`/`host_end` (the board's window) on time.monotonic().
+
+Timeouts. The start record is due within `command_timeout_s` of silence (interpreter, model load,
+cold start). After it, each record is due within max(2 x E, E + EXPECTED_SLACK_S) of the last, E
+being the board's time per inference (this run's so far, else the last run's of this deployment,
+else the cold start's inference) x the inferences it covers (the warmup too for the first timed
+one); later silence is a RemoteTimeout carrying the completed inferences. Other commands may be
+silent for `command_timeout_s`. A transfer (an SFTP session, a command's start and its stdin) that
+moves no byte for `transfer_stall_s`, or lasts over `transfer_timeout_s`, is a RemoteError naming
+the file and the bytes sent: the connection is closed under it (a send blocked on a full socket wakes
+no other way) and the next call reconnects.
+
+Stopping. `run_timed` and `classify` take `stop` (a threading.Event): once it is set, the run ends
+within _POLL_S with RunAborted carrying `.partial`. The channel is closed, which ends the runner at
+its next write.
+
+Log. Appended to `log_path` (default `reports/logs/<board>-ssh.log` under the working directory;
+`from_lab(log_dir=...)` puts it elsewhere) with host time.monotonic() stamps: `<time> -> ...` what
+was sent (commands, SFTP puts), `<time> <- b'...'` a stdout line (the first and the last LOG_LINES
+of a command; a long run's lines in between are counted), `<time> <2 b'...'` a stderr line,
+`<time> -- ...` events (connections, exit statuses, errors).
+
+Errors name the board, the command, what was expected and what was seen, and the log:
+RemoteStreamError (a record failed a check), RemoteTimeout (silence past its bound), RemoteRunError
+(their base; also a lost connection or the runner's exit status with its stderr), each with
+`completed`/`expected` and the inferences that passed as `.partial`; RunAborted (`stop`), with
+`.partial`; RemoteError for the rest (connection, host key, transfers).
 """
 
 from __future__ import annotations
@@ -26,38 +71,60 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
 import pwd
 import re
 import shlex
+import threading
 import time
+import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any, Self
+from typing import IO, Any, Self
 
 import numpy as np
 import paramiko
 
 from labbench.capabilities import DutIdentity, TimedRun
-from labbench.errors import RemoteError
+from labbench.errors import HardwareError, RemoteError, RunAborted
+from labbench.modelinfo import ModelInfo
 
 RUNNER = resources.files("labbench.remote") / "runner.py"
+PROTOCOL = int(re.search(r"^PROTOCOL = (\d+)", RUNNER.read_text(), re.MULTILINE)[1])  # the runner's format
 DEPLOYMENT_FILE = "deployment.json"
 KEEPALIVE_S = 10
-_TIMED_LINE = re.compile(rb'\{"type":"inference","i":(\d+),"latency_ns":(\d+)\}')  # runner.timed()'s lines
-_POLL_S = 0.2
+EXPECTED_SLACK_S = 5.0  # a record is due within max(2 x expected, expected + 5 s)
+CLOCK_SLACK_S = 0.001  # float rounding of host and board stamps
+_POLL_S = 0.1  # how often a wait looks at its bound and at `stop`
+LOG_LINES = 1000  # stdout lines logged of each command: the first and the last this many
+_CHUNK = 32768
+_TAG = re.compile(rb"(.*) \*([0-9A-F]{8})", re.DOTALL)
+_TIMED = re.compile(rb'\{"type":"inference","i":(0|[1-9][0-9]*),"t_ns":(0|[1-9][0-9]*),"latency_ns":(0|[1-9][0-9]*)\}')
 
 
 class RemoteRunError(RemoteError):
     """A remote run broke off: `completed` of `expected` inferences came back, kept in `partial`
     (a TimedRun for run_timed, the output rows for classify)."""
 
-    def __init__(self, target: str, action: str, seen: str, completed: int, expected: int, partial: Any):
-        super().__init__(target, action, seen)
+    def __init__(self, target: str, action: str, seen: str, completed: int, expected: int, partial: Any,
+                 log: str | None = None):
+        super().__init__(target, action, seen, log)
         self.completed, self.expected, self.partial = completed, expected, partial
+
+
+class RemoteStreamError(RemoteRunError):
+    """A runner record failed a check: malformed, out of sequence, or at odds with the host's clock."""
+
+
+class RemoteTimeout(RemoteRunError):
+    """The runner fell silent for longer than its bound."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +139,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _array_digest(a: np.ndarray) -> str:
+    """The runner's `input_sha256`: sha256 of the dtype string, the shape and the C-order bytes."""
     a = np.ascontiguousarray(a)
     return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()
 
@@ -82,9 +150,21 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _output_length(model: Path) -> int | None:
+    """Values in the model's output as the host reads the file (.tflite); None for other formats."""
+    if model.suffix != ".tflite":
+        return None
+    return int(np.prod(ModelInfo.from_file(model).outputs[0].shape))
+
+
 def _keyscan_type(key: paramiko.PKey) -> str:
     name = key.get_name()
     return "ecdsa" if name.startswith("ecdsa") else name.removeprefix("ssh-")
+
+
+def _show(data: Any, limit: int = 200) -> str:
+    text = repr(data)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
@@ -95,7 +175,7 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         if not self.trust:
-            raise RemoteError(self.owner.board, f"verify host key of {hostname}", (
+            raise self.owner._error(f"verify host key of {hostname}", (
                 f"unknown host key {key.get_name()} {key.fingerprint} (not in {self.known_hosts}). "
                 f"If that is the board's key, trust it with: {self.owner.keyscan_command(key)} "
                 f"(or set trust_on_first_use: true for this board in lab.yaml)"))
@@ -103,22 +183,97 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
         with open(self.known_hosts, "a") as f:
             f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
         client.get_host_keys().add(hostname, key.get_name(), key)
+        self.owner._event(f"trusted {hostname} {key.get_name()} {key.fingerprint} on first use")
+
+
+class _Watchdog:
+    """Watches a transfer from its own thread: when no byte moved for `stall_s`, or the whole took
+    over `limit_s`, it closes the connection under the transfer (the only way to wake a send blocked
+    on a full socket) and says so in `tripped`."""
+
+    def __init__(self, transport: paramiko.Transport, stall_s: float, limit_s: float, what: str):
+        self.transport, self.stall_s, self.limit_s = transport, stall_s, limit_s
+        self.what, self.done, self.total = what, 0, None
+        self.tripped: str | None = None
+        self._t0 = self._last = time.monotonic()
+        self._over = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="ssh-transfer-watchdog", daemon=True)
+        self._thread.start()
+
+    def task(self, what: str, total: int | None) -> None:
+        self.what, self.done, self.total = what, 0, total
+        self._last = time.monotonic()
+
+    def moved(self, n: int) -> None:
+        if n:
+            self._last = time.monotonic()
+
+    def sent(self, done: int) -> None:
+        self.done = done
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._over.wait(_POLL_S):
+            now = time.monotonic()
+            if now - self._last > self.stall_s:
+                self.tripped = f"no progress for {self.stall_s:g} s"
+            elif now - self._t0 > self.limit_s:
+                self.tripped = f"not done within {self.limit_s:g} s"
+            else:
+                continue
+            self.transport.close()
+            return
+
+    def stop(self) -> None:
+        self._over.set()
+        self._thread.join()
+
+    def describe(self, exc: BaseException) -> str:
+        cause = self.tripped or f"{type(exc).__name__}: {exc}"
+        sent = f" ({self.done} of {self.total} bytes sent)" if self.total is not None else ""
+        return f"{self.what}: {cause}{sent}"
+
+
+class _Counted:
+    """A channel that tells a watchdog each time bytes move (an SFTP session's progress, acks included)."""
+
+    def __init__(self, chan: paramiko.Channel, moved: Callable[[int], None]):
+        self._chan, self._moved = chan, moved
+
+    def recv(self, n: int) -> bytes:
+        data = self._chan.recv(n)
+        self._moved(len(data))
+        return data
+
+    def send(self, data: bytes) -> int:
+        n = self._chan.send(data)
+        self._moved(n)
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._chan, name)
 
 
 class _Stream:
-    """One remote command whose stdout is read line by line as it arrives.
+    """One remote command whose stdout is read line by line as it arrives; its first and last
+    LOG_LINES lines and all of its stderr are logged.
 
-    Iteration stops at end of output or when nothing arrived for `stall_s`; afterwards
-    `exit_status` (None when none came) and `why()` say how it ended.
+    Iteration stops at the end of the output, when `stop` is set, or when nothing arrived for
+    `limit()[0]` seconds (asked again at each wait, so the reader may change it as it learns; [1] says
+    what the bound is); afterwards `exit_status` (None when none came) and `why()` say how it ended.
     """
 
-    def __init__(self, chan: paramiko.Channel, stall_s: float):
-        self.chan, self.stall_s = chan, stall_s
+    def __init__(self, chan: paramiko.Channel, sent_s: float, limit: Callable[[], tuple[float, str]],
+                 log: Callable[[str, list[bytes | str], float], None], stop: threading.Event | None = None):
+        self.chan, self.sent_s, self.limit, self.log, self.stop = chan, sent_s, limit, log, stop
         self.stderr = bytearray()
-        self.stalled = self.lost = False
+        self.stalled: str | None = None  # the bound that ran out
+        self.lost = self.stopped = False
         self.exit_status: int | None = None
-        self.garbage: bytes | None = None  # a line that was not a runner record, if the reader saw one
         self.tail = b""  # output after the last newline (a line still in flight)
+        self._stderr_line = b""
+        self._logged = self._unlogged = 0
+        self._last_lines: deque[tuple[bytes, float]] = deque(maxlen=LOG_LINES)
 
     def __iter__(self) -> Iterator[tuple[bytes, float]]:
         chan, pending = self.chan, b""
@@ -126,13 +281,16 @@ class _Stream:
         last = time.monotonic()
         try:
             while True:
-                while chan.recv_stderr_ready():
-                    self.stderr += chan.recv_stderr(65536)
+                self._read_stderr()
+                if self.stop is not None and self.stop.is_set():
+                    self.stopped = True
+                    break
                 try:
                     data = chan.recv(65536)
                 except TimeoutError:
-                    if time.monotonic() - last > self.stall_s:
-                        self.stalled = True
+                    limit_s, bound = self.limit()
+                    if time.monotonic() - last > limit_s:
+                        self.stalled = bound
                         break
                     continue
                 except (EOFError, OSError, paramiko.SSHException):  # the connection broke under recv
@@ -142,47 +300,259 @@ class _Stream:
                     break
                 last = time.monotonic()
                 *lines, pending = (pending + data).split(b"\n")
+                self._log_lines(lines, last)
                 for line in lines:
                     yield line, last
             self.tail = pending
+            self._log_lines([pending] if pending else [], last)
             self._finish()
         finally:  # also when the reader stops early: the remote command gets EOF/SIGPIPE
             try:
                 chan.close()
             except (EOFError, OSError, paramiko.SSHException):
                 pass  # the connection went first; the channel is gone with it
+            if self._unlogged:
+                self.log("--", [f"{self._unlogged - len(self._last_lines)} lines not logged"], last)
+            for line, t in self._last_lines:
+                self.log("<-", [line], t)
+
+    def _log_lines(self, lines: list[bytes], t: float) -> None:
+        room = LOG_LINES - self._logged
+        if room > 0:
+            self.log("<-", lines[:room], t)
+            self._logged += min(room, len(lines))
+        if len(lines) > room:
+            later = lines[max(room, 0):]
+            self._unlogged += len(later)
+            self._last_lines.extend((line, t) for line in later)
+
+    def _read_stderr(self) -> None:
+        while self.chan.recv_stderr_ready():
+            data = self.chan.recv_stderr(65536)
+            self.stderr += data
+            *lines, self._stderr_line = (self._stderr_line + data).split(b"\n")
+            if lines:
+                self.log("<2", lines, time.monotonic())
 
     def _finish(self) -> None:
-        if not (self.stalled or self.lost) and self.chan.status_event.wait(self.stall_s):
-            while self.chan.recv_stderr_ready():
-                self.stderr += self.chan.recv_stderr(65536)
+        if not (self.stalled or self.lost or self.stopped) and self.chan.status_event.wait(self.limit()[0]):
+            self._read_stderr()
             status = self.chan.exit_status
             self.exit_status = None if status == -1 else status
+        if self._stderr_line:
+            self.log("<2", [self._stderr_line], time.monotonic())
         self.lost = self.lost or not self.chan.get_transport().is_active()
 
     def why(self) -> str:
-        if self.garbage is not None:
-            return f"runner printed {self.garbage[:200]!r}"
         if self.stalled:
-            return f"no output for {self.stall_s:g} s (command timeout)"
+            return self.stalled
         if self.lost or self.exit_status is None:
             return "connection lost"
         tail = self.stderr.decode(errors="replace").strip().splitlines()[-5:]
         return f"exit status {self.exit_status}" + (": " + " | ".join(tail) if tail else "")
 
 
+class _Mismatch(Exception):
+    """A record that is not what the run calls for."""
+
+    def __init__(self, expected: str, seen: str):
+        super().__init__(expected, seen)
+        self.expected, self.seen = expected, seen
+
+
+@dataclass(frozen=True)
+class _Want:
+    """What a run must bring back."""
+
+    mode: str  # "timed" or "classify"
+    count: int
+    warmup: int
+    input_sha256: str
+    model_sha256: str
+    outputs: int | None  # the model's output length as the host read it, if it could
+
+
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "positive": (lambda v: type(v) is int and v > 0, "an integer > 0"),
+    "ms": (lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "text": (lambda v: type(v) is str, "a string"),
+    "list": (lambda v: type(v) is list, "a list"),
+}
+_START = {"protocol": "int", "t0_ns": "int", "t_ns": "int", "count": "int", "warmup": "int", "outputs": "positive",
+          "model_sha256": "text", "input_sha256": "text", "runtime": "text", "runtime_version": "text",
+          "load_ms": "ms", "cold_start_ms": "ms", "first_latency_ns": "positive"}
+_INFERENCE = {"i": "int", "t_ns": "int", "latency_ns": "int"}
+_END = {"count": "int", "t_ns": "int", "peak_rss_kib": "int"}
+_INFO = {"protocol": "int", "hostname": "text", "board_model": "text", "machine": "text", "python": "text",
+         "runtime": "text", "runtime_version": "text", "model_sha256": "text"}
+_OUTPUT = {"output": "list"}
+
+
+def _record(line: bytes, kind: str, fields: dict[str, str], what: str) -> dict[str, Any]:
+    """A tagged line -> its record of type `kind`, after the tag and the fields were checked."""
+    m = _TAG.fullmatch(line)
+    if m is None or zlib.crc32(m[1]) != int(m[2], 16):
+        raise _Mismatch("a record ending in its CRC-32 tag ` *XXXXXXXX`", _show(line))
+    try:
+        record = json.loads(m[1])
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        raise _Mismatch(f"{what} (a JSON object)", _show(m[1]))
+    if record.get("type") != kind:
+        raise _Mismatch(what, f"a {record.get('type')!r} record: {_show(m[1])}")
+    if set(record) != {"type", *fields}:
+        raise _Mismatch(f"{what} with the fields type, {', '.join(fields)}", _show(m[1]))
+    for key, kind_of in fields.items():
+        ok, text = _KINDS[kind_of]
+        if not ok(record[key]):
+            raise _Mismatch(f"{what}: {key} {text}", _show(record[key]))
+    return record
+
+
+def _values(values: list, n: int, what: str) -> None:
+    if len(values) != n:
+        raise _Mismatch(f"{what}: {n} output values (the model's output length)", f"{len(values)} values")
+    for j, v in enumerate(values):
+        if type(v) not in (int, float) or not math.isfinite(v):
+            raise _Mismatch(f"{what}: output {j} a finite number", _show(v))
+
+
+class _Records:
+    """A runner's stream, checked record by record as it arrives (see the module docstring)."""
+
+    def __init__(self, want: _Want, sent_s: float, tolerance: float, overhead_s: float,
+                 min_bytes_per_s: float, prior_s: float | None, bytes_sent: int):
+        self.want, self.sent_s, self.tolerance = want, sent_s, tolerance
+        self.overhead_s, self.min_bytes_per_s, self.prior_s = overhead_s, min_bytes_per_s, prior_s
+        self.start: dict[str, Any] | None = None
+        self.end: dict[str, Any] | None = None
+        self.lines = 0
+        self.bytes = bytes_sent
+        self.t_ns: list[int] = []
+        self.latency_ns: list[int] = []
+        self.outputs: list[list[float]] = []  # classify's rows
+        self.offset_s = math.inf  # least (host arrival - board stamp) seen: the clocks' offset, bounded
+        self._t0_ns = self._prev_ns = 0
+
+    def feed(self, line: bytes, arrived: float) -> None:
+        self.lines += 1
+        self.bytes += len(line) + 1
+        if self.start is not None and self.end is None and self.want.mode == "timed":
+            m = _TAG.fullmatch(line)
+            fast = m and _TIMED.fullmatch(m[1])
+            if fast and zlib.crc32(m[1]) == int(m[2], 16):  # the bulk of a timed run, without the JSON parser
+                self._inference(int(fast[1]), int(fast[2]), int(fast[3]), arrived)
+                return
+        if self.end is not None:
+            raise _Mismatch("nothing after the end record", _show(line))
+        if self.start is None:
+            self._start(_record(line, "start", _START, "the start record"), arrived)
+            return
+        timed, n = self.want.mode == "timed", len(self.t_ns)
+        if n == self.want.count:
+            self._end(_record(line, "end", _END | (_OUTPUT if timed else {}), "the end record"), arrived)
+            return
+        r = _record(line, "inference", _INFERENCE | ({} if timed else _OUTPUT), f"inference {n}")
+        self._inference(r["i"], r["t_ns"], r["latency_ns"], arrived, r.get("output"))
+
+    def _start(self, r: dict[str, Any], arrived: float) -> None:
+        w = self.want
+        wanted = {"protocol": PROTOCOL, "model_sha256": w.model_sha256, "input_sha256": w.input_sha256,
+                  "count": w.count, "warmup": w.warmup} | ({"outputs": w.outputs} if w.outputs else {})
+        for key, value in wanted.items():
+            if r[key] != value:
+                raise _Mismatch(f"the start record: {key} {value!r}", _show(r[key]))
+        if r["t_ns"] < r["t0_ns"]:
+            raise _Mismatch(f"the start record: t_ns >= t0_ns ({r['t0_ns']})", str(r["t_ns"]))
+        self.start, self._t0_ns, self._prev_ns = r, r["t0_ns"], r["t_ns"]
+        self._clock(r["t_ns"] + r["first_latency_ns"], arrived, "the start record's first inference")
+
+    def _inference(self, i: int, t_ns: int, latency_ns: int, arrived: float, output: list | None = None) -> None:
+        n = len(self.t_ns)
+        if n == self.want.count:
+            raise _Mismatch(f"the end record after {n} inferences", f"inference {i}")
+        if i != n:
+            raise _Mismatch(f"inference {n}", f"inference {i} ({'a repeat' if i < n else 'a gap'})")
+        if latency_ns <= 0:
+            raise _Mismatch(f"inference {i}: latency_ns > 0", str(latency_ns))
+        if t_ns - latency_ns < self._prev_ns:
+            raise _Mismatch(f"inference {i} to start at or after the stamp before it ({self._prev_ns} ns)",
+                            f"t_ns {t_ns} - latency_ns {latency_ns} = {t_ns - latency_ns}")
+        self._clock(t_ns, arrived, f"inference {i}")
+        if output is not None:
+            _values(output, self.start["outputs"], f"inference {i}")
+            self.outputs.append(output)
+        self.t_ns.append(t_ns)
+        self.latency_ns.append(latency_ns)
+        self._prev_ns = t_ns
+
+    def _end(self, r: dict[str, Any], arrived: float) -> None:
+        if r["count"] != self.want.count:
+            raise _Mismatch(f"the end record: count {self.want.count}", str(r["count"]))
+        if r["t_ns"] < self._prev_ns:
+            raise _Mismatch(f"the end record: t_ns >= the last inference's ({self._prev_ns})", str(r["t_ns"]))
+        self._clock(r["t_ns"], arrived, "the end record")
+        if "output" in r:
+            _values(r["output"], self.start["outputs"], "the end record")
+        host_s, board_s = arrived - self.sent_s, (r["t_ns"] - self._t0_ns) / 1e9
+        allowed_s = board_s * (1 + self.tolerance) + self.overhead_s + self.bytes / self.min_bytes_per_s
+        if host_s > allowed_s:
+            raise _Mismatch(f"the command to take at most {allowed_s:.3f} s of host time (the board's "
+                            f"{board_s:.3f} s + the link's overhead for {self.bytes} bytes)", f"{host_s:.3f} s")
+        self.end = r
+
+    def _clock(self, t_ns: int, arrived: float, what: str) -> None:
+        """The board cannot see more time pass since its runner started than the host since it sent
+        the command."""
+        board_s, host_s = (t_ns - self._t0_ns) / 1e9, arrived - self.sent_s
+        if board_s > host_s * (1 + self.tolerance) + CLOCK_SLACK_S:
+            raise _Mismatch(f"{what} at most {host_s:.6f} s after the runner's first stamp (the host's "
+                            f"time since it sent the command, x (1 + tolerance) + {CLOCK_SLACK_S:g} s)",
+                            f"{board_s:.6f} s on the board's clock")
+        self.offset_s = min(self.offset_s, arrived - t_ns / 1e9)
+
+    def per_inference_s(self) -> float:
+        """The board's time per inference: this run's so far, else the prior, else the cold start's."""
+        n = len(self.t_ns)
+        if n:
+            done = n + (self.want.warmup + 1 if self.want.mode == "timed" else 0)
+            return (self.t_ns[-1] - self.start["t_ns"]) / 1e9 / done
+        return self.prior_s or self.start["first_latency_ns"] / 1e9
+
+    def due_s(self) -> float | None:
+        """Board seconds the next record should take after the last; None before the start record."""
+        if self.start is None:
+            return None
+        n = len(self.t_ns)
+        if n == self.want.count:
+            return 0.0
+        ahead = 1 + (self.want.warmup if n == 0 and self.want.mode == "timed" else 0)
+        return ahead * self.per_inference_s()
+
+
 class SshBoard:
-    """A Linux board reached over SSH: Deployer and InferenceTarget."""
+    """A Linux board reached over SSH: Deployer and InferenceTarget (see the module docstring)."""
 
     def __init__(self, board: str, host: str, port: int | None = None, user: str | None = None,
                  key: Path | None = None, known_hosts: Path | None = None, trust_on_first_use: bool = False,
                  connect_timeout_s: float = 10.0, command_timeout_s: float = 120.0,
                  power_mode: str | None = None, remote_dir: str = "labbench/default",
                  python: str = "python3", ssh_config: Path | None = Path("~/.ssh/config"),
-                 family: str | None = None):
+                 family: str | None = None, log_path: str | Path | None = None,
+                 transfer_stall_s: float = 15.0, transfer_timeout_s: float = 600.0,
+                 clock_tolerance_ppm: float = 1000.0, link_overhead_s: float = 10.0,
+                 link_min_bytes_per_s: float = 10_000.0):
+        """`clock_tolerance_ppm` bounds how far the board's and the host's clocks may disagree in rate
+        (NTP slews CLOCK_MONOTONIC by up to 500 ppm)."""
         self.board, self.family, self.power_mode = board, family, power_mode
         self.remote_dir, self.python = remote_dir, python
         self.connect_timeout_s, self.command_timeout_s = connect_timeout_s, command_timeout_s
+        self.transfer_stall_s, self.transfer_timeout_s = transfer_stall_s, transfer_timeout_s
+        self.clock_tolerance = clock_tolerance_ppm * 1e-6
+        self.link_overhead_s, self.link_min_bytes_per_s = link_overhead_s, link_min_bytes_per_s
+        self.log_path = Path(log_path or Path("reports") / "logs" / f"{board}-ssh.log").resolve()
         config = self._ssh_config(host, ssh_config)
         self.host = config.get("hostname", host)
         self.port = int(port or config.get("port", 22))
@@ -194,17 +564,23 @@ class SshBoard:
         self.trust_on_first_use = trust_on_first_use
         self.proxy_command = config.get("proxycommand")
         self._client: paramiko.SSHClient | None = None
+        self._log: IO[str] | None = None
         self._home: str | None = None
         self._deployment: dict[str, Any] | None = None
         self._datasets: dict[str, tuple[str, str]] = {}
+        self._per_inference_s: dict[str, float] = {}  # by mode, from the last complete run of this deployment
 
     @classmethod
-    def from_lab(cls, entry: Any, family: Any = None, *, lab: str = "default") -> SshBoard:
-        """From a lab.yaml board entry (`entry.ssh`, `entry.power_mode`); files go to ~/labbench/<lab>/."""
+    def from_lab(cls, entry: Any, family: Any = None, *, lab: str = "default",
+                 log_dir: str | Path | None = None) -> SshBoard:
+        """From a lab.yaml board entry (`entry.ssh`, `entry.power_mode`); files go to ~/labbench/<lab>/
+        on the board, the log to `log_dir`/<board>-ssh.log (default reports/logs/)."""
         s = entry.ssh
+        log_path = Path(log_dir) / f"{entry.name}-ssh.log" if log_dir is not None else None
         return cls(entry.name, s.host, s.port, s.user, s.key, s.known_hosts, s.trust_on_first_use,
                    s.connect_timeout_s, s.command_timeout_s, power_mode=entry.power_mode,
-                   remote_dir=posixpath.join("labbench", lab), family=getattr(family, "name", entry.family))
+                   remote_dir=posixpath.join("labbench", lab), family=getattr(family, "name", entry.family),
+                   log_path=log_path)
 
     def __repr__(self) -> str:
         return f"SshBoard({self.board!r}, {self.user}@{self.host}:{self.port})"
@@ -219,6 +595,35 @@ class SshBoard:
         return (f"ssh-keyscan -p {self.port} -t {_keyscan_type(key)} {shlex.quote(self.host)} "
                 f">> {shlex.quote(str(self.known_hosts))}")
 
+    # ------------------------------------------------------------------ log and errors
+
+    def _logfile(self) -> IO[str]:
+        if self._log is None:
+            try:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                self._log = open(self.log_path, "a")  # noqa: SIM115 (kept open until close())
+            except OSError as exc:
+                raise RemoteError(self.board, f"open log {self.log_path}", str(exc)) from None
+            self._log.write(f"{time.monotonic():.6f} -- log opened; host time {datetime.now().isoformat()}\n")
+        return self._log
+
+    def _event(self, what: str, mark: str = "--") -> None:
+        self._logfile().write(f"{time.monotonic():.6f} {mark} {what}\n")
+
+    def _lines(self, mark: str, lines: list[bytes | str], t: float) -> None:
+        """Lines that came back (bytes, logged as their repr) or notes about them (str), arrived at `t`."""
+        self._logfile().write("".join(f"{t:.6f} {mark} {line!r}\n" if isinstance(line, bytes)
+                                      else f"{t:.6f} {mark} {line}\n" for line in lines))
+
+    def _fail(self, exc: HardwareError) -> HardwareError:
+        """`exc` (which names the log), logged."""
+        self._event(f"error: {exc.action}: {exc.seen}")
+        self._logfile().flush()
+        return exc
+
+    def _error(self, action: str, seen: str) -> RemoteError:
+        return self._fail(RemoteError(self.board, action, seen, log=str(self.log_path)))
+
     # ------------------------------------------------------------------ connection
 
     def connect(self) -> paramiko.SSHClient:
@@ -226,12 +631,13 @@ class SshBoard:
         transport = self._client.get_transport() if self._client is not None else None
         if transport is not None and transport.is_active():
             return self._client
-        self.close()
+        self._drop()
+        where = f"connect to {self.user}@{self.host}:{self.port}"
+        self._event(where)
         client = paramiko.SSHClient()
         if self.known_hosts.exists():
             client.load_host_keys(str(self.known_hosts))
         client.set_missing_host_key_policy(_HostKeyPolicy(self, self.known_hosts, self.trust_on_first_use))
-        where = f"connect to {self.user}@{self.host}:{self.port}"
         t = self.connect_timeout_s
         try:
             client.connect(self.host, self.port, self.user, key_filename=self.keys or None, timeout=t,
@@ -240,7 +646,7 @@ class SshBoard:
         except paramiko.BadHostKeyException as exc:
             client.close()
             known = f"[{self.host}]:{self.port}" if self.port != 22 else self.host
-            raise RemoteError(self.board, where, (
+            raise self._error(where, (
                 f"HOST KEY CHANGED: {self.known_hosts} has {exc.expected_key.get_name()} "
                 f"{exc.expected_key.fingerprint}, the board offered "
                 f"{exc.key.get_name()} {exc.key.fingerprint}. "
@@ -252,15 +658,16 @@ class SshBoard:
             raise
         except paramiko.AuthenticationException as exc:
             client.close()
-            raise RemoteError(self.board, where, f"{exc} ({self._credentials()})") from None
+            raise self._error(where, f"{exc} ({self._credentials()})") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             client.close()
             seen = f"{type(exc).__name__}: {exc}"
             if "authentication methods" in str(exc):
                 seen += f" ({self._credentials()})"
-            raise RemoteError(self.board, where, seen) from None
+            raise self._error(where, seen) from None
         client.get_transport().set_keepalive(KEEPALIVE_S)
         self._client = client
+        self._event("connected")
         return client
 
     def _credentials(self) -> str:
@@ -268,10 +675,18 @@ class SshBoard:
         agent = "the agent at $SSH_AUTH_SOCK" if os.environ.get("SSH_AUTH_SOCK") else "no agent (unset)"
         return f"keys tried: {keys}, ~/.ssh/id_*; {agent}"
 
-    def close(self) -> None:
+    def _drop(self) -> None:
+        """Close the connection (the next call reconnects)."""
         if self._client is not None:
             self._client.close()
             self._client = None
+            self._event("connection closed")
+
+    def close(self) -> None:
+        self._drop()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def __enter__(self) -> Self:
         self.connect()
@@ -288,28 +703,49 @@ class SshBoard:
 
         try:
             return open_session()
-        except (paramiko.SSHException, OSError, EOFError):
-            self.close()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self._event(f"session refused ({type(exc).__name__}: {exc}); reconnecting")
+            self._drop()
         try:
             return open_session()
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            seen = f"cannot open a session: {type(exc).__name__}: {exc}"
-            raise RemoteError(self.board, action, seen) from None
+            raise self._error(action, f"cannot open a session: {type(exc).__name__}: {exc}") from None
 
-    def _open(self, command: str, stdin: bytes | None, action: str) -> _Stream:
-        chan = self._channel(action)
+    @contextmanager
+    def _guard(self, action: str, chan: paramiko.Channel, what: str) -> Iterator[_Watchdog]:
+        """A transfer on `chan`'s connection under a watchdog: a stall, an overrun or a broken link is a
+        RemoteError naming what was moving and the bytes sent. A missing remote file is the caller's."""
+        dog = _Watchdog(chan.get_transport(), self.transfer_stall_s, self.transfer_timeout_s, what)
         try:
+            yield dog
+        except (EOFError, OSError, paramiko.SSHException) as exc:
+            if dog.tripped is None and isinstance(exc, FileNotFoundError):
+                raise
+            raise self._error(action, dog.describe(exc)) from None
+        finally:
+            dog.stop()
+
+    def _open(self, command: str, stdin: bytes | None, action: str, stop: threading.Event | None = None,
+              limit: Callable[[], tuple[float, str]] | None = None) -> _Stream:
+        """Start `command`, send it `stdin` (then EOF), and return its output stream."""
+        chan = self._channel(action)
+        self._event(command + (f"  < {len(stdin)} bytes" if stdin is not None else ""), "->")
+        sent_s = time.monotonic()
+        with self._guard(action, chan, f"start {command!r}") as dog:
             chan.exec_command(command)
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise RemoteError(self.board, action, f"cannot start {command!r}: {type(exc).__name__}: {exc}") \
-                from None
-        if stdin is not None:
-            try:
-                chan.sendall(stdin)
-                chan.shutdown_write()
-            except OSError:
-                pass  # the command ended before reading its input; its exit status says why
-        return _Stream(chan, self.command_timeout_s)
+            if stdin is not None:
+                dog.task("its input", len(stdin))
+                try:
+                    for pos in range(0, len(stdin), _CHUNK):
+                        chan.sendall(stdin[pos:pos + _CHUNK])
+                        dog.sent(min(pos + _CHUNK, len(stdin)))
+                    chan.shutdown_write()
+                except OSError:
+                    if dog.tripped:
+                        raise
+                    # else the command ended before reading its input; its exit status says why
+        default = (self.command_timeout_s, f"no output for {self.command_timeout_s:g} s (command timeout)")
+        return _Stream(chan, sent_s, limit or (lambda: default), self._lines, stop)
 
     def execute(self, argv: list[str], stdin: bytes | None = None) -> CommandResult:
         """Run one command (arguments quoted, never interpreted by the remote shell)."""
@@ -319,7 +755,9 @@ class SshBoard:
         stream = self._open(command, stdin, action)
         out = b"".join(line + b"\n" for line, _ in stream) + stream.tail
         if stream.exit_status is None:
-            raise RemoteError(self.board, action, stream.why())
+            raise self._error(action, stream.why())
+        self._event(f"exit status {stream.exit_status}")
+        self._logfile().flush()
         return CommandResult(stream.exit_status, out, bytes(stream.stderr))
 
     # ------------------------------------------------------------------ deploy
@@ -328,7 +766,7 @@ class SshBoard:
     def home(self) -> str:
         """The login directory on the board (where SFTP starts)."""
         if self._home is None:
-            with self._sftp("find home") as sftp:
+            with self._sftp("find home") as (sftp, _):
                 self._home = sftp.normalize(".")
         return self._home
 
@@ -336,13 +774,16 @@ class SshBoard:
     def lab_dir(self) -> str:
         return posixpath.join(self.home, self.remote_dir)
 
-    def _sftp(self, action: str) -> paramiko.SFTPClient:
+    @contextmanager
+    def _sftp(self, action: str) -> Iterator[tuple[paramiko.SFTPClient, _Watchdog]]:
+        """An SFTP session under a watchdog (see `_guard`)."""
         chan = self._channel(action)
-        try:
+        self._event(f"sftp session ({action})", "->")
+        with self._guard(action, chan, "SFTP session") as dog:
             chan.invoke_subsystem("sftp")
-            return paramiko.SFTPClient(chan)
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise RemoteError(self.board, action, f"SFTP: {type(exc).__name__}: {exc}") from None
+            with paramiko.SFTPClient(_Counted(chan, dog.moved)) as sftp:
+                yield sftp, dog
+        self._logfile().flush()
 
     def remote_sha256(self, paths: list[str]) -> list[str | None]:
         """sha256 of each remote file (None where it is missing), in one round trip."""
@@ -351,7 +792,7 @@ class SshBoard:
                              "hash deployed files")
         digests = [line.split()[0].decode() for line in result.stdout.splitlines() if line.strip()]
         if result.exit_status != 0 or len(digests) != len(paths):
-            raise RemoteError(self.board, "hash deployed files", f"sha256sum gave {result.stdout!r} "
+            raise self._error("hash deployed files", f"sha256sum gave {result.stdout!r} "
                               f"{result.stderr.decode(errors='replace').strip()}")
         return [None if d == "-" else d for d in digests]
 
@@ -367,32 +808,34 @@ class SshBoard:
         wanted = {role: sha256_file(p) for role, p in local.items()}
         present = dict(zip(remote, self.remote_sha256(list(remote.values()))))
         files: dict[str, dict[str, Any]] = {}
-        with self._sftp("deploy") as sftp:
+        with self._sftp("deploy") as (sftp, dog):
             for role, path in local.items():
                 skipped = present[role] == wanted[role]
                 if not skipped:
-                    self._upload(sftp, path, remote[role])
+                    self._upload(sftp, dog, path, remote[role])
                 files[role] = {"local": str(path), "remote": remote[role], "sha256": wanted[role],
                                "bytes": path.stat().st_size, "skipped": skipped}
             record = {"board": self.board, "host": f"{self.user}@{self.host}:{self.port}",
-                      "dir": self.lab_dir, "model": Path(model).stem, "files": files,
-                      "skipped": all(f["skipped"] for f in files.values()),
+                      "dir": self.lab_dir, "model": Path(model).stem, "outputs": _output_length(Path(model)),
+                      "files": files, "skipped": all(f["skipped"] for f in files.values()),
                       "deployed_at": time.time(), "seconds": round(time.monotonic() - t0, 3)}
+            dog.task(f"write of {DEPLOYMENT_FILE}", None)
             with sftp.open(posixpath.join(self.lab_dir, DEPLOYMENT_FILE), "w") as f:
                 f.write(json.dumps(record, indent=1))
         self._deployment = record
         self._datasets = self._dataset_arrays(local.get("dataset"), remote.get("dataset"))
+        self._per_inference_s = {}
         return record
 
-    def _upload(self, sftp: paramiko.SFTPClient, path: Path, remote: str) -> None:
+    def _upload(self, sftp: paramiko.SFTPClient, dog: _Watchdog, path: Path, remote: str) -> None:
         """Write beside the target, then rename over it, so a broken upload never looks deployed."""
         self._mkdirs(sftp, posixpath.dirname(remote))
-        part = remote + ".part"
-        try:
-            sftp.put(str(path), part)
-            sftp.posix_rename(part, remote)
-        except (OSError, paramiko.SSHException) as exc:
-            raise RemoteError(self.board, f"deploy {path.name}", f"SFTP upload to {remote}: {exc}") from None
+        part, size = remote + ".part", path.stat().st_size
+        self._event(f"sftp put {path} -> {part} ({size} bytes)", "->")
+        dog.task(f"upload of {path.name} to {remote}", size)
+        sftp.put(str(path), part, callback=lambda done, _: dog.sent(done))
+        sftp.posix_rename(part, remote)
+        self._event(f"uploaded {remote}")
 
     @staticmethod
     def _mkdirs(sftp: paramiko.SFTPClient, path: str) -> None:
@@ -417,11 +860,11 @@ class SshBoard:
         """What was last deployed (read back from the board when this process has not deployed)."""
         if self._deployment is None:
             try:
-                with self._sftp("read deployment") as sftp, sftp.open(
+                with self._sftp("read deployment") as (sftp, _), sftp.open(
                         posixpath.join(self.lab_dir, DEPLOYMENT_FILE)) as f:
                     self._deployment = json.loads(f.read())
             except FileNotFoundError:
-                raise RemoteError(self.board, "find deployed model",
+                raise self._error("find deployed model",
                                   f"nothing deployed in {self.lab_dir}; deploy a model first") from None
             self._datasets = {}
         return self._deployment
@@ -436,9 +879,14 @@ class SshBoard:
         argv = self._runner_argv("info")
         result = self.execute(argv)
         if result.exit_status != 0:
-            raise RemoteError(self.board, "identify", f"runner exit status {result.exit_status}: "
+            raise self._error("identify", f"runner exit status {result.exit_status}: "
                               f"{result.stderr.decode(errors='replace').strip()[-500:]}")
-        info = json.loads(result.stdout.splitlines()[-1])
+        try:
+            info = _record(result.stdout.rstrip(b"\n").rpartition(b"\n")[2], "info", _INFO, "the info record")
+            if info["protocol"] != PROTOCOL:
+                raise _Mismatch(f"the info record: protocol {PROTOCOL}", str(info["protocol"]))
+        except _Mismatch as m:
+            raise self._error("identify", f"expected {m.expected}, saw {m.seen}") from None
         return DutIdentity(name=info["hostname"], model=self.deployment()["model"],
                            model_sha256=info["model_sha256"], firmware=f"runner protocol {info['protocol']}",
                            extra={k: info[k] for k in ("board_model", "machine", "python", "runtime",
@@ -453,56 +901,90 @@ class SshBoard:
                 "cold_start_ms": start.get("cold_start_ms"), "load_ms": start.get("load_ms"),
                 "peak_rss_kib": end.get("peak_rss_kib")}
 
-    def _run(self, action: str, argv: list[str], stdin: bytes | None, expected: int,
-             build: Callable[[dict | None, list[tuple[dict, float]], dict | None], Any]) -> Any:
-        """Run the runner, collecting its lines as they come; anything short of a complete run is a
-        RemoteRunError carrying `build(start, rows, None)` for the inferences that completed."""
-        start = end = None
-        rows: list[tuple[dict, float]] = []
-        stream = self._open(shlex.join(argv), stdin, action)
-        for line, t in stream:
-            timed = _TIMED_LINE.fullmatch(line)
-            if timed:  # the bulk of a timed run: read without the JSON parser, which costs 5x more
-                rows.append(({"i": int(timed[1]), "latency_ns": int(timed[2])}, t))
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                stream.garbage = line
-                break
-            kind = record.get("type")
-            if kind == "inference":
-                rows.append((record, t))
-            elif kind == "start":
-                start = record
-            elif kind == "end":
-                end = record
-        if end is None or stream.garbage is not None or stream.exit_status != 0 or len(rows) != expected:
-            raise RemoteRunError(self.board, action, (
-                f"broke off after {len(rows)} of {expected} inferences completed: {stream.why()}"),
-                completed=len(rows), expected=expected, partial=build(start, rows, None))
-        return build(start, rows, end)
+    def _want(self, mode: str, count: int, warmup: int, inputs: np.ndarray) -> _Want:
+        deployed = self.deployment()
+        return _Want(mode, count, warmup, _array_digest(inputs), deployed["files"]["model"]["sha256"],
+                     deployed.get("outputs"))
 
-    def run_timed(self, sample: np.ndarray, count: int, warmup: int, *,
-                  per_inference: bool = False) -> TimedRun:
+    def _bound(self, records: _Records) -> tuple[float, str]:
+        """How long the runner may be silent now, and what that bound is (see Timeouts)."""
+        due = records.due_s()
+        if due is None:
+            return self.command_timeout_s, f"no start record within {self.command_timeout_s:g} s (command timeout)"
+        limit = max(2 * due, due + EXPECTED_SLACK_S)
+        return limit, (f"no record for {limit:.3g} s (the next was due {due:.3g} s after the last; "
+                       f"bound max(2 x due, due + {EXPECTED_SLACK_S:g} s))")
+
+    def _run(self, action: str, argv: list[str], stdin: bytes | None, want: _Want,
+             stop: threading.Event | None, build: Callable[[_Records], Any]) -> Any:
+        """Run the runner, checking its records as they come; anything short of a complete, consistent
+        run is an error carrying `build(records)` of the inferences that passed."""
+        if stop is not None and stop.is_set():
+            raise self._fail(RunAborted(self.board, action, "stopped before it was sent", str(self.log_path)))
+        stream = self._open(shlex.join(argv), stdin, action, stop)
+        records = _Records(want, stream.sent_s, self.clock_tolerance, self.link_overhead_s,
+                           self.link_min_bytes_per_s, self._per_inference_s.get(want.mode), len(stdin or b""))
+        stream.limit = lambda: self._bound(records)
+        mismatch = None
+        lines = iter(stream)
+        try:
+            for line, t in lines:
+                records.feed(line, t)
+        except _Mismatch as exc:
+            mismatch = exc
+        finally:
+            lines.close()
+        n, partial = len(records.t_ns), build(records)
+        if stream.stopped:
+            aborted = RunAborted(self.board, action, f"stopped from outside after {n} of {want.count} inferences",
+                                 str(self.log_path))
+            aborted.partial = partial
+            raise self._fail(aborted)
+        if mismatch is not None:
+            cls, why = RemoteStreamError, f"line {records.lines}: expected {mismatch.expected}, saw {mismatch.seen}"
+        elif stream.stalled:
+            cls, why = RemoteTimeout, stream.stalled
+        elif stream.lost or stream.exit_status != 0:
+            cls, why = RemoteRunError, stream.why()
+        elif stream.tail:
+            cls, why = RemoteStreamError, f"line {records.lines + 1}: expected a whole line, saw {_show(stream.tail)}"
+        elif records.end is None:
+            cls, why = RemoteStreamError, f"expected the end record, saw the end of the output (line {records.lines})"
+        else:
+            self._per_inference_s[want.mode] = records.per_inference_s()
+            self._event("exit status 0")
+            self._logfile().flush()
+            return partial
+        raise self._fail(cls(self.board, action, f"broke off after {n} of {want.count} inferences completed: {why}",
+                             completed=n, expected=want.count, partial=partial, log=str(self.log_path)))
+
+    def run_timed(self, sample: np.ndarray, count: int, warmup: int, *, per_inference: bool = False,
+                  stop: threading.Event | None = None) -> TimedRun:
         """`count` back-to-back inferences of `sample` after `warmup`, each timed on the board
-        (so `per_inference` changes nothing here)."""
+        (so `per_inference` changes nothing here). `stop` ends the run early (RunAborted)."""
         if count < 1 or warmup < 0:
             raise ValueError(f"count must be >= 1 and warmup >= 0, got {count}, {warmup}")
+        sample = np.asarray(sample)
 
-        def build(start: dict | None, rows: list[tuple[dict, float]], end: dict | None) -> TimedRun:
-            latencies_us = tuple(r["latency_ns"] / 1000 for r, _ in rows)
-            host_start = rows[0][1] - latencies_us[0] / 1e6 if rows else time.monotonic()
-            host_end = rows[-1][1] if rows else host_start
+        def build(records: _Records) -> TimedRun:
+            latencies_us = tuple(lat / 1000 for lat in records.latency_ns)
+            if records.t_ns:  # the board's window, on the host's clock
+                host_start = (records.t_ns[0] - records.latency_ns[0]) / 1e9 + records.offset_s
+                host_end = records.t_ns[-1] / 1e9 + records.offset_s
+            else:
+                host_start = host_end = time.monotonic()
+            end = records.end
             outputs = np.asarray(end["output"], dtype=np.float32) if end else None
             return TimedRun(latencies_us, host_start, host_end, outputs,
-                            extra=self._extras(start, end) | {"warmup": warmup})
+                            extra=self._extras(records.start, end) | {"warmup": warmup})
 
         argv = self._runner_argv("timed", "--count", str(count), "--warmup", str(warmup))
-        return self._run(f"run {count} timed inferences", argv, _npy(sample), count, build)
+        return self._run(f"run {count} timed inferences", argv, _npy(sample),
+                         self._want("timed", count, warmup, sample), stop, build)
 
-    def classify(self, samples: np.ndarray) -> np.ndarray:
-        """One row of float32 scores per sample; samples the board already holds are not sent again."""
+    def classify(self, samples: np.ndarray, *, stop: threading.Event | None = None) -> np.ndarray:
+        """One row of float32 scores per sample; samples the board already holds are not sent again.
+        `stop` ends the run early (RunAborted)."""
         samples = np.asarray(samples)
         if len(samples) == 0:
             raise ValueError("classify needs at least one sample")
@@ -511,8 +993,8 @@ class SshBoard:
         extra = ["--dataset", held[0], "--key", held[1]] if held else []
         argv = self._runner_argv("classify", *extra)
 
-        def build(start: dict | None, rows: list[tuple[dict, float]], end: dict | None) -> np.ndarray:
-            return np.asarray([r["output"] for r, _ in rows], dtype=np.float32)
+        def build(records: _Records) -> np.ndarray:
+            return np.asarray(records.outputs, dtype=np.float32)
 
         return self._run(f"classify {len(samples)} samples", argv, None if held else _npy(samples),
-                         len(samples), build)
+                         self._want("classify", len(samples), 0, samples), stop, build)

@@ -1,4 +1,4 @@
-"""Runs a model on a Linux board and streams what happened, one JSON line per inference.
+"""Runs a model on a Linux board and streams what happened, one record per line.
 
 Shipped to the board by the SSH driver and run there with the board's own python3; it needs only
 the standard library, numpy and one inference runtime (ai-edge-litert or tflite-runtime for .tflite,
@@ -8,11 +8,24 @@ onnxruntime for .onnx), and it never imports labbench.
     python3 runner.py timed MODEL --count N --warmup W  < sample.npy
     python3 runner.py classify MODEL [--dataset FILE.npz --key x_test]  (else samples.npy on stdin)
 
-Output lines (stdout, flushed one by one so a broken connection loses only what was in flight):
+Output (stdout, written straight to the file descriptor record by record, so a broken connection
+loses only what was in flight). Every line is `<JSON> *XXXXXXXX`: XXXXXXXX is the CRC-32
+(zlib.crc32) of the JSON text, in upper-case hex, as in the MCU firmware's reply CRC. Stamps (`*_ns`)
+are the board's time.perf_counter_ns() (CLOCK_MONOTONIC):
 
-    {"type": "start", "runtime", "runtime_version", "load_ms", "cold_start_ms", "model_sha256", ...}
-    {"type": "inference", "i": 0, "latency_ns": 5120, "output": [...]}    (output: classify only)
-    {"type": "end", "count": N, "peak_rss_kib": ..., "output": [...]}    (output: timed only)
+    {"type":"start","protocol":2,"t0_ns":...,"t_ns":...,"count":N,"warmup":W,"outputs":K,
+     "model_sha256":...,"input_sha256":...,"runtime":...,"runtime_version":...,
+     "load_ms":...,"cold_start_ms":...,"first_latency_ns":...}
+    {"type":"inference","i":0,"t_ns":...,"latency_ns":5120}           (timed)
+    {"type":"inference","i":0,"t_ns":...,"latency_ns":5120,"output":[K values]}   (classify)
+    {"type":"end","count":N,"t_ns":...,"peak_rss_kib":...,"output":[K values]}   (output: timed only)
+
+`t0_ns` is the runner's first stamp, `t_ns` of the start record when the model was loaded (before its
+first inference), of an inference when it ended, of the end record when it was written. `count` is
+the inferences asked for (timed) or the samples received (classify); `input_sha256` is the sha256 of
+the input array's dtype string, shape and bytes (`f"{dtype.str}{shape}"` + C-order bytes);
+`outputs` the length of the model's output. classify's inference 0 is the cold start's inference.
+`info` prints one `{"type":"info",...}` record, tagged the same way.
 
 Float inputs are quantized with the model's own input scale and zero point; outputs are
 dequantized with its output scale and zero point, so every runtime returns float32 scores.
@@ -29,23 +42,27 @@ import platform
 import resource
 import sys
 import time
+import zlib
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-PROTOCOL = 1  # bumped when the command line or the line format changes
+T0_NS = time.perf_counter_ns()  # the runner's first stamp
+PROTOCOL = 2  # bumped when the command line or the line format changes
 _out = sys.stdout.fileno()  # main() gives records their own copy of stdout
 
 
-def emit_line(line: bytes) -> None:
-    """One record, written straight to the file descriptor: nothing is buffered on the board."""
+def emit_line(body: bytes) -> None:
+    """One record and its CRC-32 tag, written straight to the file descriptor: nothing is buffered on
+    the board."""
+    line = b"%s *%08X\n" % (body, zlib.crc32(body))
     while line:
         line = line[os.write(_out, line):]
 
 
 def emit(record: dict) -> None:
-    emit_line(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+    emit_line(json.dumps(record, separators=(",", ":")).encode())
 
 
 def own_stdout() -> None:
@@ -158,21 +175,29 @@ def board_model() -> str:
     return platform.machine()
 
 
-def cold_start(path: str, first: np.ndarray):
-    """Load the model and run its first inference; the start record says how long each took."""
+def input_sha256(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a)
+    return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()
+
+
+def cold_start(path: str, inputs: np.ndarray, first: np.ndarray, count: int, warmup: int):
+    """Load the model and run its first inference (on `first`); the start record says how long each took.
+    Returns the model, when that inference ended and how long it took."""
     t0 = time.perf_counter_ns()
     model = load(path)
     t1 = time.perf_counter_ns()
     model.invoke(prepare(model, first))
     t2 = time.perf_counter_ns()
-    emit({"type": "start", "protocol": PROTOCOL, "runtime": model.runtime,
-          "runtime_version": model.runtime_version, "model_sha256": sha256(path),
-          "load_ms": (t1 - t0) / 1e6, "cold_start_ms": (t2 - t0) / 1e6, "first_latency_ns": t2 - t1})
-    return model, t2 - t1
+    emit({"type": "start", "protocol": PROTOCOL, "t0_ns": T0_NS, "t_ns": t1, "count": count, "warmup": warmup,
+          "outputs": len(scores(model, model.output())), "model_sha256": sha256(path),
+          "input_sha256": input_sha256(inputs), "runtime": model.runtime,
+          "runtime_version": model.runtime_version, "load_ms": (t1 - t0) / 1e6,
+          "cold_start_ms": (t2 - t0) / 1e6, "first_latency_ns": t2 - t1})
+    return model, t2, t2 - t1
 
 
 def timed(path: str, sample: np.ndarray, count: int, warmup: int) -> None:
-    model, _ = cold_start(path, sample)
+    model, _, _ = cold_start(path, sample, sample, count, warmup)
     x = prepare(model, sample)
     for _ in range(warmup):
         model.invoke(x)
@@ -180,21 +205,23 @@ def timed(path: str, sample: np.ndarray, count: int, warmup: int) -> None:
         t0 = time.perf_counter_ns()
         model.invoke(x)
         t1 = time.perf_counter_ns()
-        emit_line(b'{"type":"inference","i":%d,"latency_ns":%d}\n' % (i, t1 - t0))  # json.dumps costs more
-    emit({"type": "end", "count": count, "peak_rss_kib": peak_rss_kib(),
+        emit_line(b'{"type":"inference","i":%d,"t_ns":%d,"latency_ns":%d}' % (i, t1, t1 - t0))  # json costs more
+    emit({"type": "end", "count": count, "t_ns": time.perf_counter_ns(), "peak_rss_kib": peak_rss_kib(),
           "output": scores(model, model.output())})
 
 
 def classify(path: str, samples: np.ndarray) -> None:
-    model, first_ns = cold_start(path, samples[0])
-    emit({"type": "inference", "i": 0, "latency_ns": first_ns, "output": scores(model, model.output())})
+    model, first_end_ns, first_ns = cold_start(path, samples, samples[0], len(samples), 0)
+    emit({"type": "inference", "i": 0, "t_ns": first_end_ns, "latency_ns": first_ns,
+          "output": scores(model, model.output())})
     for i in range(1, len(samples)):
         x = prepare(model, samples[i])
         t0 = time.perf_counter_ns()
         model.invoke(x)
         t1 = time.perf_counter_ns()
-        emit({"type": "inference", "i": i, "latency_ns": t1 - t0, "output": scores(model, model.output())})
-    emit({"type": "end", "count": len(samples), "peak_rss_kib": peak_rss_kib()})
+        emit({"type": "inference", "i": i, "t_ns": t1, "latency_ns": t1 - t0,
+              "output": scores(model, model.output())})
+    emit({"type": "end", "count": len(samples), "t_ns": time.perf_counter_ns(), "peak_rss_kib": peak_rss_kib()})
 
 
 def info(path: str) -> None:
