@@ -204,9 +204,9 @@ def collect(journals: Iterable[str | Path], since: dt.datetime | None = None
             ) -> tuple[dict[Key, Measurement], list[str], list[str]]:
     """The latest measurement per (board, model), notes, and problems making the data incomplete.
 
-    A torn record (an interrupted run) and a journal that is missing or unreadable are problems;
-    records before an unreadable line are kept. `since` keeps only measurements taken at or after it.
-    Partial records are left out, with a note each.
+    A skipped line (torn or invalid: `file:line: skipped: why`) and a journal that is missing or
+    unreadable are problems; the other records are kept. `since` keeps only measurements taken at or
+    after it. Partial records are left out, with a note each.
     """
     found: list[Measurement] = []
     problems: list[str] = []
@@ -215,13 +215,12 @@ def collect(journals: Iterable[str | Path], since: dt.datetime | None = None
             problems.append(f"{path}: no such journal")
             continue
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            warnings.simplefilter("always", results.JournalWarning)
             try:
                 found.extend(results.read(path))
-            except ValueError as exc:
-                problems.append(f"{path}: unreadable record, later records not read "
-                                f"({str(exc).splitlines()[0]})")
-        problems += [str(w.message) for w in caught]
+            except OSError as exc:
+                problems.append(f"{path}: unreadable: {exc.strerror or exc}")
+        problems += [str(w.message) for w in caught if issubclass(w.category, results.JournalWarning)]
     if since is not None:
         found = [m for m in found if _time(m) >= since]
     notes = [f"{m.board}/{m.model}: partial record {m.id[:12]} ({m.time_utc}) not judged: {m.error}"

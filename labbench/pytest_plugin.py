@@ -10,10 +10,17 @@ ERROR (JUnit `<error>`); only a budget verdict (`recorder.record`) fails a test.
 a bounded recovery (`--retries N`: reset or reconnect, then the step again), each attempt journalled
 and reported; a board that still fails (or whose lock is held) is quarantined: its later tests are
 skipped with the reason, while the other boards' tests go on.
+
+Before any board is touched, pre-flight (labbench.preflight; `--no-preflight` skips it) checks that
+the journal, `--html` and `--junitxml` paths can be written and that the boards and their instruments
+answer, and stops the session in seconds listing every problem. A record the journal cannot take
+(a full disk, an I/O error) is kept in the test's JUnit properties and HTML report, and the test is
+an ERROR at teardown naming the journal.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,12 +32,15 @@ from labbench.board import Board
 from labbench.capabilities import CAPABILITIES
 from labbench.errors import LabConfigError, UsageError
 from labbench.measure.record import Measurement
-from labbench.results import Journal
+from labbench.results import Journal, JournalError
 
 _LAB = pytest.StashKey[inventory.Lab]()
 _SELECTED = pytest.StashKey[list[str]]()
 _STARTED_SIM = pytest.StashKey[bool]()
 _RECOVERY = pytest.StashKey["Recovery"]()
+_PREFLIGHT = pytest.StashKey[list]()  # the pre-flight Results that passed
+_UNJOURNALED = pytest.StashKey[list[JournalError]]()  # an item's records the journal refused
+_UNJOURNALED_RUN = pytest.StashKey[list[str]]()  # the session's, for the terminal summary
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,8 +55,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--retries", type=int, default=1, metavar="N",
                     help="after an infrastructure error, reset or reconnect the board and retry the step up "
                          "to N times; a board that still fails is quarantined for the rest of the run (default 1)")
+    group.addoption("--no-preflight", action="store_true",
+                    help="skip the pre-flight checks made before any board is touched (output paths "
+                         "writable with free space, boards reachable, instruments answering *IDN?)")
 
 
+@pytest.hookimpl(tryfirst=True)  # pre-flight on the outputs before pytest-html writes its assets
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "requires(*capabilities): skip boards lacking any of "
                             f"the capabilities ({', '.join(CAPABILITIES)})")
@@ -67,6 +81,12 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"--board {missing[0]}: no such board in {lab.path} (boards: {', '.join(lab.boards)})")
     config.stash[_SELECTED] = selected
+    if _preflight_wanted(config):
+        outputs = [("journal", Path(config.getoption("journal")))]
+        for what, option in (("--html", "htmlpath"), ("--junitxml", "xmlpath")):
+            if value := config.getoption(option, None):
+                outputs.append((what, Path(os.path.expandvars(value)).expanduser()))
+        _preflight(config, outputs, [])
 
 
 def _load_lab(config: pytest.Config) -> inventory.Lab:
@@ -89,22 +109,55 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Bring the simulated lab up when a selected board is simulated and it is not up yet."""
+    """Bring the simulated lab up when a selected board is simulated and it is not up yet, then run
+    pre-flight."""
     config = session.config
     if not config.stash.get(_SELECTED, None):
         return
     lab = config.stash[_LAB]
-    if not any(lab.boards[n].simulated for n in config.stash[_SELECTED]):
-        return
-    from labbench.sim import lab as simlab
+    if any(lab.boards[n].simulated for n in config.stash[_SELECTED]):
+        from labbench.sim import lab as simlab
 
-    config.stash[_STARTED_SIM] = simlab.status(lab) is None
-    if config.stash[_STARTED_SIM]:
-        simlab.up(lab)
+        config.stash[_STARTED_SIM] = simlab.status(lab) is None
+        if config.stash[_STARTED_SIM]:
+            simlab.up(lab)
+    if _preflight_wanted(config):
+        _preflight(config, [], config.stash[_SELECTED])
+
+
+def _preflight_wanted(config: pytest.Config) -> bool:
+    return bool(config.stash.get(_SELECTED, None)) and not (
+        config.getoption("no_preflight") or config.option.collectonly)
+
+
+def _preflight(config: pytest.Config, outputs: list[tuple[str, Path]], boards: list[str]) -> None:
+    """labbench.preflight on output paths (at configure) or boards (at session start, once the simulated
+    lab is up); a UsageError listing every problem."""
+    from labbench import preflight
+
+    result = preflight.check(outputs, config.stash[_LAB], boards)
+    if result.problems:
+        _sim_down(config)  # the session ends here: pytest_sessionfinish will not run
+        raise pytest.UsageError(
+            f"labbench pre-flight found {len(result.problems)} problem(s) in {result.seconds:.1f} s, before "
+            "any board was flashed or measured (--no-preflight skips the checks):\n"
+            + "\n".join(f"  {p}" for p in result.problems))
+    config.stash.setdefault(_PREFLIGHT, []).append(result)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if not (results := config.stash.get(_PREFLIGHT, None)):
+        return None
+    seconds, passed = sum(r.seconds for r in results), "; ".join(p for r in results for p in r.passed)
+    return f"labbench pre-flight passed in {seconds:.1f} s: {passed}"
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    config = session.config
+    _sim_down(session.config)
+
+
+def _sim_down(config: pytest.Config) -> None:
+    """Stop the simulated lab if this session started it."""
     if config.stash.get(_STARTED_SIM, False):
         from labbench.sim import lab as simlab
 
@@ -217,22 +270,20 @@ class Recovery:
 
         reason = f"board {board} quarantined after {type(exc).__name__}: {exc} at {node.nodeid}"
         self.quarantined[board] = reason
-        self._journal(Event(kind="quarantine", test=node.nodeid, board=board, step=step,
-                            error=f"{type(exc).__name__}: {exc}"))
+        error = f"{type(exc).__name__}: {exc}"
+        journal_record(node, Journal(self.journal_path),
+             Event(kind="quarantine", test=node.nodeid, board=board, step=step, error=error))
         node.user_properties.append(("quarantined", reason))
         add_report_html(node, extras.quarantine_html(reason))
 
     def _attempt(self, node: pytest.Item, event: Any) -> None:
         from labbench.report import extras
 
-        self._journal(event)
+        journal_record(node, Journal(self.journal_path), event)
         outcome = event.error or "passed"
         node.user_properties.append((f"attempt.{event.step}.{event.attempt}",
                                      outcome + (f"; then {event.recovery}" if event.recovery else "")))
         add_report_html(node, extras.attempt_html(event))
-
-    def _journal(self, record: Any) -> None:
-        Journal(self.journal_path).append(record)
 
     def _keep_partial(self, node: pytest.Item, exc: Exception) -> None:
         """Journal and report what the failed step measured before the fault; it is never judged."""
@@ -241,7 +292,7 @@ class Recovery:
         m = exc.partial
         if isinstance(m, Measurement):
             m = m.model_copy(update={"test": node.nodeid})
-            self._journal(m)
+            journal_record(node, Journal(self.journal_path), m)
             add_report_html(node, extras.measurement_table(m))
 
 
@@ -275,6 +326,11 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_sep("=", "labbench: quarantined boards", red=True)
         for reason in recovery.quarantined.values():
             terminalreporter.write_line(reason)
+    if unjournaled := config.stash.get(_UNJOURNALED_RUN, None):
+        terminalreporter.write_sep("=", "labbench: records NOT journaled (kept in the JUnit property "
+                                        "'unjournaled' and the HTML report)", red=True)
+        for line in unjournaled:
+            terminalreporter.write_line(line)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -323,8 +379,8 @@ class Recorder:
         if m.status != "valid":
             raise UsageError(f"{m.board} / {m.model}: a partial record (cut short by {m.error}) is never judged")
         m = m.model_copy(update={"test": self.request.node.nodeid})
-        self.journal.append(m)  # first, so no verdict or report failure can lose it
         node = self.request.node
+        journal_record(node, self.journal, m)  # first, so no verdict or report failure can lose it
         for key in ("board", "model"):
             node.user_properties.append((key, getattr(m, key)))
         for key, value in m.provenance.model_dump().items():
@@ -353,6 +409,36 @@ def add_report_html(node: pytest.Item, html: str) -> None:
     node.stash.setdefault(_EXTRAS, []).append(html)
 
 
+def journal_record(node: pytest.Item, journal: Journal, record: Any) -> None:
+    """Journal `record` for `node`'s test. When the journal cannot take it, the record is kept whole in
+    the test's JUnit property `unjournaled` and its HTML report, and the test is an ERROR at teardown
+    (pytest_runtest_teardown); the test itself goes on."""
+    import html
+
+    from labbench.results import dumps
+
+    try:
+        journal.append(record)
+    except JournalError as exc:
+        node.stash.setdefault(_UNJOURNALED, []).append(exc)
+        node.config.stash.setdefault(_UNJOURNALED_RUN, []).append(f"{node.nodeid}: {exc}")
+        line = dumps(record)
+        node.user_properties.append(("unjournaled", line))
+        add_report_html(node, f"<p style='color:#c33'><b>not journaled</b>: {html.escape(str(exc))}; the "
+                              "record is kept here and in the JUnit property <code>unjournaled</code>:</p>"
+                              f"<details><summary>record</summary><pre>{html.escape(line)}</pre></details>")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """A test whose records the journal refused is an ERROR, after its fixtures are torn down."""
+    result = yield
+    if errors := item.stash.get(_UNJOURNALED, None):
+        raise JournalError(errors[0].path, errors[0].what, f"{len(errors)} record(s) of this test not "
+                           "journaled, each kept in the JUnit property 'unjournaled' and the HTML report")
+    return result
+
+
 @pytest.fixture(scope="session")
 def journal(pytestconfig: pytest.Config) -> Journal:
     return Journal(pytestconfig.getoption("journal"))
@@ -367,7 +453,6 @@ def recorder(request: pytest.FixtureRequest, journal: Journal) -> Recorder:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     from labbench.errors import BoardBusy, LabbenchError
-
     from labbench.redact import redact_value
 
     report = yield

@@ -148,7 +148,7 @@ def test_hil_suite_quarantines_a_dead_board_recovers_a_meter_and_keeps_the_parti
         """))
     journal, xml = tmp_path / "journal.jsonl", tmp_path / "junit.xml"
     cmd = [sys.executable, "-m", "pytest", str(REPO / "tests_hil"), "--lab", str(lab), "--board", "dead",
-           "--board", "live", "--journal", str(journal), "--junitxml", str(xml), "-rs", *QUICK,
+           "--board", "live", "--journal", str(journal), "--junitxml", str(xml), "-rs", "--no-preflight", *QUICK,
            "-k", "identify or digits_mlp_int8 and not aggressive or power"]
     t0 = time.monotonic()
     try:

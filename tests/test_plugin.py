@@ -15,7 +15,9 @@ pytest_plugins = ["pytester"]
 
 MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "models" / "digits_mlp_int8.tflite"
 
-# Hardware boards (no sim: blocks), so selecting them starts nothing; nothing here connects to them.
+# Hardware boards (no sim: blocks), so selecting them starts nothing; nothing here connects to them
+# (runs that select them skip pre-flight, which would find them unreachable). Fault tests skip it too:
+# they check what happens when a board fails mid-run, after pre-flight.
 LAB = textwrap.dedent("""\
     lab: {name: plugin-test}
     instruments:
@@ -69,7 +71,7 @@ def test_unknown_board_is_a_usage_error_listing_boards(lab_dir):
 
 
 def test_board_fixture_ids_and_requires(lab_dir):
-    result = lab_dir.runpytest("--board", "all", "-v", "-rs")
+    result = lab_dir.runpytest("--no-preflight", "--board", "all", "-v", "-rs")
     result.assert_outcomes(passed=4, skipped=2)
     result.stdout.fnmatch_lines_random([
         "*test_named?esp32? PASSED*", "*test_named?pi? PASSED*",
@@ -106,7 +108,7 @@ def test_busy_board_errors_once_then_its_tests_skip_while_the_other_board_runs(l
     from labbench.board import Board
 
     with Board(inventory.load(lab_dir.path / "lab.yaml"), "esp32"):
-        result = lab_dir.runpytest("--board", "esp32", "--board", "pi", "--journal", "j.jsonl", "-rs")
+        result = lab_dir.runpytest("--no-preflight", "--board", "esp32", "--board", "pi", "--journal", "j.jsonl", "-rs")
     result.assert_outcomes(passed=2, skipped=3, errors=1)
     result.stdout.fnmatch_lines_random([
         "*ERROR at setup of test_named?esp32?*", "*BoardBusy: esp32: acquire: /dev/ttyUSB7 is held by pid * (board esp32 of *lab.yaml) since *",
@@ -186,7 +188,7 @@ def test_fault_is_a_junit_error_and_quarantines_its_board_while_the_next_board_r
                                                                                    tmp_path):
     monkeypatch.setenv("LABBENCH_LOCK_DIR", str(tmp_path / "locks"))
     fault_lab(pytester, {"dead": sims["dead"].url, "good": sims["good"].url})
-    result = pytester.runpytest("--board", "dead", "--board", "good", "--journal", "j.jsonl",
+    result = pytester.runpytest("--no-preflight", "--board", "dead", "--board", "good", "--journal", "j.jsonl",
                                 "--junitxml", "junit.xml", "-rs")
     result.assert_outcomes(passed=2, failed=1, skipped=2, errors=1)
     cases = junit(pytester.path / "junit.xml")
@@ -218,7 +220,7 @@ def test_a_dropped_connection_is_recovered_by_a_reset_and_the_step_retried(pytes
     proxy = FlakyProxy(target, cut=b"profile%")
     try:
         fault_lab(pytester, {"flaky": f"rfc2217://127.0.0.1:{proxy.port}"})
-        result = pytester.runpytest("--board", "flaky", "--journal", "j.jsonl", "--junitxml", "junit.xml",
+        result = pytester.runpytest("--no-preflight", "--board", "flaky", "--journal", "j.jsonl", "--junitxml", "junit.xml",
                                     "-k", "identify or model")
     finally:
         proxy.close()
@@ -240,7 +242,7 @@ def test_without_retries_the_dropped_connection_quarantines(pytester, sims, monk
     proxy = FlakyProxy((sims["flaky"].uart.host, sims["flaky"].uart.port), cut=b"profile%")
     try:
         fault_lab(pytester, {"flaky": f"rfc2217://127.0.0.1:{proxy.port}"})
-        result = pytester.runpytest("--board", "flaky", "--retries", "0", "-k", "identify or model", "-rs")
+        result = pytester.runpytest("--no-preflight", "--board", "flaky", "--retries", "0", "-k", "identify or model", "-rs")
     finally:
         proxy.close()
     result.assert_outcomes(errors=1, skipped=1)

@@ -41,7 +41,7 @@ def test_journal_round_trip_and_torn_line(tmp_path):
     journal.append(measurement(model="digits_mlp_fp32", config="fp32", p50=2.0))
     with open(journal.path, "a") as f:  # a run killed mid-write leaves half a record
         f.write('{"schema_version": 1, "board": "esp')
-    with pytest.warns(UserWarning, match="incomplete last record"):
+    with pytest.warns(results.JournalWarning, match=rf"^{journal.path}:3: skipped: incomplete last record"):
         df = results.load(journal.path)
     assert list(df["model"]) == ["digits_mlp_int8", "digits_mlp_fp32"]
     assert df["latency.p50_ms"].iloc[1] == pytest.approx(2.0, rel=0.02)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import base64
 import html
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
 from labbench import results
-from labbench.measure.record import Event
+from labbench.measure.record import Event, Measurement
 from labbench.report import plots
 
 COLUMNS = {
@@ -71,10 +72,17 @@ def _faults(events: list[Event]) -> str:
 
 def build(journals: Iterable[str | Path], out: str | Path = "reports/index.html") -> Path:
     """The HTML report: per board, the latest valid measurement of each model, then its partial
-    records (marked, never judged) and its infrastructure faults (attempts, quarantines)."""
+    records (marked, never judged) and its infrastructure faults (attempts, quarantines). Damaged
+    journal lines are skipped with a warning each, and listed at the top."""
     journals = list(journals)
-    df = results.load(journals, include_partial=True)
-    events = results.events(journals)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", results.JournalWarning)
+        records = list(results.records(journals))
+    for w in caught:  # shown to the caller as well as in the report
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    skipped = [str(w.message) for w in caught if issubclass(w.category, results.JournalWarning)]
+    df = results.frame(r for r in records if isinstance(r, Measurement))
+    events = [r for r in records if isinstance(r, Event)]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>labbench results</title>",
@@ -82,6 +90,11 @@ def build(journals: Iterable[str | Path], out: str | Path = "reports/index.html"
               "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#eee}"
               ".partial{color:#c33}</style>"),
              "</head><body><h1>labbench results</h1>"]
+    if skipped:
+        parts.append(f"<p class='partial'>{len(skipped)} damaged journal lines skipped "
+                     "(<code>labbench journal check</code> lists them, <code>labbench journal repair</code> "
+                     "removes them):</p><ul class='partial'>"
+                     + "".join(f"<li>{html.escape(s)}</li>" for s in skipped) + "</ul>")
     if df.empty and not events:
         parts.append("<p>No measurements in the journals.</p>")
     else:
