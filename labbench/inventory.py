@@ -1,8 +1,14 @@
 """The lab inventory: `lab.yaml` -> a typed, validated `Lab`.
 
-Validation is strict: unknown keys, wrong types and dangling references (a power link to a missing
-instrument, a family with no devices/ file, two boards on one port, an unknown driver) are errors
-formatted `lab.yaml:LINE: key.path: message`, with a did-you-mean where a close name exists.
+Validation is strict: unknown keys, wrong types, values out of range and dangling references (a
+power link to a missing instrument, a family with no devices/ file, two boards on one port or one
+instrument channel, an unknown driver) are errors formatted `lab.yaml:LINE: key.path: message`, with
+a did-you-mean where a close name exists. Names of boards and instruments are identifiers (NAME);
+addresses are parsed (pyserial URLs, VISA resource strings, host names, ports 1..65535); SSH user
+names are account names (USER_NAME); budget limits have the sign and range of their metric; a `sim:`
+block is checked against its simulator's settings, and a path in it stays inside the lab's directory
+unless it is absolute. `load(..., check_files=True)` (the front doors: `labbench`, pytest) also
+checks that the files the lab names exist here: real boards' SSH keys, simulated models.
 `${VAR}` and `${VAR:-default}` in any string are taken from the environment (see yamlsource); an
 unset variable without a default is an error naming it.
 Relative paths are resolved against the directory of lab.yaml.
@@ -11,25 +17,58 @@ Relative paths are resolved against the directory of lab.yaml.
 from __future__ import annotations
 
 import hashlib
+import inspect
+import ipaddress
 import os
 import pwd
 import re
+import string
+import typing
 from functools import cached_property
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from labbench.errors import LabConfigError, UsageError
 from labbench.sim.faults import Fault
 from labbench.sim.faults import check as check_fault
-from labbench.yamlsource import Source, unknown
+from labbench.yamlsource import Source, shown, unknown
 
 DRIVER_GROUP = "labbench.drivers"
 INSTRUMENT_GROUP = "labbench.instruments"
 
-_SERIAL_URL = re.compile(r"^(/dev/\S+|COM\d+|(rfc2217|socket|loop|spy|alt|hwgrep|cp2110)://\S*)$")
+#: a board or instrument name: it becomes part of file names, pytest ids, logs and tables
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+#: a lab name: the lab's directory on SSH boards is named after it
+LAB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: an account name as useradd takes it: nothing in it means anything to a shell, passwd or sshd_config
+USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
+#: an SSH host may also be an ssh_config alias (underscores) or an IPv6 address
+_SSH_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}")
+_DEVICE = re.compile(r"/dev/[A-Za-z0-9_.:+@/-]+")
+_QUERY = r"(\?[A-Za-z0-9_=&.-]*)?"
+_VISA_FORMS = ("TCPIP::host::port::SOCKET, TCPIP::host::INSTR, ASRL/dev/ttyS0::INSTR, GPIB0::12::INSTR "
+               "or USB0::0x0957::0x1798::SERIAL::INSTR")
+_VISA = [re.compile(p, re.IGNORECASE) for p in (
+    r"TCPIP\d*::(?P<host>[^:]+)(::[A-Za-z0-9_,.]+)?(::INSTR)?",
+    rf"ASRL(\d+|{_DEVICE.pattern}|COM\d+)::INSTR",
+    r"GPIB\d*::\d{1,2}(::\d{1,3})?(::INSTR)?",
+    r"USB\d*::(0x[0-9A-F]{1,4}|\d{1,5})::(0x[0-9A-F]{1,4}|\d{1,5})::[A-Za-z0-9_.-]+(::\d+)?(::(INSTR|RAW))?",
+)]
+FLASH_PLACEHOLDERS = ("image", "port", "baud", "board")
 
 
 def registered(group: str) -> dict[str, Any]:
@@ -37,31 +76,147 @@ def registered(group: str) -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=group)}
 
 
+def host_problem(host: str, ssh: bool = False) -> str | None:
+    """What is wrong with `host` as a host name or IPv4 address (for SSH also an alias or IPv6), or None."""
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+            return None
+        except ValueError:
+            return f"{shown(host)} is not an IPv4 address"
+    if ssh and ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+            return None
+        except ValueError:
+            return f"{shown(host)} is not an IPv6 address"
+    if (_SSH_HOST if ssh else _HOSTNAME).fullmatch(host):
+        return None
+    return f"{shown(host)} is not a host name or address"
+
+
+def port_problem(port: str) -> str | None:
+    if not port.isdigit():
+        return f"port {shown(port)} is not a number"
+    if len(port) > 5 or not 1 <= int(port) <= 65535:
+        return f"port {port if len(port) <= 5 else port[:5] + '...'} is out of range 1..65535"
+    return None
+
+
+def serial_problem(url: str) -> str | None:
+    """What is wrong with `url` as a serial device or pyserial URL, or None."""
+    m = re.fullmatch(rf"(rfc2217|socket)://(\[[^]]*\]|[^:/?#[\]]*)(?::([^/?#]*))?{_QUERY}", url)
+    if m:
+        scheme, host, port = m.group(1), m.group(2), m.group(3)
+        if port is None:
+            return f'{shown(url)} has no port: expected {scheme}://{host or "host"}:PORT'
+        if not host:
+            return f"{shown(url)} has no host: expected {scheme}://HOST:{port}"
+        if host.startswith("["):  # an IPv6 address, bracketed as in any URL
+            if ":" not in host:
+                return f"{shown(host)} is not an IPv6 address"
+            return host_problem(host[1:-1], ssh=True) or port_problem(port)
+        return host_problem(host) or port_problem(port)
+    if (_DEVICE.fullmatch(url) and ".." not in url.split("/")) or re.fullmatch(r"COM[1-9][0-9]{0,2}", url):
+        return None
+    if re.fullmatch(rf"loop://{_QUERY}|(spy|alt|hwgrep|cp2110)://[A-Za-z0-9_.:/?=&+@-]+", url):
+        return None
+    hint = ""
+    m = re.fullmatch(r"([A-Za-z0-9.-]+):(\d+)", url)
+    if m and ("." in m.group(1) or m.group(1) == "localhost"):
+        hint = f'; did you mean "rfc2217://{url}"?'
+    return ('expected a serial device or pyserial URL (rfc2217://host:port, socket://host:port), '
+            f"got {shown(url)}{hint}")
+
+
+def visa_problem(resource: str) -> str | None:
+    """What is wrong with `resource` as a VISA resource string, or None."""
+    parts = resource.split("::")
+    if re.fullmatch(r"TCPIP\d*", parts[0], re.IGNORECASE) and parts[-1].upper() == "SOCKET":
+        if len(parts) != 4:
+            return f"expected TCPIP::host::port::SOCKET, got {shown(resource)}"
+        return host_problem(parts[1]) or port_problem(parts[2])
+    for form in _VISA:
+        m = form.fullmatch(resource)
+        if m and ".." not in resource.split("/"):
+            return host_problem(m.group("host")) if "host" in form.groupindex else None
+    hint = ""
+    if m := re.fullmatch(r"([A-Za-z0-9.-]+):(\d+)", resource):
+        hint = f'; did you mean "TCPIP::{m.group(1)}::{m.group(2)}::SOCKET"?'
+    elif _DEVICE.fullmatch(resource):
+        hint = f'; did you mean "ASRL{resource}::INSTR"?'
+    return f"expected a VISA resource string ({_VISA_FORMS}), got {shown(resource)}{hint}"
+
+
+def _checked(problem: Any) -> Any:
+    """A pydantic validator from a function returning what is wrong with a value (or None)."""
+
+    def validate(value: Any) -> Any:
+        message = problem(value)
+        if message:
+            raise ValueError(message)
+        return value
+
+    return AfterValidator(validate)
+
+
+def _matching(pattern: str, what: str) -> Any:
+    """A pydantic validator: the value must match `pattern` (as a whole), described as `what`."""
+
+    def problem(value: str) -> str | None:
+        return None if re.fullmatch(pattern, value) else f"expected {what}, got {shown(value)}"
+
+    return _checked(problem)
+
+
+def _user_problem(user: str) -> str | None:
+    if USER_NAME.fullmatch(user):
+        return None
+    return (f"{shown(user)} is not a valid user name: a letter or _, then letters, digits, ., _ or - "
+            "(at most 32)")
+
+
+def _placeholder_problem(arg: str) -> str | None:
+    """What is wrong with the `{...}` placeholders of a flash command argument, or None."""
+    known = ", ".join(f"{{{p}}}" for p in FLASH_PLACEHOLDERS)
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(arg) if f is not None]
+    except ValueError as exc:
+        return f"{exc} (write {{{{ and }}}} for a literal brace)"
+    for field, spec, conv in fields:
+        if field not in FLASH_PLACEHOLDERS or spec or conv:
+            placeholder = shown("{" + field + "}")
+            return f"unknown placeholder {placeholder} (known: {known}; {{{{ and }}}} for a literal brace)"
+    return None
+
+
+def name_problem(kind: str, name: Any) -> str | None:
+    """What is wrong with `name` as the name of a board or instrument, or None."""
+    if isinstance(name, str) and NAME.fullmatch(name):
+        return None
+    fixed = re.sub(r"[^A-Za-z0-9_-]+", "_", str(name)).strip("_-")[:64]
+    hint = f'; did you mean "{fixed}"?' if NAME.fullmatch(fixed) else ""
+    return f"a {kind} name is a letter, then up to 63 letters, digits, _ or -{hint}"
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SerialConn(_Strict):
     """A serial link given as a pyserial URL (a device path, rfc2217://, socket://)."""
 
-    url: str
+    url: Annotated[str, _checked(serial_problem)]
     baud: int = Field(115200, gt=0)
     timeout_s: float = Field(5.0, gt=0)
-
-    @field_validator("url")
-    @classmethod
-    def _pyserial_url(cls, url: str) -> str:
-        if not _SERIAL_URL.match(url):
-            raise ValueError(f'expected a serial device or pyserial URL (rfc2217://host:port, socket://host:port), got "{url}"')
-        return url
 
 
 class SshConn(_Strict):
     """An SSH link; without `user:` the user is the local account name, as ssh uses."""
 
-    host: str
+    host: Annotated[str, _checked(lambda host: host_problem(host, ssh=True))]
     port: int = Field(22, gt=0, lt=65536)
-    user: str
+    user: Annotated[str, _checked(_user_problem)]
     key: Path | None = None
     known_hosts: Path | None = None
     trust_on_first_use: bool = False
@@ -81,9 +236,12 @@ class SshConn(_Strict):
 
 
 class FlashSettings(_Strict):
+    """How a board is flashed; `command` is a list of arguments (no shell) with FLASH_PLACEHOLDERS."""
+
     tool: str
     baud: int | None = Field(None, gt=0)
-    command: list[str] | None = None
+    command: list[Annotated[str, Field(min_length=1), _checked(_placeholder_problem)]] | None = Field(
+        None, min_length=1)
     timeout_s: float = Field(120.0, gt=0)
 
 
@@ -96,7 +254,8 @@ class PowerLink(_Strict):
 
 class SimBlock(BaseModel):
     """A `sim:` block: the simulator's settings, passed on as they are, and the faults it injects
-    (labbench.sim.faults; which kinds apply is checked against the entry's link)."""
+    (labbench.sim.faults; which kinds apply is checked against the entry's link). Which settings a
+    simulator takes is checked by `load` (McuSim, LinuxSim, SIM_SETTINGS)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -105,6 +264,63 @@ class SimBlock(BaseModel):
     @property
     def settings(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class _SimSettings(_Strict):
+    """The keywords a simulator takes from lab.yaml (tests/test_lab_hostile.py keeps them in step)."""
+
+    faults: list[Any] = []  # validated by SimBlock
+
+
+class McuSim(_SimSettings):
+    """Settings of a simulated MCU board (labbench.sim.mcu.SimMcuBoard)."""
+
+    model: str | None = Field(None, min_length=1)  # the .tflite it boots with (relative: to lab.yaml's dir)
+    baud: int = Field(None, gt=0)
+    speed_factor: float = Field(None, gt=0)
+    vendor: Annotated[str, _matching(r"[A-Za-z0-9 _.-]{1,32}", "up to 32 letters, digits, spaces, _, . or -")
+                      ] = None  # what the DUT names itself
+    rx_fifo_bytes: int = Field(None, gt=0)
+    tx_buffer_bytes: int = Field(None, gt=0)
+    timer_start_us: int = Field(None, ge=0)
+    strap_delay_s: float = Field(None, ge=0)
+    reply_crc: bool = None
+    boot_ms: float = Field(None, ge=0)
+    model_init_ms: float = Field(None, ge=0)
+
+
+class LinuxSim(_SimSettings):
+    """Settings of a simulated Linux board (labbench.sim.linux.SimLinuxBoard)."""
+
+    python: Annotated[str, _matching(r"/.+", "an absolute path")] = None  # the interpreter of its python3
+    sample_period_s: float = Field(None, gt=0)
+
+
+class Pm1000Sim(_SimSettings):
+    """Settings of a simulated PM1000+ (labbench.sim.pm1000.Pm1000Sim and the Pm1000Model it runs)."""
+
+    terminator: Literal["\n", "\r\n", "\r"] = None
+    ack_tcp: bool = None
+    ack_serial: bool = None
+    use_pty: bool = None
+    seed: int | str = None
+    idn: Annotated[str, _matching(r"[ -~]{1,100}", "up to 100 printable ASCII characters")] = None
+    update_period_s: float = Field(None, gt=0)
+    number_format: Annotated[str, _matching(r"%[-+ 0#]?\d{0,2}(\.\d{1,2})?[eEfFgG]",
+                                            "a printf number format such as %.4E")] = None
+    voltage_ranges_v: tuple[Annotated[float, Field(gt=0)], ...] = Field(None, min_length=1)
+    current_ranges_a: tuple[Annotated[float, Field(gt=0)], ...] = Field(None, min_length=1)
+    auto_zero_interval_s: float = Field(None, gt=0)
+    accuracy: Literal["spec", "ideal"] = None
+    noise_pct_of_range: float = Field(None, ge=0)
+    ndv_latency_s: float = Field(None, ge=0)
+    ndv_jitter_s: float = Field(None, ge=0)
+    downrange_after: int = Field(None, ge=1)
+    downrange_fraction: float = Field(None, gt=0, le=1)
+
+
+#: instrument kind -> the settings of its simulator
+SIM_SETTINGS: dict[str, type[_SimSettings]] = {"pm1000": Pm1000Sim}
 
 
 #: a field filled from the entry's key in lab.yaml, not written in the entry itself
@@ -123,7 +339,7 @@ class BoardEntry(_Strict):
     sim: SimBlock | None = None
 
     @model_validator(mode="after")
-    def _one_link(self) -> "BoardEntry":
+    def _one_link(self) -> BoardEntry:
         if (self.serial is None) == (self.ssh is None):
             raise ValueError("a board needs exactly one of serial: or ssh:")
         return self
@@ -136,7 +352,7 @@ class BoardEntry(_Strict):
 class InstrumentEntry(_Strict):
     name: str = _from_key()
     kind: str
-    resource: str
+    resource: Annotated[str, _checked(visa_problem)]
     settings: dict[str, Any] = {}
     sim: SimBlock | None = None
 
@@ -150,13 +366,50 @@ class Limit(_Strict):
 
     max: float | None = None
     min: float | None = None
-    marginal_pct: float = Field(0.0, ge=0)
+    marginal_pct: float = Field(0.0, ge=0, le=100)
 
     @model_validator(mode="after")
-    def _one_bound(self) -> "Limit":
+    def _one_bound(self) -> Limit:
         if (self.max is None) == (self.min is None):
             raise ValueError("a limit needs exactly one of max: or min:")
         return self
+
+
+class Ceiling(Limit):
+    """A limit a measurement must stay under (latency, energy, sizes): `max:`, greater than 0."""
+
+    @field_validator("max")
+    @classmethod
+    def _positive(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"must be greater than 0, got {value:g}")
+        return value
+
+    @field_validator("min")
+    @classmethod
+    def _no_floor(cls, value: float | None) -> float | None:
+        if value is not None:
+            raise ValueError("this metric is a ceiling: give max:, not min:")
+        return value
+
+
+class Floor(Limit):
+    """The accuracy a model must reach: `min:`, a fraction in 0..1."""
+
+    @field_validator("min")
+    @classmethod
+    def _fraction(cls, value: float | None) -> float | None:
+        if value is not None and not 0 <= value <= 1:
+            hint = f"; did you mean {value / 100:g}?" if 1 < value <= 100 else ""
+            raise ValueError(f"accuracy is a fraction in 0..1, got {value:g}{hint}")
+        return value
+
+    @field_validator("max")
+    @classmethod
+    def _no_ceiling(cls, value: float | None) -> float | None:
+        if value is not None:
+            raise ValueError("accuracy is a floor: give min:, not max:")
+        return value
 
 
 #: budget metric -> unit and direction; accuracy is a floor, everything else a ceiling
@@ -169,16 +422,16 @@ METRICS: dict[str, tuple[str, Literal["max", "min"]]] = {
 
 
 class ModelBudget(_Strict):
-    latency_p50_ms: Limit | None = None
-    latency_p90_ms: Limit | None = None
-    latency_p99_ms: Limit | None = None
-    latency_mean_ms: Limit | None = None
-    cold_start_ms: Limit | None = None
-    energy_mj: Limit | None = None
-    accuracy: Limit | None = None
-    flash_kib: Limit | None = None
-    arena_kib: Limit | None = None
-    peak_rss_mib: Limit | None = None
+    latency_p50_ms: Ceiling | None = None
+    latency_p90_ms: Ceiling | None = None
+    latency_p99_ms: Ceiling | None = None
+    latency_mean_ms: Ceiling | None = None
+    cold_start_ms: Ceiling | None = None
+    energy_mj: Ceiling | None = None
+    accuracy: Floor | None = None
+    flash_kib: Ceiling | None = None
+    arena_kib: Ceiling | None = None
+    peak_rss_mib: Ceiling | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -194,7 +447,9 @@ class ModelBudget(_Strict):
 
 
 class LabInfo(_Strict):
-    name: str
+    name: Annotated[str, _checked(lambda name: None if LAB_NAME.fullmatch(name) else (
+        "a lab name is a letter or digit, then up to 63 letters, digits, ., _ or - "
+        "(it names the lab's directory on SSH boards)"))]
     devices: Path | None = None
 
 
@@ -251,25 +506,45 @@ class Lab(BaseModel):
         return None
 
 
-def load(path: str | Path = "lab.yaml") -> Lab:
-    """Read and validate a lab.yaml; raises LabConfigError with every problem found, one per line."""
+_SECTIONS = {"instruments": "instrument", "boards": "board"}
+
+
+def load(path: str | Path = "lab.yaml", *, check_files: bool = False) -> Lab:
+    """Read and validate a lab.yaml; raises LabConfigError with every problem found, one per line.
+    With `check_files`, the files the lab names must also exist (see the module docstring)."""
     path = Path(path).resolve()
     src = Source.load(path)
     raw: _LabFile = src.validate(_LabFile)
-    named = {section: {name: {**(entry if isinstance(entry, dict) else {}), "name": name}
-                       for name, entry in getattr(raw, section).items()}
-             for section in ("instruments", "boards")}
-    bad = [src.where((s, n), "expected a mapping") for s in named for n, e in getattr(raw, s).items()
-           if not isinstance(e, dict)]
-    if bad:
-        raise LabConfigError("\n".join(bad))
-    entries: _Named = src.validate(_Named, named)
-    devices_dir = _devices_dir(path.parent, raw.lab.devices)
-    boards = {n: _resolved(b, path.parent) for n, b in entries.boards.items()}
-    problems = _cross_check(src, boards, entries.instruments, raw.budgets, devices_dir)
+    problems = []
+    for section, kind in _SECTIONS.items():
+        for name, entry in getattr(raw, section).items():
+            if (problem := name_problem(kind, name)) is not None:
+                problems.append(src.where((section, name), problem))
+            if not isinstance(entry, dict):
+                problems.append(src.where((section, name), "expected a mapping"))
+            elif "name" in entry:
+                problems.append(src.where((section, name, "name"),
+                                          f"unknown key; a {kind} is named by its key"))
     if problems:
         raise LabConfigError("\n".join(problems))
-    lab = Lab(name=raw.lab.name, path=path, devices_dir=devices_dir, instruments=entries.instruments,
+    named = {section: {name: {**entry, "name": name} for name, entry in getattr(raw, section).items()}
+             for section in _SECTIONS}
+    entries: _Named = src.validate(_Named, named)
+    lab_dir = path.parent
+    devices_dir = _devices_dir(lab_dir, raw.lab.devices)
+    if not devices_dir.is_dir():
+        raise LabConfigError(src.where(("lab", "devices"), f"{devices_dir} is not a directory"))
+    boards = {n: _resolved(b, lab_dir) for n, b in entries.boards.items()}
+    instruments = dict(entries.instruments)
+    problems = _sim_settings(src, "instruments", instruments, lab_dir, check_files)
+    problems += _sim_settings(src, "boards", boards, lab_dir, check_files)
+    problems += _instrument_settings(src, instruments)
+    problems += _cross_check(src, boards, instruments, raw.budgets, devices_dir)
+    if check_files:
+        problems += _missing_keys(src, boards)
+    if problems:
+        raise LabConfigError("\n".join(problems))
+    lab = Lab(name=raw.lab.name, path=path, devices_dir=devices_dir, instruments=instruments,
               boards=boards, budgets=raw.budgets)
     lab._text = path.read_bytes()
     return lab
@@ -279,6 +554,7 @@ def _devices_dir(lab_dir: Path, configured: Path | None) -> Path:
     from labbench.catalog import default_devices_dir
 
     if configured is not None:
+        configured = configured.expanduser()
         return configured if configured.is_absolute() else lab_dir / configured
     local = lab_dir / "devices"
     return local if local.is_dir() else default_devices_dir()
@@ -300,6 +576,94 @@ def _resolved(board: BoardEntry, lab_dir: Path) -> BoardEntry:
     return board.model_copy(update={"ssh": ssh})
 
 
+def _sim_settings(src: Source, section: str, entries: dict[str, Any], lab_dir: Path,
+                  check_files: bool) -> list[str]:
+    """Check each `sim:` block of `section` against its simulator's settings; an entry that passes gets
+    the validated values (replaced in `entries`)."""
+    problems: list[str] = []
+    kinds = registered(INSTRUMENT_GROUP)
+    for name, entry in entries.items():
+        if entry.sim is None:
+            continue
+        at = (section, name, "sim")
+        if section == "boards":
+            schema: type[_SimSettings] | None = McuSim if entry.serial else LinuxSim
+        elif (schema := SIM_SETTINGS.get(entry.kind)) is None:
+            if entry.kind in kinds:  # an unknown kind is reported once, by _cross_check
+                problems.append(src.where(at, f"there is no simulator for instrument kind {entry.kind} "
+                                              f"(simulated: {', '.join(SIM_SETTINGS)})"))
+            continue
+        settings, found = src.check(schema, entry.sim.settings, at)
+        if settings is not None:
+            found = _sim_paths(src, at, settings, lab_dir, check_files)
+        problems += found
+        if not found:
+            values = settings.model_dump(exclude_unset=True, exclude={"faults"})
+            entries[name] = entry.model_copy(update={"sim": SimBlock(faults=entry.sim.faults, **values)})
+    return problems
+
+
+def _sim_paths(src: Source, at: tuple, settings: _SimSettings, lab_dir: Path,
+               check_files: bool) -> list[str]:
+    """A model path stays inside the lab's directory unless absolute; an absolute one, or any with
+    `check_files`, must be a file; with `check_files`, the simulated board's python must be executable."""
+    problems = []
+    model = getattr(settings, "model", None)
+    if model is not None:
+        given = Path(model).expanduser()
+        resolved = (lab_dir / given).resolve()
+        if not given.is_absolute() and not resolved.is_relative_to(lab_dir.resolve()):
+            message = (f'"{model}" is outside the lab\'s directory ({lab_dir}): '
+                       "give a path inside it or an absolute one")
+            problems.append(src.where(at + ("model",), message))
+        elif (given.is_absolute() or check_files) and not resolved.is_file():
+            problems.append(src.where(at + ("model",), f"{resolved} does not exist or is not a file"))
+    python = getattr(settings, "python", None)
+    if python is not None and check_files and not (Path(python).is_file() and os.access(python, os.X_OK)):
+        problems.append(src.where(at + ("python",), f"{python} is not an executable file"))
+    return problems
+
+
+def _instrument_settings(src: Source, instruments: dict[str, InstrumentEntry]) -> list[str]:
+    """Check each instrument's `settings:` against the keyword arguments its driver takes."""
+    problems: list[str] = []
+    kinds = registered(INSTRUMENT_GROUP)
+    for name, inst in instruments.items():
+        if inst.kind not in kinds or not inst.settings:
+            continue
+        try:
+            schema = _keywords(kinds[inst.kind].load())
+        except Exception as exc:  # noqa: BLE001 - a broken plugin is a problem of the lab, not a traceback
+            problems.append(src.where(("instruments", name, "kind"),
+                                      f"cannot load instrument kind {inst.kind}: {exc}"))
+            continue
+        if schema is not None:
+            problems += src.check(schema, inst.settings, ("instruments", name, "settings"))[1]
+    return problems
+
+
+def _keywords(cls: type) -> type[BaseModel] | None:
+    """A model of the keyword arguments `cls(resource, name=..., **settings)` takes (None: any)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve here: check the names only
+        hints = {}
+    fields = {n: (hints.get(n, Any), ... if p.default is p.empty else p.default) for n, p in params.items()
+              if n not in ("self", "resource", "name") and p.kind is not p.VAR_POSITIONAL}
+    config = ConfigDict(extra="forbid", allow_inf_nan=False, arbitrary_types_allowed=True)
+    return create_model(f"{cls.__name__}Settings", __config__=config, **fields)
+
+
+def _missing_keys(src: Source, boards: dict[str, BoardEntry]) -> list[str]:
+    """A real board's SSH key must be a file here (a simulated board's is made by `sim up`)."""
+    return [src.where(("boards", name, "ssh", "key"), f"{b.ssh.key} does not exist or is not a file")
+            for name, b in boards.items()
+            if b.ssh and b.ssh.key is not None and not b.simulated and not b.ssh.key.is_file()]
+
+
 def endpoint(address: str) -> tuple[str, int] | None:
     """host and port of a network address in any of the lab's notations, or None for a local device."""
     for pattern in (r"^(?:rfc2217|socket)://([^:/?]+):(\d+)", r"^TCPIP\d*::([^:]+)::(\d+)::SOCKET$"):
@@ -311,56 +675,63 @@ def endpoint(address: str) -> tuple[str, int] | None:
 
 def _cross_check(src: Source, boards: dict[str, BoardEntry], instruments: dict[str, InstrumentEntry],
                  budgets: dict, devices_dir: Path) -> list[str]:
+    from labbench.catalog import load_family
+
     problems: list[str] = []
     families = sorted(p.stem for p in devices_dir.glob("*.yaml"))
     drivers, kinds = registered(DRIVER_GROUP), registered(INSTRUMENT_GROUP)
     taken: dict[Any, str] = {}
 
-    def claim(address: Any, owner: str, loc: tuple) -> None:
+    def problem(message: str, *loc: str | int) -> None:
+        problems.append(src.where(loc, message))
+
+    def claim(address: Any, owner: str, *loc: str) -> None:
         if address in taken:
-            problems.append(src.where(loc, f"{_fmt(address)} is already used by {taken[address]}"))
+            problem(f"{_fmt(address)} is already used by {taken[address]}", *loc)
         else:
             taken[address] = owner
 
     for name, inst in instruments.items():
+        at = ("instruments", name)
         if inst.kind not in kinds:
-            problems.append(src.where(("instruments", name, "kind"), unknown("instrument kind", inst.kind, kinds)))
-        claim(endpoint(inst.resource) or inst.resource, f"instruments.{name}", ("instruments", name, "resource"))
+            problem(unknown("instrument kind", inst.kind, kinds), *at, "kind")
+        claim(endpoint(inst.resource) or inst.resource, f"instruments.{name}", *at, "resource")
+        if inst.simulated and endpoint(inst.resource) is None:
+            problem("a simulated instrument listens on TCPIP::host::port::SOCKET", *at, "resource")
     for name, board in boards.items():
+        at = ("boards", name)
         if board.family not in families:
-            problems.append(src.where(("boards", name, "family"),
-                                      unknown("family", board.family, families) + f" in {devices_dir}"))
+            problem(unknown("family", board.family, families) + f" in {devices_dir}", *at, "family")
+        elif (load_family(board.family, devices_dir).kind == "linux") != (board.ssh is not None):
+            link, needs = ("serial", "ssh") if board.ssh is None else ("ssh", "serial")
+            problem(f"{board.family} boards are reached by {needs}:, not {link}:", *at, link)
         if board.flash and board.flash.tool not in drivers:
-            problems.append(src.where(("boards", name, "flash", "tool"), unknown("flash tool", board.flash.tool, drivers)))
+            problem(unknown("flash tool", board.flash.tool, drivers), *at, "flash", "tool")
         if board.power and board.power.instrument not in instruments:
-            problems.append(src.where(("boards", name, "power", "instrument"),
-                                      unknown("instrument", board.power.instrument, instruments)))
+            problem(unknown("instrument", board.power.instrument, instruments), *at, "power", "instrument")
+        elif board.power:
+            claim(f"{board.power.instrument} channel {board.power.channel}", f"boards.{name}", *at, "power")
         if board.serial:
-            claim(endpoint(board.serial.url) or board.serial.url, f"boards.{name}", ("boards", name, "serial", "url"))
+            claim(endpoint(board.serial.url) or board.serial.url, f"boards.{name}", *at, "serial", "url")
+            if board.simulated and endpoint(board.serial.url) is None:
+                problem("a simulated board listens on rfc2217://host:port", *at, "serial", "url")
         else:
-            claim((board.ssh.host, board.ssh.port), f"boards.{name}", ("boards", name, "ssh", "port"))
+            claim((board.ssh.host, board.ssh.port), f"boards.{name}", *at, "ssh", "port")
         if board.power_mode is not None and board.family in families:
-            problems += _check_power_mode(src, name, board, devices_dir)
+            modes = load_family(board.family, devices_dir).power_modes
+            if board.power_mode not in modes:
+                problem(unknown(f"power mode of {board.family}", board.power_mode, modes), *at, "power_mode")
     for section, entries in (("instruments", instruments), ("boards", boards)):
         for name, entry in entries.items():
             link = "instrument" if section == "instruments" else "serial" if entry.serial else "ssh"
             for i, fault in enumerate(entry.sim.faults if entry.sim else ()):
-                problems += [src.where((section, name, "sim", "faults", i, *key), message)
-                             for key, message in check_fault(fault, link)]
+                for key, message in check_fault(fault, link):
+                    problem(message, section, name, "sim", "faults", i, *key)
     targets = set(boards) | {b.family for b in boards.values()}
     for key in budgets:
         if key not in targets:
-            problems.append(src.where(("budgets", key), unknown("board or family", key, targets)))
+            problem(unknown("board or family", key, targets), "budgets", key)
     return problems
-
-
-def _check_power_mode(src: Source, name: str, board: BoardEntry, devices_dir: Path) -> list[str]:
-    from labbench.catalog import load_family
-
-    modes = load_family(board.family, devices_dir).power_modes
-    if board.power_mode in modes:
-        return []
-    return [src.where(("boards", name, "power_mode"), unknown(f"power mode of {board.family}", board.power_mode, modes))]
 
 
 def _fmt(address: Any) -> str:

@@ -72,6 +72,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RECOVERY] = Recovery(config.getoption("journal"), config.getoption("retries"))
     names: list[str] = config.getoption("board")
     if not names and not config.getoption("list_boards"):
+        if config.getoption("lab") is not None:
+            _load_lab(config)  # a lab named on the command line is checked even when no board is selected
         return
     lab = _load_lab(config)
     config.stash[_LAB] = lab
@@ -92,8 +94,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def _load_lab(config: pytest.Config) -> inventory.Lab:
     path = config.getoption("lab") or Path(config.rootpath) / "lab.yaml"
     try:
-        return inventory.load(path)
-    except LabConfigError as exc:
+        return inventory.load(path, check_files=True)
+    except (LabConfigError, UsageError) as exc:
         raise pytest.UsageError(str(exc)) from None
 
 

@@ -131,8 +131,10 @@ def test_substitution(tmp_path, monkeypatch, expr, env, user):
     monkeypatch.delenv("LABBENCH_TEST_USER")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    lab = inventory.load(write(tmp_path, _sub("${LABBENCH_TEST_USER}", expr)))
-    assert lab.boards["pi"].ssh.user == user
+    # carried in a key path: a user name must be a valid account name, an arbitrary string is not
+    text = _sub("user: ${LABBENCH_TEST_USER}", "user: tester").replace("key: keys/id", f"key: {expr}")
+    lab = inventory.load(write(tmp_path, text))
+    assert lab.boards["pi"].ssh.key == tmp_path / user
 
 
 def test_unknown_board_is_a_usage_error_listing_boards(tmp_path):

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from labbench.errors import HardwareError
+from labbench.inventory import USER_NAME
 
 SSHD = "/usr/sbin/sshd"
 NSS_WRAPPER_GLOBS = ("/usr/lib/*/libnss_wrapper.so*", "/usr/lib/libnss_wrapper.so*",
@@ -139,6 +140,8 @@ class SimLinuxBoard:
         self.channel, self.power_mode = bus_channel, power_mode
         _, self.power = family.profile(power_mode)
         self.user = user or pwd.getpwuid(os.getuid()).pw_name
+        if not USER_NAME.fullmatch(self.user):  # it is written into passwd and sshd_config as it is
+            raise SimBoardError(name, "create its account", f"{self.user!r} is not a valid user name")
         self.key = Path(key) if key else None
         self.known_hosts = Path(known_hosts) if known_hosts else None
         self.state_dir = Path(state_dir) if state_dir else None
