@@ -225,6 +225,108 @@ def dequantize_output(info: ModelInfo, y, index: int = 0) -> np.ndarray:
     return (np.float32(t.scale) * (y.astype(np.int32) - t.zero_point)).astype(np.float32)
 
 
+# ---------------------------------------------------------------- MLPerf Tiny reference models
+
+
+@dataclass(frozen=True)
+class MlperfModel:
+    """An MLPerf Tiny reference model as its reference firmware (mlcommons/tiny
+    benchmark/reference_submissions/*/submitter_implemented.cpp) reports it and takes its input.
+
+    `input` is the format of the `db` bytes, which is the runner's dataset file format
+    (benchmark/evaluation/datasets/README.md):
+    - "uint8-128": one uint8 per element; th_load_tensor subtracts 128 (IC, VWW: u8 RGB images);
+    - "int8": the int8 input tensor's bytes (KWS: int8 MFCC features);
+    - "float32": little-endian float32 per element; th_load_tensor quantizes each with the input
+      tensor's scale and zero point, round() then clamped (AD: spectrogram windows).
+    `output` is what `m-results-[...]` holds: "outputs" (every output, dequantized) or "mse" (AD:
+    one value, the mean squared error of the dequantized reconstruction against the float input).
+    `input_scale`/`input_zero_point` are the model's input quantization (int8 -> float32 for AD).
+    """
+
+    id: str  # what `profile%` reports: m-model-[<id>]
+    file: str  # the reference .tflite, from mlcommons/tiny benchmark/training/*/trained_models/
+    sha256: str
+    input: str
+    output: str
+    input_scale: float
+    input_zero_point: int
+
+    @property
+    def wire_dtype(self) -> np.dtype:
+        return np.dtype({"uint8-128": "u1", "int8": "i1", "float32": "<f4"}[self.input])
+
+    def wire_bytes(self, tensor: TensorInfo) -> int:
+        """Bytes of `db` input for the model's input tensor `tensor`."""
+        return int(np.prod(tensor.shape)) * self.wire_dtype.itemsize
+
+    def encode(self, sample) -> bytes:
+        """The `db` bytes for `sample`: values in the runner's format (uint8 for IC/VWW, float32 for
+        AD) pass as they are; int8 input tensor values are converted to it (+128; dequantized)."""
+        x = np.asarray(sample)
+        if x.dtype == self.wire_dtype:
+            return np.ascontiguousarray(x).tobytes()
+        if x.dtype != np.int8:
+            raise TypeError(f"{self.id} takes {self.wire_dtype.name} values (the MLPerf Tiny runner's "
+                            f"format) or int8 input tensor values, got {x.dtype}")
+        if self.input == "uint8-128":
+            return (x.view(np.uint8) ^ 0x80).tobytes()
+        deq = np.float32(self.input_scale) * (x.astype(np.float32) - np.float32(self.input_zero_point))
+        return deq.astype(self.wire_dtype).tobytes()
+
+    def decode(self, data: bytes, tensor: TensorInfo) -> np.ndarray:
+        """The input tensor the reference firmware's th_load_tensor makes of the `db` bytes."""
+        x = np.frombuffer(data, self.wire_dtype, int(np.prod(tensor.shape)))
+        if self.input == "uint8-128":
+            return (x ^ 0x80).view(np.int8).reshape(tensor.shape)
+        if self.input == "int8":
+            return x.reshape(tensor.shape)
+        return quantize_like_firmware(x, tensor.scale, tensor.zero_point).reshape(tensor.shape)
+
+    def results(self, outputs: np.ndarray, data: bytes) -> np.ndarray:
+        """What `m-results-[...]` reports, from the dequantized outputs and the `db` bytes."""
+        if self.output == "outputs":
+            return outputs
+        x = np.frombuffer(data, "<f4", outputs.size).astype(np.float32)
+        diff = outputs.astype(np.float32).ravel() - x
+        squares = (diff * diff).astype(np.float32)
+        return np.add.accumulate(squares, dtype=np.float32)[-1:] / np.float32(squares.size)  # in order, as C
+
+
+def quantize_like_firmware(x, scale: float, zero_point: int) -> np.ndarray:
+    """int8 of float32 values as the reference's QuantizeFloatToInt8 and the firmware core compute
+    them: round(x / scale) (float32 division, halves away from zero) + zero point, clamped; a NaN
+    quantizes to the zero point."""
+    q = (np.asarray(x, np.float32) / np.float32(scale)).astype(np.float64)
+    q = np.clip(np.nan_to_num(q, nan=0.0), -1e6, 1e6)
+    q = np.trunc(np.where(q >= 0, q + 0.5, q - 0.5)) + zero_point
+    return np.clip(q, -128, 127).astype(np.int8)
+
+
+#: the four MLPerf Tiny reference models, by ID (sha256 of the files in ../shared/workloads/mlperf_tiny/)
+MLPERF_TINY: dict[str, MlperfModel] = {m.id: m for m in (
+    MlperfModel("ic01", "pretrainedResnet_quant.tflite",
+                "3c002613d1b2475eb51dd78dfb85a546c8ae658dee71cf6ade43b022fe205415", "uint8-128", "outputs",
+                1.0, -128),
+    MlperfModel("kws01", "kws_ref_model.tflite",
+                "aeea436800704fce17b17292e4412630ad856e9d777c044c64ef748a880bd0ae", "int8", "outputs",
+                0.5847029089927673, 83),
+    MlperfModel("vww01", "vww_96_int8.tflite",
+                "597a384c8c2c8a1276f04702f25013b7838f2f814f1ca7c174d295b73e3d6b7b", "uint8-128", "outputs",
+                0.003921568859368563, -128),
+    MlperfModel("ad01", "ad01_int8.tflite",
+                "87cf24194ef93d1d9b11a591d805526b98008e351655d29883c825c9c106ba24", "float32", "mse",
+                0.3910152316093445, 89),
+)}
+
+
+def mlperf_model(sha256: str | None = None, name: str | None = None) -> MlperfModel | None:
+    """The reference model with this sha256; else the one whose ID is `name` (a firmware built with
+    another model that declares itself, say, ic01 takes ic01's input); else None."""
+    by_sha = next((m for m in MLPERF_TINY.values() if m.sha256 == sha256), None)
+    return by_sha or MLPERF_TINY.get(name or "")
+
+
 # ---------------------------------------------------------------- TFLM arena
 
 # Runs in a child process: an arena just below the minimum can SIGABRT the interpreter instead of
@@ -308,8 +410,8 @@ def min_arena_bytes(model: str | os.PathLike | bytes, cache: Path | None = None,
     for _ in range(32):  # one child per round; a round ends early only when a probe crashes the child
         args = [str(path), str(lo), str(hi), str(int(hi_ok)), str(len(info.inputs)), str(step),
                 str(cap_bytes)]
-        proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,
-                              timeout=timeout_s)
+        proc = subprocess.run([sys.executable, "-c", _PROBE, *args], check=False, capture_output=True,
+                              text=True, timeout=timeout_s)
         pending = None
         for line in proc.stdout.split("\n"):
             word, value, why = (line.split(" ", 2) + ["", ""])[:3]

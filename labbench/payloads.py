@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
 MLPERF_TINY = REPO.parent / "shared" / "workloads" / "mlperf_tiny"
-MLPERF_MODELS = {"ic01_resnet8": "pretrainedResnet_quant.tflite", "kws01_dscnn": "kws_ref_model.tflite",
-                 "vww01_mobilenet": "vww_96_int8.tflite", "ad01_autoencoder": "ad01_int8.tflite"}
+# payload name -> MLPerf Tiny ID (labbench.modelinfo.MLPERF_TINY)
+MLPERF_PAYLOADS = {"ic01_resnet8": "ic01", "kws01_dscnn": "kws01", "vww01_mobilenet": "vww01",
+                   "ad01_autoencoder": "ad01"}
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,13 @@ def fixtures(fixtures_dir: Path = FIXTURES) -> dict[str, Payload]:
 
 
 def mlperf_tiny(directory: Path = MLPERF_TINY) -> dict[str, Payload]:
-    """The MLPerf Tiny reference models, or nothing when ../shared is absent."""
-    return {name: Payload(name=name, path=directory / f, config="mlperf tiny int8")
-            for name, f in MLPERF_MODELS.items() if (directory / f).exists()}
+    """The MLPerf Tiny reference models, or nothing when ../shared is absent. A board running one reports
+    its MLPerf Tiny ID and takes the runner's input format; labbench's DUT driver converts to it."""
+    from labbench.modelinfo import MLPERF_TINY as models
+
+    paths = {name: directory / models[model_id].file for name, model_id in MLPERF_PAYLOADS.items()}
+    return {name: Payload(name=name, path=path, config="mlperf tiny int8")
+            for name, path in paths.items() if path.exists()}
 
 
 def all_payloads() -> dict[str, Payload]:

@@ -757,6 +757,64 @@ def test_a_stop_ends_the_wait_and_the_next_exchange_collects_the_reply(dut_with)
     assert dut.commands[-2:] == ["infer 4000 0", "results"]
 
 
+# -- input formats and cold start ------------------------------------------------------------------
+
+
+def profile_reporting(model: str) -> Callable[[ScriptedDut, str], bytes | None]:
+    profile = f"m-profile-[ULPMark for tinyML Firmware V0.0.1]\r\nm-model-[{model}]\r\n"
+    return replacing("profile", profile.encode() + READY)
+
+
+def uploaded(dut: ScriptedDut) -> bytes:
+    """The bytes of the last upload the scripted DUT received."""
+    start = max(i for i, c in enumerate(dut.commands) if c.startswith("db load "))
+    return bytes.fromhex("".join(c[3:] for c in dut.commands[start + 1 :] if c.startswith("db ")))
+
+
+def test_a_dut_reporting_ic01_gets_the_runners_uint8_images(dut_with):
+    dut, d = dut_with()  # the scripted DUT reports ic01, as MLPerf's reference firmware
+    x = np.array([-128, -1, 0, 127], np.int8)
+    d.run_timed(x, 1, 0)
+    assert uploaded(dut) == x.tobytes()  # before identify the model is unknown: the tensor's bytes
+    assert d.identify().model == "ic01" and d.reported_model == "ic01"
+    d.run_timed(x, 1, 0)
+    assert uploaded(dut) == bytes([0, 127, 128, 255])  # the firmware subtracts 128 again
+    d.classify(np.array([[0, 127, 128, 255]], np.uint8))  # the runner's own format passes as it is
+    assert uploaded(dut) == bytes([0, 127, 128, 255])
+    assert d.input_bytes(x) == bytes([0, 127, 128, 255])
+    with pytest.raises(TypeError, match="ic01 takes uint8 values .* or int8 input tensor values, got float"):
+        d.run_timed(np.zeros(4, np.float32), 1, 0)
+
+
+def test_a_dut_reporting_ad01_gets_float32_features(dut_with):
+    dut, d = dut_with(profile_reporting("ad01"))
+    d.identify()
+    features = np.array([0.5, -1.25, 3.0], np.float32)
+    d.run_timed(features, 1, 0)
+    assert uploaded(dut) == features.astype("<f4").tobytes()
+    q = np.array([89, 90, -128], np.int8)  # ad01's input: scale 0.391..., zero point 89
+    d.classify(q[None])
+    scale = np.float32(0.3910152316093445)
+    assert np.frombuffer(uploaded(dut), "<f4").tolist() == [0.0, scale, scale * np.float32(-217)]
+
+
+def test_other_models_get_their_input_tensor_bytes(dut_with):
+    dut, d = dut_with(profile_reporting("digits_mlp_int8"))
+    d.identify()
+    d.classify(SAMPLE[None])
+    assert uploaded(dut) == SAMPLE.tobytes()
+
+
+def test_a_banner_without_a_stamp_gives_the_host_clock_cold_start_alone(dut_with):
+    _, d = dut_with()
+    wire_s = len("m-init-done\r\n") * 10 / 115200
+    cold = d._cold_start(["m-timestamp-mode-energy", "m-init-done", "m-ready"], [0.9, 1.0, 1.01], (0.2, 0.3))
+    assert cold == {
+        "cold_start_ms": pytest.approx((1.0 - wire_s - 0.25) * 1e3),
+        "cold_start_uncertainty_ms": pytest.approx(50.0),
+    }
+
+
 # -- the reply-CRC extension with a scripted DUT ---------------------------------------------------
 
 

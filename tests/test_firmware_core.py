@@ -2,8 +2,10 @@
 
 The C tests check the protocol byte for byte; this file runs them through make so that the
 project's test command covers them, drives the core (on a pty, with its fake model) with the
-bench's own DutSerial driver, reply CRCs on, and checks that a model embedded the way the boards
-embed it (firmware/tools/embed_model.py) is what the core hashes for `profile%`.
+bench's own DutSerial driver, reply CRCs on, checks that the core's table of MLPerf Tiny reference
+models is labbench.modelinfo's, and that a model embedded the way the boards embed it
+(firmware/tools/embed_model.py) is what the core hashes for `profile%`. The core against MLCommons'
+runner format: tests/test_mlperf_interop.py.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import pytest
 
 from labbench.drivers.dut_serial import DutReplyError, DutSerial
+from labbench.modelinfo import MLPERF_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "firmware" / "core"
@@ -53,6 +56,18 @@ def test_core_host_tests_pass(tmp_path):
     counts = dict(re.findall(r"^(test_\w+): (\d+) checks, 0 failed$", run.stdout, re.MULTILINE))
     assert set(counts) == {"test_dut", "test_sha256"}, output
     assert int(counts["test_dut"]) > 100 and int(counts["test_sha256"]) >= 10, output
+
+
+def test_the_cores_mlperf_table_is_modelinfos():
+    source = (CORE / "src" / "lb_dut.c").read_text()
+    rows = re.findall(r'\{"(\w+)", "([0-9a-f]{64})", (LB_INPUT_\w+),\s*(LB_RESULTS_\w+)\}', source)
+    inputs = {
+        "uint8-128": "LB_INPUT_U8_MINUS_128",
+        "int8": "LB_INPUT_TENSOR",
+        "float32": "LB_INPUT_F32_QUANTIZED",
+    }
+    results = {"outputs": "LB_RESULTS_OUTPUTS", "mse": "LB_RESULTS_MSE"}
+    assert rows == [(m.id, m.sha256, inputs[m.input], results[m.output]) for m in MLPERF_TINY.values()]
 
 
 @pytest.mark.parametrize("model_file", ["vww_96_int8.tflite", "kws_ref_model.tflite"])

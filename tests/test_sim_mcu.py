@@ -16,8 +16,15 @@ from esptool.reset import ClassicReset, HardReset
 from labbench import firmware_image
 from labbench.catalog import load_family
 from labbench.drivers.dut_serial import DutReplyError, DutResetError, DutSerial, DutTimeout, tensor_bytes
-from labbench.errors import DutProtocolError
-from labbench.modelinfo import ModelInfo, dequantize_output, min_arena_bytes, quantize_input
+from labbench.errors import DutProtocolError, LabConfigError
+from labbench.modelinfo import (
+    MLPERF_TINY,
+    ModelInfo,
+    dequantize_output,
+    min_arena_bytes,
+    mlperf_model,
+    quantize_input,
+)
 from labbench.sim.mcu import SimBoardError, SimMcuBoard
 from labbench.sim.powerbus import PowerBus
 
@@ -106,7 +113,8 @@ def raw_port():
 
 @pytest.fixture
 def raw(raw_port):
-    """A freshly reset board and a plain pyserial RFC 2217 port on it; `ask(command)` returns the reply's lines."""
+    """A freshly reset board and a plain pyserial RFC 2217 port on it; `ask(command)` returns the
+    reply's lines."""
     b, port = raw_port
 
     def ask(command: bytes, until: bytes = b"m-ready\r\n", timeout_s: float = 3.0) -> list[str]:
@@ -198,6 +206,7 @@ def test_mlperf_models_load_where_they_fit(fast_mcu):
                 and b.family.fits(len(model), min_arena_bytes(MLPERF_DIR / name)) is None
             )
             ident = d.identify()
+            assert ident.model == booted["model"] == mlperf_model(ModelInfo.from_bytes(model).sha256).id
             assert ident.model_sha256 == booted["model_sha256"] == ModelInfo.from_bytes(model).sha256
             assert ident.extra["arena_bytes"] == min_arena_bytes(MLPERF_DIR / name)
     finally:
@@ -211,14 +220,32 @@ def test_resnet8_latency_is_the_catalog_device_model(fast_mcu):
     x = np.random.default_rng(8).integers(-128, 128, size=(32, 32, 3), dtype=np.int8)
     try:
         b.load_firmware(RESNET8.read_bytes(), RESNET8.stem)
-        assert d.identify().model == "pretrainedResnet_quant"  # flashing reset the board: start a session
-        d.upload(tensor_bytes(x))
+        assert d.identify().model == "ic01"  # flashing reset the board: start a session
+        d.upload(MLPERF_TINY["ic01"].encode(x))  # the reference format: uint8, the firmware subtracts 128
         run = d.infer(1, 0)
     finally:
         b.load_firmware(DIGITS.read_bytes(), "digits_mlp_int8")
     assert abs(run.elapsed_us - b.family.device_model.inference_us(info.macs, "int8")) <= 1
     # TFLM's own outputs: LiteRT's reference kernels differ from TFLM's on ResNet-8 (up to tens of LSB)
     assert np.array_equal(run.outputs, tflm(RESNET8, x))
+
+
+def test_a_model_named_by_an_mlperf_id_takes_that_ids_input(fast_mcu):
+    """A firmware built with another model that declares itself ic01 takes ic01's uint8 input."""
+    b, d = fast_mcu
+    x, _ = digits_test_set()
+    try:
+        assert b.load_firmware(DIGITS.read_bytes(), "ic01")["model"] == "ic01"
+        assert d.identify().model == "ic01"
+        d.upload(tensor_bytes(x[3]))  # int8 bytes taken for uint8: shifted by 128, other outputs
+        assert not np.array_equal(d.infer(1, 0).outputs, litert(DIGITS, x[3]))
+        rows = d.classify(x[:4])  # the driver sends what the DUT reporting ic01 expects
+        assert np.array_equal(rows, np.stack([litert(DIGITS, xi) for xi in x[:4]]))
+        fp32 = REPO / "fixtures" / "models" / "digits_mlp_fp32.tflite"
+        refused = b.load_firmware(fp32.read_bytes(), "ic01")["refused"]
+        assert refused == "model ic01 does not have the ic01 reference model's I/O"
+    finally:
+        b.load_firmware(DIGITS.read_bytes(), "digits_mlp_int8")
 
 
 @needs_mlperf
@@ -240,7 +267,7 @@ def test_mlperf_models_are_refused_with_sizes_where_they_do_not_fit():
         b.load_firmware(
             resnet.read_bytes(), resnet.stem
         )  # 98 KB fits the flash, its 55,984 B arena not the SRAM
-        problem = "model pretrainedResnet_quant does not fit nrf52810: arena 55,984 B exceeds SRAM 24 KiB"
+        problem = "model ic01 does not fit nrf52810: arena 55,984 B exceeds SRAM 24 KiB"
         assert (
             small.fits(resnet.stat().st_size, min_arena_bytes(resnet)) == "arena 55,984 B exceeds SRAM 24 KiB"
         )
@@ -424,7 +451,8 @@ def test_a_dut_slower_than_the_timeout():
     try:
         d.upload(bytes(64))
         with pytest.raises(
-            DutTimeout, match=r"infer 1 0: no reply within 0.4 s; last line seen: 'm-lap-us-\d+' \(full log: .*\)$"
+            DutTimeout,
+            match=r"infer 1 0: no reply within 0.4 s; last line seen: 'm-lap-us-\d+' \(full log: .*\)$",
         ):
             d.infer(1, 0)
     finally:
@@ -442,6 +470,48 @@ def test_the_timer_wraps_at_32_bits():
         assert run.latencies_us[0] == pytest.approx(
             100 * b.family.device_model.inference_us(2368, "int8"), abs=0.05
         )
+    finally:
+        d.close()
+        b.stop()
+
+
+def test_a_reset_measures_the_cold_start_of_the_boot_timeline(mcu):
+    """DutSerial's cold start against the simulator's ground truth: strap delay, boot ROM (the
+    ESP32's), boot_ms, then model_init_ms to m-init-done. Every part within the uncertainty the
+    driver states (host scheduling may add up to a millisecond)."""
+    b, d = mcu
+    banner = d.reset()
+    truth, cold = b.last_boot, d.cold_start
+    tolerance = cold["cold_start_uncertainty_ms"] + 1.0
+    # RFC 2217 on loopback: the link latency is small, but on the ESP32 m-init-done queues behind
+    # the boot ROM's log; then only the banner's stamp bounds when it was written
+    assert cold["cold_start_uncertainty_ms"] < (5 if b.boot_rom is None else 2 * b.model_init_ms)
+    assert abs(cold["cold_start_ms"] - truth.cold_start_ms) <= tolerance
+    assert abs(cold["cold_start_boot_ms"] - (truth.banner_s - truth.reset_s) * 1e3) <= tolerance
+    assert abs(cold["cold_start_init_ms"] - b.model_init_ms) <= tolerance
+    # the DUT's counter starts with the application (after the strap delay and any boot ROM)
+    assert abs(cold["cold_start_dut_ms"] - (truth.init_done_s - truth.app_s) * 1e3) <= tolerance
+    stamp = int(next(line for line in banner if line.startswith("m-lap-us-"))[len("m-lap-us-") :])
+    assert stamp == pytest.approx(b.boot_ms * 1e3, abs=1)
+    assert cold["cold_start_boot_ms"] >= b.strap_delay_s * 1e3 + b.boot_ms - tolerance
+    extra = d.identify().extra
+    assert {k: v for k, v in extra.items() if k.startswith("cold_start")} == cold
+
+
+def test_the_boot_timeline_follows_the_settings():
+    b = start(name="slowboot", family="nano33_ble_sense", boot_ms=120, model_init_ms=300, strap_delay_s=0)
+    d = DutSerial(b.url, board=b.name)
+    try:
+        d.reset()
+        cold, truth = d.cold_start, b.last_boot
+        # the device's timeline, within what a loaded host adds to the simulator's sleeps
+        assert (truth.banner_s - truth.app_s, truth.init_done_s - truth.banner_s) == (
+            pytest.approx(0.120, abs=5e-3),
+            pytest.approx(0.300, abs=5e-3),
+        )
+        assert abs(cold["cold_start_ms"] - truth.cold_start_ms) <= cold["cold_start_uncertainty_ms"] + 1
+        with pytest.raises(LabConfigError, match="boot_ms"):
+            SimMcuBoard("bad", boot_ms=-1)
     finally:
         d.close()
         b.stop()

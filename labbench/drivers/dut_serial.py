@@ -29,9 +29,38 @@ onto time.monotonic(): the stamp lies between the command's arrival and the repl
 (`clock_uncertainty_s`). `host_start`/`host_end` are the first and last stamps mapped. The 32-bit
 counter wraps after 71.6 min; stamps are unwrapped against the sync.
 
-Inputs are the raw bytes of the model's input tensor, in C order: an int8 model gets int8 values
-(quantize floats with `labbench.modelinfo.quantize_input`). The bench does no uint8 -> int8 shift;
-MLPerf's reference IC/VWW ports subtract 128 themselves, so feed those uint8 arrays.
+Inputs. `run_timed` and `classify` send what the DUT expects (`input_bytes`). A DUT whose profile
+reported one of the MLPerf Tiny IDs (ic01, kws01, vww01, ad01: labbench.modelinfo.MLPERF_TINY) gets
+the runner's format, as the reference firmware takes it: uint8 images for ic01/vww01 (the firmware
+subtracts 128), int8 features for kws01, little-endian float32 for ad01 (the firmware quantizes).
+Samples may be given in that format or as the model's int8 input tensor, which is converted (+128;
+dequantized with the model's input scale and zero point). Any other DUT gets the raw bytes of the
+model's input tensor, in C order: an int8 model gets int8 values (quantize floats with
+`labbench.modelinfo.quantize_input`). `upload` sends bytes as given.
+
+Cold start. `reset` releases the reset line and times the boot to `m-init-done` on the host clock.
+`m-init-done` left the DUT no later than its line's arrival minus the line's wire time (and the wire
+time of any bytes that came after it in the same read), and no earlier than that minus the link
+latency. Right after the banner a `timestamp%` exchange bounds that latency (its round trip minus
+the wire times of command and reply) and maps the DUT's counter onto the host clock, which places
+the banner's own `m-lap-us-N` (th_timestamp_initialize, printed before the model is initialised) on
+the host clock. A line that left right behind the one before it may have waited in the DUT's
+transmit queue (a boot ROM's log still draining): it was written no earlier than the banner's
+stamp, which bounds it instead. The reset edge lies between the host's instants before and after it
+set the line (µs on a local UART); over RFC 2217 the change goes out at once as a Telnet message on
+the same connection and pyserial then polls for the acknowledgement every 50 ms, so the edge lies
+within one link latency of the first instant.
+`cold_start` then holds, in ms (interval midpoints; the uncertainty is the half-width):
+- `cold_start_ms`: reset edge -> m-init-done, host clock; `cold_start_uncertainty_ms` (the parts
+  below carry about as much);
+- `cold_start_boot_ms`: reset edge -> the banner stamp (boot ROM, bootloader, runtime start-up);
+- `cold_start_init_ms`: banner stamp -> m-init-done (the firmware's initialisation: model load);
+- `cold_start_dut_ms`: the banner stamp's own value + cold_start_init_ms: the DUT's counter at
+  m-init-done, its own count since its timer started (mbed's us_ticker and ESP-IDF's esp_timer start
+  with the application, after any bootloader); left out when the stamp exceeds the host's time since
+  the edge (a counter that kept running through the reset).
+A banner without a stamp (energy-mode firmware) gives `cold_start_ms` alone, its uncertainty then
+covering the edge only. `identify` adds `cold_start` to its `extra`, which run orchestration records.
 
 Checks. No number from the DUT is believed before its exchange is checked:
 - each reply has exactly the lines its command calls for, and echoes what was sent: `db load N`
@@ -114,6 +143,7 @@ import serial
 
 from labbench.capabilities import DutIdentity, TimedRun
 from labbench.errors import DutProtocolError, HardwareError, RunAborted
+from labbench.modelinfo import MLPERF_TINY
 
 NAME_ATTEMPTS = 3
 CHUNK_BYTES = 38  # "db " + 76 hex digits = 79 characters: the reference's EE_CMD_SIZE is 80
@@ -260,6 +290,8 @@ class DutSerial:
         self._crc = False  # the DUT tags its reply lines
         self._crc_announced = False  # its profile offered the crc32 extension
         self._owed: list[_Command] = []  # sent commands whose replies are still to come (after a stop)
+        self.reported_model: str | None = None  # the m-model-[...] of the last identify: the input format
+        self.cold_start: dict[str, float] = {}  # measured by the last reset (module docstring)
 
     @classmethod
     def from_lab(cls, entry: Any, family: Any = None, *, log_dir: str | Path | None = None) -> DutSerial:
@@ -709,12 +741,14 @@ class DutSerial:
         can leave a partial command in the DUT's buffer (it swallows the next one) or a reply still
         to come. A DUT that stays silent is not retried. Retries are recorded in
         `extra["name_retries"]`. Lines are taken with or without a valid CRC tag until the
-        extension is turned on (an earlier session may have left it on).
+        extension is turned on (an earlier session may have left it on). The reported model sets
+        the input format of later runs; the cold start of the last `reset` is added to `extra`.
         """
         self._collect_owed()
         self._flush_input()
         self._crc = self._crc_announced = False
         self._forget()
+        self.reported_model = None
         for retries in range(NAME_ATTEMPTS):
             try:
                 # one at a time: a broken reply is pinned on its command
@@ -752,6 +786,8 @@ class DutSerial:
             extra["reply_crc32"] = True
         if retries:
             extra["name_retries"] = retries
+        self.reported_model = fields["model"]
+        extra.update(self.cold_start)
         return DutIdentity(
             name=names[0].group(2),
             model=fields["model"],
@@ -794,23 +830,31 @@ class DutSerial:
         return self._results("results", reply.lines[0][0])
 
     def reset(self, timeout_s: float | None = None) -> list[str]:
-        """Pulse reset (RTS asserted with DTR deasserted: EN low on the ESP32 auto-reset circuit) and
-        wait for the boot banner up to its m-ready; returns the banner's lines."""
+        """Pulse reset (RTS asserted with DTR deasserted: EN low on the ESP32 auto-reset circuit), wait
+        for the boot banner up to its m-ready and measure the cold start (`cold_start`, module
+        docstring); returns the banner's lines."""
         timeout_s = timeout_s or self.timeout_s
         port = self._open()
         self._flush_input()
         self._owed = []
         self._crc = False
         self._forget()
+        self.cold_start = {}
         self._event("reset: RTS asserted, DTR deasserted for 50 ms")
         port.dtr, port.rts = False, True
         time.sleep(0.05)
+        before = time.monotonic()
         port.rts = False
-        deadline = time.monotonic() + timeout_s
+        edge = (before, time.monotonic())
+        self._event(f"reset released between {edge[0]:.6f} and {edge[1]:.6f}")
+        deadline = edge[1] + timeout_s
         banner: list[str] = []
+        arrived: list[float] = []  # the latest host time each line's end arrived
         try:
             while not (banner[-1:] == ["m-ready"] and "m-init-done" in banner):
-                banner.append(self._readline(deadline, "reset")[0])
+                line, _, t = self._readline(deadline, "reset")
+                banner.append(line)
+                arrived.append(t - len(self._rx) * self.char_time_s)  # the bytes after it came later
         except _Timeout:
             raise self._fail(
                 DutTimeout,
@@ -818,9 +862,46 @@ class DutSerial:
                 f"no boot banner within {timeout_s:g} s "
                 f"(does this port reach the reset line?); seen {banner!r}",
             ) from None
+        self.cold_start = self._cold_start(banner, arrived, edge)
         return banner
 
+    def _cold_start(
+        self, banner: list[str], arrived: list[float], edge: tuple[float, float]
+    ) -> dict[str, float]:
+        """The cold start of the module docstring, from the banner and the reset edge's bounds."""
+        i = banner.index("m-init-done")
+        sent = arrived[i] - (len(banner[i]) + 2) * self.char_time_s  # latest: the link may have delayed it
+        stamp = next((self._stamp("reset", line) for line in banner if line.startswith("m-lap-us-")), None)
+        if stamp is None:
+            edge_mid, edge_half = (edge[0] + edge[1]) / 2, (edge[1] - edge[0]) / 2
+            return {"cold_start_ms": (sent - edge_mid) * 1e3, "cold_start_uncertainty_ms": edge_half * 1e3}
+        sync = self.sync_clock()
+        latency = 2 * sync.uncertainty_s  # the exchange's round trip less its wire times
+        if self.url.startswith("rfc2217://"):  # the line change is sent at once; only the ack is polled
+            edge = (edge[0], min(edge[1], edge[0] + latency))
+        edge_mid, edge_half = (edge[0] + edge[1]) / 2, (edge[1] - edge[0]) / 2
+        banner_s = sync.host_s - ((sync.dut_us - stamp) % TIMER_WRAP) / 1e6
+        earliest = sent - latency
+        if i > 0 and sent - arrived[i - 1] < latency:  # right behind the line before: maybe queued
+            earliest = min(sent, banner_s - sync.uncertainty_s)
+        done, done_half = (earliest + sent) / 2, (sent - earliest) / 2
+        result = {
+            "cold_start_ms": (done - edge_mid) * 1e3,
+            "cold_start_uncertainty_ms": (done_half + edge_half) * 1e3,
+            "cold_start_boot_ms": (banner_s - edge_mid) * 1e3,
+            "cold_start_init_ms": (done - banner_s) * 1e3,
+        }
+        if stamp / 1e6 <= banner_s - edge[0] + sync.uncertainty_s + TIMER_SLACK_S:
+            result["cold_start_dut_ms"] = stamp / 1e3 + result["cold_start_init_ms"]
+        self._event("cold start: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+        return result
+
     # -- InferenceTarget --------------------------------------------------------------------------
+
+    def input_bytes(self, sample: np.ndarray) -> bytes:
+        """The `db` bytes of `sample` for this DUT (module docstring: Inputs)."""
+        mlperf = MLPERF_TINY.get(self.reported_model or "")
+        return mlperf.encode(sample) if mlperf else tensor_bytes(sample)
 
     def run_timed(
         self,
@@ -835,7 +916,7 @@ class DutSerial:
         On a failure, the inferences timed so far are attached to the exception as `.partial`."""
         if count < 1 or warmup < 0:
             raise ValueError(f"{self.board}: need count >= 1 and warmup >= 0, got {count}, {warmup}")
-        data = tensor_bytes(sample)
+        data = self.input_bytes(sample)
         t0, tx0, rx0 = time.monotonic(), self.bytes_tx, self.bytes_rx
         infers = (
             [self._infer_command(1, warmup)] + [self._infer_command(1, 0) for _ in range(count - 1)]
@@ -889,7 +970,7 @@ class DutSerial:
         rows: list[np.ndarray] = []
         cmds: list[_Command] = []
         for sample in samples:
-            cmds += self._upload_commands(tensor_bytes(sample)) + [self._infer_command(1, 0)]
+            cmds += self._upload_commands(self.input_bytes(sample)) + [self._infer_command(1, 0)]
         stamps = _Stamps()
         try:
             with closing(self._transact(cmds, stop)) as replies:

@@ -1,4 +1,4 @@
-"""Simulated MCU boards (ESP32 DevKitC, Nano 33 BLE Sense, Coral Dev Board Micro) running MLPerf Tiny DUT firmware.
+"""Simulated MCU boards (ESP32 DevKitC, Nano 33 BLE, Coral Dev Board Micro) running MLPerf Tiny DUT firmware.
 
 A `SimMcuBoard` is a serial port on an RFC 2217 address (`uart.SimUart`: bytes move at the line
 rate) behind which a simulated chip boots the model in its flash and answers the MLPerf Tiny DUT
@@ -9,10 +9,18 @@ family's device model (catalog), and the DUT's `m-lap-us-` timestamps follow tha
 loop on the host clock). Power states (idle, upload, inference) go to the board's power bus
 channel at the instants they begin.
 
+MLPerf Tiny reference models (labbench.modelinfo.MLPERF_TINY, recognised by sha256, or by an installed
+name that is one of their IDs) run as their reference firmware runs them: `profile` reports the ID
+(`m-model-[ic01]`), the `db` bytes are the runner's format (uint8 images, 128 subtracted, for
+ic01/vww01; int8 for kws01; float32 quantized with the input's scale and zero point for ad01) and
+ad01's result is the reconstruction's mean squared error. So MLCommons' runner, in accuracy mode,
+gets the reference firmware's answers. Other models keep their own name and take the raw bytes of
+their input tensor(s).
+
 Where the firmware differs from the reference, on purpose:
-- input bytes are the raw bytes of the model's input tensor(s) (no uint8 -> int8 shift);
 - `m-results-[...]` prints the dequantized outputs with float32 round-trip precision, not %0.3f,
-  so the bench can compare outputs exactly;
+  so the bench can compare outputs exactly (at the 1/256 steps of the MLPerf int8 outputs, %0.3f
+  keeps every value distinct, so the runner's top-1 is the same);
 - `profile` adds `m-model-sha256-[hex]`, `m-model-bytes-[N]`, `m-arena-bytes-[N]` (the model's
   minimum TFLM arena) and `m-latency-us-[...]` lines, which MLPerf's runner ignores;
 - `db` data beyond the loaded size and `infer` without a full input are answered with e-[...]
@@ -27,19 +35,33 @@ Constructor (plain arguments; the sim lab passes lab.yaml's `sim:` block through
     SimMcuBoard(name, host="127.0.0.1", port=0, family="esp32_devkitc", bus_channel=None,
                 model_path=None, firmware=None, *, speed_factor=1.0, vendor=None, baud=None,
                 boot_rom=None, rx_fifo_bytes=256, tx_buffer_bytes=256, timer_start_us=0,
-                strap_delay_s=0.15, devices_dir=None, reply_crc=True)
+                strap_delay_s=0.15, devices_dir=None, reply_crc=True, boot_ms=BOOT_MS,
+                model_init_ms=MODEL_INIT_MS)
 
 `speed_factor` scales the device model's latency (> 1: a slower device, for regression tests);
 `baud` is the chip's UART rate (default: the family's `serial_baud`); `rx_fifo_bytes` and
-`tx_buffer_bytes` size its UART buffers; `timer_start_us` is the µs counter's value at boot.
+`tx_buffer_bytes` size its UART buffers; `timer_start_us` is the µs counter's value as the
+application starts (the counter runs from there, as mbed's us_ticker and ESP-IDF's esp_timer, which
+start with the application, after any boot ROM or bootloader).
+
+Boot (cold start). The chip leaves reset after the strap delay, runs its boot ROM if it has one (the
+ESP32's: its and the bootloader's lines at 115200 take real time), then the application spends
+`boot_ms` before the harness prints `m-timestamp-mode-performance` and `m-lap-us-N`
+(th_timestamp_initialize), and `model_init_ms` initialising the model (th_final_initialize) before
+`m-init-done` and `m-ready`. No family in devices/ gives a boot figure: BOOT_MS = 0 assumes the
+application's own start-up (C runtime, clocks, UART) is small next to those; MODEL_INIT_MS is seed
+000's "Model Load (cold): 15ms" (its INT8 latency breakdown), for every model and family (the
+firmware core's SHA-256 of the model at boot is not modelled). `last_boot` holds the host times of
+the last boot (`BootTimes`), the ground truth for the bench's cold-start measurement.
 
 Reset, boot and flash (the hooks a boot-ROM personality such as the ESP32's builds on):
 - Reset circuit, ESP32 DevKitC style, wired on every family: EN is low while RTS is asserted and
   DTR is not; IO0 is low while DTR is asserted and RTS is not. The chip leaves reset
   `strap_delay_s` after EN rises (the EN pin's RC delay, sized for RFC 2217: pyserial spaces line
   changes ~50 ms apart, 100 ms with `?ign_set_control`, so esptool's classic reset holds IO0 low
-  from 0.1 to 0.2 s after EN rises in both modes) and samples IO0 then: low means download boot. `reset(download=False, wait=False)` resets from the simulator's
-  side (the EN button; a flasher).
+  from 0.1 to 0.2 s after EN rises in both modes) and samples IO0 then: low means download boot.
+  The strap delay is part of a cold start seen from the reset edge (a DevKitC's RC takes ~ms).
+  `reset(download=False, wait=False)` resets from the simulator's side (the EN button; a flasher).
 - `boot_rom`: an object with `run(board, download: bool)`, called in the chip's thread on every
   boot before the application (default: `esp32_rom.Esp32BootRom` for families flashed with
   esptool, none otherwise, and then the IO0 strap is ignored). It owns the serial stream meanwhile
@@ -66,6 +88,7 @@ import logging
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,7 +97,7 @@ import numpy as np
 from labbench import firmware_image as fw
 from labbench.catalog import BoardFamily, load_family
 from labbench.errors import CatalogError, LabbenchError, LabConfigError
-from labbench.modelinfo import ModelInfo, dequantize_output, min_arena_bytes
+from labbench.modelinfo import ModelInfo, dequantize_output, min_arena_bytes, mlperf_model
 from labbench.sim.uart import ChipReset, ResetLine, SimUart
 
 EE_CMD_SIZE = 80
@@ -82,6 +105,8 @@ EE_FW_VERSION = "ULPMark for tinyML Firmware V0.0.1"
 MAX_DB_INPUT_SIZE = 96 * 96 * 3  # the reference default, used while no model is loaded
 TIMER_WRAP = 1 << 32  # %lu of a 32-bit microsecond counter
 BOOT_TIMEOUT_S = 60.0
+BOOT_MS = 0.0  # assumed: the application's start-up before the harness's banner; no family gives a figure
+MODEL_INIT_MS = 15.0  # seed 000's latency breakdown: "Model Load (cold): 15ms"
 
 _HELP = (
     f"{EE_FW_VERSION}",
@@ -103,6 +128,20 @@ class SimBoardError(LabbenchError):
 
 class BootRom(Protocol):
     def run(self, board: SimMcuBoard, download: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class BootTimes:
+    """One boot of the application, on the host monotonic clock (seconds)."""
+
+    reset_s: float  # the reset edge: EN released (before the strap delay), the simulator's reset, power-on
+    app_s: float  # the application started (after any boot ROM): the µs counter's zero
+    banner_s: float  # the harness's banner (its m-lap-us- stamp)
+    init_done_s: float  # m-init-done was written
+
+    @property
+    def cold_start_ms(self) -> float:
+        return (self.init_done_s - self.reset_s) * 1e3
 
 
 class FlashStore:
@@ -152,7 +191,8 @@ class _Model:
         from tflite_micro import runtime
 
         self.info = ModelInfo.from_bytes(model, name)
-        self.name = name or self.info.name
+        self.mlperf = mlperf_model(self.info.sha256, name)
+        self.name = self.mlperf.id if self.mlperf else name or self.info.name
         self.bytes = model
         self.arena_bytes = min_arena_bytes(model)  # bisected in child processes, cached by sha256
         problem = board.family.fits(len(model), self.arena_bytes)
@@ -164,21 +204,34 @@ class _Model:
         except CatalogError as exc:
             raise _Refused(f"model {self.name} ({dtype}) cannot run on {board.family.name}: {exc}") from None
         self.latency_s = us * board.speed_factor / 1e6
+        if self.mlperf is not None:
+            inputs, outputs = self.info.inputs, self.info.outputs
+            mse = self.mlperf.output == "mse"
+            if len(inputs) != 1 or inputs[0].dtype != "int8" or (mse and outputs[0].shape != inputs[0].shape):
+                raise _Refused(f"model {self.name} does not have the {self.mlperf.id} reference model's I/O")
         # The host interpreter gets headroom; the arena the board reports is the bisected minimum.
         self.interpreter = runtime.Interpreter.from_bytes(model, arena_size=2 * self.arena_bytes + 4096)
-        self.input_bytes = sum(t.size_bytes for t in self.info.inputs)
+        self.input_bytes = (  # what `db load N` must announce
+            self.mlperf.wire_bytes(self.info.inputs[0])
+            if self.mlperf
+            else sum(t.size_bytes for t in self.info.inputs)
+        )
         self._last_input: bytes | None = None
         self.outputs = [np.zeros(t.shape, t.dtype) for t in self.info.outputs]
 
     def run(self, data: bytes) -> None:
-        """Set the inputs from raw tensor bytes and invoke, unless they are the inputs of the last run."""
+        """Set the inputs from the `db` bytes (th_load_tensor) and invoke, unless they are the inputs of
+        the last run."""
         if data == self._last_input:
             return  # same input, same interpreter: the outputs are those already computed
-        pos = 0
-        for i, t in enumerate(self.info.inputs):
-            value = np.frombuffer(data, t.dtype, int(np.prod(t.shape)), pos).reshape(t.shape)
-            self.interpreter.set_input(value, i)
-            pos += t.size_bytes
+        if self.mlperf is not None:
+            self.interpreter.set_input(self.mlperf.decode(data, self.info.inputs[0]), 0)
+        else:
+            pos = 0
+            for i, t in enumerate(self.info.inputs):
+                value = np.frombuffer(data, t.dtype, int(np.prod(t.shape)), pos).reshape(t.shape)
+                self.interpreter.set_input(value, i)
+                pos += t.size_bytes
         self.interpreter.invoke()
         self.outputs = [self.interpreter.get_output(i) for i in range(len(self.info.outputs))]
         self._last_input = data
@@ -187,6 +240,8 @@ class _Model:
         values = np.concatenate(
             [dequantize_output(self.info, y, i).ravel() for i, y in enumerate(self.outputs)]
         )
+        if self.mlperf is not None:
+            values = self.mlperf.results(values, self._last_input or bytes(self.input_bytes))
         return (
             "m-results-["
             + ",".join(
@@ -215,7 +270,7 @@ class MlperfDut:
     def __init__(self, board: SimMcuBoard):
         self.board = board
         self.uart = board.uart
-        self.boot_t = time.monotonic()
+        self.start_t = time.monotonic()  # the application starts: the µs counter's zero
         self.model: _Model | None = None
         self.refusal: str | None = None
         self.buffer = bytearray()
@@ -231,7 +286,7 @@ class MlperfDut:
         self.uart.write(data + b"\r\n")
 
     def timer_us(self, t: float) -> int:
-        return (self.board.timer_start_us + int((t - self.boot_t) * 1e6)) % TIMER_WRAP
+        return (self.board.timer_start_us + int((t - self.start_t) * 1e6)) % TIMER_WRAP
 
     def lap(self, t: float) -> None:
         self.say(f"m-lap-us-{self.timer_us(t)}")
@@ -239,15 +294,22 @@ class MlperfDut:
     # -- boot and main loop -------------------------------------------------------------------
 
     def run(self) -> None:
-        self.board.post_power("idle_w", self.boot_t)
-        self.say("m-timestamp-mode-performance")
-        self.lap(self.boot_t)
-        self._load_model()  # th_final_initialize
+        """Boot (the module docstring's timeline), then the parser's loop."""
+        board = self.board
+        board.post_power("idle_w", self.start_t)
+        banner = self.start_t + board.boot_ms / 1e3
+        board.reset_line.sleep_until(banner)
+        self.say("m-timestamp-mode-performance")  # th_timestamp_initialize
+        self.lap(banner)
+        self._load_model()  # th_final_initialize, in host time; the device's time is model_init_ms
+        done = banner + board.model_init_ms / 1e3
+        board.reset_line.sleep_until(done)
         if self.refusal:
             self.say(f"e-[{self.refusal}]")
         self.say("m-init-done")
+        board.last_boot = BootTimes(board.reset_t, self.start_t, banner, max(done, time.monotonic()))
         self.say("m-ready")
-        self.board.booted()
+        board.booted()
         while True:
             data = self.uart.read_until(b"%")
             self.command(data[:-1])
@@ -437,6 +499,8 @@ class SimMcuBoard:
         strap_delay_s: float = 0.15,
         devices_dir: str | Path | None = None,
         reply_crc: bool = True,
+        boot_ms: float = BOOT_MS,
+        model_init_ms: float = MODEL_INIT_MS,
     ):
         self.name = name
         self.family = family if isinstance(family, BoardFamily) else load_family(family, devices_dir)
@@ -444,6 +508,9 @@ class SimMcuBoard:
             raise LabConfigError(f"{name}: family {self.family.name} is not an MCU family")
         if speed_factor <= 0:
             raise LabConfigError(f"{name}: speed_factor must be > 0, got {speed_factor}")
+        if boot_ms < 0 or model_init_ms < 0:
+            raise LabConfigError(f"{name}: need boot_ms, model_init_ms >= 0: {boot_ms}, {model_init_ms}")
+        self.boot_ms, self.model_init_ms = boot_ms, model_init_ms
         self.bus_channel = bus_channel
         self.speed_factor = speed_factor
         self.vendor = vendor or self.family.name
@@ -484,6 +551,8 @@ class SimMcuBoard:
         self._stopping = False
         self._boots = 0
         self._in_rom = False
+        self.reset_t = 0.0  # host time of the last reset edge
+        self.last_boot: BootTimes | None = None
         self.firmware: MlperfDut | None = None
         self._cpu: threading.Thread | None = None
 
@@ -520,6 +589,8 @@ class SimMcuBoard:
             if en_low and not self._en_low:
                 self._halted = False
                 self._enter_reset()
+            elif self._en_low and not en_low:
+                self.reset_t = time.monotonic()  # EN released; the chip starts after the strap delay
             self._en_low = en_low
             self._cv.notify_all()
 
@@ -531,6 +602,7 @@ class SimMcuBoard:
             self._request = download
             self._halted = False
             self._enter_reset()
+            self.reset_t = time.monotonic()
             self._cv.notify_all()
         if wait:
             self._wait_boot(boots)
@@ -567,6 +639,7 @@ class SimMcuBoard:
 
     def _run_chip(self) -> None:
         download: bool | None = False  # power-on
+        self.reset_t = time.monotonic()
         while download is not None:
             self.uart.reboot()
             self.firmware = None
@@ -607,7 +680,8 @@ class SimMcuBoard:
         """Write `image` as a full flash of this family's layout would; one too big is refused."""
         if len(image) > self.flash.size_bytes:
             raise SimBoardError(
-                f"{self.name}: cannot flash a {len(image):,} B image: it exceeds flash {self.family.flash_kib:,} KiB"
+                f"{self.name}: cannot flash a {len(image):,} B image: "
+                f"it exceeds flash {self.family.flash_kib:,} KiB"
             )
         self.flash.erase()
         if not self._esp32_layout:
@@ -647,7 +721,8 @@ class SimMcuBoard:
         m = dut.model if dut else None
         refused = dut.refusal if dut else None
         if self._in_rom:
-            refused = f"the boot ROM did not start the application: {getattr(self.boot_rom, 'last_boot', '').strip()}"
+            rom_said = getattr(self.boot_rom, "last_boot", "").strip()
+            refused = f"the boot ROM did not start the application: {rom_said}"
         return {
             "board": self.name,
             "family": self.family.name,

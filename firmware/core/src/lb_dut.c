@@ -14,9 +14,25 @@
 
 #define FW_VERSION "ULPMark for tinyML Firmware V0.0.1"
 
+/* The MLPerf Tiny reference models (labbench.modelinfo.MLPERF_TINY holds the same table; the
+ * host tests check that they agree). */
+static const lb_mlperf_model mlperf_models[] = {
+    {"ic01", "3c002613d1b2475eb51dd78dfb85a546c8ae658dee71cf6ade43b022fe205415", LB_INPUT_U8_MINUS_128,
+     LB_RESULTS_OUTPUTS},
+    {"kws01", "aeea436800704fce17b17292e4412630ad856e9d777c044c64ef748a880bd0ae", LB_INPUT_TENSOR,
+     LB_RESULTS_OUTPUTS},
+    {"vww01", "597a384c8c2c8a1276f04702f25013b7838f2f814f1ca7c174d295b73e3d6b7b", LB_INPUT_U8_MINUS_128,
+     LB_RESULTS_OUTPUTS},
+    {"ad01", "87cf24194ef93d1d9b11a591d805526b98008e351655d29883c825c9c106ba24", LB_INPUT_F32_QUANTIZED,
+     LB_RESULTS_MSE},
+};
+
 static struct {
     const lb_dut_config *cfg;
     char model_sha256[65];
+    const lb_mlperf_model *mlperf; /* the reference model this is, or NULL */
+    float input_scale;             /* the int8 input's quantization (MLPerf models) */
+    int32_t input_zero_point;
     const char *model_error; /* why lb_model_init failed, or NULL */
     char cmd[LB_CMD_MAX_CHARS + 1];
     size_t cmd_len;
@@ -25,7 +41,24 @@ static struct {
     size_t db_size; /* bytes announced by the last accepted `db load` (0: none) */
     size_t db_pos;  /* bytes received since */
     int have_results;
+    float mse; /* the result of an LB_RESULTS_MSE model's last infer */
 } s;
+
+const lb_mlperf_model *lb_mlperf_find(const char *sha256_hex, const char *name)
+{
+    size_t i, n = sizeof mlperf_models / sizeof mlperf_models[0];
+    for (i = 0; i < n; i++) {
+        if (sha256_hex != NULL && strcmp(sha256_hex, mlperf_models[i].sha256) == 0) {
+            return &mlperf_models[i];
+        }
+    }
+    for (i = 0; i < n; i++) {
+        if (name != NULL && strcmp(name, mlperf_models[i].id) == 0) {
+            return &mlperf_models[i];
+        }
+    }
+    return NULL;
+}
 
 static void print_timestamp(void)
 {
@@ -95,7 +128,7 @@ static int hex_value(char c)
 static void cmd_profile(void)
 {
     lb_printf("m-profile-[%s]\r\n", FW_VERSION);
-    lb_printf("m-model-[%s]\r\n", s.cfg->model_name);
+    lb_printf("m-model-[%s]\r\n", s.mlperf != NULL ? s.mlperf->id : s.cfg->model_name);
     lb_printf("m-ext-[crc32]\r\n");
     lb_printf("m-model-sha256-[%s]\r\n", s.model_sha256);
     lb_printf("m-model-bytes-[%lu]\r\n", (unsigned long)s.cfg->model_bytes);
@@ -214,6 +247,10 @@ static void cmd_results(void)
         lb_printf("e-[No results: run 'infer' first]\r\n");
         return;
     }
+    if (s.mlperf != NULL && s.mlperf->results == LB_RESULTS_MSE) {
+        lb_printf("m-results-[%f]\r\n", (double)s.mse);
+        return;
+    }
     n = lb_model_output_count();
     lb_printf("m-results-[");
     for (i = 0; i < n; i++) {
@@ -222,15 +259,94 @@ static void cmd_results(void)
     lb_printf("]\r\n");
 }
 
-/* One run of the model on the loaded input; prints the error and returns 0 on failure. */
-static int run_once(void)
+/* The reference's QuantizeFloatToInt8: round(value / scale) + zero point, clamped to int8, with
+ * round() done without libm (halves away from zero). A NaN quantizes to the zero point. */
+static int8_t quantize(float value, float scale, int32_t zero_point)
 {
-    const char *err = lb_model_invoke(s.db, s.db_size);
+    float q = value / scale;
+    long v;
+    if (q != q) {
+        q = 0.0f;
+    }
+    q = q > 1e6f ? 1e6f : q < -1e6f ? -1e6f : q;
+    v = (long)(q >= 0.0f ? (double)q + 0.5 : (double)q - 0.5) + zero_point; /* truncates */
+    return (int8_t)(v < -128 ? -128 : v > 127 ? 127 : v);
+}
+
+/* The `db` bytes an infer needs: the model's input in its format. */
+static size_t input_bytes(void)
+{
+    size_t n = lb_model_input_bytes();
+    return s.mlperf != NULL && s.mlperf->input == LB_INPUT_F32_QUANTIZED ? 4u * n : n;
+}
+
+/* Once per infer, untimed (the reference's th_load_tensor): where the input tensor's bytes come
+ * from. AD's floats (little-endian, as on every board here) are quantized into the buffer after
+ * them, so they stay for the MSE; the uint8 images are converted as they are copied. */
+static const uint8_t *prepare_input(void)
+{
+    size_t i, n = lb_model_input_bytes();
+    float x;
+    if (s.mlperf == NULL || s.mlperf->input != LB_INPUT_F32_QUANTIZED) {
+        return s.db;
+    }
+    for (i = 0; i < n; i++) {
+        memcpy(&x, s.db + 4u * i, sizeof x);
+        s.db[s.db_size + i] = (uint8_t)quantize(x, s.input_scale, s.input_zero_point);
+    }
+    return s.db + s.db_size;
+}
+
+/* One run of the model on `input` (from prepare_input), copied into the input tensor first: the
+ * per-model input conversion. Prints the error and returns 0 on failure. */
+static int run_once(const uint8_t *input)
+{
+    uint8_t *tensor = lb_model_input();
+    size_t i, n = lb_model_input_bytes();
+    const char *err;
+    if (s.mlperf != NULL && s.mlperf->input == LB_INPUT_U8_MINUS_128) {
+        for (i = 0; i < n; i++) {
+            tensor[i] = (uint8_t)(input[i] ^ 0x80u); /* (uint8 - 128) as int8 */
+        }
+    } else {
+        memcpy(tensor, input, n);
+    }
+    err = lb_model_invoke();
     if (err != NULL) {
         lb_printf("e-[Inference failed: %s]\r\n", err);
         return 0;
     }
     return 1;
+}
+
+/* ad01's result: the mean squared error of the dequantized reconstruction against the float
+ * input, summed in order in float as the reference's calculate_result does. */
+static float reconstruction_mse(void)
+{
+    size_t i, n = lb_model_output_count();
+    float sum = 0.0f, x, d;
+    for (i = 0; i < n; i++) {
+        memcpy(&x, s.db + 4u * i, sizeof x);
+        d = lb_model_output(i) - x;
+        sum += d * d;
+    }
+    return sum / (float)n;
+}
+
+/* Why the model cannot run as the reference model it is taken for, or NULL. */
+static const char *check_mlperf(void)
+{
+    size_t n = lb_model_input_bytes();
+    if (!lb_model_input_int8(&s.input_scale, &s.input_zero_point)) {
+        return "the MLPerf Tiny input format needs an int8 input tensor";
+    }
+    if (s.mlperf->input == LB_INPUT_F32_QUANTIZED && 5u * n > LB_DB_CAPACITY_BYTES) {
+        return "the float input and its quantized copy exceed the db buffer";
+    }
+    if (s.mlperf->results == LB_RESULTS_MSE && lb_model_output_count() != n) {
+        return "the MSE result needs as many outputs as inputs";
+    }
+    return NULL;
 }
 
 /* The reference's ee_infer. The input is copied in before every run, not once: TFLM reuses the
@@ -241,6 +357,7 @@ static void cmd_infer(char **cursor)
 {
     unsigned long n = 1, w = 10, i;
     size_t expected;
+    const uint8_t *input;
     char *arg = next_token(cursor);
 
     if (arg != NULL) {
@@ -258,7 +375,7 @@ static void cmd_infer(char **cursor)
         lb_printf("e-[No model: %s]\r\n", s.model_error);
         return;
     }
-    expected = lb_model_input_bytes();
+    expected = input_bytes();
     if (s.db_size != expected) {
         lb_printf("e-[Input is %lu bytes; the model expects %lu]\r\n", (unsigned long)s.db_size,
                   (unsigned long)expected);
@@ -271,9 +388,10 @@ static void cmd_infer(char **cursor)
     }
 
     s.have_results = 0;
+    input = prepare_input();
     lb_printf("m-warmup-start-%lu\r\n", w);
     for (i = 0; i < w; i++) {
-        if (!run_once()) {
+        if (!run_once(input)) {
             return;
         }
     }
@@ -281,12 +399,15 @@ static void cmd_infer(char **cursor)
     lb_printf("m-infer-start-%lu\r\n", n);
     print_timestamp();
     for (i = 0; i < n; i++) {
-        if (!run_once()) {
+        if (!run_once(input)) {
             return;
         }
     }
     print_timestamp();
     lb_printf("m-infer-done\r\n");
+    if (s.mlperf != NULL && s.mlperf->results == LB_RESULTS_MSE) {
+        s.mse = reconstruction_mse();
+    }
     s.have_results = 1;
     cmd_results();
 }
@@ -337,9 +458,13 @@ void lb_dut_init(const lb_dut_config *cfg)
     s.cfg = cfg;
     lb_out_set_crc(0); /* a reset ends the crc32 extension; the host turns it on again */
     lb_sha256_hex(cfg->model, cfg->model_bytes, s.model_sha256);
+    s.mlperf = lb_mlperf_find(s.model_sha256, cfg->model_name);
     lb_printf("m-timestamp-mode-performance\r\n");
     print_timestamp();
     s.model_error = lb_model_init(cfg->model, cfg->model_bytes, cfg->arena, cfg->arena_bytes);
+    if (s.model_error == NULL && s.mlperf != NULL) {
+        s.model_error = check_mlperf();
+    }
     if (s.model_error != NULL) {
         lb_printf("e-[Model initialisation failed: %s]\r\n", s.model_error);
     }

@@ -12,6 +12,13 @@
  * caught by the host. `crc32 off%` (reply `m-crc32-[off]`, untagged) and every reset
  * (lb_dut_init) turn it off; the host turns it on again after a reset. Hosts that never send
  * `crc32` (MLCommons' runner) see the reference's replies.
+ *
+ * MLPerf Tiny reference models. A model found by lb_mlperf_find (its sha256, or a model name that
+ * is one of the IDs) is reported by its ID (`m-model-[ic01]`) and takes the `db` input of its
+ * reference firmware, which is what MLCommons' runner sends: the per-model input conversion below
+ * makes the input tensor of those bytes, as the reference th_load_tensor does; for ad01 `m-results`
+ * holds the reconstruction's mean squared error, as the reference th_results prints it. Other
+ * models are reported by `model_name` and take the raw bytes of their input tensor.
  */
 #ifndef LB_DUT_H
 #define LB_DUT_H
@@ -31,9 +38,34 @@ extern "C" {
 #define LB_DB_CAPACITY_BYTES 27648u
 #endif
 
+/* The `db` input format of a model (labbench.modelinfo.MlperfModel.input). */
+typedef enum {
+    LB_INPUT_TENSOR,         /* the input tensor's own bytes */
+    LB_INPUT_U8_MINUS_128,   /* uint8 per element, 128 subtracted into the int8 tensor (IC, VWW) */
+    LB_INPUT_F32_QUANTIZED   /* little-endian float32 per element, quantized with the int8 input's
+                                scale and zero point: round() (halves away from zero), clamped (AD) */
+} lb_input_format;
+
+/* What `m-results-[...]` holds. */
+typedef enum {
+    LB_RESULTS_OUTPUTS, /* the output tensor, dequantized */
+    LB_RESULTS_MSE      /* one value: mean of (dequantized output - float input)^2, summed in order */
+} lb_results_format;
+
+typedef struct {
+    const char *id;     /* what profile% reports */
+    const char *sha256; /* of the reference .tflite (mlcommons/tiny benchmark/training/...) */
+    lb_input_format input;
+    lb_results_format results;
+} lb_mlperf_model;
+
+/* The reference model whose .tflite has this sha256 (64 lower-case hex digits), else the one whose
+ * ID is `name` (a build of another model that declares itself, say, ic01), else NULL. */
+const lb_mlperf_model *lb_mlperf_find(const char *sha256_hex, const char *name);
+
 typedef struct {
     const char *vendor;     /* name%    -> m-name-dut-[<vendor>] */
-    const char *model_name; /* profile% -> m-model-[<model_name>] */
+    const char *model_name; /* profile% -> m-model-[<model_name>], or the MLPerf Tiny ID */
     const uint8_t *model;   /* the .tflite flatbuffer; its sha256 is reported by profile% */
     size_t model_bytes;
     uint8_t *arena; /* the model runtime's working memory */

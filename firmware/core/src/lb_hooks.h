@@ -32,11 +32,16 @@ uint32_t lb_platform_timestamp_us(void);
 const char *lb_model_init(const uint8_t *model, size_t model_bytes, uint8_t *arena,
                           size_t arena_bytes);
 
-/* Size of the model's input tensor in bytes: what `db load N` must announce. */
+/* The model's input tensor: its memory, which the core fills before every run, and its size in
+ * bytes. */
+uint8_t *lb_model_input(void);
 size_t lb_model_input_bytes(void);
 
-/* Copy `input` (raw bytes of the input tensor) into the model, then run it once. */
-const char *lb_model_invoke(const uint8_t *input, size_t input_bytes);
+/* 1 when the input tensor is int8, with its quantization in *scale and *zero_point; else 0. */
+int lb_model_input_int8(float *scale, int32_t *zero_point);
+
+/* Run the model once on its input tensor. */
+const char *lb_model_invoke(void);
 
 /* Number of elements in the output tensor, and element `index` dequantized to float. */
 size_t lb_model_output_count(void);

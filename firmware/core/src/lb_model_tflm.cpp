@@ -5,8 +5,6 @@
 #include <TensorFlowLite.h>  // lets the Arduino builder find the Arduino_TensorFlowLite library
 #endif
 
-#include <cstring>
-
 #include "lb_hooks.h"
 #include "tensorflow/lite/micro/micro_interpreter.h"
 #include "tensorflow/lite/micro/micro_mutable_op_resolver.h"
@@ -77,20 +75,31 @@ const char *lb_model_init(const uint8_t *model, size_t model_bytes, uint8_t *are
     return nullptr;
 }
 
+uint8_t *lb_model_input(void)
+{
+    // The core writes the input here before every run: the memory planner reuses the input
+    // tensor's arena space for later layers, so a run may overwrite it (tflite-micro#2290).
+    return reinterpret_cast<uint8_t *>(interpreter->input(0)->data.raw);
+}
+
 size_t lb_model_input_bytes(void)
 {
     return interpreter->input(0)->bytes;
 }
 
-const char *lb_model_invoke(const uint8_t *input, size_t input_bytes)
+int lb_model_input_int8(float *scale, int32_t *zero_point)
 {
-    TfLiteTensor *in = interpreter->input(0);
-    if (input_bytes != in->bytes) {
-        return "input size differs from the input tensor";
+    const TfLiteTensor *in = interpreter->input(0);
+    if (in->type != kTfLiteInt8) {
+        return 0;
     }
-    // Before every run: the memory planner reuses the input tensor's arena space for later
-    // layers, so the previous run may have overwritten it (tflite-micro#2290).
-    std::memcpy(in->data.raw, input, input_bytes);
+    *scale = in->params.scale;
+    *zero_point = in->params.zero_point;
+    return 1;
+}
+
+const char *lb_model_invoke(void)
+{
     return interpreter->Invoke() == kTfLiteOk ? nullptr : "Invoke failed";
 }
 

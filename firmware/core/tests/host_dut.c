@@ -2,13 +2,17 @@
  * the fake model (fake_model.c), whose runs busy-wait INVOKE_US. Put it behind a pty to drive it
  * with a real serial client, as tests/test_firmware_core.py does with the bench's DutSerial:
  *
- *     host_dut [INPUT_BYTES [INVOKE_US]]     (defaults: 4 bytes, 0 us)
+ *     host_dut [INPUT_BYTES [INVOKE_US [MODEL_FILE]]]     (defaults: 4 bytes, 0 us)
+ *
+ * MODEL_FILE's bytes are what the core hashes and reports (named by the file's stem), so an MLPerf
+ * Tiny reference model makes it take that model's input format; the fake model still runs.
  */
 #define _POSIX_C_SOURCE 200809L
 
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -60,12 +64,34 @@ void fake_spend_us(uint32_t us)
     }
 }
 
+/* The whole file `path` (malloc'd; NULL when it cannot be read), its size in *n. */
+static uint8_t *read_file(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    uint8_t *data = NULL;
+    long size;
+    if (f == NULL) {
+        return NULL;
+    }
+    if (fseek(f, 0, SEEK_END) == 0 && (size = ftell(f)) > 0 && fseek(f, 0, SEEK_SET) == 0) {
+        data = malloc((size_t)size);
+        if (data != NULL && fread(data, 1, (size_t)size, f) != (size_t)size) {
+            free(data);
+            data = NULL;
+        }
+        *n = (size_t)size;
+    }
+    fclose(f);
+    return data;
+}
+
 int main(int argc, char **argv)
 {
-    static const uint8_t model[] = "labbench host model";
+    static const uint8_t builtin[] = "labbench host model";
     static uint8_t arena[16];
-    static const lb_dut_config config = {
-        "host_dut", "fake01", model, sizeof model - 1, arena, sizeof arena,
+    static char name[65] = "fake01";
+    static lb_dut_config config = {
+        "host_dut", name, builtin, sizeof builtin - 1, arena, sizeof arena,
     };
 
     fake_model_reset();
@@ -75,8 +101,15 @@ int main(int argc, char **argv)
     if (argc > 2) {
         fake_invoke_us = (uint32_t)strtoul(argv[2], NULL, 10);
     }
-    if (argc > 3 || fake_input_bytes == 0 || fake_input_bytes > LB_DB_CAPACITY_BYTES) {
-        fprintf(stderr, "usage: host_dut [INPUT_BYTES (1..%lu) [INVOKE_US]]\n",
+    if (argc > 3) {
+        const char *base = strrchr(argv[3], '/') ? strrchr(argv[3], '/') + 1 : argv[3];
+        config.model = read_file(argv[3], &config.model_bytes);
+        strncpy(name, base, sizeof name - 1);
+        name[strcspn(name, ".")] = '\0';
+    }
+    if (argc > 4 || config.model == NULL || fake_input_bytes == 0 ||
+        fake_input_bytes > LB_DB_CAPACITY_BYTES) {
+        fprintf(stderr, "usage: host_dut [INPUT_BYTES (1..%lu) [INVOKE_US [MODEL_FILE]]]\n",
                 (unsigned long)LB_DB_CAPACITY_BYTES);
         return 2;
     }
