@@ -7,6 +7,7 @@ board that still fails is quarantined for the rest of the run."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,8 +19,14 @@ from labbench.measure.run import Outcome, RunSettings, measure
 from labbench.payloads import Payload, all_payloads
 from labbench.pytest_plugin import Recovery
 
-PAYLOADS = all_payloads()
 DEFAULT_PAYLOAD = "digits_mlp_int8"
+
+
+@functools.cache
+def payloads() -> dict[str, Payload]:
+    """The payloads of this run, found once when a test first needs them (not at import: `--list-boards`
+    and `--help` stay free of numpy and the runtimes)."""
+    return all_payloads()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -37,8 +44,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "payload" in metafunc.fixturenames:
-        names = getattr(metafunc.function, "payloads", None) or list(PAYLOADS)
-        metafunc.parametrize("payload", [PAYLOADS[n] for n in names if n in PAYLOADS], ids=lambda p: p.name,
+        found = payloads()
+        names = getattr(metafunc.function, "payloads", None) or list(found)
+        metafunc.parametrize("payload", [found[n] for n in names if n in found], ids=lambda p: p.name,
                              scope="session")
 
 
@@ -103,7 +111,7 @@ class Bench:
 @pytest.fixture(scope="session")
 def default_payload() -> Payload:
     """The payload every board can hold: the int8 digits classifier."""
-    return PAYLOADS[DEFAULT_PAYLOAD]
+    return payloads()[DEFAULT_PAYLOAD]
 
 
 @pytest.fixture(scope="session")
