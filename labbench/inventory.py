@@ -287,6 +287,13 @@ class McuSim(_SimSettings):
     reply_crc: bool = None
     boot_ms: float = Field(None, ge=0)
     model_init_ms: float = Field(None, ge=0)
+    seed: int | str = None  # of its latency jitter and power noise (default: the board's name)
+    # wider spreads would trip the bench's check that a window lasts at least half the time per inference
+    # seen before (labbench.drivers.dut_serial WINDOW_MIN_FRACTION)
+    jitter_pct: float = Field(None, ge=0, le=10)
+    outlier_rate: float = Field(None, ge=0, le=1)
+    outlier_pct: float = Field(None, ge=0, le=25)
+    power_noise_pct: float = Field(None, ge=0, le=20)
 
 
 class LinuxSim(_SimSettings):
@@ -294,6 +301,8 @@ class LinuxSim(_SimSettings):
 
     python: Annotated[str, _matching(r"/.+", "an absolute path")] = None  # the interpreter of its python3
     sample_period_s: float = Field(None, gt=0)
+    seed: int | str = None  # of its power noise (default: the board's name)
+    power_noise_pct: float = Field(None, ge=0, le=20)
 
 
 class Pm1000Sim(_SimSettings):

@@ -983,14 +983,15 @@ X = digits_samples()
 
 @pytest.fixture(scope="module", params=["crc", "reference"])
 def sim(request):
-    """The simulated ESP32 (digits model, 114 µs per inference, 921600 baud) with the project's reply-CRC
-    extension, or without it as MLPerf's reference firmware."""
+    """The simulated ESP32 (digits model, exactly 114 µs per inference: no jitter, 921600 baud) with the
+    project's reply-CRC extension, or without it as MLPerf's reference firmware."""
     board = SimMcuBoard(
         f"esp32-{request.param}",
         family="esp32_devkitc",
         model_path=DIGITS,
         baud=921600,
         reply_crc=request.param == "crc",
+        jitter_pct=0,
     )
     board.start()
     yield board

@@ -1,4 +1,5 @@
-"""The power bus ledger: exact integration, overlays, pruning with a kept total, concurrent writers."""
+"""The power bus ledger: exact integration, overlays, pruning with a kept total, concurrent writers,
+level noise."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from labbench.sim.powerbus import Constant, PowerBus, PowerChannel, SquareWave
+from labbench.sim.powerbus import Constant, LevelNoise, PowerBus, PowerChannel, SquareWave, derive_seed
 
 
 class FakeClock:
@@ -127,3 +128,33 @@ def test_voltage_and_invalid_patterns(channel: PowerChannel) -> None:
         channel.set_voltage(0.0)
     with pytest.raises(ValueError):
         SquareWave(0.8, 2.4, burst_s=0.2, period_s=0.1)
+
+
+def test_level_noise_is_integrated_exactly_and_adds_no_entries(channel: PowerChannel) -> None:
+    channel.set_power(2.0, t=1000.0, noise=LevelNoise(5.0, seed=1))
+    assert len(channel._segments) == 1  # the one level posted (from the channel's origin): no entry per cell
+    t0, t1 = 1000.0137, 1001.2421  # cells cut at both ends
+    levels = channel.levels(t0, t1)
+    assert len(levels) == 124 and sum(levels.values()) == pytest.approx(t1 - t0, rel=1e-12)
+    assert channel.energy_j(t0, t1) == pytest.approx(numeric_energy(channel, t0, t1, n=24_000), rel=2e-5)
+    s = channel.stats(t0, t1)
+    assert (s.peak_power_w, s.min_power_w) == (max(levels), min(levels))
+    assert channel.power_w(1000.0137) == channel.power_w(1000.0199) != channel.power_w(1000.0201)
+
+
+def test_level_noise_is_a_function_of_seed_and_cell() -> None:
+    noise = LevelNoise(2.0, derive_seed("esp32", "power"))
+    factors = noise.factors(np.arange(200_000))
+    assert factors.mean() == pytest.approx(1.0, abs=4 * 0.02 / np.sqrt(200_000))
+    assert factors.std() == pytest.approx(0.02, rel=4 / np.sqrt(400_000))
+    assert np.array_equal(noise.factors(np.arange(1000, 1010)), factors[1000:1010])  # any block, same draws
+    assert derive_seed("esp32", "power") == derive_seed("esp32", "power") != derive_seed("esp33", "power")
+    other = LevelNoise(2.0, derive_seed("esp33", "power")).factors(np.arange(1000))
+    assert abs(np.corrcoef(factors[:1000], other)[0, 1]) < 0.15
+    with pytest.raises(ValueError):
+        LevelNoise(-1.0, 0)
+
+
+def test_zero_noise_posts_a_constant(channel: PowerChannel) -> None:
+    channel.set_power(1.5, t=1000.0, noise=LevelNoise(0.0, seed=1))
+    assert channel.levels(1000.0, 1002.0) == {1.5: 2.0}

@@ -171,7 +171,8 @@ def test_lab_yaml_fault_errors_name_the_line_and_key(tmp_path):
 
 @pytest.fixture(scope="module")
 def esp32():
-    board = SimMcuBoard("esp32", family="esp32_devkitc", model_path=DIGITS, baud=BAUD)
+    """Exact timing (no jitter): a run after a fault must give the clean run's very numbers."""
+    board = SimMcuBoard("esp32", family="esp32_devkitc", model_path=DIGITS, baud=BAUD, jitter_pct=0)
     board.uart.faults.reset = board.reset
     board.start()
     yield board

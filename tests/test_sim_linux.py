@@ -15,7 +15,7 @@ import pytest
 from labbench.catalog import load_family
 from labbench.drivers.ssh import SshBoard
 from labbench.sim.linux import SimBoardError, SimLinuxBoard
-from labbench.sim.powerbus import PowerBus
+from labbench.sim.powerbus import POWER_NOISE_PCT, PowerBus
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "fixtures" / "models" / "digits_mlp_int8.tflite"
@@ -29,10 +29,13 @@ def free_port() -> int:
 
 
 def start_board(tmp_path: Path, bus: PowerBus, name: str = "rpi4", family: str = "rpi4b",
-                power_mode: str | None = None) -> SimLinuxBoard:
+                power_mode: str | None = None, power_noise_pct: float = 0.0) -> SimLinuxBoard:
+    """A board posting exact power levels unless given `power_noise_pct` (tests/test_sim_jitter.py covers
+    the noise)."""
     sim = SimLinuxBoard(name, "127.0.0.1", free_port(), load_family(family), bus.channel(f"pm_{name}:1"),
                         key=tmp_path / "keys" / "id_ed25519", known_hosts=tmp_path / "known_hosts",
-                        power_mode=power_mode, state_dir=tmp_path / "state" / name)
+                        power_mode=power_mode, state_dir=tmp_path / "state" / name,
+                        power_noise_pct=power_noise_pct)
     sim.start()
     return sim
 
@@ -41,6 +44,15 @@ def start_board(tmp_path: Path, bus: PowerBus, name: str = "rpi4", family: str =
 def rpi(tmp_path):
     bus = PowerBus()
     sim = start_board(tmp_path, bus)
+    yield sim, bus.channel("pm_rpi4:1")
+    sim.stop()
+
+
+@pytest.fixture
+def noisy_rpi(tmp_path):
+    """With the default power noise on its levels."""
+    bus = PowerBus()
+    sim = start_board(tmp_path, bus, power_noise_pct=POWER_NOISE_PCT)
     yield sim, bus.channel("pm_rpi4:1")
     sim.stop()
 
@@ -153,10 +165,10 @@ def test_jetson_power_follows_its_power_mode(tmp_path):
             sim.stop()
 
 
-def test_pm1000_measures_the_energy_the_ledger_says_the_simulated_pi_drew(rpi):
+def test_pm1000_measures_the_energy_the_ledger_says_the_simulated_pi_drew(noisy_rpi):
     pm1000_sim = pytest.importorskip("labbench.sim.pm1000", reason="no PM1000+ simulator yet")
     pm1000 = pytest.importorskip("labbench.instruments.pm1000", reason="no PM1000+ driver yet")
-    sim, channel = rpi
+    sim, channel = noisy_rpi
     board = SshBoard(sim.name, sim.host, sim.port, sim.user, sim.key, sim.known_hosts, ssh_config=None)
     board.deploy(MODEL)
     with np.load(DATASET) as d:

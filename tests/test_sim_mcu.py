@@ -69,7 +69,11 @@ def digits_test_set() -> tuple[np.ndarray, np.ndarray]:
 
 
 def start(**kwargs) -> SimMcuBoard:
+    """A board with the device model's exact timing and power levels: these tests are about the firmware
+    and its plumbing (tests/test_sim_jitter.py covers the jitter and noise)."""
     kwargs.setdefault("model_path", DIGITS)
+    kwargs.setdefault("jitter_pct", 0)
+    kwargs.setdefault("power_noise_pct", 0)
     board = SimMcuBoard(kwargs.pop("name", "sim"), **kwargs)
     board.start()
     return board

@@ -24,7 +24,9 @@ idle_w + (active_w - idle_w) x utilisation to the bus channel, timestamped on ti
 Utilisation is CPU seconds per second, capped at 1: the family's active_w is the board running
 inferences back to back, which is what one busy core of the runner does (CPU time a period shows
 beyond its length, tick rounding mostly, is carried into the next). The value posted at t is the
-mean over the period that ended at t (the bus is never rewritten after the fact).
+mean over the period that ended at t (the bus is never rewritten after the fact). Every level posted
+carries powerbus.LevelNoise of `power_noise_pct` % (default POWER_NOISE_PCT; 0: exact levels), drawn
+from `seed` (default: the board's name), as the simulated MCU boards' do.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from typing import Any, Self
 
 from labbench.errors import HardwareError
 from labbench.inventory import USER_NAME
+from labbench.sim.powerbus import POWER_NOISE_PCT, LevelNoise, derive_seed
 
 SSHD = "/usr/sbin/sshd"
 NSS_WRAPPER_GLOBS = ("/usr/lib/*/libnss_wrapper.so*", "/usr/lib/libnss_wrapper.so*",
@@ -135,7 +138,8 @@ class SimLinuxBoard:
     def __init__(self, name: str, host: str, port: int, family: Any, bus_channel: Any,
                  user: str | None = None, key: Path | None = None, known_hosts: Path | None = None,
                  power_mode: str | None = None, state_dir: Path | None = None, python: str = sys.executable,
-                 sample_period_s: float = 0.1):
+                 sample_period_s: float = 0.1, seed: int | str | None = None,
+                 power_noise_pct: float = POWER_NOISE_PCT):
         self.name, self.host, self.port, self.family = name, host, port, family
         self.channel, self.power_mode = bus_channel, power_mode
         _, self.power = family.profile(power_mode)
@@ -146,6 +150,7 @@ class SimLinuxBoard:
         self.known_hosts = Path(known_hosts) if known_hosts else None
         self.state_dir = Path(state_dir) if state_dir else None
         self.python, self.sample_period_s = python, sample_period_s
+        self.power_noise = LevelNoise(power_noise_pct, derive_seed(name if seed is None else seed, "power"))
         self._proc: subprocess.Popen | None = None
         self._sampler: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -188,7 +193,7 @@ class SimLinuxBoard:
         except BaseException:
             self._halt()  # state_dir stays, with sshd.log, until the next start or stop
             raise
-        self.channel.set_power(self.power.idle_w)
+        self.channel.set_power(self.power.idle_w, noise=self.power_noise)
         self._stopping.clear()
         self._sampler = threading.Thread(target=self._sample, name=f"{self.name}-power", daemon=True)
         self._sampler.start()
@@ -290,7 +295,7 @@ class SimLinuxBoard:
             # CPU time is counted in clock ticks: what a period shows beyond its length is carried into
             # the next (at most one period's worth), so energy follows CPU time without the cap eating it
             carry_s = min(busy_s - utilisation * (t - prev_t), self.sample_period_s)
-            self.channel.set_power(idle_w + (active_w - idle_w) * utilisation, t)
+            self.channel.set_power(idle_w + (active_w - idle_w) * utilisation, t, noise=self.power_noise)
             prev_cpu_s, prev_t = cpu_s, t
 
     # ------------------------------------------------------------------ stop

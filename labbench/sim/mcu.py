@@ -5,9 +5,9 @@ rate) behind which a simulated chip boots the model in its flash and answers the
 protocol (../shared/reference/mlperf-tiny-dut-protocol.md) as the reference firmware does: the
 same commands, replies, error texts and 80-character command buffer. Inferences run the real
 TensorFlow Lite Micro interpreter, so outputs are genuine; how long they take comes from the
-family's device model (catalog), and the DUT's `m-lap-us-` timestamps follow that time (a deadline
-loop on the host clock). Power states (idle, upload, inference) go to the board's power bus
-channel at the instants they begin.
+family's device model (catalog), with jitter (below), and the DUT's `m-lap-us-` timestamps follow
+that time (a deadline loop on the host clock). Power states (idle, upload, inference) go to the
+board's power bus channel at the instants they begin, with level noise (below).
 
 MLPerf Tiny reference models (labbench.modelinfo.MLPERF_TINY, recognised by sha256, or by an installed
 name that is one of their IDs) run as their reference firmware runs them: `profile` reports the ID
@@ -36,7 +36,8 @@ Constructor (plain arguments; the sim lab passes lab.yaml's `sim:` block through
                 model_path=None, firmware=None, *, speed_factor=1.0, vendor=None, baud=None,
                 boot_rom=None, rx_fifo_bytes=256, tx_buffer_bytes=256, timer_start_us=0,
                 strap_delay_s=0.15, devices_dir=None, reply_crc=True, boot_ms=BOOT_MS,
-                model_init_ms=MODEL_INIT_MS)
+                model_init_ms=MODEL_INIT_MS, seed=None, jitter_pct=JITTER_PCT,
+                outlier_rate=OUTLIER_RATE, outlier_pct=OUTLIER_PCT, power_noise_pct=POWER_NOISE_PCT)
 
 `speed_factor` scales the device model's latency (> 1: a slower device, for regression tests);
 `baud` is the chip's UART rate (default: the family's `serial_baud`); `rx_fifo_bytes` and
@@ -53,6 +54,18 @@ application's own start-up (C runtime, clocks, UART) is small next to those; MOD
 000's "Model Load (cold): 15ms" (its INT8 latency breakdown), for every model and family (the
 firmware core's SHA-256 of the model at boot is not modelled). `last_boot` holds the host times of
 the last boot (`BootTimes`), the ground truth for the bench's cold-start measurement.
+
+Jitter and noise, so that statistics, budgets and gates see data that looks like hardware. Each
+inference (warm-ups included) takes the device model's latency x speed_factor x a factor: lognormal
+with mean 1 and a coefficient of variation of `jitter_pct` %, plus `outlier_pct` % on the
+`outlier_rate` fraction of inferences an interrupt-like delay hits. No family in devices/ gives a
+spread: the defaults (JITTER_PCT 1 %, OUTLIER_RATE 0.5 %, OUTLIER_PCT 10 %) are assumptions, within
+seed004's "negligible standard deviation" of its latency measurements (3.4.1) and reflecting seed
+001's note that interrupt handling affects real MCU timing. `jitter_pct: 0` turns it all off (the
+device model's exact timing, outliers included). The draws come from `seed` (default: the board's
+name), one stream per board, so a board seeded alike answers the same commands with the same
+timings. Power levels carry powerbus.LevelNoise of `power_noise_pct` % (POWER_NOISE_PCT; 0: exact
+levels). The active interval posted is the jittered one, so the bus ledger stays the truth.
 
 Reset, boot and flash (the hooks a boot-ROM personality such as the ESP32's builds on):
 - Reset circuit, ESP32 DevKitC style, wired on every family: EN is low while RTS is asserted and
@@ -85,6 +98,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 import zlib
@@ -98,6 +112,7 @@ from labbench import firmware_image as fw
 from labbench.catalog import BoardFamily, load_family
 from labbench.errors import CatalogError, LabbenchError, LabConfigError
 from labbench.modelinfo import ModelInfo, dequantize_output, min_arena_bytes, mlperf_model
+from labbench.sim.powerbus import POWER_NOISE_PCT, LevelNoise, derive_seed
 from labbench.sim.uart import ChipReset, ResetLine, SimUart
 
 EE_CMD_SIZE = 80
@@ -107,6 +122,10 @@ TIMER_WRAP = 1 << 32  # %lu of a 32-bit microsecond counter
 BOOT_TIMEOUT_S = 60.0
 BOOT_MS = 0.0  # assumed: the application's start-up before the harness's banner; no family gives a figure
 MODEL_INIT_MS = 15.0  # seed 000's latency breakdown: "Model Load (cold): 15ms"
+JITTER_PCT = 1.0  # assumed (module docstring: Jitter and noise)
+OUTLIER_RATE = 0.005  # assumed
+OUTLIER_PCT = 10.0  # assumed
+_DRAW_CHUNK = 1 << 16  # latency factors drawn at a time: an `infer N` of any N takes bounded memory
 
 _HELP = (
     f"{EE_FW_VERSION}",
@@ -449,12 +468,12 @@ class MlperfDut:
         start = time.monotonic()
         self.board.post_power("active_w", start)
         if warmup:
-            start += warmup * m.latency_s
+            start += self.board.busy_s(warmup, m.latency_s)
             self.board.reset_line.sleep_until(start)
         self.say("m-warmup-done")
         self.say(f"m-infer-start-{n}")
         self.lap(start)
-        end = start + n * m.latency_s
+        end = start + self.board.busy_s(n, m.latency_s)
         self.board.reset_line.sleep_until(end)
         self.board.post_power("idle_w", end)
         self.lap(end)
@@ -501,6 +520,11 @@ class SimMcuBoard:
         reply_crc: bool = True,
         boot_ms: float = BOOT_MS,
         model_init_ms: float = MODEL_INIT_MS,
+        seed: int | str | None = None,
+        jitter_pct: float = JITTER_PCT,
+        outlier_rate: float = OUTLIER_RATE,
+        outlier_pct: float = OUTLIER_PCT,
+        power_noise_pct: float = POWER_NOISE_PCT,
     ):
         self.name = name
         self.family = family if isinstance(family, BoardFamily) else load_family(family, devices_dir)
@@ -511,6 +535,15 @@ class SimMcuBoard:
         if boot_ms < 0 or model_init_ms < 0:
             raise LabConfigError(f"{name}: need boot_ms, model_init_ms >= 0: {boot_ms}, {model_init_ms}")
         self.boot_ms, self.model_init_ms = boot_ms, model_init_ms
+        if min(jitter_pct, outlier_pct, power_noise_pct) < 0 or not 0 <= outlier_rate <= 1:
+            raise LabConfigError(
+                f"{name}: need jitter_pct, outlier_pct, power_noise_pct >= 0 and 0 <= outlier_rate <= 1: "
+                f"{jitter_pct}, {outlier_pct}, {power_noise_pct}, {outlier_rate}"
+            )
+        self.jitter_pct, self.outlier_rate, self.outlier_pct = jitter_pct, outlier_rate, outlier_pct
+        self.seed = name if seed is None else seed
+        self._latency_rng = np.random.default_rng(derive_seed(self.seed, "latency"))  # chip thread only
+        self.power_noise = LevelNoise(power_noise_pct, derive_seed(self.seed, "power"))
         self.bus_channel = bus_channel
         self.speed_factor = speed_factor
         self.vendor = vendor or self.family.name
@@ -735,9 +768,25 @@ class SimMcuBoard:
             "refused": refused,
         }
 
-    # -- power ------------------------------------------------------------------------------------
+    # -- timing and power ---------------------------------------------------------------------------
+
+    def latency_factors(self, n: int) -> np.ndarray:
+        """The next `n` inferences' durations over the device model's (module docstring: Jitter and noise)."""
+        if not self.jitter_pct:
+            return np.ones(n)
+        sigma = math.sqrt(math.log1p((self.jitter_pct / 100) ** 2))
+        factors = self._latency_rng.lognormal(-sigma * sigma / 2, sigma, n)
+        factors[self._latency_rng.random(n) < self.outlier_rate] += self.outlier_pct / 100
+        return factors
+
+    def busy_s(self, n: int, latency_s: float) -> float:
+        """How long the next `n` inferences of `latency_s` each (the device model's) take."""
+        total = 0.0
+        for done in range(0, n, _DRAW_CHUNK):
+            total += float(self.latency_factors(min(_DRAW_CHUNK, n - done)).sum())
+        return total * latency_s
 
     def post_power(self, state: str, t: float | None = None) -> None:
         """Draw the family's `state` power ("idle_w", "upload_w", "active_w") from `t` (default now)."""
         if self.bus_channel is not None:
-            self.bus_channel.set_power(getattr(self.family.power, state), t)
+            self.bus_channel.set_power(getattr(self.family.power, state), t, noise=self.power_noise)
