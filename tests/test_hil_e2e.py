@@ -133,3 +133,39 @@ def test_slower_device_model_gates_red_for_that_board_only(tmp_path):
     checks = json.loads((tmp_path / "gate.json").read_text())["checks"]
     red = {(c["board"], c["metric"]) for c in checks if c["verdict"] in ("REGRESSION", "FAIL")}
     assert ("nano33", "latency_p50_ms") in red and all(board == "nano33" for board, _ in red), red
+
+
+def test_a_lossy_serial_line_gives_pass_or_error_never_a_wrong_number(sim_lab):
+    """1 byte in 1000 dropped each way on the ESP32's line: every test passes (after recorded retries)
+    or errors, and every valid number journaled equals a clean run's within its normal spread."""
+    from labbench.sim.control import SimControl
+
+    lab = inventory.load(sim_lab / "lab.yaml")
+    control = SimControl(simlab.state_dir(lab))
+    select = ["-k", "inference and digits_mlp_int8 and not aggressive", "-rA", "--retries", "2"]
+    clean = run_hil(sim_lab, "esp32", *select, "--journal", str(sim_lab / "clean.jsonl"))
+    assert clean.returncode == 0, clean.stdout[-3000:]
+    faults = [control.fault_set("esp32", {"kind": "drop", "rate": 0.001, "seed": 7, "direction": direction})
+              for direction in ("to_host", "to_device")]
+    try:
+        lossy = run_hil(sim_lab, "esp32", *select, "--journal", str(sim_lab / "lossy.jsonl"))
+        dropped = control.faults("esp32")["log"]
+    finally:
+        for fid in faults:
+            control.fault_clear("esp32", fid)
+    assert dropped, "the fault dropped nothing: the test proves nothing"
+    assert "FAILED" not in lossy.stdout, lossy.stdout[-4000:]  # an ERROR or a PASS, never a budget FAIL
+    assert not re.search(r"^(INTERNALERROR|Traceback)", lossy.stdout, flags=re.M), lossy.stdout[-4000:]
+    base = results.load(sim_lab / "clean.jsonl").set_index("model")
+    valid = results.load(sim_lab / "lossy.jsonl")
+    for _, row in valid.iterrows():
+        ref = base.loc[row["model"]]
+        assert row["accuracy"] == ref["accuracy"]  # the same samples through the same model
+        assert row["latency.p50_ms"] == pytest.approx(ref["latency.p50_ms"], rel=0.2)
+        both = row["energy.uncertainty_mj"] + ref["energy.uncertainty_mj"]
+        assert abs(row["energy.per_inference_mj"] - ref["energy.per_inference_mj"]) <= both
+    attempts = [e for e in results.events(sim_lab / "lossy.jsonl") if e.kind == "attempt"]
+    if re.search(r"^ERROR ", lossy.stdout, flags=re.M) or len(valid) < len(base):
+        assert attempts, "a step that failed without an attempt record"
+    for attempt in attempts:  # every failed attempt names a typed error, the board and the log
+        assert attempt.error is None or re.match(r"\w+Error: esp32: .*\(full log: .+\)$", attempt.error), attempt
