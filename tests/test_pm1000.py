@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from labbench.errors import InstrumentError, LabConfigError, RunAborted, UsageError
-from labbench.instruments.pm1000 import DataStatus, Pm1000
+from labbench.instruments.pm1000 import Accuracy, DataStatus, Pm1000, _value_and_rounding
 from labbench.measure.power import PowerTrace
-from labbench.sim.pm1000 import DEFAULT_IDN, Pm1000Sim
+from labbench.sim.pm1000 import DEFAULT_IDN, IDEAL, Pm1000Sim
 from labbench.sim.powerbus import PowerBus, PowerChannel, SquareWave
 
 NAME = "pm_test"
@@ -32,7 +32,8 @@ def channel() -> PowerChannel:
 
 @pytest.fixture
 def sim(channel: PowerChannel):
-    with Pm1000Sim(NAME, "127.0.0.1", 0, channel) as s:
+    """An error-free instrument: these tests check the plumbing (test_sim_pm1000_realism the errors)."""
+    with Pm1000Sim(NAME, "127.0.0.1", 0, channel, **IDEAL) as s:
         yield s
 
 
@@ -127,18 +128,26 @@ class FreezableClock:
 def test_identity_selection_and_results(meter: Pm1000, channel: PowerChannel) -> None:
     assert meter.identity() == DEFAULT_IDN
     meter.configure()
-    assert meter.send(":FRF?") == "Watt, Vrms, Arms, PF, Whr, Ahr, Hrs"
+    assert meter.send(":FRF?") == "Watt, Vrms, Arms, PF, Apk+, Apk-, Vrng, Arng, Whr, Ahr, Hrs"
     assert meter.send(":RNG:AMP:AUT?") == "0" and meter.send(":SYST:ZERO?") == "0"
     results = meter.wait_for_new_data()
-    assert list(results) == ["W", "V", "A", "PF", "Wh", "Ah", "HRS"]
+    assert list(results) == ["W", "V", "A", "PF", "Apk+", "Apk-", "Vrng", "Arng", "Wh", "Ah", "HRS"]
     assert results["W"] == pytest.approx(0.8) and results["V"] == pytest.approx(5.0)
     assert results["A"] == pytest.approx(0.16) and results["PF"] == pytest.approx(1.0)
+    assert results["Apk+"] == results["Apk-"] == pytest.approx(0.16)
+    assert (results["Vrng"], results["Arng"]) == (10.0, 1.6)
 
 
 @pytest.mark.slow
-def test_scripted_load_within_one_percent_by_trace_and_integrator(meter: Pm1000, channel: PowerChannel) -> None:
-    """The issue's load: 0.8 W idle, 2.4 W bursts of 30 ms every 100 ms, for 12 s."""
-    with meter.capture() as cap:
+def test_scripted_load_within_the_stated_uncertainty_by_trace_and_integrator(channel: PowerChannel) -> None:
+    """The issue's load: 0.8 W idle, 2.4 W bursts of 30 ms every 100 ms, for 12 s, on an instrument with
+    the manual's accuracy, noise and a new-data latency: the error stays within the stated uncertainty,
+    which holds the instrument's accuracy."""
+    with (
+        Pm1000Sim(NAME, "127.0.0.1", 0, channel, use_pty=False) as sim,
+        Pm1000(sim.resource, name=NAME, timeout_s=1.0, current_range=3) as meter,
+        meter.capture() as cap,
+    ):
         t0 = cap.mark("load-start")
         channel.play(SquareWave(0.8, 2.4, burst_s=0.03, period_s=0.1, start=t0, duration_s=12.0))
         time.sleep(max(0.0, t0 + 12.0 - time.monotonic()))
@@ -149,9 +158,8 @@ def test_scripted_load_within_one_percent_by_trace_and_integrator(meter: Pm1000,
     assert trace.instrument == DEFAULT_IDN and len(trace) >= 25
     for method in ("trace", "integrator"):
         w = trace.between("load-start", "load-end", method=method)
-        assert abs(w.energy_j - truth_j) / truth_j < 0.01, method
-        assert abs(w.energy_j - truth_j) <= w.uncertainty_j + 1e-4 * truth_j, method  # + print rounding
-        assert not w.overload
+        assert abs(w.energy_j - truth_j) <= w.uncertainty_j, method
+        assert w.valid and w.ranges == ((10.0, 1.6),)
     # the integrator's own totals: whole updates only, the mean of what it saw
     totals = trace.integrator
     assert totals is not None and whole_updates(totals.elapsed_s)
@@ -322,6 +330,69 @@ def test_overload_flag_on_a_fixed_range(meter: Pm1000, channel: PowerChannel) ->
     assert not next_status(meter).current_overload
 
 
+def test_late_overload_flag_goes_with_the_next_update(meter: Pm1000, channel: PowerChannel) -> None:
+    """An up-range blanks its update: the overload flag comes without new data, and the capture
+    gives it to the next update it reads rather than dropping it."""
+    meter.configure(current_range="auto")
+    with meter.capture() as cap:
+        t0 = cap.mark("start")
+        channel.set_power(20.0)  # 4 A: the autorange goes up, blanking an update
+        cap.wait_for_updates_after(t0 + 0.6, 2)
+    flagged = [u for u in cap.trace.updates if u.overload]
+    assert flagged and flagged[0].current_range_a == 6.25 and flagged[0].seen_after_s > t0
+
+
+def test_ranges_from_a_pre_scan(sim: Pm1000Sim, channel: PowerChannel) -> None:
+    """From the lowest ranges up, raised at each overload a step-up capture reads, then held with
+    headroom; lab.yaml's fixed ranges are never changed."""
+    channel.set_power(2.0)  # 0.4 A: over the 0.1 A range, and over the 0.4 A one with 1.25x headroom
+    with Pm1000(sim.resource, name=NAME) as meter:
+        meter.lowest_ranges()
+        with meter.capture(step_up=True) as scan:
+            scan.wait_for_updates_after(time.monotonic(), 2)
+        first = scan.trace.updates[0]
+        assert first.overload and first.current_range_a == 0.1 and scan.trace.updates[-1].current_range_a == 0.4
+        note = meter.hold_ranges(scan.trace)
+        assert (meter.held_range("VLT"), meter.held_range("AMP")) == (10.0, 1.6)
+        assert meter.send(":RNG:AMP?") == "3" and "peaks 5 V, 0.4 A" in note
+        assert meter.step_up(scan.trace.updates[-1:]) == "current range 6.25 A"
+        assert meter.send(":RNG:AMP?") == "4" and "after an overload" in meter.range_note
+    fixed = Pm1000(sim.resource, current_range=2, voltage_range=1)
+    assert fixed.ranges_from_lab and fixed.step_up(scan.trace.updates) is None and fixed.range_note == "lab.yaml"
+
+
+def test_each_update_carries_its_accuracy_rounding_and_extremes(meter: Pm1000, channel: PowerChannel) -> None:
+    channel.play(SquareWave(0.5, 3.0, burst_s=0.1, period_s=0.25))  # 0.1 A to 0.6 A
+    with meter.capture() as cap:
+        cap.wait_for_updates_after(time.monotonic(), 2)
+    u = cap.trace.updates[-1]
+    assert (u.voltage_range_v, u.current_range_a) == (10.0, 1.6)
+    assert u.power_w == pytest.approx(1.5) and u.power_rounding_w == 5e-5  # printed 1.5000E+00
+    assert (u.power_min_w, u.power_max_w, u.current_peak_a) == pytest.approx((0.5, 3.0, 0.6))
+    # the manual's figures at 5 V on the 10 V range, 0.3 A mean on the 1.6 A range
+    dv, da = 0.001 * 5 + 0.001 * 10 + 0.004, 0.001 * 0.3 + 0.001 * 1.6 + 0.001
+    assert u.power_accuracy_w == pytest.approx(5 * da + 0.3 * dv + dv * da, rel=1e-3)
+    assert u.extremes_accuracy_w > meter.accuracy.watts(5.0, 0.6, 10.0, 1.6)  # + the peaks' rounding
+    assert u.integrator_energy_j is not None and u.integrator_elapsed_s is not None
+
+
+def test_accuracy_is_the_manuals() -> None:
+    """User manual p.79's worked example: 120 V on the 215 V range, 2.5 A on the 6.25 A range, at
+    60 Hz: 340.44 mV and 9.78 mA (the 0.02 x F % of reading term, F in kHz, is 0 on a DC rail)."""
+    a = Accuracy()
+    assert a.volts(120.0, 215.0) + 0.0002 * 0.06 * 120 == pytest.approx(0.34044)
+    assert a.amps(2.5, 6.25) + 0.0002 * 0.06 * 2.5 == pytest.approx(0.00978)
+    assert a.watts(120.0, 2.5, 215.0, 6.25) == pytest.approx(120 * 0.00975 + 2.5 * 0.339 + 0.339 * 0.00975)
+
+
+@pytest.mark.parametrize("token, value, rounding", [
+    ("2.7778E-03", 2.7778e-3, 5e-8), ("1.5000E+00", 1.5, 5e-5), ("230.1", 230.1, 0.05), ("0.0000E+00", 0.0, 0.0),
+    ("0.000", 0.0, 5e-4), ("12", 12.0, 0.5),
+])  # fmt: skip
+def test_readings_round_to_half_their_last_printed_digit(token: str, value: float, rounding: float) -> None:
+    assert _value_and_rounding(token) == pytest.approx((value, rounding))
+
+
 def test_autorange_follows_the_load(meter: Pm1000, channel: PowerChannel) -> None:
     meter.configure(current_range="auto")
     next_status(meter)
@@ -363,6 +434,11 @@ def test_from_lab_reads_the_inventory_settings(sim: Pm1000Sim) -> None:
         Pm1000.from_lab(SimpleNamespace(name="x", resource=sim.resource, settings={"poll_rate": 3}))
     with pytest.raises(LabConfigError, match="unknown result"):
         Pm1000.from_lab(SimpleNamespace(name="x", resource=sim.resource, settings={"results": ["W", "kWh"]}))
+    calibrated = Pm1000.from_lab(SimpleNamespace(name="x", resource=sim.resource,
+                                                 settings={"accuracy": {"amps_floor_a": 1e-4}, "range_headroom": 1.5}))
+    assert calibrated.accuracy == Accuracy(amps_floor_a=1e-4) and calibrated.range_headroom == 1.5
+    with pytest.raises(LabConfigError, match="unknown accuracy figure"):
+        Pm1000.from_lab(SimpleNamespace(name="x", resource=sim.resource, settings={"accuracy": {"amps": 1}}))
     with pytest.raises(UsageError, match="one input"):
         meter.capture(channel=2)
 

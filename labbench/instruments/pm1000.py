@@ -11,6 +11,18 @@ A capture (`with meter.capture() as cap:`) runs the new-data idiom in a backgrou
 instrument (Pm1000Capture says how) and fails at once, keeping what it captured, when the instrument
 stops answering or stops updating. How updates are placed on the host clock, and how energy over a
 window is computed from them, is labbench.measure.power's job.
+
+Each update carries what bounds it: the documented accuracy of its power reading for the ranges
+the instrument held (`Accuracy`, the manual's figures), half the last digit each value was printed
+with, the instantaneous extremes of the period (peak currents, `:SEL:APK+` / `:SEL:APK-`) and the
+ranges themselves (`:SEL:VRNG` / `:SEL:ARNG`).
+
+Ranges. Autoranging blanks an update at every range change (a bursty load can keep it changing
+every update), so energy is measured on fixed ranges: those lab.yaml gives (`voltage_range`,
+`current_range`), or, where it says "auto", the lowest ones that hold the peaks a pre-scan saw with
+`range_headroom` to spare. The pre-scan starts on the lowest ranges (`lowest_ranges()`) and a
+capture made with `step_up=True` raises them at each overload it reads; `hold_ranges(trace)` then
+fixes them, and `step_up()` raises them after an overload in a window.
 """
 
 from __future__ import annotations
@@ -20,8 +32,9 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from decimal import Decimal
 from typing import Any, Self
 
 import pyvisa
@@ -33,9 +46,15 @@ from labbench.measure.power import IntegratorReading, Mark, PowerTrace, PowerUpd
 RESULTS = {
     "W": "WAT", "V": "VLT", "A": "AMP", "PF": "PWF", "VA": "VAS", "var": "VAR", "Hz": "FRQ",
     "Vdc": "VDC", "Adc": "ADC", "Wh": "WHR", "Ah": "AHR", "VAh": "VAH", "varh": "VRH", "HRS": "HRS",
+    "Apk+": "APK+", "Apk-": "APK-", "Vrng": "VRNG", "Arng": "ARNG",
 }  # fmt: skip
-DEFAULT_RESULTS = ("W", "V", "A", "PF", "Wh", "Ah", "HRS")
+DEFAULT_RESULTS = ("W", "V", "A", "PF", "Apk+", "Apk-", "Vrng", "Arng", "Wh", "Ah", "HRS")
 _CAPTURE_NEEDS = ("W", "V", "A")
+# Range tables (peak values): voltage ranges 1 and 4 and current ranges 1 and 6 are the manual's
+# (../shared/reference/voltech-pm1000.md section 3.9), 215 V and 6.25 A its p.79 accuracy example's,
+# 1.6 A its inrush example's; the others are inferred, and both tables are settings.
+VOLTAGE_RANGES_V = (10.0, 50.0, 215.0, 1000.0)
+CURRENT_RANGES_A = (0.1, 0.4, 1.6, 6.25, 25.0, 100.0)
 DSR_DVL, DSR_NDV, DSR_OVA, DSR_OVV = 1, 2, 8, 16
 ESR_EXE = 16
 # A capture's poll queries get this long beyond one update period to answer, and a query left
@@ -52,6 +71,35 @@ _ESR_BITS = {0: "OPC", 1: "RQC", 2: "QYE query error", 3: "DDE device error", 4:
 def describe_esr(esr: int) -> str:
     names = ", ".join(f"bit {b} {n}" for b, n in _ESR_BITS.items() if esr & (1 << b))
     return f"ESR={esr} ({names})"
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """The PM1000+ accuracy specification (User Manual, Voltech 2010, p. 79, "Example of Volts, Amps and
+    Watts Accuracy Calculations"): volts 0.1 % of reading + 0.1 % of range + 4 mV, amps 0.1 % of
+    reading + 0.1 % of range + 1 mA, each + (0.02 x F) % of reading with F the frequency in kHz (0 on
+    a DC rail). Watts are bounded from the two as the error of a product, |dW| <= V dI + I dV + dV dI,
+    with I the mean current (W / V): the manual's own watts figure is not in the pages consulted.
+    Each figure is a setting (`accuracy: {amps_floor_a: ...}` in lab.yaml) for an instrument
+    calibrated better or fitted with another shunt."""
+
+    volts_reading: float = 1e-3
+    volts_range: float = 1e-3
+    volts_floor_v: float = 4e-3
+    amps_reading: float = 1e-3
+    amps_range: float = 1e-3
+    amps_floor_a: float = 1e-3
+
+    def volts(self, v: float, v_range: float) -> float:
+        return self.volts_reading * abs(v) + self.volts_range * v_range + self.volts_floor_v
+
+    def amps(self, a: float, a_range: float) -> float:
+        return self.amps_reading * abs(a) + self.amps_range * a_range + self.amps_floor_a
+
+    def watts(self, v: float, a: float, v_range: float, a_range: float) -> float:
+        """Bound on the error of V x A (a power reading, or an instantaneous power from peaks)."""
+        dv, da = self.volts(v, v_range), self.amps(a, a_range)
+        return abs(v) * da + abs(a) * dv + dv * da
 
 
 @dataclass(frozen=True)
@@ -93,14 +141,24 @@ class Pm1000:
         poll_interval_s: float = 0.01,
         baud_rate: int = 9600,
         results: tuple[str, ...] | list[str] = DEFAULT_RESULTS,
-        voltage_range: int | str = "auto",  # "auto" or the instrument's range number (1-4)
+        voltage_range: int | str = "auto",  # "auto" (a pre-scan picks it) or the range number (1-4)
         current_range: int | str = "auto",  # "auto" or the range number (1-6)
         auto_zero: bool = False,  # the manual: auto-zero blanks ~1 s of results each minute
         integrator: bool = True,  # run the integrator during captures (needs "Wh" in results)
+        accuracy: dict[str, float] | None = None,  # Accuracy's figures that differ from the manual's
+        voltage_ranges_v: Sequence[float] = VOLTAGE_RANGES_V,
+        current_ranges_a: Sequence[float] = CURRENT_RANGES_A,
+        range_headroom: float = 1.25,  # a held range is at least this times the peak the pre-scan saw
+        result_latency_s: float = 0.05,  # results appear up to this long after their period ends (assumed)
     ):
         unknown = [r for r in results if r not in RESULTS]
         if unknown:
             raise ValueError(f"{name}: unknown result(s) {unknown}; known: {sorted(RESULTS)}")
+        known = {f.name for f in fields(Accuracy)}
+        if set(accuracy or {}) - known:
+            raise ValueError(f"{name}: unknown accuracy figure(s) {sorted(set(accuracy) - known)}; known: {sorted(known)}")
+        if range_headroom < 1:
+            raise ValueError(f"{name}: range_headroom must be at least 1, got {range_headroom}")
         self.resource, self.name = resource, name
         self.read_termination, self.write_termination = read_termination, write_termination
         self.ack_set_commands = resource.upper().startswith("TCPIP") if ack_set_commands is None else ack_set_commands
@@ -109,6 +167,12 @@ class Pm1000:
         self.results = tuple(results)
         self.voltage_range, self.current_range, self.auto_zero = voltage_range, current_range, auto_zero
         self.integrator = integrator
+        self.accuracy = Accuracy(**(accuracy or {}))
+        self.range_tables = {"VLT": tuple(map(float, voltage_ranges_v)), "AMP": tuple(map(float, current_ranges_a))}
+        self.range_headroom = range_headroom
+        self.result_latency_s = result_latency_s
+        self._ranges: dict[str, int | str] = {"VLT": voltage_range, "AMP": current_range}  # as configured
+        self.range_note = "lab.yaml" if self.ranges_from_lab else "autorange"  # why the ranges are what they are
         self._res: Any = None
         self._res_timeout_ms = 0  # the resource's read timeout as last set
         self._io = threading.Lock()
@@ -206,13 +270,81 @@ class Pm1000:
             raise ValueError(f"{self.name}: unknown result(s) {unknown}; known: {sorted(RESULTS)}")
         self.open()
         commands = ["*CLS", ":SEL:CLR", *(f":SEL:{RESULTS[r]}" for r in results)]
-        for which, value in (("VLT", voltage_range or self.voltage_range), ("AMP", current_range or self.current_range)):
-            commands.append(f":RNG:{which}:AUT" if value == "auto" else f":RNG:{which}:FIX {int(value)}")
+        for which, value in (("VLT", voltage_range), ("AMP", current_range)):
+            if value is not None:
+                self._ranges[which] = value
+            commands.append(_range_command(which, self._ranges[which]))
         zeroing = self.auto_zero if auto_zero is None else auto_zero
         commands += [f":SYST:ZERO {int(zeroing)}", ":AVG 0", f":DSE {DSR_DVL | DSR_NDV | DSR_OVA | DSR_OVV}"]
         for command in commands:
             self.send(command)
         self._selected, self._zeroing = results, zeroing
+
+    # -- ranges --------------------------------------------------------------------------------
+
+    @property
+    def ranges_from_lab(self) -> bool:
+        """Both ranges fixed by the settings (lab.yaml): no pre-scan, no stepping up."""
+        return self.voltage_range != "auto" and self.current_range != "auto"
+
+    def held_range(self, which: str) -> float | None:
+        """The range value in force for "VLT" or "AMP" (None while autoranging)."""
+        number = self._ranges[which]
+        return None if number == "auto" else self.range_tables[which][int(number) - 1]
+
+    def lowest_ranges(self) -> None:
+        """The lowest ranges, for what lab.yaml leaves to the bench (the start of a pre-scan)."""
+        for which, setting in (("VLT", self.voltage_range), ("AMP", self.current_range)):
+            if setting == "auto":
+                self._set_range(which, 1)
+
+    def hold_ranges(self, trace: Any) -> str:
+        """Fix the ranges lab.yaml leaves to the bench at the lowest, no lower than those held now,
+        that hold the peaks seen in `trace` (a pre-scan without an overload) with `range_headroom`;
+        returns how they were chosen."""
+        ups = [u for u in trace.updates if not u.overload] or list(trace.updates)
+        if not ups:
+            raise InstrumentError(self.name, "pre-scan", "no reading to choose the ranges from")
+        peak_v = max(u.voltage_v for u in ups)
+        peak_a = max(u.current_peak_a if u.current_peak_a is not None else u.current_a for u in ups)
+        for which, setting, peak in (("VLT", self.voltage_range, peak_v), ("AMP", self.current_range, peak_a)):
+            if setting == "auto":
+                held = self._ranges[which]
+                self._set_range(which, max(self._fitting(which, peak), 0 if held == "auto" else int(held)))
+        self.range_note = (f"pre-scan: peaks {peak_v:.4g} V, {peak_a:.4g} A, held with x{self.range_headroom:g} "
+                           f"headroom" + ("" if self.voltage_range == self.current_range == "auto" else
+                                          "; lab.yaml fixes the other"))
+        return self.range_note
+
+    def step_up(self, overloaded: Sequence[Any]) -> str | None:
+        """After an overload: raise the ranges the pre-scan chose to hold the peaks of `overloaded`
+        (updates; one range up at least). None when lab.yaml fixed them or they are at the top."""
+        raised = []
+        for which, setting in (("VLT", self.voltage_range), ("AMP", self.current_range)):
+            number = self._ranges[which]
+            if setting != "auto" or number == "auto" or int(number) >= len(self.range_tables[which]):
+                continue
+            peak = max((u.voltage_v if which == "VLT" else
+                        u.current_peak_a if u.current_peak_a is not None else u.current_a) for u in overloaded)
+            if which == "VLT" and peak * self.range_headroom <= self.range_tables[which][int(number) - 1]:
+                continue  # the voltage held: the current overloaded
+            new = max(int(number) + 1, self._fitting(which, peak))
+            self._set_range(which, new)
+            raised.append(f"{'voltage' if which == 'VLT' else 'current'} range {self.range_tables[which][new - 1]:g} "
+                          f"{'V' if which == 'VLT' else 'A'}")
+        if not raised:
+            return None
+        self.range_note += f"; raised to the {' and '.join(raised)} after an overload"
+        return ", ".join(raised)
+
+    def _fitting(self, which: str, peak: float) -> int:
+        table = self.range_tables[which]
+        return next((i + 1 for i, r in enumerate(table) if peak * self.range_headroom <= r), len(table))
+
+    def _set_range(self, which: str, number: int | str) -> None:
+        self._ranges[which] = number
+        if self._selected is not None:
+            self.send(_range_command(which, number))
 
     def data_status(self) -> DataStatus:
         """Read (and so clear) the data status register."""
@@ -223,7 +355,51 @@ class Pm1000:
         """The selected results (`:FRD?`) by name."""
         if self._selected is None:
             self.configure()
-        return self._parse(self._query(":FRD?"))
+        return {k: v for k, (v, _) in self._parse(self._query(":FRD?")).items()}
+
+    def read_update(self, after_s: float, by_s: float, overload: bool, integrating: bool) -> PowerUpdate:
+        """`:FRD?` as a PowerUpdate refreshed in [after_s, by_s] (host monotonic s), with its bounds;
+        `overload`: the status register flagged one since the previous update."""
+        r = self._parse(self._query(":FRD?", self.poll_timeout_s))
+        value = {k: v for k, (v, _) in r.items()}
+        v, w = value["V"], value["W"]
+        v_range, a_range = self._reported_range("VLT", value.get("Vrng")), self._reported_range("AMP", value.get("Arng"))
+        # an unknown range (autoranging, not reported) is taken at the top: the accuracy's worst case
+        acc_v, acc_a = v_range or self.range_tables["VLT"][-1], a_range or self.range_tables["AMP"][-1]
+        extremes: dict[str, float | None] = {"min": None, "max": None}
+        extremes_accuracy = 0.0
+        for key, name in (("min", "Apk-"), ("max", "Apk+")):
+            if name in value:
+                a = value[name]
+                extremes[key] = v * a
+                bound = self.accuracy.watts(v, a, acc_v, acc_a) + abs(v) * r[name][1] + abs(a) * r["V"][1]
+                extremes_accuracy = max(extremes_accuracy, bound)
+        wh = value.get("Wh") if integrating else None
+        hours = value.get("HRS") if integrating else None
+        return PowerUpdate(
+            seen_after_s=after_s, seen_by_s=by_s, voltage_v=v, current_a=value["A"], power_w=w,
+            overload=overload, integrator_energy_j=wh * 3600.0 if wh is not None else None,
+            integrator_charge_ah=value.get("Ah") if integrating else None,
+            integrator_elapsed_s=hours * 3600.0 if hours is not None else None,
+            power_accuracy_w=self.accuracy.watts(v, w / v if v else 0.0, acc_v, acc_a), power_rounding_w=r["W"][1],
+            power_min_w=extremes["min"], power_max_w=extremes["max"], extremes_accuracy_w=extremes_accuracy,
+            integrator_rounding_j=r["Wh"][1] * 3600.0 if wh is not None else 0.0,
+            integrator_elapsed_rounding_s=r["HRS"][1] * 3600.0 if hours is not None else 0.0,
+            voltage_range_v=v_range, current_range_a=a_range, current_peak_a=value.get("Apk+"),
+        )  # fmt: skip
+
+    def _reported_range(self, which: str, reported: float | None) -> float | None:
+        """A range from `:SEL:VRNG`/`ARNG` (its value, or its number: the manual does not say which
+        it prints), else the fixed range configured (None while autoranging)."""
+        if reported is None:
+            return self.held_range(which)
+        table = self.range_tables[which]
+        for value in table:
+            if math.isclose(reported, value, rel_tol=1e-3):
+                return value
+        if float(reported).is_integer() and 1 <= reported <= len(table):
+            return table[int(reported) - 1]
+        return reported
 
     def wait_for_new_data(self, timeout_s: float | None = None) -> dict[str, float]:
         """The manual's idiom: poll `:DSR?` until NDV, then `:FRD?`."""
@@ -257,11 +433,12 @@ class Pm1000:
         `timeout_s`, when shorter)."""
         return min(self.timeout_s, self.update_period_s + _POLL_MARGIN_S)
 
-    def capture(self, channel: int | str = 1) -> Pm1000Capture:
-        """A capture window: background polling, host-clock marks, a PowerTrace at the end."""
+    def capture(self, channel: int | str = 1, *, step_up: bool = False) -> Pm1000Capture:
+        """A capture window: background polling, host-clock marks, a PowerTrace at the end;
+        `step_up`: raise the ranges the bench chooses at each overload read (a pre-scan)."""
         if str(channel) != "1":
             raise UsageError(f"{self.name}: the PM1000+ has one input (channel 1), not {channel!r}")
-        return Pm1000Capture(self)
+        return Pm1000Capture(self, step_up=step_up)
 
     # -- the wire ------------------------------------------------------------------------------
 
@@ -297,12 +474,13 @@ class Pm1000:
         if esr & ~tolerate:
             raise InstrumentError(self.name, command, describe_esr(esr))
 
-    def _parse(self, reply: str) -> dict[str, float]:
-        values = [float(v) for v in reply.replace(" ", "").split(",") if v]
+    def _parse(self, reply: str) -> dict[str, tuple[float, float]]:
+        """Each selected result's value and its rounding (half the last digit printed)."""
+        tokens = [v for v in reply.replace(" ", "").split(",") if v]
         names = self._selected or ()
-        if len(values) != len(names):
-            raise InstrumentError(self.name, ":FRD?", f"{len(values)} values for {len(names)} results {names}: {reply!r}")
-        return dict(zip(names, values))
+        if len(tokens) != len(names):
+            raise InstrumentError(self.name, ":FRD?", f"{len(tokens)} values for {len(names)} results {names}: {reply!r}")
+        return dict(zip(names, map(_value_and_rounding, tokens)))
 
 
 class Pm1000Capture:
@@ -332,10 +510,16 @@ class Pm1000Capture:
     its `__context__` (its message carries the failing query's text rather than chaining that
     error, so a traceback shows the body's exception). A body exception while the capture was still
     healthy, or one that is not an Exception (KeyboardInterrupt), propagates as it is.
+
+    `step_up` (a pre-scan): raise the ranges the bench chooses at each overload read. `clock`: the host
+    clock readings and marks are placed on; a caller that polls on a clock of its own drives `begin()`
+    and `poll_once()` itself instead of entering.
     """
 
-    def __init__(self, meter: Pm1000):
+    def __init__(self, meter: Pm1000, clock: Callable[[], float] = time.monotonic, *, step_up: bool = False):
         self.meter = meter
+        self._clock = clock  # the host clock marks and readings are placed on
+        self._step_up = step_up
         self.failed = threading.Event()
         self.error: InstrumentError | None = None
         self._updates: list[PowerUpdate] = []
@@ -347,6 +531,7 @@ class Pm1000Capture:
         self._last_reading_s = 0.0  # host time of the newest reading (of the start, before any)
         self._integrating = False
         self._integrator: IntegratorReading | None = None
+        self._flagged = False  # an overload flag read without new data: it goes with the next update
 
     @property
     def stale_after_s(self) -> float:
@@ -357,7 +542,7 @@ class Pm1000Capture:
 
     def mark(self, label: str, t_s: float | None = None) -> float:
         """Record an event at `t_s` (default now) on the host monotonic clock."""
-        t_s = time.monotonic() if t_s is None else t_s
+        t_s = self._clock() if t_s is None else t_s
         with self._lock:
             self._marks.append(Mark(label, t_s))
         return t_s
@@ -378,10 +563,25 @@ class Pm1000Capture:
             return PowerTrace(
                 period_s=self.meter.update_period_s, updates=tuple(self._updates), marks=tuple(self._marks),
                 instrument=self.meter._idn or "", integrator=self._integrator,
-                fault=str(self.error) if self.error else None,
+                fault=str(self.error) if self.error else None, latency_s=self.meter.result_latency_s,
             )  # fmt: skip
 
     def __enter__(self) -> Self:
+        drained_at = self.begin()
+        for target, args, role in ((self._poll, (drained_at,), "poll"), (self._watch, (), "watch")):
+            thread = threading.Thread(target=target, args=args, name=f"{self.meter.name}-capture-{role}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._wait_for(lambda: len(self._updates) >= 1)
+        if self.error:
+            self._finish()
+            raise self.error
+        return self
+
+    def begin(self) -> float:
+        """Configure the meter if needed, start its integrator (when "Wh" is selected) and clear a
+        stale new-data flag; returns when the flag was cleared (the first `poll_once`'s
+        `previous_sent_s`). Entering the capture calls it; a caller polling on its own clock too."""
         m = self.meter
         if m._selected is None:
             m.configure()
@@ -395,27 +595,38 @@ class Pm1000Capture:
             m.integrator_reset()
             m.integrator_run()
             self._integrating = True
-        drained_at = self._last_reading_s = time.monotonic()
+        drained_at = self._last_reading_s = self._clock()
         m.data_status()  # clears any stale NDV: the first update recorded refreshed after this
-        for target, args, role in ((self._poll, (drained_at,), "poll"), (self._watch, (), "watch")):
-            thread = threading.Thread(target=target, args=args, name=f"{m.name}-capture-{role}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        self._wait_for(lambda: len(self._updates) >= 1)
-        if self.error:
-            self._finish()
-            raise self.error
-        return self
+        return drained_at
+
+    def poll_once(self, previous_sent_s: float) -> float:
+        """One round of the new-data idiom: `:DSR?`, then `:FRD?` when it reports new data, recorded
+        as refreshed after `previous_sent_s`; returns when this round's `:DSR?` was sent."""
+        m = self.meter
+        sent = self._clock()
+        status = DataStatus(int(m._query(":DSR?", m.poll_timeout_s)))
+        replied = self._clock()
+        self._flagged |= status.current_overload or status.voltage_overload
+        if status.new_data:
+            update = m.read_update(previous_sent_s, replied, self._flagged, self._integrating)
+            self._record(update)
+            self._flagged = False
+            if self._step_up and update.overload:
+                m.step_up([update])
+        return sent
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         failed_before = self.failed.is_set()
         if exc_type is None:
-            t_end = max([time.monotonic()] + [mk.t_s for mk in self._marks])
-            self._wait_for(lambda: sum(u.seen_after_s > t_end for u in self._updates) >= 2)
+            self.wait_for_updates_after(max([self._clock()] + [mk.t_s for mk in self._marks]), 2)
         self._finish()
         if self.error and (exc_type is None or (failed_before and isinstance(exc, Exception))):
             raise self.error  # the body's exception, if any, becomes its __context__
         return False
+
+    def wait_for_updates_after(self, t_s: float, count: int = 1) -> None:
+        """Until `count` updates refreshed after `t_s` are in (or the capture fails)."""
+        self._wait_for(lambda: sum(u.seen_after_s > t_s for u in self._updates) >= count)
 
     def _wait_for(self, condition: Callable[[], bool]) -> None:
         """Until `condition` holds or the capture fails (the watchdog bounds the wait)."""
@@ -464,7 +675,7 @@ class Pm1000Capture:
             while True:
                 if self._stop.is_set() or self.error is not None:
                     return
-                quiet_s = time.monotonic() - self._last_reading_s
+                quiet_s = self._clock() - self._last_reading_s
                 if quiet_s >= limit_s:
                     break
                 self._lock.wait(limit_s - quiet_s)
@@ -473,37 +684,38 @@ class Pm1000Capture:
 
     def _poll(self, previous_sent: float) -> None:
         m = self.meter
-        timeout_s = m.poll_timeout_s
         try:
             while not (self._stop.is_set() or self.failed.is_set()):
-                sent = time.monotonic()
-                status = DataStatus(int(m._query(":DSR?", timeout_s)))
-                replied = time.monotonic()
-                if status.new_data:
-                    self._record(previous_sent, replied, status, m._parse(m._query(":FRD?", timeout_s)))
-                previous_sent = sent
+                sent = previous_sent = self.poll_once(previous_sent)
                 # dithered: polls at a fixed phase to the instrument's clock would let every
                 # update's interval fall at the same offset, and the clock fit could not narrow it
                 pause_s = m.poll_interval_s * (0.5 + random.random())
-                self._stop.wait(max(0.0, sent + pause_s - time.monotonic()))
+                self._stop.wait(max(0.0, sent + pause_s - self._clock()))
         except InstrumentError as e:
             self._fail(f"{e.action}: {e.seen.rstrip('.')}")
         except ValueError as e:  # a reply that is not a number
             self._fail(f":DSR?: {e}")
 
-    def _record(self, after_s: float, by_s: float, status: DataStatus, r: dict[str, float]) -> None:
-        update = PowerUpdate(
-            seen_after_s=after_s, seen_by_s=by_s, voltage_v=r["V"], current_a=r["A"], power_w=r["W"],
-            overload=status.current_overload or status.voltage_overload,
-            integrator_energy_j=r["Wh"] * 3600.0 if self._integrating else None,
-            integrator_charge_ah=r.get("Ah") if self._integrating else None,
-            integrator_elapsed_s=r["HRS"] * 3600.0 if self._integrating and "HRS" in r else None,
-        )  # fmt: skip
+    def _record(self, update: PowerUpdate) -> None:
         with self._lock:
             if self.error is None:  # nothing after the fault: the partial trace ends where it failed
                 self._updates.append(update)
-                self._last_reading_s = by_s
+                self._last_reading_s = update.seen_by_s
                 self._lock.notify_all()
+
+
+def _range_command(which: str, number: int | str) -> str:
+    return f":RNG:{which}:AUT" if number == "auto" else f":RNG:{which}:FIX {int(number)}"
+
+
+def _value_and_rounding(token: str) -> tuple[float, float]:
+    """A printed number and half its last digit (`2.7778E-03` -> 0.0027778, 5e-8; a zero in
+    scientific notation is exact, as anything else would have printed with a smaller exponent)."""
+    value = float(token)
+    exponent = Decimal(token).as_tuple().exponent  # a letter for inf and nan
+    if not isinstance(exponent, int) or (value == 0 and "E" in token.upper()):
+        return value, 0.0
+    return value, 0.5 * 10.0**exponent
 
 
 def _seen(e: Exception, timeout_s: float | None = None) -> str:

@@ -55,13 +55,23 @@ class Latency(_Record):
     method: str
 
 
+class Uncertainty(_Record):
+    """A figure's stated uncertainty (a bound, in the figure's unit) and what it is made of."""
+
+    total: float  # the sum of the components
+    accuracy: float  # the instrument's documented accuracy for the ranges it held
+    rounding: float  # the printed digits of the readings (and of the integrator's running total)
+    edges: float  # apportioning the instrument updates straddling the window edges, and their timing
+    spread: float = 0.0  # between the windows (half the range of their values)
+
+
 class Energy(_Record):
     """Energy per inference by both methods, over the median-latency window, with the idle baseline."""
 
     per_inference_mj: float  # the reported value (integrator when available, else power x latency)
     power_x_latency_mj: float  # average power over the steady-state window x latency per inference
     integrated_mj: float | None  # integrator energy over the window / inference count
-    uncertainty_mj: float  # from the instrument's update period at the window edges
+    uncertainty_mj: float  # of per_inference_mj: the total of uncertainties["per_inference_mj"]
     active_power_w: float
     idle_power_w: float
     dynamic_mj: float  # (active - idle) x latency: the inference's own share
@@ -69,6 +79,13 @@ class Energy(_Record):
     inferences: int
     windows: int
     method: str
+    #: per figure (a field name above: per_inference_mj, power_x_latency_mj, integrated_mj,
+    #: active_power_w, idle_power_w, dynamic_mj), its uncertainty and the components
+    uncertainties: dict[str, Uncertainty] = {}
+    voltage_range_v: float | None = None  # the ranges the analyzer held over the reported window
+    current_range_a: float | None = None
+    ranges: str | None = None  # how they were chosen (a pre-scan's peaks, or lab.yaml)
+    remeasured: list[str] = []  # each invalid measurement of a window (or the idle baseline), and why
 
 
 class Memory(_Record):

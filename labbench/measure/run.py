@@ -4,12 +4,25 @@ The sequence follows MLPerf Tiny and the seed paper's method:
 
 1. identify the DUT and check it runs the payload (its reported sha256 or model name);
 2. a latency distribution: `latency_samples` inferences, each bracketed by the DUT's own clock;
-3. energy: with the power meter capturing, an idle stretch (the baseline), then `windows` windows of
-   back-to-back inferences, each at least `window_s` long (MLPerf Tiny: 10 s, median of 5).
+3. energy (`run_energy`): a pre-scan (`prescan_s` of back-to-back inferences, from the analyzer's
+   lowest ranges up, raised at each overload, again until a run reads none) finds the peaks and
+   fixes the ranges, with headroom, for everything after it (lab.yaml may fix them instead). Then,
+   under one power capture, an idle baseline and `windows` windows of back-to-back inferences, each
+   at least `window_s` long (MLPerf Tiny: 10 s, median of 5), each between guard stretches of idle.
+   A window is checked before it counts: an overload, a range change, or an update the analyzer
+   blanked (or the capture missed, where the integrator cannot vouch for it) makes it invalid, and
+   the guard stretches beside it must be steady at the idle level, so the parts of the updates
+   straddling its edges that lie outside it are known to have drawn that. An invalid window is
+   measured again, and every re-measure is recorded with its reason: after an overload on ranges
+   the pre-scan chose, on raised ranges (such a measurement does not count against `attempts`);
+   after guard stretches that were not idle, with longer ones, and if they are still not idle,
+   that measurement counts with the edges' worst case in its uncertainty. A window still invalid
+   after `attempts` is an error.
    Per window, energy per inference is computed both ways: the window's average power (from the
    instrument's updates) x the latency per inference, and the instrument's integrated energy over
-   the window / the count. The median window is reported, with the idle baseline and the
-   uncertainty the update period implies at the window edges;
+   the window / the count. The median window is reported, with the idle baseline, and each
+   figure's uncertainty with its components (the instrument's documented accuracy for the ranges
+   held, readout rounding, edge apportioning and the spread between windows);
 4. accuracy: top-1 over the dataset's test split (`accuracy_samples` of it);
 5. memory and cold start from what the target reports.
 
@@ -23,19 +36,20 @@ import inspect
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from statistics import median
 from typing import TYPE_CHECKING, Any
 
 from labbench.board import Board
 from labbench.capabilities import DutIdentity, TimedRun
-from labbench.errors import HardwareError
-from labbench.measure.record import Energy, Latency, Measurement, Memory, Provenance
+from labbench.errors import HardwareError, InstrumentError
+from labbench.measure.record import Energy, Latency, Measurement, Memory, Provenance, Uncertainty
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from labbench.measure.power import PowerTrace, WindowEnergy
+    from labbench.measure.power import PowerTrace, Steady, WindowEnergy
     from labbench.payloads import Payload
 
 
@@ -48,6 +62,8 @@ class RunSettings:
     windows: int = 5  # MLPerf Tiny takes the median of 5
     idle_s: float = 3.0
     accuracy_samples: int | None = 400
+    prescan_s: float = 1.5  # back-to-back inferences that find the peaks the analyzer's ranges must hold
+    attempts: int = 3  # invalid measurements of a window (or the idle baseline) before it is an error
 
 
 @dataclass
@@ -60,6 +76,32 @@ class Outcome:
     idle: tuple[float, float] | None = None
 
 
+@dataclass(frozen=True)
+class WindowResult:
+    """An energy window that counts: the run, its energy from the power readings and from the
+    integrator (either may be None: a missed reading the integrator vouches for, no integrator),
+    and whether its edges were apportioned with verified idle guards (else: their worst case)."""
+
+    run: TimedRun
+    trace: WindowEnergy | None
+    integrator: WindowEnergy | None
+    guarded: bool
+
+    @property
+    def power(self) -> WindowEnergy:
+        return self.trace or self.integrator
+
+
+@dataclass
+class EnergyRun:
+    """What the energy phase measured: all of it, or what came before a fault."""
+
+    idle: WindowEnergy | None = None
+    windows: list[WindowResult] = field(default_factory=list)
+    remeasured: list[str] = field(default_factory=list)  # each invalid measurement and what was done
+    ranges: str | None = None  # how the analyzer's ranges were chosen
+
+
 @dataclass
 class _Sofar:
     """What a run has measured so far: enough for a whole record, or for a partial one after a fault."""
@@ -67,6 +109,7 @@ class _Sofar:
     identity: DutIdentity | None = None
     latency: TimedRun | None = None
     runs: list[TimedRun] = field(default_factory=list)  # completed energy windows
+    energy_run: EnergyRun = field(default_factory=EnergyRun)
     energy: Energy | None = None
     window_ms: list[float] = field(default_factory=list)
     instrument: str | None = None
@@ -123,104 +166,253 @@ def _stop_when(target: Any, cap: Any) -> dict[str, Any]:
 
 def _energy(board: Board, payload: Payload, s: RunSettings, got: _Sofar, outcome: Outcome,
             progress: Callable[[str], None]) -> None:
-    """Idle baseline, then windows of back-to-back inferences under a power capture. Completed
-    windows and the trace are kept in `got` and `outcome` as they come, so a fault keeps them."""
+    """Energy windows of `payload` under a power capture; accepted windows, the trace and the idle
+    baseline are kept in `got` and `outcome` as they come, so a fault keeps them."""
     latency_ms = sum(got.latency.latencies_us) / got.latency.count / 1000
-    count = _window_count(board, payload.timing_input(), s, latency_ms)
+    sample = payload.timing_input()
+    count = _window_count(board, sample, s, latency_ms)
     meter = board.power_meter
-    # An update straddling a window edge is split assuming the load beyond the edge is steady, so
-    # every window gets a settled update period of idle on each side (the idle baseline is taken
-    # from the middle of its stretch for the same reason).
-    guard_s = 2 * meter.update_period_s
-    cap = None
-    try:
-        with meter.capture(board.power_channel) as cap:
-            progress(f"idle baseline {s.idle_s:g} s")
-            time.sleep(guard_s)
-            t_idle0 = cap.mark("idle-start")
-            time.sleep(s.idle_s)
-            outcome.idle = (t_idle0, cap.mark("idle-end"))
-            stop = _stop_when(board.target, cap)
-            for i in range(s.windows):
-                time.sleep(guard_s)
-                progress(f"energy window {i + 1}/{s.windows}: {count} inferences")
-                run = board.target.run_timed(payload.timing_input(), count, 0, **stop)
-                cap.mark(f"window-{i}-start", run.host_start)
-                cap.mark(f"window-{i}-end", run.host_end)
-                got.runs.append(run)
-                outcome.windows.append((run.host_start, run.host_end))
-            time.sleep(guard_s)
-    finally:
-        if cap is not None:
-            outcome.trace = cap.trace
-    got.energy, got.window_ms = _energy_of(outcome.trace, outcome.idle, got.runs, repr(meter))
+    run_energy(meter, board.target, sample, count, s, got.energy_run, outcome, progress=progress,
+               capture=lambda **kw: meter.capture(board.power_channel, **kw), accepted=got.runs.append)
+    got.energy, got.window_ms = energy_of(got.energy_run, outcome.trace.instrument or repr(meter), meter.update_period_s)
     got.instrument = meter.identity()
 
 
-def _energy_of(trace: PowerTrace, idle_span: tuple[float, float], runs: list[TimedRun],
-               meter: str) -> tuple[Energy, list[float]]:
-    """Energy per inference of the median window (by latency), with the idle baseline, and the
-    latency per inference of every window."""
-    idle = _window(trace, *idle_span)
-    per_window = []
-    for r in runs:
-        w = _window(trace, r.host_start, r.host_end)
-        per_inference_ms = sum(r.latencies_us) / len(r.latencies_us) / 1000
-        per_window.append((w, per_inference_ms, _integrated(trace, r), r.count))
-    # the median window by latency, as MLPerf Tiny takes the median throughput
-    w, per_inf_ms, integrated, n = sorted(per_window, key=lambda x: x[1])[len(per_window) // 2]
-    power_x_latency = w.mean_power_w * per_inf_ms
-    integrated_mj = integrated.energy_j * 1000 / n if integrated else None
-    unc_mj = (integrated or w).uncertainty_j * 1000 / n
-    energy = Energy(
-        per_inference_mj=integrated_mj if integrated_mj is not None else power_x_latency,
-        power_x_latency_mj=power_x_latency, integrated_mj=integrated_mj, uncertainty_mj=unc_mj,
-        active_power_w=w.mean_power_w, idle_power_w=idle.mean_power_w,
-        dynamic_mj=(w.mean_power_w - idle.mean_power_w) * per_inf_ms, window_s=w.duration_s,
-        inferences=n, windows=len(runs),
-        method=("median of windows; integrator energy / count" if integrated_mj is not None
-                else f"median of windows; average power ({w.method} method) x latency per inference")
-                + f"; instrument {trace.instrument or meter}, update period {trace.period_s:g} s")
-    return energy, [x[1] for x in per_window]
-
-
-def _kept_energy(got: _Sofar, outcome: Outcome, meter: str) -> None:
-    """After a fault in the energy phase: energy from the windows that completed inside what the
-    power trace holds, if any did."""
-    trace = outcome.trace
-    if trace is None or outcome.idle is None:
-        return
-    kept = [r for r in got.runs if _measurable(trace, r.host_start, r.host_end)]
-    if kept and _measurable(trace, *outcome.idle):
-        got.energy, got.window_ms = _energy_of(trace, outcome.idle, kept, meter)
-        got.instrument = trace.instrument or None
-
-
-def _measurable(trace: PowerTrace, t0: float, t1: float) -> bool:
+def run_energy(meter: Any, target: Any, sample: Any, count: int, s: RunSettings, record: EnergyRun,
+               outcome: Outcome, *, capture: Callable[..., AbstractContextManager[Any]] | None = None,
+               sleep: Callable[[float], None] = time.sleep, progress: Callable[[str], None] = lambda step: None,
+               accepted: Callable[[TimedRun], None] = lambda run: None) -> None:
+    """Step 3 of the module docstring: pre-scan, idle baseline and checked windows of `count`
+    inferences of `sample` on `target`, measured by `meter` through `capture()` (default
+    `meter.capture`; the pre-scan's takes `step_up=True`); `sleep` waits. Fills `record` and
+    `outcome` as it goes (`accepted` hears each window that counts)."""
+    capture = capture or meter.capture
+    if hasattr(meter, "hold_ranges") and not meter.ranges_from_lab:
+        record.ranges = _prescan(meter, target, sample, max(1, math.ceil(count * s.prescan_s / s.window_s)),
+                                 capture, progress)
+    else:
+        record.ranges = getattr(meter, "range_note", None)
+    cap = None
     try:
-        _window(trace, t0, t1)
-    except ValueError:
+        with capture() as cap:
+            stop = _stop_when(target, cap)
+            record.idle = _idle_baseline(cap, meter, s, record, outcome, sleep, progress)
+            guard_from = outcome.idle[1]
+            for i in range(s.windows):
+                result = _window(cap, meter, target, sample, count, s, record, i, guard_from, stop, progress)
+                cap.mark(f"window-{i}-start", result.run.host_start)
+                cap.mark(f"window-{i}-end", result.run.host_end)
+                record.windows.append(result)
+                outcome.windows.append((result.run.host_start, result.run.host_end))
+                accepted(result.run)
+                guard_from = result.run.host_end
+    finally:
+        if cap is not None:
+            outcome.trace = cap.trace
+
+
+def _prescan(meter: Any, target: Any, sample: Any, count: int, capture: Callable[..., Any],
+             progress: Callable[[str], None]) -> str:
+    """Run the payload from the lowest ranges up, the capture raising them at each overload, until
+    a run reads no overload; then hold the ranges for the peaks it saw."""
+    meter.lowest_ranges()
+    for _ in range(len(meter.range_tables["AMP"]) + len(meter.range_tables["VLT"])):
+        progress(f"pre-scan: {count} inferences for the analyzer's ranges")
+        with capture(step_up=True) as scan:
+            target.run_timed(sample, count, 0, **_stop_when(target, scan))
+        if not any(u.overload for u in scan.trace.updates):
+            break
+    return meter.hold_ranges(scan.trace)
+
+
+def _idle_baseline(cap: Any, meter: Any, s: RunSettings, record: EnergyRun, outcome: Outcome,
+                   sleep: Callable[[float], None], progress: Callable[[str], None]) -> WindowEnergy:
+    """The idle baseline, one settled update into the capture, its edges apportioned with the load
+    beside it where that was steady at one level (else their worst case); measured again while
+    invalid."""
+    after_s, settle, failed, measurement = -math.inf, 2, 0, 0
+    lag = _lag(meter)
+    problems: list[str] = []
+    while failed < s.attempts:
+        measurement += 1
+        progress(f"idle baseline {s.idle_s:g} s")
+        cap.wait_for_updates_after(after_s + lag, settle)  # one update straddling what came before, one whole
+        t0 = cap.mark("idle-start")
+        sleep(s.idle_s)
+        t1 = cap.mark("idle-end")
+        cap.wait_for_updates_after(t1 + lag, 2)
+        trace = cap.trace
+        before, after = trace.steady(after_s, t0), trace.steady(t1, math.inf)
+        steady = before is not None and after is not None and before.agrees_with(after.level_w, after.accuracy_w)
+        try:
+            idle = trace.energy(t0, t1, **({"before": before, "after": after} if steady else {}))
+            problems = idle.problems
+        except ValueError as e:
+            problems = [str(e)]
+        if not problems:
+            outcome.idle = (t0, t1)
+            return idle
+        raised = _remedy(meter, problems, trace, t0)
+        after_s, settle, failed = t1, settle + (3 if raised else 2), failed + (not raised)
+        record.remeasured.append(f"idle baseline, measurement {measurement}: {'; '.join(problems)}")
+    raise InstrumentError(getattr(meter, "name", "power meter"), "idle baseline",
+                          f"invalid in {s.attempts} measurements: {'; '.join(problems)}")
+
+
+def _window(cap: Any, meter: Any, target: Any, sample: Any, count: int, s: RunSettings, record: EnergyRun,
+            i: int, guard_from: float, stop: dict[str, Any], progress: Callable[[str], None]) -> WindowResult:
+    """Energy window `i`: measured (after a guard stretch of at least one whole idle update) and
+    checked; measured again while invalid."""
+    settle, failed, measurement = 2, 0, 0  # updates after the last stretch: its edge update, a whole idle one
+    lag = _lag(meter)
+    problems: list[str] = []
+    while failed < s.attempts:  # a measurement after which the ranges were raised does not count
+        measurement += 1
+        cap.wait_for_updates_after(guard_from + lag, settle)
+        progress(f"energy window {i + 1}/{s.windows}: {count} inferences"
+                 + (f" (measurement {measurement})" if measurement > 1 else ""))
+        run = target.run_timed(sample, count, 0, **stop)
+        cap.wait_for_updates_after(run.host_end + lag, settle)  # the trailing guard: edge update, whole idle
+        # guards that stay busy once lengthened are the DUT's own (an SSH runner starting up)
+        trace = cap.trace
+        result, problems = _judge(trace, run, record.idle, guard_from, worst_case_edges=measurement > 1)
+        if result is not None:
+            if problems:
+                record.remeasured.append(f"window {i + 1}, measurement {measurement}: counted with the edges' "
+                                         f"worst case: {'; '.join(problems)}")
+            return result
+        raised = _remedy(meter, problems, trace, run.host_start)
+        cap.mark(f"window-{i}-invalid-{measurement}-start", run.host_start)
+        cap.mark(f"window-{i}-invalid-{measurement}-end", run.host_end)
+        record.remeasured.append(f"window {i + 1}, measurement {measurement}: {'; '.join(problems)}")
+        guard_from, settle, failed = run.host_end, settle + (3 if raised else 2), failed + (not raised)
+    raise InstrumentError(getattr(meter, "name", "power meter"), f"energy window {i + 1}/{s.windows}",
+                          f"invalid in {measurement} measurements: {'; '.join(problems)}")
+
+
+def _lag(meter: Any) -> float:
+    """How long after its period an update's results may appear: an update seen later than this
+    after an instant ended after it."""
+    return getattr(meter, "result_latency_s", 0.0)
+
+
+def _remedy(meter: Any, problems: list[str], trace: PowerTrace, t0: float) -> bool:
+    """Before measuring again: after an overload, raise the ranges the pre-scan chose (an error when
+    lab.yaml fixed them, or they are at the top); whether they were raised (which is noted in
+    `problems`, and blanks an update the next guard stretch must make up for)."""
+    step_up = getattr(meter, "step_up", None)
+    if step_up is None or not any("overload" in p for p in problems):
         return False
+    overloaded = [u for u, t in zip(trace.updates, trace.t_s) if u.overload and t0 - trace.period_s <= t]
+    raised = step_up(overloaded or list(trace.updates[-3:]))
+    if raised is None:
+        raise InstrumentError(meter.name, "energy measurement",
+                              f"a range overload on the ranges held ({meter.range_note}); nothing above them to "
+                              f"use: fix larger ranges in lab.yaml (settings current_range, voltage_range)")
+    problems.append(f"ranges raised: {raised}")
     return True
 
 
-def _window(trace: PowerTrace, t0: float, t1: float) -> WindowEnergy:
-    """Energy over a window from the power updates; where the capture missed an update inside it
-    (a busy host can poll late), from the instrument's integrator, which misses nothing."""
-    try:
-        return trace.energy(t0, t1)
-    except ValueError as gap:
+def _judge(trace: PowerTrace, run: TimedRun, idle: WindowEnergy, guard_from: float,
+           worst_case_edges: bool) -> tuple[WindowResult | None, list[str]]:
+    """A window's result and its problems. The guard stretches beside it (from `guard_from` to the
+    run, and after the run to the end of the trace) must be steady at the idle level for the edge
+    updates to be apportioned with that level; a window with other problems never counts; one
+    whose guards are the only problem counts with the edges' worst case when `worst_case_edges`."""
+    t0, t1 = run.host_start, run.host_end
+    guards: list[str] = []
+    sides: dict[str, Steady | None] = {"before": trace.steady(guard_from, t0), "after": trace.steady(t1, math.inf)}
+    for side, steady in sides.items():
+        if steady is None:
+            guards.append(f"the guard stretch {side} it was not steady")
+        elif not steady.agrees_with(idle.mean_power_w, idle.power_uncertainty_w):
+            guards.append(f"the guard stretch {side} it drew {steady.level_w:.4g} W, not idle "
+                          f"({idle.mean_power_w:.4g} W)")
+    claims = {} if guards else sides
+    measured: dict[str, WindowEnergy | None] = {}
+    problems: list[str] = []
+    for method in ("trace", "integrator"):
         try:
-            return trace.energy(t0, t1, method="integrator")
-        except ValueError:
-            raise gap from None
+            measured[method] = trace.energy(t0, t1, method, **claims)
+        except ValueError as e:
+            measured[method] = None
+            if method == "trace" or "fewer than two" not in str(e):
+                problems.append(str(e))
+    if measured["trace"] is None and measured["integrator"] is not None:
+        problems = [p for p in problems if "no update for" not in p]  # the integrator vouches for the gap
+    for w in measured.values():
+        problems += [p for p in (w.problems if w else ()) if p not in problems]
+    if not any(measured.values()) or problems or (guards and not worst_case_edges):
+        return None, problems + guards
+    return WindowResult(run, measured["trace"], measured["integrator"], guarded=not guards), guards
 
 
-def _integrated(trace: PowerTrace, run: TimedRun) -> Any:
-    try:
-        return trace.energy(run.host_start, run.host_end, method="integrator")
-    except ValueError:  # the instrument has no integrator readings in this trace
-        return None
+def energy_of(record: EnergyRun, instrument: str, period_s: float) -> tuple[Energy, list[float]]:
+    """Energy per inference of the median window (by latency), with the idle baseline, each figure's
+    uncertainty and its components, and the latency per inference of every window."""
+    idle = record.idle
+    rows = []  # per window: the window, latency per inference (ms), and the figures' values
+    for w in record.windows:
+        per_inference_ms = sum(w.run.latencies_us) / w.run.count / 1000
+        watts = w.power.mean_power_w
+        rows.append((w, per_inference_ms, {
+            "active_power_w": watts, "power_x_latency_mj": watts * per_inference_ms,
+            "integrated_mj": w.integrator.energy_j * 1000 / w.run.count if w.integrator else None,
+            "dynamic_mj": (watts - idle.mean_power_w) * per_inference_ms}))
+    # the median window by latency, as MLPerf Tiny takes the median throughput
+    w, per_inf_ms, values = sorted(rows, key=lambda r: r[1])[len(rows) // 2]
+    power, n = w.power, w.run.count
+    integrated_mj, power_x_latency = values["integrated_mj"], values["power_x_latency_mj"]
+
+    def spread(figure: str) -> float:
+        """Half the range of a figure over the windows."""
+        seen = [r[2][figure] for r in rows if r[2][figure] is not None]
+        return (max(seen) - min(seen)) / 2
+
+    per_w = 1 / power.duration_s
+    figures = {
+        "active_power_w": _uncertainty(power, per_w, spread=spread("active_power_w")),
+        "idle_power_w": _uncertainty(idle, 1 / idle.duration_s),
+        "power_x_latency_mj": _uncertainty(power, per_w * per_inf_ms, spread=spread("power_x_latency_mj")),
+        "dynamic_mj": _uncertainty(power, per_w * per_inf_ms, idle, per_inf_ms / idle.duration_s,
+                                   spread("dynamic_mj")),
+    }
+    if integrated_mj is not None:
+        figures["integrated_mj"] = _uncertainty(w.integrator, 1000 / n, spread=spread("integrated_mj"))
+    reported = "integrated_mj" if integrated_mj is not None else "power_x_latency_mj"
+    figures["per_inference_mj"] = figures[reported]
+    v_range, a_range = (w.integrator or power).ranges[0] if (w.integrator or power).ranges else (None, None)
+    edges = ("edges apportioned with verified idle guards" if all(r[0].guarded for r in rows)
+             else "edges at their worst case where the guards beside a window were not idle")
+    energy = Energy(
+        per_inference_mj=integrated_mj if integrated_mj is not None else power_x_latency,
+        power_x_latency_mj=power_x_latency, integrated_mj=integrated_mj,
+        uncertainty_mj=figures["per_inference_mj"].total, uncertainties=figures,
+        active_power_w=power.mean_power_w, idle_power_w=idle.mean_power_w, dynamic_mj=values["dynamic_mj"],
+        window_s=power.duration_s, inferences=n, windows=len(rows),
+        voltage_range_v=v_range, current_range_a=a_range, ranges=record.ranges, remeasured=list(record.remeasured),
+        method=("median of windows; integrator energy / count" if integrated_mj is not None
+                else f"median of windows; average power ({power.method} method) x latency per inference")
+        + f"; {edges}; instrument {instrument}, update period {period_s:g} s")
+    return energy, [r[1] for r in rows]
+
+
+def _uncertainty(w: WindowEnergy, scale: float, other: WindowEnergy | None = None, other_scale: float = 0.0,
+                 spread: float = 0.0) -> Uncertainty:
+    """A figure's uncertainty from the window(s) it derives from (each component scaled to the
+    figure's unit), plus the spread between windows."""
+    parts = {k: getattr(w, f"{k}_j") * scale + (getattr(other, f"{k}_j") * other_scale if other else 0.0)
+             for k in ("accuracy", "rounding", "edges")}
+    return Uncertainty(total=sum(parts.values()) + spread, spread=spread, **parts)
+
+
+def _kept_energy(got: _Sofar, outcome: Outcome, meter: str) -> None:
+    """After a fault in the energy phase: energy from the windows that counted before it, if any did
+    (a window counts only once the trace holds the updates after it)."""
+    if got.energy_run.windows and got.energy_run.idle is not None:
+        trace = outcome.trace
+        got.energy, got.window_ms = energy_of(got.energy_run, trace.instrument or meter, trace.period_s)
+        got.instrument = trace.instrument or None
 
 
 def _accuracy(board: Board, payload: Payload, s: RunSettings, got: _Sofar,

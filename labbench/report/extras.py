@@ -7,7 +7,7 @@ import base64
 import html
 
 from labbench.budgets import Judgement, Verdict
-from labbench.measure.record import Event, Measurement
+from labbench.measure.record import Event, Measurement, Uncertainty
 
 _COLOURS = {Verdict.PASS: "#2a7", Verdict.MARGINAL: "#d90", Verdict.FAIL: "#c33", Verdict.MISSING: "#888"}
 
@@ -30,11 +30,27 @@ def measurement_table(m: Measurement) -> str:
                          f"{len(lat.throughput_windows_ms)} windows"))
     if m.energy:
         e = m.energy
-        rows += [("energy per inference", f"{e.per_inference_mj:.4g} ± {e.uncertainty_mj:.2g} mJ", e.method),
-                 ("  power x latency", f"{e.power_x_latency_mj:.4g} mJ", f"active {e.active_power_w:.4g} W"),
-                 ("  integrated / count", "-" if e.integrated_mj is None else f"{e.integrated_mj:.4g} mJ",
-                  f"{e.inferences} inferences over {e.window_s:.3g} s x {e.windows} windows"),
-                 ("  dynamic (above idle)", f"{e.dynamic_mj:.4g} mJ", f"idle {e.idle_power_w:.4g} W")]
+        u = e.uncertainties
+        rows += [("energy per inference", _pm(e.per_inference_mj, e.uncertainty_mj, "mJ"),
+                  _how(u.get("per_inference_mj"), "mJ", e.method)),
+                 ("  power x latency", _pm(e.power_x_latency_mj, _total(u, "power_x_latency_mj"), "mJ"),
+                  _how(u.get("power_x_latency_mj"), "mJ", "")),
+                 ("  integrated / count", "-" if e.integrated_mj is None else
+                  _pm(e.integrated_mj, _total(u, "integrated_mj"), "mJ"),
+                  _how(u.get("integrated_mj"), "mJ",
+                       f"{e.inferences} inferences over {e.window_s:.3g} s x {e.windows} windows")),
+                 ("  dynamic (above idle)", _pm(e.dynamic_mj, _total(u, "dynamic_mj"), "mJ"),
+                  _how(u.get("dynamic_mj"), "mJ", "")),
+                 ("  active power", _pm(e.active_power_w, _total(u, "active_power_w"), "W"),
+                  _how(u.get("active_power_w"), "W", "")),
+                 ("  idle power", _pm(e.idle_power_w, _total(u, "idle_power_w"), "W"),
+                  _how(u.get("idle_power_w"), "W", ""))]
+        if e.current_range_a is not None or e.ranges:
+            held = " / ".join(f"{v:g} {unit}" for v, unit in ((e.voltage_range_v, "V"), (e.current_range_a, "A"))
+                              if v is not None)
+            rows.append(("  analyzer ranges held", held or "-", e.ranges or ""))
+        for note in e.remeasured:
+            rows.append(("  re-measured", "", note))
     if m.accuracy is not None:
         rows.append(("top-1 accuracy", f"{m.accuracy:.4f}", f"{m.accuracy_n} samples"))
     if m.cold_start_ms is not None:
@@ -53,6 +69,24 @@ def measurement_table(m: Measurement) -> str:
                    for a, b, c in rows)
     return (f"<h4>{html.escape(m.board)} / {html.escape(m.model)}</h4><table class='labbench'>"
             f"<tr><th>quantity</th><th>value</th><th>how</th></tr>{body}</table>")
+
+
+def _pm(value: float, uncertainty: float | None, unit: str) -> str:
+    return f"{value:.4g} {unit}" if uncertainty is None else f"{value:.4g} ± {uncertainty:.2g} {unit}"
+
+
+def _total(uncertainties: dict[str, Uncertainty], figure: str) -> float | None:
+    u = uncertainties.get(figure)
+    return u.total if u else None
+
+
+def _how(u: Uncertainty | None, unit: str, method: str) -> str:
+    """The uncertainty's components, then how the figure was obtained."""
+    if u is None:
+        return method
+    parts = f"± = accuracy {u.accuracy:.2g} + rounding {u.rounding:.2g} + edges {u.edges:.2g}"
+    parts += f" + spread {u.spread:.2g} {unit}" if u.spread else f" {unit}"
+    return f"{parts}; {method}" if method else parts
 
 
 def verdict_table(judgements: list[Judgement]) -> str:
