@@ -209,6 +209,10 @@ class SerialConn(_Strict):
     url: Annotated[str, _checked(serial_problem)]
     baud: int = Field(115200, gt=0)
     timeout_s: float = Field(5.0, gt=0)
+    # how the host can reset the board through the port: "rts" (the ESP32 DevKitC's auto-reset
+    # circuit), or "none" (USB CDC boards such as the Nano 33 BLE and the Coral Micro); with "rts"
+    # every run starts with a reset, timing the cold start to m-init-done
+    reset: Literal["rts", "none"] = "none"
 
 
 class SshConn(_Strict):

@@ -66,6 +66,9 @@ def test_hil_run_journals_reports_and_gates_on_budgets(sim_lab, hil_board):
     assert row["provenance.source"] == "sim" and row["provenance.board"] == board
     assert re.fullmatch(r"[0-9a-f]{64}", row["provenance.firmware_sha256"])  # the image, or the SSH runner
     assert row["accuracy"] > 0.9 and row["latency.p50_ms"] > 0 and row["energy.per_inference_mj"] > 0
+    if board == "esp32":  # reset through RTS (lab.yaml `reset: rts`): the cold start, on both clocks
+        assert row["cold_start_ms"] > row["cold_start_breakdown_ms.cold_start_init_ms"] > 0
+        assert row["cold_start_breakdown_ms.cold_start_uncertainty_ms"] > 0
     report = html.read_text()
     assert "energy per inference" in report and "data:image/png;base64" in report
 

@@ -179,7 +179,7 @@ MALFORMED = [
      'lab.yaml:12: boards.esp32.flsh: unknown key; did you mean "flash"? '
      "(allowed: family, flash, power, power_mode, serial, sim, ssh)"),
     ("misspelt-serial-key", _sub("baud: 115200", "bauds: 115200"),
-     'lab.yaml:11: boards.esp32.serial.bauds: unknown key; did you mean "baud"? (allowed: baud, timeout_s, url)'),
+     'lab.yaml:11: boards.esp32.serial.bauds: unknown key; did you mean "baud"? (allowed: baud, reset, timeout_s, url)'),
     ("misspelt-top-level", _sub("budgets:", "budget:"),
      'lab.yaml:26: budget: unknown key; did you mean "budgets"? (allowed: boards, budgets, instruments, lab)'),
     ("misspelt-metric", _sub("latency_p99_ms:", "latency_p99:"),

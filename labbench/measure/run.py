@@ -447,8 +447,13 @@ def measure(board: Board, payload: Payload, settings: RunSettings = RunSettings(
     energy of windows completed inside the power trace, accuracy over the rows returned) is
     attached to the error as `.partial`: a Measurement with status "partial" and the error."""
     got, outcome = _Sofar(), Outcome()
-    phase = "identify"
+    serial = board.entry.serial
     try:
+        if serial is not None and serial.reset == "rts":  # seed 000's cold start: reset to m-init-done
+            phase = "cold start"
+            progress("cold start: reset to m-init-done")
+            board.target.reset()
+        phase = "identify"
         got.identity = board.target.identify()
         check_identity(board, payload, got.identity)
         phase = "latency"
