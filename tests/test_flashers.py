@@ -151,12 +151,16 @@ boards:
   nano33:
     family: nano33_ble_sense
     serial: {{url: "rfc2217://127.0.0.1:{_free_port()}", baud: 115200}}
-    flash: {{tool: bossac}}
+    flash:
+      tool: bossac
+      command: ["{{python}}", -m, labbench.sim.standin_tools, bossac, "--port={{port}}", -U, -w, "{{image}}", -R]
     sim: {{model: {model}}}
   coral_micro:
     family: coral_dev_board_micro
     serial: {{url: "rfc2217://127.0.0.1:{_free_port()}", baud: 115200}}
-    flash: {{tool: flashtool}}
+    flash:
+      tool: flashtool
+      command: ["{{python}}", -m, labbench.sim.standin_tools, flashtool, --elf_path, "{{image}}", --serial, "{{port}}"]
     sim: {{model: {model}}}
 """)
     lab = inventory.load(d / "lab.yaml")
@@ -179,7 +183,7 @@ def test_standin_tools_load_the_simulated_board(mcu_lab, board_name, flasher_cla
     monkeypatch.setenv(STATE_ENV, str(simlab.state_dir(mcu_lab)))
     flasher = flasher_class.from_lab(mcu_lab.boards[board_name])
     flasher.log_dir = tmp_path
-    assert flasher.command[1:4] == ["-m", "labbench.sim.standin_tools", flasher.TOOL]
+    assert flasher.argv(tmp_path / "x")[:4] == [sys.executable, "-m", "labbench.sim.standin_tools", flasher.TOOL]
     model = tmp_path / "mnist5k_mlp_int8.tflite"
     shutil.copy(MODELS / "mnist5k_mlp_int8.tflite", model)
 

@@ -22,18 +22,6 @@ TOUCH_SETTLE_S = 0.5  # the bootloader re-enumerates before bossac opens the por
 class BossacFlasher(CommandFlasher):
     TOOL = "bossac"
     DEFAULT_COMMAND = ("bossac", "--port={port}", "-U", "-i", "-e", "-w", "{image}", "-R")
-    STANDIN_COMMAND = (
-        "-m",
-        "labbench.sim.standin_tools",
-        "bossac",
-        "--port={port}",
-        "-U",
-        "-i",
-        "-e",
-        "-w",
-        "{image}",
-        "-R",
-    )
 
     def before_command(self) -> None:
         try:

@@ -15,13 +15,3 @@ from labbench.drivers.flashcmd import CommandFlasher
 class FlashtoolFlasher(CommandFlasher):
     TOOL = "flashtool"
     DEFAULT_COMMAND = ("flashtool.py", "--elf_path", "{image}")
-    # A simulated Coral has no USB serial number; its stand-in takes the board's serial URL there.
-    STANDIN_COMMAND = (
-        "-m",
-        "labbench.sim.standin_tools",
-        "flashtool",
-        "--elf_path",
-        "{image}",
-        "--serial",
-        "{port}",
-    )

@@ -1,11 +1,11 @@
 """Flashers that run a vendor's command line (bossac, flashtool), shared by their driver modules.
 
 The command is lab.yaml's `flash.command` for the board, a list of arguments with placeholders
-`{image}` (absolute path), `{port}` (the board's serial URL or device), `{baud}` and `{board}`;
-without one, the tool's usual command line for the board (the driver's `DEFAULT_COMMAND`), or,
-for a simulated board (a `sim:` block), the simulator's stand-in that takes the same arguments
-(`python -m labbench.sim.standin_tools TOOL ...`; only the command line names it, the bench imports
-nothing of the sim). Its exit code and its output (stdout and stderr, interleaved) go to a log file
+`{image}` (absolute path), `{port}` (the board's serial URL or device), `{baud}`, `{board}` and
+`{python}` (the bench's own interpreter, for tools installed as Python modules); without one, the
+tool's usual command line for the board (the driver's `DEFAULT_COMMAND`). The default lab.yaml
+names the simulated lab's stand-ins this way (`{python} -m labbench.sim.standin_tools bossac ...`),
+so the bench treats them as any other command. Its exit code and its output (stdout and stderr, interleaved) go to a log file
 per flash; a failure is a FlashError naming the board, the tool, the exit code, the output's tail
 and the log.
 
@@ -36,7 +36,6 @@ class CommandFlasher:
 
     TOOL = "command"
     DEFAULT_COMMAND: tuple[str, ...] = ()
-    STANDIN_COMMAND: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -58,8 +57,6 @@ class CommandFlasher:
     def from_lab(cls, entry: Any, family: Any = None) -> CommandFlasher:
         flash = entry.flash
         command = flash.command if flash and flash.command else None
-        if command is None and entry.sim is not None:
-            command = [sys.executable, *cls.STANDIN_COMMAND]
         return cls(
             entry.serial.url,
             board=entry.name,
@@ -82,7 +79,13 @@ class CommandFlasher:
         """A step the tool's usual flow takes before it runs (e.g. the 1200-baud touch)."""
 
     def argv(self, image: Path) -> list[str]:
-        values = {"image": str(image), "port": self.port, "baud": self.baud or "", "board": self.board}
+        values = {
+            "image": str(image),
+            "port": self.port,
+            "baud": self.baud or "",
+            "board": self.board,
+            "python": sys.executable,
+        }
         return [arg.format(**values) for arg in self.command]
 
     # -- Flasher ----------------------------------------------------------------------------------
