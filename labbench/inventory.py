@@ -68,7 +68,7 @@ _VISA = [re.compile(p, re.IGNORECASE) for p in (
     r"GPIB\d*::\d{1,2}(::\d{1,3})?(::INSTR)?",
     r"USB\d*::(0x[0-9A-F]{1,4}|\d{1,5})::(0x[0-9A-F]{1,4}|\d{1,5})::[A-Za-z0-9_.-]+(::\d+)?(::(INSTR|RAW))?",
 )]
-FLASH_PLACEHOLDERS = ("image", "port", "baud", "board")
+FLASH_PLACEHOLDERS = ("image", "port", "baud", "board", "python")
 
 
 def registered(group: str) -> dict[str, Any]:
