@@ -171,4 +171,4 @@ def test_a_lossy_serial_line_gives_pass_or_error_never_a_wrong_number(sim_lab):
     if re.search(r"^ERROR ", lossy.stdout, flags=re.M) or len(valid) < len(base):
         assert attempts, "a step that failed without an attempt record"
     for attempt in attempts:  # every failed attempt names a typed error, the board and the log
-        assert attempt.error is None or re.match(r"\w+Error: esp32: .*\(full log: .+\)$", attempt.error), attempt
+        assert attempt.error is None or re.match(r"\w+: esp32: .*\(full log: .+\)$", attempt.error), attempt
