@@ -114,11 +114,11 @@ def skip_times(board: SimMcuBoard, model: Path, work: Path) -> list[dict]:
         rows.append(
             {
                 "run": label,
-                "skipped": r["skipped"],
-                "bytes": r["bytes_written"],
-                "total_s": r["total_s"],
-                "md5_s": r["md5_check_s"],
-                "write_s": r.get("write_s", 0.0),
+                "skipped": r.skipped,
+                "bytes": r.detail["bytes_written"],
+                "total_s": r.seconds,
+                "md5_s": r.detail["md5_check_s"],
+                "write_s": r.detail.get("write_s", 0.0),
             }
         )
     return rows

@@ -9,19 +9,26 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from labbench import catalog, locks
+from labbench.capabilities import Deployer, Flasher, InferenceTarget, InstallRecord, PowerMeter
 from labbench.errors import UsageError
 from labbench.inventory import DRIVER_GROUP, INSTRUMENT_GROUP, BoardEntry, Lab, registered
 from labbench.yamlsource import unknown
 
+T = TypeVar("T")
 
-def _construct(group: str, name: str, entry: Any, family: Any = None, **options: Any) -> Any:
+
+def _construct(group: str, name: str, capability: type[T], entry: Any, family: Any = None, **options: Any) -> T:
+    """The `name` plugin of `group` built for `entry`; it must implement `capability`."""
     plugins = registered(group)
     if name not in plugins:
         raise UsageError(unknown(group.split(".")[-1].rstrip("s"), name, plugins))
-    return plugins[name].load().from_lab(entry, family, **options)
+    driver = plugins[name].load().from_lab(entry, family, **options)
+    if not isinstance(driver, capability):
+        raise UsageError(f"{group} entry point {name!r} ({type(driver).__name__}) is not a {capability.__name__}")
+    return driver
 
 
 class Board:
@@ -45,7 +52,7 @@ class Board:
         """What tests may ask of this board (see `@pytest.mark.requires`)."""
         e: BoardEntry = self.entry
         caps = {"inference"}
-        caps |= {"flash", "console"} if e.serial else {"deploy"}
+        caps |= {"flash"} if e.serial else {"deploy"}
         if e.serial and not e.flash:
             caps.discard("flash")
         if e.power:
@@ -53,32 +60,36 @@ class Board:
         return caps
 
     @cached_property
-    def target(self) -> Any:
+    def target(self) -> InferenceTarget:
         """The InferenceTarget: the MLPerf Tiny DUT over serial, or the SSH runner."""
         if self.entry.serial:
-            return _construct(DRIVER_GROUP, "dut_serial", self.entry, self.family)
-        return _construct(DRIVER_GROUP, "ssh", self.entry, self.family, lab=self.lab.name)  # its own dir per lab
+            return _construct(DRIVER_GROUP, "dut_serial", InferenceTarget, self.entry, self.family)
+        # its own directory per lab
+        return _construct(DRIVER_GROUP, "ssh", InferenceTarget, self.entry, self.family, lab=self.lab.name)
 
     @cached_property
-    def flasher(self) -> Any:
+    def flasher(self) -> Flasher:
         if "flash" not in self.capabilities:
             raise UsageError(f"{self.name}: has no flash: settings in {self.lab.path.name}")
-        return _construct(DRIVER_GROUP, self.entry.flash.tool, self.entry, self.family)
+        return _construct(DRIVER_GROUP, self.entry.flash.tool, Flasher, self.entry, self.family)
 
     @property
-    def deployer(self) -> Any:
+    def deployer(self) -> Deployer:
         if "deploy" not in self.capabilities:
             raise UsageError(f"{self.name}: is not an SSH board; flash it instead")
-        return self.target
+        target = self.target
+        if not isinstance(target, Deployer):
+            raise UsageError(f"{self.name}: its driver {type(target).__name__} cannot deploy")
+        return target
 
     @cached_property
-    def power_meter(self) -> Any:
+    def power_meter(self) -> PowerMeter:
         if self.entry.power is None:
             raise UsageError(f"{self.name}: has no power: link in {self.lab.path.name}")
         inst = self.lab.instruments[self.entry.power.instrument]
-        return _construct(INSTRUMENT_GROUP, inst.kind, inst)
+        return _construct(INSTRUMENT_GROUP, inst.kind, PowerMeter, inst)
 
-    def install(self, model: Path, dataset: Path | None = None, build_dir: Path = Path("build")) -> dict[str, Any]:
+    def install(self, model: Path, dataset: Path | None = None, build_dir: Path = Path("build")) -> InstallRecord:
         """Put `model` on the board: flash an MCU (an ESP32 app image is packed first) or deploy over SSH.
         Each driver skips the transfer when the board already holds the same bytes."""
         if "deploy" in self.capabilities:

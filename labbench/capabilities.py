@@ -6,7 +6,8 @@ Drivers implement these; tests and `measure` depend only on them, never on a dri
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ContextManager, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,6 +25,26 @@ class DutIdentity:
     model_sha256: str | None = None
     firmware: str | None = None  # firmware version / runner version
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InstallRecord:
+    """What putting a model on a board did (a flash or a deploy), and what the board runs after it."""
+
+    board: str
+    tool: str  # the flasher or deployer: esptool, bossac, flashtool, ssh, ...
+    firmware_sha256: str  # what runs the model: the flashed image, or the deployed runner
+    model_sha256: str | None  # the model installed (None: a compiled image the bench cannot read)
+    skipped: bool  # the board already held these bytes: nothing was written
+    seconds: float
+    identity: DutIdentity | None = None  # what the board said it is afterwards, when it was asked
+    log: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)  # the tool's own facts: bytes, regions, files, boot log
+
+    def provenance(self) -> dict[str, str | int | float | bool]:
+        """The record's scalar facts (its detail's included), for a measurement's provenance."""
+        facts = {k: v for k, v in vars(self).items() if k not in ("identity", "detail")} | self.detail
+        return {k: v for k, v in facts.items() if isinstance(v, (str, int, float, bool))}
 
 
 @dataclass(frozen=True)
@@ -66,16 +87,14 @@ class InferenceTarget(Protocol):
 class Flasher(Protocol):
     """Writes a firmware image to an MCU board, verifies it and resets into it."""
 
-    def flash(self, image: str, *, force: bool = False) -> dict[str, Any]:
-        """Returns a record of what was done (skipped, bytes, seconds, image sha256)."""
-        ...
+    def flash(self, image: str, *, force: bool = False) -> InstallRecord: ...
 
 
 @runtime_checkable
 class Deployer(Protocol):
     """Puts a model (and what runs it) onto a Linux board."""
 
-    def deploy(self, model: str, dataset: str | None = None) -> dict[str, Any]: ...
+    def deploy(self, model: str | Path, dataset: str | Path | None = None) -> InstallRecord: ...
 
 
 @runtime_checkable
@@ -89,13 +108,4 @@ class PowerMeter(Protocol):
     def capture(self, channel: int | str = 1) -> ContextManager[Any]: ...
 
 
-@runtime_checkable
-class Console(Protocol):
-    """A raw line console to a board (boot banners, logs)."""
-
-    def read_lines(self, timeout_s: float) -> Iterable[str]: ...
-
-
-CAPABILITIES.update(
-    flash=Flasher, deploy=Deployer, inference=InferenceTarget, power=PowerMeter, console=Console
-)
+CAPABILITIES.update(flash=Flasher, deploy=Deployer, inference=InferenceTarget, power=PowerMeter)

@@ -33,27 +33,27 @@ def test_esptool_flasher_writes_verifies_identifies_then_skips_on_md5(esp32, tmp
     assert isinstance(flasher, Flasher)
 
     first = flasher.flash(str(packed.image))
-    assert not first["skipped"] and first["baud"] == 460800
+    assert not first.skipped and first.detail["baud"] == 460800
     # the partition table already in flash matches its MD5: only the app region is written
-    assert first["bytes_written"] == packed.image.stat().st_size
-    assert first["identity"]["model"] == "mnist5k_mlp_int8"
+    assert first.detail["bytes_written"] == packed.image.stat().st_size
+    assert first.identity.model == "mnist5k_mlp_int8"
     assert (
-        first["identity"]["model_sha256"]
+        first.identity.model_sha256
         == packed.model_sha256
         == ModelInfo.from_file(MODELS / "mnist5k_mlp_int8.tflite").sha256
     )
-    log = Path(first["log"]).read_text()
+    log = Path(first.log).read_text()
     assert "Hash of data verified." in log and "Writing at 0x" in log  # verified, progress recorded
-    assert "m-ready" in first["boot_log"]
+    assert "m-ready" in first.detail["boot_log"]
 
     again = flasher.flash(str(packed.image))
-    assert again["skipped"] and again["bytes_written"] == 0 and "write_s" not in again
-    assert again["identity"]["model_sha256"] == packed.model_sha256
-    assert "Hash of data verified." not in Path(again["log"]).read_text()
+    assert again.skipped and again.detail["bytes_written"] == 0 and "write_s" not in again.detail
+    assert again.identity.model_sha256 == packed.model_sha256
+    assert "Hash of data verified." not in Path(again.log).read_text()
 
     forced = flasher.flash(str(packed.image), force=True)
-    assert not forced["skipped"]
-    assert forced["bytes_written"] == packed.image.stat().st_size + firmware_image.PARTITION_TABLE_BYTES
+    assert not forced.skipped
+    assert forced.detail["bytes_written"] == packed.image.stat().st_size + firmware_image.PARTITION_TABLE_BYTES
 
 
 def test_esptool_flasher_reports_a_board_left_in_the_loader(esp32, tmp_path):
@@ -70,7 +70,7 @@ def test_esptool_flasher_reports_a_board_left_in_the_loader(esp32, tmp_path):
     assert "stayed in the ROM loader" in err.seen and "invalid header: 0x" in err.seen
     assert Path(err.log).exists() and "waiting for download" in Path(err.log).read_text()
     recovered = flasher.flash(str(packed.image))  # the loader takes the next image
-    assert recovered["identity"]["model_sha256"] == packed.model_sha256
+    assert recovered.identity.model_sha256 == packed.model_sha256
 
 
 def test_esptool_flasher_from_lab_entry():
@@ -188,10 +188,10 @@ def test_standin_tools_load_the_simulated_board(mcu_lab, board_name, flasher_cla
     shutil.copy(MODELS / "mnist5k_mlp_int8.tflite", model)
 
     record = flasher.flash(str(model))
-    assert not record["skipped"]
-    assert record["identity"]["model_sha256"] == ModelInfo.from_file(model).sha256
+    assert not record.skipped
+    assert record.identity.model_sha256 == ModelInfo.from_file(model).sha256
     assert (
         f"labbench stand-in for {flasher.TOOL}: simulated board '{board_name}' loaded"
-        in Path(record["log"]).read_text()
+        in Path(record.log).read_text()
     )
-    assert flasher.flash(str(model))["skipped"]  # the DUT already reports the model's hash
+    assert flasher.flash(str(model)).skipped  # the DUT already reports the model's hash

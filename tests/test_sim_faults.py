@@ -438,7 +438,7 @@ def test_slow_sftp_takes_its_time_and_arrives_whole(pi, proxy):
     record = board.deploy(MNIST)
     elapsed = time.monotonic() - t0
     assert elapsed >= MNIST.stat().st_size / 50_000
-    assert board.remote_sha256([record["files"]["model"]["remote"]]) == [record["files"]["model"]["sha256"]]
+    assert board.remote_sha256([record.detail["files"]["model"]["remote"]]) == [record.detail["files"]["model"]["sha256"]]
     board.close()
 
 
@@ -455,14 +455,14 @@ def test_stalled_sftp_is_a_remote_error_within_the_stall_timeout(pi, proxy):
     assert time.monotonic() - t0 < 3.0 and err.value.log == str(board.log_path)
     proxy.clear()
     record = board.deploy(MNIST)  # reconnects; the broken upload never looked deployed
-    assert not record["files"]["runner"]["skipped"]
-    assert board.remote_sha256([record["files"]["model"]["remote"]]) == [record["files"]["model"]["sha256"]]
+    assert not record.detail["files"]["runner"]["skipped"]
+    assert board.remote_sha256([record.detail["files"]["model"]["remote"]]) == [record.detail["files"]["model"]["sha256"]]
     timed = ssh(pi, "labbench/stalled-1s", transfer_stall_s=3.0)  # a stall shorter than the bound is waited out
     timed.connect()
     proxy.add(Fault(kind="stall", direction="to_device", duration_s=1.0))
     t0 = time.monotonic()
     record = timed.deploy(DIGITS)
-    assert time.monotonic() - t0 >= 1.0 and record["files"]["model"]["bytes"] == DIGITS.stat().st_size
+    assert time.monotonic() - t0 >= 1.0 and record.detail["files"]["model"]["bytes"] == DIGITS.stat().st_size
     board.close()
     timed.close()
 

@@ -115,20 +115,20 @@ def test_deploy_puts_files_in_the_per_lab_directory_and_skips_on_hash(lab, deplo
     boards, first = deployed
     board, sim = boards["rpi4"], lab["rpi4"]
     lab_dir = sim.home / "labbench" / "test lab"
-    assert first["rpi4"]["dir"] == str(lab_dir) and first["rpi4"]["outputs"] == 10
+    assert first["rpi4"].detail["dir"] == str(lab_dir) and first["rpi4"].detail["outputs"] == 10
     for role, local in (("runner", Path(str(RUNNER))), ("model", MODEL), ("dataset", DATASET)):
-        record = first["rpi4"]["files"][role]
+        record = first["rpi4"].detail["files"][role]
         on_board = Path(record["remote"])
         assert on_board.parent.parent == lab_dir or on_board.parent == lab_dir
         assert hashlib.sha256(on_board.read_bytes()).hexdigest() == record["sha256"] == \
             hashlib.sha256(local.read_bytes()).hexdigest()
     again = board.deploy(MODEL, DATASET)
-    assert again["skipped"] and all(f["skipped"] for f in again["files"].values())
+    assert again.skipped and all(f["skipped"] for f in again.detail["files"].values())
     assert '"skipped": true' in (lab_dir / "deployment.json").read_text()
 
     (lab_dir / "models" / MODEL.name).write_bytes(b"stale")  # a changed file is sent again
     third = board.deploy(MODEL, DATASET)
-    assert not third["files"]["model"]["skipped"] and third["files"]["runner"]["skipped"]
+    assert not third.detail["files"]["model"]["skipped"] and third.detail["files"]["runner"]["skipped"]
     assert (lab_dir / "models" / MODEL.name).read_bytes() == MODEL.read_bytes()
 
 
@@ -272,7 +272,7 @@ def test_shell_metacharacters_in_names_are_harmless(lab, tmp_path, digits, monke
     board = SshBoard.from_lab(entry, sim.family, lab="lab $(touch PWNED5); 'x' \"y\"")
     assert board.log_path == tmp_path / "reports" / "logs" / "jetson; touch PWNED4-ssh.log"
     record = board.deploy(model)
-    assert Path(record["files"]["model"]["remote"]).read_bytes() == MODEL.read_bytes()
+    assert Path(record.detail["files"]["model"]["remote"]).read_bytes() == MODEL.read_bytes()
     assert board.classify(digits[0][:3]).shape == (3, 10)
     assert board.run_timed(digits[0][0], count=3, warmup=1).count == 3
     assert board.execute(["echo", "a;b", "$(id)", "'\""]).stdout == b"a;b $(id) '\"\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from labbench.board import Board
-from labbench.capabilities import DutIdentity
+from labbench.capabilities import DutIdentity, InstallRecord
 from labbench.measure.run import Outcome, RunSettings, measure
 from labbench.payloads import Payload, all_payloads
 from labbench.pytest_plugin import Recovery
@@ -65,23 +65,16 @@ def not_deployable(board: Board, payload: Payload) -> str | None:
     return f"{payload.name} is not deployable on {board.name}: {why}" if why else None
 
 
-def firmware_sha256(record: dict) -> str | None:
-    """What runs the model, from an install record: the flashed image (MCU) or the deployed runner (Linux)."""
-    if "files" in record:
-        return record["files"]["runner"]["sha256"]
-    return record.get("image_sha256")
-
-
 class Bench:
     """Installs and measures each (board, payload) once per run; tests share the outcomes. Each step
     runs through `recovery` on behalf of the test `node` that needs it first."""
 
     def __init__(self, settings: RunSettings, build_dir: Path, say: Callable[[str], None], recovery: Recovery):
         self.settings, self.build_dir, self.say, self.recovery = settings, build_dir, say, recovery
-        self.installed: dict[str, tuple[str, dict]] = {}  # board -> (payload it holds, install record)
+        self.installed: dict[str, tuple[str, InstallRecord]] = {}  # board -> (payload it holds, its install)
         self.outcomes: dict[tuple[str, str], Outcome] = {}
 
-    def install(self, node: pytest.Item, board: Board, payload: Payload) -> dict:
+    def install(self, node: pytest.Item, board: Board, payload: Payload) -> InstallRecord:
         """Make `payload` what the board runs (the driver skips bytes the board already holds)."""
         held = self.installed.get(board.name)
         if held is None or held[0] != payload.name:
@@ -97,10 +90,10 @@ class Bench:
         key = (board.name, payload.name)
         if key not in self.outcomes:
             record = self.install(node, board, payload)
-            extra = {"install": {k: v for k, v in record.items() if isinstance(v, (str, int, float, bool))}}
+            extra = {"install": record.provenance()}
             self.outcomes[key] = self.recovery.run(
                 node, board, f"measure {payload.name}",
-                lambda: measure(board, payload, self.settings, firmware_sha256=firmware_sha256(record), extra=extra,
+                lambda: measure(board, payload, self.settings, firmware_sha256=record.firmware_sha256, extra=extra,
                                 progress=lambda step: self.say(f"  {board.name} / {payload.name}: {step}")))
         return self.outcomes[key]
 
@@ -143,7 +136,7 @@ def default_outcome(board: Board, default_payload: Payload, bench: Bench, reques
 
 @pytest.fixture
 def installed(board: Board, default_payload: Payload, bench: Bench,
-              request: pytest.FixtureRequest) -> tuple[dict, DutIdentity]:
+              request: pytest.FixtureRequest) -> tuple[InstallRecord, DutIdentity]:
     """The default payload installed, with its install record and what the board then says it is."""
     record = bench.install(request.node, board, default_payload)
     return record, bench.identify(request.node, board)

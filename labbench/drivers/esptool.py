@@ -44,7 +44,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from serial import rfc2217
 
 from labbench import firmware_image
-from labbench.capabilities import DutIdentity
+from labbench.capabilities import DutIdentity, InstallRecord
 from labbench.errors import FlashError
 
 ROM_BAUD = ESPLoader.ESP_ROM_BAUD  # 115200: the ROM loader's rate after reset
@@ -169,7 +169,7 @@ class EsptoolFlasher:
 
     # -- Flasher ----------------------------------------------------------------------------------
 
-    def flash(self, image: str, *, force: bool = False) -> dict[str, Any]:
+    def flash(self, image: str, *, force: bool = False) -> InstallRecord:
         t0 = time.monotonic()
         files = [(offset, path.read_bytes(), path.name) for offset, path in firmware_image.flash_files(image)]
         app = next(data for offset, data, _ in files if offset == firmware_image.APP_OFFSET)
@@ -179,39 +179,36 @@ class EsptoolFlasher:
             expected_sha = None  # flashed all the same: the boot check reports what the board makes of it
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{self.board}-{datetime.now():%Y%m%d-%H%M%S-%f}.log"
-        record: dict[str, Any] = {
-            "board": self.board,
-            "tool": "esptool",
+        detail: dict[str, Any] = {
             "image": str(image),
-            "log": str(log_path),
-            "image_sha256": hashlib.sha256(app).hexdigest(),
-            "model_sha256": expected_sha,
             "regions": [{"offset": offset, "file": name, "bytes": len(data)} for offset, data, name in files],
         }
         with _ESPTOOL_TURN, open(log_path, "w") as log_file, self._progress() as progress:
             logger = _LogToFile(log_file, progress)
             previous = _swap_logger(logger)
             try:
-                record |= self._session(files, force, logger)
+                detail |= self._session(files, force, logger)
             finally:
                 _swap_logger(previous)
-        if record["stayed_in_loader"]:
+        if detail["stayed_in_loader"]:
             raise FlashError(
                 self.board,
                 "boot after flashing",
-                f"stayed in the ROM loader: {_loader_reason(record['boot_log'])}",
+                f"stayed in the ROM loader: {_loader_reason(detail['boot_log'])}",
                 log=str(log_path),
             )
         identity = self._checked_identity(expected_sha, log_path)
-        record |= {
-            "identity": {
-                "name": identity.name,
-                "model": identity.model,
-                "model_sha256": identity.model_sha256,
-            },
-            "total_s": round(time.monotonic() - t0, 3),
-        }
-        return record
+        return InstallRecord(
+            self.board,
+            "esptool",
+            firmware_sha256=hashlib.sha256(app).hexdigest(),
+            model_sha256=expected_sha,
+            skipped=detail.pop("skipped"),
+            seconds=round(time.monotonic() - t0, 3),
+            identity=identity,
+            log=str(log_path),
+            detail=detail,
+        )
 
     def _progress(self) -> Progress:
         return Progress(

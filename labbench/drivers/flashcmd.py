@@ -23,9 +23,10 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from functools import partial
 from typing import Any
 
-from labbench.capabilities import DutIdentity
+from labbench.capabilities import DutIdentity, InstallRecord
 from labbench.errors import FlashError
 
 TAIL_LINES = 8
@@ -90,29 +91,19 @@ class CommandFlasher:
 
     # -- Flasher ----------------------------------------------------------------------------------
 
-    def flash(self, image: str, *, force: bool = False) -> dict[str, Any]:
+    def flash(self, image: str, *, force: bool = False) -> InstallRecord:
         t0 = time.monotonic()
         path = Path(image).resolve()
         data = path.read_bytes()
         expected = hashlib.sha256(data).hexdigest() if data[4:8] == b"TFL3" else None
-        record: dict[str, Any] = {
-            "board": self.board,
-            "tool": self.TOOL,
-            "image": str(path),
-            "image_sha256": hashlib.sha256(data).hexdigest(),
-            "model_sha256": expected,
-        }
+        done = partial(InstallRecord, self.board, self.TOOL, hashlib.sha256(data).hexdigest(), expected)
         if expected and not force:
             try:
                 current = self._identify()
             except Exception:  # not answering as a DUT: flash it
                 current = None
             if current is not None and current.model_sha256 == expected:
-                return record | {
-                    "skipped": True,
-                    "identity": _identity(current),
-                    "total_s": round(time.monotonic() - t0, 3),
-                }
+                return done(True, round(time.monotonic() - t0, 3), current, detail={"image": str(path)})
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{self.board}-{self.TOOL}-{datetime.now():%Y%m%d-%H%M%S-%f}.log"
         argv = self.argv(path)
@@ -148,12 +139,7 @@ class CommandFlasher:
                 f"exit code {proc.returncode}; output: {_tail(log_path)}",
                 log=str(log_path),
             )
-        record |= {
-            "skipped": False,
-            "bytes_written": len(data),
-            "write_s": round(time.monotonic() - t, 3),
-            "log": str(log_path),
-        }
+        detail = {"image": str(path), "bytes_written": len(data), "write_s": round(time.monotonic() - t, 3)}
         try:
             identity = self._identify()
         except Exception as exc:  # DutProtocolError and the like: the board did not come up as a DUT
@@ -167,11 +153,7 @@ class CommandFlasher:
                 f"DUT reports model sha256 {identity.model_sha256}, the image is {expected}",
                 log=str(log_path),
             )
-        return record | {"identity": _identity(identity), "total_s": round(time.monotonic() - t0, 3)}
-
-
-def _identity(identity: DutIdentity) -> dict[str, Any]:
-    return {"name": identity.name, "model": identity.model, "model_sha256": identity.model_sha256}
+        return done(False, round(time.monotonic() - t0, 3), identity, str(log_path), detail)
 
 
 def _tail(log_path: Path) -> str:

@@ -92,7 +92,7 @@ from typing import IO, Any, Self
 import numpy as np
 import paramiko
 
-from labbench.capabilities import DutIdentity, TimedRun
+from labbench.capabilities import DutIdentity, InstallRecord, TimedRun
 from labbench.errors import HardwareError, RemoteError, RunAborted
 from labbench.modelinfo import ModelInfo
 
@@ -796,9 +796,10 @@ class SshBoard:
                               f"{result.stderr.decode(errors='replace').strip()}")
         return [None if d == "-" else d for d in digests]
 
-    def deploy(self, model: str | Path, dataset: str | Path | None = None) -> dict[str, Any]:
+    def deploy(self, model: str | Path, dataset: str | Path | None = None) -> InstallRecord:
         """Put the runner, the model and its dataset into the lab directory, skipping files whose
-        sha256 already matches; returns (and stores on the board as deployment.json) what is there."""
+        sha256 already matches; stores what is there on the board as deployment.json (the record's
+        detail)."""
         t0 = time.monotonic()
         local = {"runner": Path(str(RUNNER)), "model": Path(model)}
         if dataset is not None:
@@ -825,7 +826,9 @@ class SshBoard:
         self._deployment = record
         self._datasets = self._dataset_arrays(local.get("dataset"), remote.get("dataset"))
         self._per_inference_s = {}
-        return record
+        return InstallRecord(self.board, "ssh", firmware_sha256=wanted["runner"], model_sha256=wanted["model"],
+                             skipped=record["skipped"], seconds=record["seconds"],
+                             detail={k: v for k, v in record.items() if k not in ("board", "skipped", "seconds")})
 
     def _upload(self, sftp: paramiko.SFTPClient, dog: _Watchdog, path: Path, remote: str) -> None:
         """Write beside the target, then rename over it, so a broken upload never looks deployed."""
