@@ -14,6 +14,7 @@ from typing import Any, Self, TypeVar
 from labbench import catalog, locks
 from labbench.capabilities import Deployer, Flasher, InferenceTarget, InstallRecord, PowerMeter
 from labbench.errors import UsageError
+from labbench.steps import step
 from labbench.inventory import DRIVER_GROUP, INSTRUMENT_GROUP, BoardEntry, Lab, registered
 from labbench.yamlsource import unknown
 
@@ -92,15 +93,16 @@ class Board:
     def install(self, model: Path, dataset: Path | None = None, build_dir: Path = Path("build")) -> InstallRecord:
         """Put `model` on the board: flash an MCU (an ESP32 app image is packed first) or deploy over SSH.
         Each driver skips the transfer when the board already holds the same bytes."""
-        if "deploy" in self.capabilities:
-            return self.deployer.deploy(model, dataset)
-        self._close("target")  # a serial port has one user: the flasher needs it to itself
-        image = Path(model)
-        if self.family.flasher == "esptool":
-            from labbench.firmware_image import pack
+        with step(self.name, "install", Path(model).name):
+            if "deploy" in self.capabilities:
+                return self.deployer.deploy(model, dataset)
+            self._close("target")  # a serial port has one user: the flasher needs it to itself
+            image = Path(model)
+            if self.family.flasher == "esptool":
+                from labbench.firmware_image import pack
 
-            image = pack(model, build_dir / "firmware" / self.name / Path(model).stem, board="esp32").image
-        return self.flasher.flash(str(image))
+                image = pack(model, build_dir / "firmware" / self.name / Path(model).stem, board="esp32").image
+            return self.flasher.flash(str(image))
 
     @property
     def power_channel(self) -> int:

@@ -46,6 +46,7 @@ from serial import rfc2217
 from labbench import firmware_image
 from labbench.capabilities import DutIdentity, InstallRecord
 from labbench.errors import FlashError
+from labbench.steps import step
 
 ROM_BAUD = ESPLoader.ESP_ROM_BAUD  # 115200: the ROM loader's rate after reset
 DEFAULT_FLASH_BAUD = 460800
@@ -183,7 +184,12 @@ class EsptoolFlasher:
             "image": str(image),
             "regions": [{"offset": offset, "file": name, "bytes": len(data)} for offset, data, name in files],
         }
-        with _ESPTOOL_TURN, open(log_path, "w") as log_file, self._progress() as progress:
+        with (
+            step(self.board, "flash with esptool", Path(image).name),
+            _ESPTOOL_TURN,
+            open(log_path, "w") as log_file,
+            self._progress() as progress,
+        ):
             logger = _LogToFile(log_file, progress)
             previous = _swap_logger(logger)
             try:
@@ -197,7 +203,8 @@ class EsptoolFlasher:
                 f"stayed in the ROM loader: {_loader_reason(detail['boot_log'])}",
                 log=str(log_path),
             )
-        identity = self._checked_identity(expected_sha, log_path)
+        with step(self.board, "identify after flashing"):
+            identity = self._checked_identity(expected_sha, log_path)
         return InstallRecord(
             self.board,
             "esptool",

@@ -28,6 +28,7 @@ from typing import Any
 
 from labbench.capabilities import DutIdentity, InstallRecord
 from labbench.errors import FlashError
+from labbench.steps import step
 
 TAIL_LINES = 8
 
@@ -110,7 +111,7 @@ class CommandFlasher:
         self.before_command()
         t = time.monotonic()
         try:
-            with open(log_path, "w") as log:
+            with step(self.board, f"flash with {self.TOOL}", path.name), open(log_path, "w") as log:
                 log.write(f"$ {subprocess.list2cmdline(argv)}\n")
                 log.flush()
                 proc = subprocess.run(
@@ -141,7 +142,8 @@ class CommandFlasher:
             )
         detail = {"image": str(path), "bytes_written": len(data), "write_s": round(time.monotonic() - t, 3)}
         try:
-            identity = self._identify()
+            with step(self.board, "identify after flashing"):
+                identity = self._identify()
         except Exception as exc:  # DutProtocolError and the like: the board did not come up as a DUT
             raise FlashError(
                 self.board, f"identify the DUT after {self.TOOL}", str(exc), log=str(log_path)

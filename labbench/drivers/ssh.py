@@ -94,6 +94,7 @@ import paramiko
 
 from labbench.capabilities import DutIdentity, InstallRecord, TimedRun
 from labbench.errors import HardwareError, RemoteError, RunAborted
+from labbench.steps import step
 from labbench.modelinfo import ModelInfo
 
 RUNNER = resources.files("labbench.remote") / "runner.py"
@@ -634,6 +635,11 @@ class SshBoard:
         self._drop()
         where = f"connect to {self.user}@{self.host}:{self.port}"
         self._event(where)
+        with step(self.board, "connect", f"{self.user}@{self.host}:{self.port}"):
+            return self._connect(where)
+
+    def _connect(self, where: str) -> paramiko.SSHClient:
+        """A new connection, its host key checked (see `connect`)."""
         client = paramiko.SSHClient()
         if self.known_hosts.exists():
             client.load_host_keys(str(self.known_hosts))
@@ -832,6 +838,10 @@ class SshBoard:
 
     def _upload(self, sftp: paramiko.SFTPClient, dog: _Watchdog, path: Path, remote: str) -> None:
         """Write beside the target, then rename over it, so a broken upload never looks deployed."""
+        with step(self.board, "upload", f"{path.name} ({path.stat().st_size} bytes)"):
+            self._upload_file(sftp, dog, path, remote)
+
+    def _upload_file(self, sftp: paramiko.SFTPClient, dog: _Watchdog, path: Path, remote: str) -> None:
         self._mkdirs(sftp, posixpath.dirname(remote))
         part, size = remote + ".part", path.stat().st_size
         self._event(f"sftp put {path} -> {part} ({size} bytes)", "->")
@@ -922,6 +932,11 @@ class SshBoard:
              stop: threading.Event | None, build: Callable[[_Records], Any]) -> Any:
         """Run the runner, checking its records as they come; anything short of a complete, consistent
         run is an error carrying `build(records)` of the inferences that passed."""
+        with step(self.board, action, f"{want.count} inferences"):
+            return self._checked_run(action, argv, stdin, want, stop, build)
+
+    def _checked_run(self, action: str, argv: list[str], stdin: bytes | None, want: _Want,
+                     stop: threading.Event | None, build: Callable[[_Records], Any]) -> Any:
         if stop is not None and stop.is_set():
             raise self._fail(RunAborted(self.board, action, "stopped before it was sent", str(self.log_path)))
         stream = self._open(shlex.join(argv), stdin, action, stop)

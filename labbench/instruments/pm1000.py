@@ -41,6 +41,7 @@ import pyvisa
 
 from labbench.errors import InstrumentError, LabConfigError, UsageError
 from labbench.measure.power import IntegratorReading, Mark, PowerTrace, PowerUpdate
+from labbench.steps import step
 
 #: result name -> the :SEL mnemonic that adds it to the display list
 RESULTS = {
@@ -567,6 +568,11 @@ class Pm1000Capture:
             )  # fmt: skip
 
     def __enter__(self) -> Self:
+        with step(self.meter.name, "capture start"):
+            return self._start()
+
+    def _start(self) -> Self:
+        """Drain, start polling and watching, and wait for the first update."""
         drained_at = self.begin()
         for target, args, role in ((self._poll, (drained_at,), "poll"), (self._watch, (), "watch")):
             thread = threading.Thread(target=target, args=args, name=f"{self.meter.name}-capture-{role}", daemon=True)
@@ -617,9 +623,10 @@ class Pm1000Capture:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         failed_before = self.failed.is_set()
-        if exc_type is None:
-            self.wait_for_updates_after(max([self._clock()] + [mk.t_s for mk in self._marks]), 2)
-        self._finish()
+        with step(self.meter.name, "capture stop", f"{len(self._updates)} updates"):
+            if exc_type is None:
+                self.wait_for_updates_after(max([self._clock()] + [mk.t_s for mk in self._marks]), 2)
+            self._finish()
         if self.error and (exc_type is None or (failed_before and isinstance(exc, Exception))):
             raise self.error  # the body's exception, if any, becomes its __context__
         return False

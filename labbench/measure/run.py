@@ -45,6 +45,7 @@ from labbench.board import Board
 from labbench.capabilities import DutIdentity, TimedRun
 from labbench.errors import HardwareError, InstrumentError
 from labbench.measure.record import Energy, Latency, Measurement, Memory, Provenance, Uncertainty
+from labbench.steps import step
 
 if TYPE_CHECKING:
     import numpy as np
@@ -218,7 +219,7 @@ def _prescan(meter: Any, target: Any, sample: Any, count: int, capture: Callable
     meter.lowest_ranges()
     for _ in range(len(meter.range_tables["AMP"]) + len(meter.range_tables["VLT"])):
         progress(f"pre-scan: {count} inferences for the analyzer's ranges")
-        with capture(step_up=True) as scan:
+        with step(_board(target), "pre-scan", f"{count} inferences"), capture(step_up=True) as scan:
             target.run_timed(sample, count, 0, **_stop_when(target, scan))
         if not any(u.overload for u in scan.trace.updates):
             break
@@ -237,9 +238,10 @@ def _idle_baseline(cap: Any, meter: Any, s: RunSettings, record: EnergyRun, outc
         measurement += 1
         progress(f"idle baseline {s.idle_s:g} s")
         cap.wait_for_updates_after(after_s + lag, settle)  # one update straddling what came before, one whole
-        t0 = cap.mark("idle-start")
-        sleep(s.idle_s)
-        t1 = cap.mark("idle-end")
+        with step(_board(meter), "idle baseline", f"{s.idle_s:g} s, measurement {measurement}"):
+            t0 = cap.mark("idle-start")
+            sleep(s.idle_s)
+            t1 = cap.mark("idle-end")
         cap.wait_for_updates_after(t1 + lag, 2)
         trace = cap.trace
         before, after = trace.steady(after_s, t0), trace.steady(t1, math.inf)
@@ -271,7 +273,8 @@ def _window(cap: Any, meter: Any, target: Any, sample: Any, count: int, s: RunSe
         cap.wait_for_updates_after(guard_from + lag, settle)
         progress(f"energy window {i + 1}/{s.windows}: {count} inferences"
                  + (f" (measurement {measurement})" if measurement > 1 else ""))
-        run = target.run_timed(sample, count, 0, **stop)
+        with step(_board(target), f"energy window {i + 1}/{s.windows}", f"{count} inferences, measurement {measurement}"):
+            run = target.run_timed(sample, count, 0, **stop)
         cap.wait_for_updates_after(run.host_end + lag, settle)  # the trailing guard: edge update, whole idle
         # guards that stay busy once lengthened are the DUT's own (an SSH runner starting up)
         trace = cap.trace
@@ -288,6 +291,11 @@ def _window(cap: Any, meter: Any, target: Any, sample: Any, count: int, s: RunSe
         guard_from, settle, failed = run.host_end, settle + (3 if raised else 2), failed + (not raised)
     raise InstrumentError(getattr(meter, "name", "power meter"), f"energy window {i + 1}/{s.windows}",
                           f"invalid in {measurement} measurements: {'; '.join(problems)}")
+
+
+def _board(driver: Any) -> str:
+    """The board (or instrument) a driver serves, for its steps."""
+    return str(getattr(driver, "board", None) or getattr(driver, "name", None) or type(driver).__name__)
 
 
 def _lag(meter: Any) -> float:
@@ -452,19 +460,24 @@ def measure(board: Board, payload: Payload, settings: RunSettings = RunSettings(
         if serial is not None and serial.reset == "rts":  # seed 000's cold start: reset to m-init-done
             phase = "cold start"
             progress("cold start: reset to m-init-done")
-            board.target.reset()
+            with step(board.name, phase, "reset to m-init-done"):
+                board.target.reset()
         phase = "identify"
-        got.identity = board.target.identify()
-        check_identity(board, payload, got.identity)
+        with step(board.name, phase):
+            got.identity = board.target.identify()
+            check_identity(board, payload, got.identity)
         phase = "latency"
         progress("latency: inferences timed one by one")
-        _latency(board, payload, settings, got)
+        with step(board.name, phase, payload.name):
+            _latency(board, payload, settings, got)
         if "power" in board.capabilities:
             phase = "energy"
-            _energy(board, payload, settings, got, outcome, progress)
+            with step(board.name, phase, payload.name):
+                _energy(board, payload, settings, got, outcome, progress)
         if payload.data is not None:
             phase = "accuracy"
-            _accuracy(board, payload, settings, got, progress)
+            with step(board.name, phase, payload.name):
+                _accuracy(board, payload, settings, got, progress)
     except HardwareError as exc:
         if phase == "energy":
             _kept_energy(got, outcome, repr(board.power_meter))
