@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from labbench import firmware_image, gate_cli, inventory
+from labbench import firmware_image, gate_cli, inventory, measure_cli
 from labbench.errors import LabbenchError, LabConfigError, UsageError
 
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_sim)
 
     gate_cli.add_parsers(sub)
+    measure_cli.add_parser(sub)
     firmware_image.add_parser(sub)
 
     report = sub.add_parser("report", help="build the results dashboard from journals")

@@ -8,14 +8,15 @@ board that still fails is quarantined for the rest of the run."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from labbench.bench import Bench, NotDeployable, StepRunner
 from labbench.board import Board
 from labbench.capabilities import DutIdentity, InstallRecord
-from labbench.measure.run import Outcome, RunSettings, measure
+from labbench.errors import UsageError
+from labbench.measure.run import Outcome, RunSettings
 from labbench.payloads import Payload, all_payloads
 from labbench.pytest_plugin import Recovery
 
@@ -31,15 +32,8 @@ def payloads() -> dict[str, Payload]:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("labbench-hil", "HIL measurement settings")
-    d = RunSettings()
-    group.addoption("--window-s", type=float, default=d.window_s,
-                    help=f"minimum length of an energy window (default {d.window_s:g} s, MLPerf Tiny's)")
-    group.addoption("--windows", type=int, default=d.windows, help=f"energy windows per model, median taken (default {d.windows})")
-    group.addoption("--latency-samples", type=int, default=d.latency_samples,
-                    help=f"individually timed inferences for the latency distribution (default {d.latency_samples})")
-    group.addoption("--accuracy-samples", type=int, default=d.accuracy_samples,
-                    help=f"test-split samples for accuracy (default {d.accuracy_samples})")
-    group.addoption("--idle-s", type=float, default=d.idle_s, help=f"idle baseline length (default {d.idle_s:g} s)")
+    for option, name, kind, default, text in RunSettings.options():
+        group.addoption(option, dest=name, type=kind, default=default, help=text)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -50,55 +44,43 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                              scope="session")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Bad settings are a usage error before anything runs."""
+    try:
+        RunSettings.from_options(config.getoption)
+    except UsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
 @pytest.fixture(scope="session")
 def run_settings(pytestconfig: pytest.Config) -> RunSettings:
-    o = pytestconfig.getoption
-    return RunSettings(latency_samples=o("latency_samples"), window_s=o("window_s"), windows=o("windows"),
-                       idle_s=o("idle_s"), accuracy_samples=o("accuracy_samples"))
+    return RunSettings.from_options(pytestconfig.getoption)
 
 
-def not_deployable(board: Board, payload: Payload) -> str | None:
-    """Why `payload` cannot go on `board` (the catalog's sizes), or None when it fits."""
-    from labbench.modelinfo import min_arena_bytes
+class Steps:
+    """The library's Bench, each board step run through the plugin's `recovery` on behalf of the test
+    `node` that needs it first; a payload that cannot fit the board skips the test."""
 
-    why = board.family.fits(payload.info.size_bytes, min_arena_bytes(payload.path))
-    return f"{payload.name} is not deployable on {board.name}: {why}" if why else None
+    def __init__(self, bench: Bench, recovery: Recovery):
+        self.bench, self.recovery = bench, recovery
 
-
-class Bench:
-    """Installs and measures each (board, payload) once per run; tests share the outcomes. Each step
-    runs through `recovery` on behalf of the test `node` that needs it first."""
-
-    def __init__(self, settings: RunSettings, build_dir: Path, say: Callable[[str], None], recovery: Recovery):
-        self.settings, self.build_dir, self.say, self.recovery = settings, build_dir, say, recovery
-        self.installed: dict[str, tuple[str, InstallRecord]] = {}  # board -> (payload it holds, its install)
-        self.outcomes: dict[tuple[str, str], Outcome] = {}
+    def _runner(self, node: pytest.Item) -> StepRunner:
+        return lambda board, step, fn: self.recovery.run(node, board, step, fn)
 
     def install(self, node: pytest.Item, board: Board, payload: Payload) -> InstallRecord:
-        """Make `payload` what the board runs (the driver skips bytes the board already holds)."""
-        held = self.installed.get(board.name)
-        if held is None or held[0] != payload.name:
-            if (why := not_deployable(board, payload)):
-                pytest.skip(why)
-            self.say(f"  {board.name}: installing {payload.name}")
-            record = self.recovery.run(node, board, f"install {payload.name}",
-                                       lambda: board.install(payload.path, payload.dataset, self.build_dir))
-            self.installed[board.name] = (payload.name, record)
-        return self.installed[board.name][1]
+        try:
+            return self.bench.install(board, payload, self._runner(node))
+        except NotDeployable as exc:
+            pytest.skip(str(exc))
 
     def measure(self, node: pytest.Item, board: Board, payload: Payload) -> Outcome:
-        key = (board.name, payload.name)
-        if key not in self.outcomes:
-            record = self.install(node, board, payload)
-            extra = {"install": record.provenance()}
-            self.outcomes[key] = self.recovery.run(
-                node, board, f"measure {payload.name}",
-                lambda: measure(board, payload, self.settings, firmware_sha256=record.firmware_sha256, extra=extra,
-                                progress=lambda step: self.say(f"  {board.name} / {payload.name}: {step}")))
-        return self.outcomes[key]
+        try:
+            return self.bench.measure(board, payload, self._runner(node))
+        except NotDeployable as exc:
+            pytest.skip(str(exc))
 
     def identify(self, node: pytest.Item, board: Board) -> DutIdentity:
-        return self.recovery.run(node, board, "identify", board.target.identify)
+        return self.bench.identify(board, self._runner(node))
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +90,7 @@ def default_payload() -> Payload:
 
 
 @pytest.fixture(scope="session")
-def bench(run_settings: RunSettings, pytestconfig: pytest.Config, recovery: Recovery) -> Bench:
+def bench(run_settings: RunSettings, pytestconfig: pytest.Config, recovery: Recovery) -> Steps:
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
     capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
 
@@ -119,23 +101,23 @@ def bench(run_settings: RunSettings, pytestconfig: pytest.Config, recovery: Reco
         with capture.global_and_fixture_disabled():
             reporter.write_line(line, cyan=True)
 
-    return Bench(run_settings, Path(pytestconfig.rootpath) / "build", say=say, recovery=recovery)
+    return Steps(Bench(run_settings, Path(pytestconfig.rootpath) / "build", say=say), recovery)
 
 
 @pytest.fixture
-def outcome(board: Board, payload: Payload, bench: Bench, request: pytest.FixtureRequest) -> Outcome:
+def outcome(board: Board, payload: Payload, bench: Steps, request: pytest.FixtureRequest) -> Outcome:
     """(board, payload) installed and measured, in setup."""
     return bench.measure(request.node, board, payload)
 
 
 @pytest.fixture
-def default_outcome(board: Board, default_payload: Payload, bench: Bench, request: pytest.FixtureRequest) -> Outcome:
+def default_outcome(board: Board, default_payload: Payload, bench: Steps, request: pytest.FixtureRequest) -> Outcome:
     """(board, the default payload) installed and measured, in setup."""
     return bench.measure(request.node, board, default_payload)
 
 
 @pytest.fixture
-def installed(board: Board, default_payload: Payload, bench: Bench,
+def installed(board: Board, default_payload: Payload, bench: Steps,
               request: pytest.FixtureRequest) -> tuple[InstallRecord, DutIdentity]:
     """The default payload installed, with its install record and what the board then says it is."""
     record = bench.install(request.node, board, default_payload)

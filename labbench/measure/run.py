@@ -37,13 +37,13 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from statistics import median
 from typing import TYPE_CHECKING, Any
 
 from labbench.board import Board
 from labbench.capabilities import DutIdentity, TimedRun
-from labbench.errors import HardwareError, InstrumentError
+from labbench.errors import HardwareError, InstrumentError, UsageError
 from labbench.measure.record import Energy, Latency, Measurement, Memory, Provenance, Uncertainty
 from labbench.steps import step
 
@@ -54,17 +54,44 @@ if TYPE_CHECKING:
     from labbench.payloads import Payload
 
 
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class RunSettings:
-    latency_samples: int = 200  # at most; fewer when they would take longer than latency_budget_s
-    latency_budget_s: float = 10.0
-    warmup: int = 10
-    window_s: float = 10.0  # MLPerf Tiny: a window shorter than 10 s is invalid
-    windows: int = 5  # MLPerf Tiny takes the median of 5
-    idle_s: float = 3.0
-    accuracy_samples: int | None = 400
-    prescan_s: float = 1.5  # back-to-back inferences that find the peaks the analyzer's ranges must hold
-    attempts: int = 3  # invalid measurements of a window (or the idle baseline) before it is an error
+    """How a board is measured; each field is a command-line option of both front doors (`options`)."""
+
+    latency_samples: int = _setting(200, "individually timed inferences for the latency distribution, at most "
+                                         "(fewer when they would take longer than --latency-budget-s)")
+    latency_budget_s: float = _setting(10.0, "seconds the timed inferences may take")
+    warmup: int = _setting(10, "inferences run before any timed one")
+    window_s: float = _setting(10.0, "minimum length of an energy window (MLPerf Tiny: shorter is invalid)")
+    windows: int = _setting(5, "energy windows per model, the median taken (MLPerf Tiny's 5)")
+    idle_s: float = _setting(3.0, "idle baseline length")
+    accuracy_samples: int | None = _setting(400, "test-split samples for accuracy")
+    prescan_s: float = _setting(1.5, "back-to-back inferences that find the peaks the analyzer's ranges must hold")
+    attempts: int = _setting(3, "invalid measurements of a window (or the idle baseline) before it is an error")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, may_be_0 = getattr(self, f.name), f.name == "warmup"
+            if value is not None and (value < 0 if may_be_0 else value <= 0):
+                floor = "0 or more" if may_be_0 else "more than 0"
+                raise UsageError(f"--{f.name.replace('_', '-')} {value:g}: must be {floor}")
+
+    @staticmethod
+    def options() -> list[tuple[str, str, type, Any, str]]:
+        """(option, field, type, default, help) for each setting: `--window-s` for `window_s`."""
+        types = {"int": int, "float": float, "int | None": int}
+        return [(f"--{f.name.replace('_', '-')}", f.name, types[str(f.type)], f.default,
+                 f"{f.metadata['help']} (default {f.default:g}{' s' if f.name.endswith('_s') else ''})")
+                for f in fields(RunSettings)]
+
+    @classmethod
+    def from_options(cls, get: Callable[[str], Any]) -> RunSettings:
+        """The settings from parsed options (`get(field)` gives a field's value)."""
+        return cls(**{f.name: get(f.name) for f in fields(cls)})
 
 
 @dataclass
