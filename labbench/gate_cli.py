@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from labbench import inventory
 from labbench.errors import LabConfigError, UsageError
 from labbench.gate import BASELINE_DIR, IncompleteData, Tolerance, gate, save_baseline
 
@@ -49,8 +50,9 @@ def cmd_baseline_save(args: argparse.Namespace) -> int:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    lab = args.lab if args.lab is not None else (Path("lab.yaml") if Path("lab.yaml").is_file() else None)
+    path = args.lab if args.lab is not None else (Path("lab.yaml") if Path("lab.yaml").is_file() else None)
     try:
+        lab = inventory.load(path, check_files=True) if path is not None else None  # as `lab check` does
         result = gate(args.journals, lab=lab, baseline=args.baseline,
                       tolerance=parse_tolerance(args.tolerance), boards=args.board)
     except (UsageError, LabConfigError) as exc:

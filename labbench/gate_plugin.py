@@ -3,7 +3,8 @@
 The journal is the one the labbench plugin writes (`--journal PATH`, default reports/journal.jsonl
 under the rootdir). Only measurements taken during this session count, and only of the boards
 selected with --board (every board when none or `all`), so a runner attached to one board gates that
-board. Budgets come from --lab (default lab.yaml at the rootdir). The summary is printed and written
+board. Budgets come from --lab (default lab.yaml at the rootdir, if there is one), checked as
+`labbench lab check` checks it, a problem a usage error. The summary is printed and written
 next to the journal (gate.md, gate.json); a non-zero gate code becomes the exit status when the
 tests themselves passed. BASELINE is a file or a name under reports/baselines/ at the rootdir,
 checked before any test runs.
@@ -37,11 +38,15 @@ def pytest_configure(config: pytest.Config) -> None:
     ref = config.getoption("labbench_gate")
     if ref is None:
         return
-    lab = Path(config.getoption("lab", None) or Path(config.rootpath) / "lab.yaml")
+    given = config.getoption("lab", None)
+    lab = Path(given or Path(config.rootpath) / "lab.yaml")
+    try:  # checked and reported as the labbench plugin and `labbench lab check` do
+        config.stash[_LAB] = inventory.load(lab, check_files=True) if given or lab.is_file() else None
+    except (UsageError, LabConfigError) as exc:
+        raise pytest.UsageError(str(exc)) from None
     try:
         config.stash[_BASELINE] = load_baseline(ref, Path(config.rootpath) / BASELINE_DIR)
-        config.stash[_LAB] = inventory.load(lab) if lab.is_file() else None
-    except (UsageError, LabConfigError) as exc:
+    except UsageError as exc:
         raise pytest.UsageError(f"--labbench-gate: {exc}") from None
 
 

@@ -16,6 +16,10 @@ the journal, `--html` and `--junitxml` paths can be written and that the boards 
 answer, and stops the session in seconds listing every problem. A record the journal cannot take
 (a full disk, an I/O error) is kept in the test's JUnit properties and HTML report, and the test is
 an ERROR at teardown naming the journal.
+
+No credential reaches the HTML report, JUnit or the terminal (labbench.redact): every report is
+redacted before they read it (traceback, captured output and logs, properties, HTML extras), and so
+are the environment table, the results table's cells and the summary.
 """
 
 from __future__ import annotations
@@ -335,12 +339,24 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             terminalreporter.write_line(line)
 
 
-@pytest.hookimpl(optionalhook=True)
+@pytest.hookimpl(optionalhook=True, trylast=True)  # last: what other plugins add is redacted too
 def pytest_html_results_summary(prefix: list, summary: list, postfix: list, session: pytest.Session) -> None:
     import html
 
+    from labbench.redact import redact_html
+
     for reason in session.config.stash[_RECOVERY].quarantined.values():
         prefix.append(f"<p style='color:#c33'><b>{html.escape(reason)}</b></p>")
+    for part in (prefix, summary, postfix):
+        part[:] = [redact_html(str(p)) for p in part]
+
+
+@pytest.hookimpl(optionalhook=True, trylast=True)
+def pytest_html_results_table_row(report: pytest.TestReport, cells: list) -> None:
+    """The results table's cells (the test id: a parameter may hold a URL)."""
+    from labbench.redact import redact_html
+
+    cells[:] = [redact_html(str(c)) for c in cells]
 
 
 @pytest.fixture(autouse=True)
@@ -455,10 +471,8 @@ def recorder(request: pytest.FixtureRequest, journal: Journal) -> Recorder:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     from labbench.errors import BoardBusy, LabbenchError
-    from labbench.redact import redact_value
 
     report = yield
-    report.user_properties = [(k, redact_value(k, v)) for k, v in report.user_properties]
     if call.excinfo is not None and call.excinfo.errisinstance(LabbenchError):
         # a typed bench error already names the board, the step, what was seen and the log file:
         # that line is the report, not the driver's traceback
@@ -475,6 +489,61 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             return report
         report.extras = [*getattr(report, "extras", []), *(html_extras.html(p) for p in parts)]
     return report
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-html, JUnit and the terminal read the report
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _redact_report(report)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _redact_report(report)
+
+
+def _redact_report(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """No credential in what pytest-html, JUnit and the terminal show of a test or a collection error:
+    its traceback or skip reason, captured output and logs, JUnit properties and HTML extras (the
+    bench's tables and a test's own). Done here rather than in pytest_runtest_makereport, where
+    pytest-html adds the `extras` fixture's after the bench's hook has run."""
+    from labbench.redact import redact_text, redact_value
+
+    report.longrepr = _redacted_longrepr(report.longrepr)
+    report.sections = [(header, redact_text(content)) for header, content in report.sections]
+    if isinstance(report, pytest.TestReport):
+        report.user_properties = [(k, redact_value(k, v)) for k, v in report.user_properties]
+    if hasattr(report, "wasxfail"):
+        report.wasxfail = redact_text(report.wasxfail)
+    if extras := getattr(report, "extras", None):
+        report.extras = [_redacted_extra(e) for e in extras]
+
+
+def _redacted_extra(extra: dict[str, Any]) -> dict[str, Any]:
+    """A pytest-html extra with its content redacted (an image or a video is kept as it is)."""
+    from labbench.redact import redact_html, redact_text, redact_value
+
+    kind, content = extra.get("format_type"), extra["content"]
+    if kind == "json":
+        return {**extra, "content": redact_value(extra.get("name") or "", content)}
+    if kind in ("html", "text", "url"):
+        text = content.decode("utf-8", "replace") if isinstance(content, bytes) else content
+        return {**extra, "content": (redact_html if kind == "html" else redact_text)(text)}
+    return extra
+
+
+def _redacted_longrepr(longrepr: Any) -> Any:
+    """A report's longrepr redacted: a skip's reason, or the whole text (then kept as text, only when
+    something in it was masked)."""
+    from labbench.redact import redact_text
+
+    if longrepr is None:
+        return None
+    if isinstance(longrepr, tuple):  # a skip: (path, line, reason)
+        path, line, reason = longrepr
+        return path, line, redact_text(reason)
+    text = str(longrepr)
+    redacted = redact_text(text)
+    return longrepr if redacted == text else redacted
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -6,7 +6,8 @@ error line it must give (`{here}` is that directory, `{devices}` the package's c
 leaves the rest of the line open, where it lists what a driver accepts). The files that cannot be
 committed as text (not UTF-8, huge, deeply nested) are written by GENERATED. Every one is refused with
 exit 2 (pytest: a usage error, exit 4) and that line, in under 2 s, without a traceback: all of them
-through `labbench` and an in-process pytest, the cases the issue names also through a `pytest` process.
+through `labbench lab check`, `labbench gate` and an in-process pytest, the cases the issue names also
+through a `pytest` process and `labbench lab list`.
 The labs in tests/data/good_labs/ are valid but unusual, and both front doors accept them.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from labbench import catalog, inventory
+from labbench import catalog, cli, inventory
 from labbench.errors import HardwareError
 from labbench.sim.linux import SimLinuxBoard
 
@@ -184,6 +185,42 @@ def test_pytest_in_process_refuses_with_a_usage_error(bad_lab, pytester, monkeyp
     assert "INTERNALERROR" not in output and "Traceback" not in output
     assert _first_line_is(result.errlines, f"ERROR: {expected}"), result.errlines
     assert elapsed < LIMIT_S, f"{elapsed:.2f} s"
+
+
+@pytest.mark.parametrize("bad_lab", _corpus(), indirect=True)
+def test_gate_refuses_as_lab_check_does(bad_lab, tmp_path, monkeypatch, capsys):
+    path, expected = bad_lab
+    for name in UNSET:
+        monkeypatch.delenv(name, raising=False)
+    journal = tmp_path / "journal.jsonl"
+    journal.touch()
+    t0 = time.perf_counter()
+    code = cli.main(["gate", str(journal), "--lab", str(path)])
+    elapsed = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert _first_line_is(err.splitlines(), f"error: {expected}"), err
+    assert elapsed < LIMIT_S, f"{elapsed:.2f} s"
+
+
+@pytest.mark.parametrize("bad_lab", ISSUE_CASES, indirect=True)
+def test_lab_list_refuses_as_lab_check_does(bad_lab, monkeypatch, capsys):
+    path, expected = bad_lab
+    for name in UNSET:
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["lab", "list", str(path)]) == 2
+    assert _first_line_is(capsys.readouterr().err.splitlines(), f"error: {expected}")
+
+
+def test_the_gate_plugin_checks_the_default_lab_as_lab_check_does(pytester):
+    """Without --lab, the labbench plugin leaves lab.yaml alone, and the gate plugin loads it itself."""
+    pytester.makefile(".yaml", lab=(BAD / "missing_ssh_key.yaml").read_text())
+    result = pytester.runpytest_inprocess("--labbench-gate", "release", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    output = "\n".join(result.outlines + result.errlines)
+    assert "INTERNALERROR" not in output and "Traceback" not in output
+    assert result.errlines[0] == (f"ERROR: lab.yaml:10: boards.pi.ssh.key: {pytester.path}/keys/no_such_key "
+                                  "does not exist or is not a file")
 
 
 def test_pytest_checks_a_lab_named_without_a_board():

@@ -3,7 +3,9 @@ recovery and quarantine, through pytest's own pytester."""
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import textwrap
 from pathlib import Path
 from xml.etree import ElementTree
@@ -274,3 +276,65 @@ def test_no_credential_reaches_the_html_report_junit_or_journal(lab_dir, monkeyp
         assert "s3cr3t" not in text, name
     assert "https://***@git.example/repo.git" in outputs["junit.xml"]
     assert "oauth2" not in outputs["j.jsonl"] and "***@git.example/x" in outputs["j.jsonl"]
+
+
+def _with_embedded(report: str) -> str:
+    """The HTML report with its base64 data URIs (self-contained text extras) decoded alongside."""
+    decoded = [base64.b64decode(data).decode("utf-8", "replace")
+               for data in re.findall(r";base64,([A-Za-z0-9+/=]+)", report)]
+    return "\n".join([report, *decoded])
+
+
+def test_no_credential_in_captured_output_logs_or_html_extras(lab_dir, monkeypatch):
+    """What a test prints and logs, its skip reason and the HTML and extras added to the report come out
+    masked in the self-contained HTML report, JUnit (with captured output) and the terminal."""
+    monkeypatch.setenv("LAB_API_TOKEN", "s3cr3t-env")
+    lab_dir.makepyfile(test_prints=textwrap.dedent("""\
+        import logging
+        import os
+        import sys
+
+        import pytest
+        from pytest_html import extras as html_extras
+
+        from labbench.pytest_plugin import add_report_html
+
+        def test_prints(request, extras):
+            print("token:", os.environ["LAB_API_TOKEN"])
+            print("cloning https://ci:s3cr3t-stderr@git.example/lab.git", file=sys.stderr)
+            logging.getLogger("bench").warning('pushing with DB_PASSWORD="s3cr3t log" to the lab')
+            add_report_html(request.node, "<p>remote https://ci:s3cr3t-html@git.example/lab.git</p>")
+            extras.append(html_extras.text("LAB_API_TOKEN=s3cr3t-extra"))
+            extras.append(html_extras.url("https://ci:s3cr3t-url@git.example/lab"))
+
+        def test_skips():
+            pytest.skip("mirror https://ci:s3cr3t-skip@git.example/lab.git is down")
+        """))
+    result = lab_dir.runpytest("test_prints.py", "--junitxml", "junit.xml", "-o", "junit_logging=all",
+                               "--html", "report.html", "--self-contained-html", "-rA")
+    result.assert_outcomes(passed=1, skipped=1)
+    report = (lab_dir.path / "report.html").read_text()
+    outputs = {"report.html": _with_embedded(report), "junit.xml": (lab_dir.path / "junit.xml").read_text(),
+               "terminal": "\n".join(result.outlines + result.errlines)}
+    for name, text in outputs.items():
+        assert "s3cr3t" not in text, name
+    assert "token: ***" in outputs["junit.xml"] and "https://***@git.example/lab.git" in outputs["junit.xml"]
+    assert "DB_PASSWORD=*** to the lab" in outputs["junit.xml"]
+    for shown in ("token: ***", "remote https://***@git.example/lab.git", "LAB_API_TOKEN=***",
+                  "https://***@git.example/lab", "mirror https://***@git.example/lab.git is down"):
+        assert shown in outputs["report.html"], shown
+
+
+def test_no_credential_in_a_failure(lab_dir):
+    """A failing test's traceback is masked, in the terminal and JUnit alike."""
+    lab_dir.makepyfile(test_fails=textwrap.dedent("""\
+        def test_fails():
+            url = "https://ci:s3cr3t@git.example/lab.git"
+            assert url.endswith(".zip"), f"{url} is not an archive"
+        """))
+    result = lab_dir.runpytest("test_fails.py", "--junitxml", "junit.xml", "--html", "report.html")
+    result.assert_outcomes(failed=1)
+    junit = (lab_dir.path / "junit.xml").read_text()
+    for text in (junit, (lab_dir.path / "report.html").read_text(), "\n".join(result.outlines)):
+        assert "s3cr3t" not in text
+    assert "https://***@git.example/lab.git is not an archive" in junit

@@ -1,4 +1,5 @@
-"""Redaction: secret-named variables and URL userinfo never reach a report, whatever they hold."""
+"""Redaction: secret-named variables, their values and URL userinfo never reach a report, whatever they
+hold."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from labbench.redact import MASK, is_secret, redact_env, redact_text
+from labbench.measure.record import Event
+from labbench.redact import MASK, is_secret, redact_env, redact_html, redact_text
+from labbench.report import dashboard
 
 SECRET = ["API_KEY", "GITHUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "CI_JOB_TOKEN", "SSH_KEY_PASSPHRASE",
           "CI_JOB_JWT_V2", "DB_PASSWORD", "MYSQL_PASSWD", "NPMTOKEN", "apiKey", "private_token",
@@ -88,3 +91,37 @@ def test_no_generated_secret_survives_redact_env(info, host, env):
     out = redact_env(env, [])
     assert out["CI_REPOSITORY_URL"] == f"https://***@{host}/r.git"
     assert all(out[name] == MASK for name in env if name in SECRET)
+
+
+def test_secret_environment_values_are_masked_wherever_they_appear(monkeypatch):
+    monkeypatch.setenv("LAB_API_TOKEN", "tok-3141")
+    monkeypatch.setenv("SENTRY_DSN", "https://dsn.example/42")
+    monkeypatch.setenv("DEPLOY_KEY", "true")  # too short to tell from ordinary words: kept
+    monkeypatch.setenv("RUNNER_NAME", "lab-runner-7")  # a public variable's value is no secret
+    text = "token tok-3141, dsn https://dsn.example/42, verbose true on lab-runner-7"
+    assert redact_text(text, []) == "token ***, dsn https://dsn.example/42, verbose true on lab-runner-7"
+    assert redact_text(text, ["*_DSN"]) == "token ***, dsn ***, verbose true on lab-runner-7"
+    assert redact_env({"CMD": ["curl", "-H", "Bearer tok-3141"]}, []) == {"CMD": ["curl", "-H", "Bearer ***"]}
+
+
+@pytest.mark.parametrize(("markup", "redacted"), [
+    ("<td>export DB_PASSWORD=&quot;p w&quot; x</td>", "<td>export DB_PASSWORD=*** x</td>"),
+    ("<a href='https://u:p@h/x?private_token=abc&amp;y=1'>clone https://u:p@h</a>",
+     "<a href='https://***@h/x?private_token=***&amp;y=1'>clone https://***@h</a>"),
+    ('<p title="API_KEY=k1">a &lt;b&gt; &amp; c</p>', '<p title="API_KEY=***">a &lt;b&gt; &amp; c</p>'),
+    ("<img alt='x' src='data:image/png;base64,AAAA/9Key=='><img src=data:image/png;base64,AB/apiKey==>",
+     "<img alt='x' src='data:image/png;base64,AAAA/9Key=='><img src=data:image/png;base64,AB/apiKey==>"),
+    ("<style>td>th{color:#c33}</style><td style='color:#c33'>a'b\"c</td>",
+     "<style>td>th{color:#c33}</style><td style='color:#c33'>a'b\"c</td>"),
+])
+def test_redact_html(markup, redacted):
+    assert redact_html(markup, []) == redacted
+
+
+def test_the_dashboard_masks_journals_written_before_redaction(tmp_path):
+    path = tmp_path / "old.jsonl"
+    event = Event(kind="quarantine", board="pi", step="deploy", test="t.py::test_x[pi]",
+                  error="SshError: pi: deploy: git clone https://ci:s3cr3t@git.example/lab.git failed")
+    path.write_text(event.model_dump_json() + "\n")
+    text = dashboard.build([path], tmp_path / "index.html").read_text()
+    assert "s3cr3t" not in text and "git clone https://***@git.example/lab.git failed" in text

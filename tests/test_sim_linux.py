@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import socket
 import subprocess
 import time
@@ -14,7 +15,7 @@ import pytest
 
 from labbench.catalog import load_family
 from labbench.drivers.ssh import SshBoard
-from labbench.sim.linux import SimBoardError, SimLinuxBoard
+from labbench.sim.linux import SimBoardError, SimLinuxBoard, sshd_quote
 from labbench.sim.powerbus import POWER_NOISE_PCT, PowerBus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,54 @@ def test_the_host_key_is_in_known_hosts_and_the_client_key_was_generated(rpi):
     assert f"[127.0.0.1]:{sim.port} {public[0]} {public[1]}" in sim.known_hosts.read_text().splitlines()
     assert sim.key.exists() and (sim.key.parent / "id_ed25519.pub").exists()
     assert oct(sim.key.parent.stat().st_mode & 0o777) == "0o700"
+
+
+def test_a_state_directory_with_spaces_quotes_and_percent_signs_works(tmp_path):
+    """Its path reaches sshd_config, passwd and the python3 wrapper quoted: nothing in it is run."""
+    bus = PowerBus()
+    odd = tmp_path / "lab #1 %h 'q' \"dq\" $(touch pwned) \\ end"
+    sim = SimLinuxBoard("rpi4", "127.0.0.1", free_port(), load_family("rpi4b"), bus.channel("pm:1"),
+                        key=tmp_path / "keys" / "id_ed25519", known_hosts=tmp_path / "known_hosts",
+                        state_dir=odd / "state", power_noise_pct=0.0)
+    sim.start()
+    try:
+        where = openssh(sim, f"{sim.user}@127.0.0.1", 'pwd; command -v python3; python3 -c "print(6 * 7)"')
+        assert where.returncode == 0, where.stderr
+        assert where.stdout.splitlines() == [str(sim.home), str(sim.state_dir / "bin" / "python3"), "42"]
+    finally:
+        sim.stop()
+    assert not list(tmp_path.rglob("pwned")) and not Path("pwned").exists()
+
+
+@pytest.mark.parametrize(("options", "refused"), [
+    ({"name": "esp32; touch /tmp/x"}, "not a board name"),
+    ({"host": "127.0.0.1\nListenAddress 0.0.0.0"}, "is not a host name or address"),
+    ({"user": "pi\nAllowUsers root"}, "is not a valid user name"),
+    ({"user": "root$(touch /tmp/x)"}, "is not a valid user name"),
+    ({"state_dir": "lab:v2/state"}, "has a ':' or a control character"),
+    ({"state_dir": "lab\nHostKey /x/state"}, "has a ':' or a control character"),
+])
+def test_values_that_cannot_be_written_safely_are_refused_before_anything_is_created(tmp_path, monkeypatch,
+                                                                                      options, refused):
+    monkeypatch.chdir(tmp_path)
+    given = {"name": "rpi4", "host": "127.0.0.1", "state_dir": tmp_path / "state", **options}
+    with pytest.raises(SimBoardError, match=re.escape(refused)):
+        SimLinuxBoard(port=free_port(), family=load_family("rpi4b"), bus_channel=PowerBus().channel("pm:1"),
+                      key=tmp_path / "id_ed25519", **given)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("value", "quoted"), [
+    ("/tmp/a b", '"/tmp/a b"'), ('say "hi"', r'"say \"hi\""'), ("back\\slash", r'"back\\slash"'),
+    ("PATH=/x:/y", '"PATH=/x:/y"'),
+])
+def test_sshd_quote(value, quoted):
+    assert sshd_quote(value) == quoted
+
+
+def test_sshd_quote_refuses_a_line_break():
+    with pytest.raises(ValueError, match="control character"):
+        sshd_quote("/tmp/x\nPermitRootLogin yes")
 
 
 def test_stop_removes_what_start_created(tmp_path):

@@ -13,6 +13,7 @@ import pandas as pd
 
 from labbench import results
 from labbench.measure.record import Event, Measurement
+from labbench.redact import redact_html
 from labbench.report import plots
 
 COLUMNS = {
@@ -73,7 +74,8 @@ def _faults(events: list[Event]) -> str:
 def build(journals: Iterable[str | Path], out: str | Path = "reports/index.html") -> Path:
     """The HTML report: per board, the latest valid measurement of each model, then its partial
     records (marked, never judged) and its infrastructure faults (attempts, quarantines). Damaged
-    journal lines are skipped with a warning each, and listed at the top."""
+    journal lines are skipped with a warning each, and listed at the top. Credentials are masked
+    (labbench.redact), also those of journals written before the bench masked them."""
     journals = list(journals)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", results.JournalWarning)
@@ -114,5 +116,5 @@ def build(journals: Iterable[str | Path], out: str | Path = "reports/index.html"
         if not valid.empty:
             parts += frontier_sections(valid)
     parts.append("</body></html>")
-    out.write_text("\n".join(parts))
+    out.write_text(redact_html("\n".join(parts)))
     return out

@@ -12,6 +12,11 @@ its own, in which the board's account (named as lab.yaml's `user`, so `pi@` work
 lab; by default the invoking user's account name, as ssh uses) has the invoking user's uid and
 `state_dir/home` as its home. sshd then does what it does on a real board: chdir to that home, set
 HOME, and start SFTP there; no ForceCommand or shell wrapper.
+Every value written into passwd, sshd_config or the `python3` wrapper is checked or quoted: the
+board's name is a lab NAME, the host a host name or address and the user an account name (USER_NAME);
+the state directory holds no `:` (passwd's and PATH's separator) nor a control character; sshd_config
+arguments are double-quoted as sshd reads them (`%` doubled where sshd expands tokens), and the
+interpreter's path is shell-quoted.
 The preload stays inside sshd: sessions get sshd's fresh environment, in which PATH starts with
 `state_dir/bin`, holding the board's `python3` (a wrapper around the interpreter given, by default
 the one running the lab, which has numpy and ai-edge-litert). When the invoking user is root, sshd
@@ -36,6 +41,7 @@ import glob
 import grp
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -50,7 +56,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from labbench.errors import HardwareError
-from labbench.inventory import USER_NAME
+from labbench.inventory import NAME, USER_NAME, host_problem
 from labbench.sim.powerbus import POWER_NOISE_PCT, LevelNoise, derive_seed
 
 SSHD = "/usr/sbin/sshd"
@@ -58,6 +64,7 @@ NSS_WRAPPER_GLOBS = ("/usr/lib/*/libnss_wrapper.so*", "/usr/lib/libnss_wrapper.s
                      "/usr/lib64/libnss_wrapper.so*", "/usr/local/lib/libnss_wrapper.so*")
 PRIVSEP_DIR = Path("/run/sshd")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class SimBoardError(HardwareError):
@@ -140,15 +147,19 @@ class SimLinuxBoard:
                  power_mode: str | None = None, state_dir: Path | None = None, python: str = sys.executable,
                  sample_period_s: float = 0.1, seed: int | str | None = None,
                  power_noise_pct: float = POWER_NOISE_PCT):
+        if not NAME.fullmatch(name):  # it names the state directory and is written into passwd
+            raise SimBoardError(repr(name), "create the board", "not a board name (letters, digits, _ or -)")
+        if problem := host_problem(host, ssh=True):
+            raise SimBoardError(name, "listen", problem)
         self.name, self.host, self.port, self.family = name, host, port, family
         self.channel, self.power_mode = bus_channel, power_mode
         _, self.power = family.profile(power_mode)
         self.user = user or pwd.getpwuid(os.getuid()).pw_name
-        if not USER_NAME.fullmatch(self.user):  # it is written into passwd and sshd_config as it is
+        if not USER_NAME.fullmatch(self.user):  # it is written into passwd and sshd_config
             raise SimBoardError(name, "create its account", f"{self.user!r} is not a valid user name")
         self.key = Path(key) if key else None
         self.known_hosts = Path(known_hosts) if known_hosts else None
-        self.state_dir = Path(state_dir) if state_dir else None
+        self.state_dir = _checked_state_dir(name, Path(state_dir).absolute()) if state_dir else None
         self.python, self.sample_period_s = python, sample_period_s
         self.power_noise = LevelNoise(power_noise_pct, derive_seed(name if seed is None else seed, "power"))
         self._proc: subprocess.Popen | None = None
@@ -178,6 +189,7 @@ class SimLinuxBoard:
     def start(self) -> None:
         if self.state_dir is None:
             self.state_dir = Path(tempfile.mkdtemp(prefix=f"labbench-{self.name}-"))
+            _checked_state_dir(self.name, self.state_dir)
         elif self.state_dir.exists():
             shutil.rmtree(self.state_dir)
         etc = self.state_dir / "etc"
@@ -241,14 +253,16 @@ class SimLinuxBoard:
 
     def _config(self, etc: Path) -> str:
         path = f"{self.state_dir / 'bin'}:/usr/local/bin:/usr/bin:/bin"
+        family = _CONTROL.sub(" ", self.family.display_name)  # in a comment: a line break would end it
+        authorized = str(etc / "authorized_keys").replace("%", "%%")  # sshd expands %h, %u there
         return "\n".join([
-            f"# {self.name}: simulated {self.family.display_name} (labbench)",
-            f"Port {self.port}",
-            f"ListenAddress {self.host}",
-            f"HostKey {etc / 'ssh_host_ed25519_key'}",
-            f"PidFile {self.state_dir / 'sshd.pid'}",
-            f"AuthorizedKeysFile {etc / 'authorized_keys'}",
-            f"AllowUsers {self.user}",
+            f"# {self.name}: simulated {family} (labbench)",
+            f"Port {int(self.port)}",
+            f"ListenAddress {sshd_quote(self.host)}",
+            f"HostKey {sshd_quote(etc / 'ssh_host_ed25519_key')}",
+            f"PidFile {sshd_quote(self.state_dir / 'sshd.pid')}",
+            f"AuthorizedKeysFile {sshd_quote(authorized)}",
+            f"AllowUsers {sshd_quote(self.user)}",
             "PermitRootLogin prohibit-password",
             "PubkeyAuthentication yes",
             "PasswordAuthentication no",
@@ -259,7 +273,7 @@ class SimLinuxBoard:
             "PrintMotd no",
             "PrintLastLog no",
             "X11Forwarding no",
-            f"SetEnv PATH={path}",
+            f"SetEnv {sshd_quote(f'PATH={path}')}",
             "Subsystem sftp internal-sftp",
             "",
         ])
@@ -332,6 +346,25 @@ class SimLinuxBoard:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def sshd_quote(value: str | Path) -> str:
+    """`value` as one sshd_config argument: double-quoted, `\\` and `"` escaped, as sshd splits a line.
+    A control character, which no quoting carries, is a ValueError."""
+    text = str(value)
+    if _CONTROL.search(text):
+        raise ValueError(f"{text!r} has a control character: it cannot be written into sshd_config")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _checked_state_dir(board: str, path: Path) -> Path:
+    """`path`, refused when it cannot be written into passwd (a home) and PATH: a `:` or a control
+    character."""
+    if ":" in str(path) or _CONTROL.search(str(path)):
+        raise SimBoardError(board, "create its state directory",
+                            f"{str(path)!r} has a ':' or a control character, which passwd and PATH cannot "
+                            "hold: put the lab in a directory without them")
+    return path
 
 
 def _comm(pid: int) -> str:
