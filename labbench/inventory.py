@@ -27,7 +27,7 @@ import typing
 from functools import cached_property
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -35,6 +35,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -375,11 +376,31 @@ class InstrumentEntry(_Strict):
 
 
 class Limit(_Strict):
-    """A budget limit; `marginal_pct` is the band beyond the limit still judged MARGINAL."""
+    """A budget limit; `marginal_pct` is the band beyond the limit still judged MARGINAL. A kind of
+    limit takes one `bound`, whose value `value_problem` checks, and refuses the other with
+    `other_bound_problem`."""
 
     max: float | None = None
     min: float | None = None
     marginal_pct: float = Field(0.0, ge=0, le=100)
+
+    bound: ClassVar[Literal["max", "min"] | None] = None
+    other_bound_problem: ClassVar[str] = ""
+
+    @staticmethod
+    def value_problem(value: float) -> str | None:
+        """What is wrong with `value` as the bound of this kind of limit, or None."""
+        return None
+
+    @field_validator("max", "min")
+    @classmethod
+    def _kind_of_bound(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None or cls.bound is None:
+            return value
+        problem = cls.value_problem(value) if info.field_name == cls.bound else cls.other_bound_problem
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _one_bound(self) -> Limit:
@@ -391,38 +412,26 @@ class Limit(_Strict):
 class Ceiling(Limit):
     """A limit a measurement must stay under (latency, energy, sizes): `max:`, greater than 0."""
 
-    @field_validator("max")
-    @classmethod
-    def _positive(cls, value: float | None) -> float | None:
-        if value is not None and value <= 0:
-            raise ValueError(f"must be greater than 0, got {value:g}")
-        return value
+    bound = "max"
+    other_bound_problem = "this metric is a ceiling: give max:, not min:"
 
-    @field_validator("min")
-    @classmethod
-    def _no_floor(cls, value: float | None) -> float | None:
-        if value is not None:
-            raise ValueError("this metric is a ceiling: give max:, not min:")
-        return value
+    @staticmethod
+    def value_problem(value: float) -> str | None:
+        return f"must be greater than 0, got {value:g}" if value <= 0 else None
 
 
 class Floor(Limit):
     """The accuracy a model must reach: `min:`, a fraction in 0..1."""
 
-    @field_validator("min")
-    @classmethod
-    def _fraction(cls, value: float | None) -> float | None:
-        if value is not None and not 0 <= value <= 1:
-            hint = f"; did you mean {value / 100:g}?" if 1 < value <= 100 else ""
-            raise ValueError(f"accuracy is a fraction in 0..1, got {value:g}{hint}")
-        return value
+    bound = "min"
+    other_bound_problem = "accuracy is a floor: give min:, not max:"
 
-    @field_validator("max")
-    @classmethod
-    def _no_ceiling(cls, value: float | None) -> float | None:
-        if value is not None:
-            raise ValueError("accuracy is a floor: give min:, not max:")
-        return value
+    @staticmethod
+    def value_problem(value: float) -> str | None:
+        if 0 <= value <= 1:
+            return None
+        hint = f"; did you mean {value / 100:g}?" if 1 < value <= 100 else ""
+        return f"accuracy is a fraction in 0..1, got {value:g}{hint}"
 
 
 #: budget metric -> unit and direction; accuracy is a floor, everything else a ceiling

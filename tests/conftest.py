@@ -21,3 +21,12 @@ def esp32():
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="module")
+def sim_board():
+    """A simulated Nano 33 BLE Sense named "good" holding the int8 digits model, on an ephemeral port."""
+    b = SimMcuBoard("good", family="nano33_ble_sense", model_path=MODELS / "digits_mlp_int8.tflite")
+    b.start()
+    yield b
+    b.stop()

@@ -52,7 +52,9 @@ _spec.loader.exec_module(fidelity)
 
 POLL_S = 0.01
 FIXED = fidelity.FIXED
-DEFAULT_CASES, SLOW_CASES = 50, 500  # per property, in the default suite and in the slow one
+# per property: 50 cases in the default suite, 500 in the slow one
+CASES = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MANY_CASES = settings(CASES, max_examples=500)
 EXACT = {"accuracy": dict.fromkeys(["volts_reading", "volts_range", "volts_floor_v", "amps_reading", "amps_range",
                                     "amps_floor_a"], 0.0), "result_latency_s": 0.0}
 
@@ -225,14 +227,14 @@ def check_any_window(case: dict) -> None:
         assert covered(w, truth), (method, w, truth, (w.energy_j - truth) / truth)
 
 
-@settings(max_examples=DEFAULT_CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@CASES
 @given(any_window())
 def test_any_window_on_any_load_holds_the_ledger_within_its_stated_uncertainty(case: dict) -> None:
     check_any_window(case)
 
 
 @pytest.mark.slow
-@settings(max_examples=SLOW_CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@MANY_CASES
 @given(any_window())
 def test_any_window_on_any_load_many_cases(case: dict) -> None:
     check_any_window(case)
@@ -287,14 +289,14 @@ def check_bench_run(case: dict) -> None:
     assert energy.uncertainty_mj == pytest.approx(u.accuracy + u.rounding + u.edges + u.spread)
 
 
-@settings(max_examples=DEFAULT_CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@CASES
 @given(bench_run())
 def test_bench_windows_hold_the_ledger(case: dict) -> None:
     check_bench_run(case)
 
 
 @pytest.mark.slow
-@settings(max_examples=SLOW_CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@MANY_CASES
 @given(bench_run())
 def test_bench_windows_hold_the_ledger_many_cases(case: dict) -> None:
     check_bench_run(case)

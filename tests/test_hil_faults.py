@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+from netproxy import Filter, TcpProxy, passthrough
 
 from labbench import inventory, results
 from labbench.board import Board
@@ -37,46 +36,26 @@ QUICK = ["--window-s", "1", "--windows", "2", "--idle-s", "1", "--latency-sample
          "--accuracy-samples", "60", "-p", "no:cacheprovider"]
 
 
-class FlakyProxy:
+class FlakyProxy(TcpProxy):
     """A loopback TCP proxy to `target` that drops its first `drop` connections when the client has
     sent `cut` for the `after`-th time; later connections pass through untouched."""
 
     def __init__(self, target: tuple[str, int], cut: bytes, after: int = 1, drop: int = 1):
-        self.target, self.cut, self.after, self.drop = target, cut, after, drop
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.cut, self.after, self.drop = cut, after, drop
+        super().__init__(target)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            cut, self.drop = self.drop > 0, max(0, self.drop - 1)
-            upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
-            threading.Thread(target=self._pump, args=(client, upstream, self.cut if cut else None),
-                             daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, cut: bytes | None) -> None:
+    def filters(self) -> tuple[Filter, Filter]:
+        if self.drop <= 0:
+            return passthrough, passthrough
+        self.drop -= 1
         seen = 0
-        try:
-            while data := src.recv(65536):
-                seen += data.count(cut) if cut else 0
-                if cut and seen >= self.after:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
-    def close(self) -> None:
-        self.server.close()
+        def until_cut(data: bytes) -> bytes | None:
+            nonlocal seen
+            seen += data.count(self.cut)
+            return None if seen >= self.after else data
+
+        return until_cut, passthrough
 
 
 def test_instrument_fault_mid_energy_keeps_latency_and_completed_windows_as_a_partial_record(tmp_path, monkeypatch):

@@ -25,8 +25,6 @@ from labbench.measure.record import Event
 
 pytest_plugins = ["pytester"]
 
-MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "models" / "digits_mlp_int8.tflite"
-
 
 @contextmanager
 def tmpfs(path: Path, *options: str) -> Iterator[Path]:
@@ -221,16 +219,6 @@ FILLS_THE_DISK = textwrap.dedent("""\
                 pass
         recorder.record(Measurement.model_validate_json(Path("measured.json").read_text()))
     """)
-
-
-@pytest.fixture(scope="module")
-def sim_board():
-    from labbench.sim.mcu import SimMcuBoard
-
-    board = SimMcuBoard("good", family="nano33_ble_sense", model_path=MODEL)
-    board.start()
-    yield board
-    board.stop()
 
 
 def test_a_journal_write_failure_is_an_error_and_the_measurement_is_kept(pytester, sim_board, monkeypatch,

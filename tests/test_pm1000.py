@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from netproxy import Filter, TcpProxy, free_port
 
 from labbench.errors import InstrumentError, LabConfigError, RunAborted, UsageError
 from labbench.instruments.pm1000 import Accuracy, DataStatus, Pm1000, _value_and_rounding
@@ -60,55 +60,25 @@ def whole_updates(elapsed_s: float) -> bool:
     return elapsed_s > 0 and abs(elapsed_s / 0.5 - round(elapsed_s / 0.5)) < 1e-3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class SilenceableProxy:
+class SilenceableProxy(TcpProxy):
     """A loopback TCP proxy in front of the simulated instrument. `silence()` keeps the connection
     open but forwards nothing more, either way: an instrument that hangs without dropping the link."""
 
     def __init__(self, upstream: Pm1000Sim):
-        self._upstream = (upstream.host, upstream.port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.resource = f"TCPIP::127.0.0.1::{self._listener.getsockname()[1]}::SOCKET"
         self._silent = threading.Event()
-        self._sockets: list[socket.socket] = [self._listener]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__((upstream.host, upstream.port))
+        self.resource = f"TCPIP::127.0.0.1::{self.port}::SOCKET"
 
     def silence(self) -> float:
         """Go silent now; returns when (host monotonic s)."""
         self._silent.set()
         return time.monotonic()
 
-    def close(self) -> None:
-        for sock in self._sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+    def filters(self) -> tuple[Filter, Filter]:
+        return self._unless_silent, self._unless_silent
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self._upstream)
-            self._sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(4096):
-                if not self._silent.is_set():
-                    dst.sendall(data)
-        except OSError:
-            return
+    def _unless_silent(self, data: bytes) -> bytes:
+        return b"" if self._silent.is_set() else data
 
 
 class FreezableClock:

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_journal_storage import MODEL, fill, tmpfs
+from netproxy import free_port
+from test_journal_storage import fill, tmpfs
 
 from labbench import inventory, preflight
 from labbench.board import Board
@@ -27,17 +28,6 @@ TOUCHES = textwrap.dedent("""\
     """)
 
 
-@pytest.fixture(scope="module")
-def sim_board():
-    """A simulated Nano 33 BLE Sense holding the int8 digits model, on an ephemeral port."""
-    from labbench.sim.mcu import SimMcuBoard
-
-    board = SimMcuBoard("good", family="nano33_ble_sense", model_path=MODEL)
-    board.start()
-    yield board
-    board.stop()
-
-
 @pytest.fixture
 def sim_meter():
     """A simulated PM1000+ answering on an ephemeral port."""
@@ -46,13 +36,6 @@ def sim_meter():
 
     with Pm1000Sim("meter", "127.0.0.1", 0, PowerBus().channel("meter:1"), use_pty=False, **IDEAL) as sim:
         yield sim
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (connections are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -105,7 +88,7 @@ def test_a_full_tiny_or_read_only_file_system_is_a_problem(tmp_path):
 
 
 def test_links_refused_missing_or_not_checked():
-    port = closed_port()
+    port = free_port()
     entry = inventory.BoardEntry.model_validate({"name": "b", "family": "nano33_ble_sense",
                                                  "serial": {"url": f"rfc2217://127.0.0.1:{port}"}})
     refused = f"no TCP connection to 127.0.0.1:{port} within 3 s: Connection refused (ECONNREFUSED)"
@@ -138,7 +121,7 @@ def test_a_silent_instrument_times_out_in_seconds(tmp_path, sim_board, silent_po
 
 
 def test_a_busy_board_is_not_probed(tmp_path):
-    lab = inventory.load(lab_yaml(tmp_path, f"rfc2217://127.0.0.1:{closed_port()}"))
+    lab = inventory.load(lab_yaml(tmp_path, f"rfc2217://127.0.0.1:{free_port()}"))
     with Board(lab, "good"):
         result = preflight.check([], lab, ["good"])
     assert result.problems == [] and result.passed == ["good not probed (busy)"]
@@ -181,7 +164,7 @@ def test_run_with_its_reports_in_a_read_only_folder_stops_at_preflight(pytester,
 
 
 def test_run_with_an_unreachable_board_and_instrument_stops_at_preflight(pytester):
-    board_port, meter_port = closed_port(), closed_port()
+    board_port, meter_port = free_port(), free_port()
     lab_yaml(pytester.path, f"rfc2217://127.0.0.1:{board_port}", f"TCPIP::127.0.0.1::{meter_port}::SOCKET")
     pytester.makepyfile(test_hil=TOUCHES)
     result, seconds = run(pytester, "--journal", "j.jsonl")

@@ -15,13 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
+from netproxy import Filter, TcpProxy, free_port, passthrough
 
 from labbench.capabilities import Deployer, InferenceTarget
 from labbench.catalog import load_family
@@ -37,12 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "fixtures" / "models" / "digits_mlp_int8.tflite"
 DATASET = ROOT / "fixtures" / "datasets" / "digits.npz"
 BOARDS = {"rpi4": ("rpi4b", None), "jetson": ("jetson_orin_nano", "15W")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -628,49 +621,34 @@ def test_a_transfer_that_outlasts_its_bound_is_an_error(proxied):
     assert time.monotonic() - t0 < 2.5
 
 
-@contextmanager
-def bit_flip_proxy(upstream: tuple[str, int], at: int) -> Iterator[int]:
-    """A TCP proxy for one connection that flips the low bit of byte `at` from the board."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    socks: list[socket.socket] = []
+class BitFlipProxy(TcpProxy):
+    """A TCP proxy that flips the low bit of byte `at` from the board (of each connection)."""
 
-    def pump(src: socket.socket, dst: socket.socket, flip: bool) -> None:
+    def __init__(self, upstream: tuple[str, int], at: int):
+        self.at = at
+        super().__init__(upstream)
+
+    def filters(self) -> tuple[Filter, Filter]:
         passed = 0
-        try:
-            while data := src.recv(65536):
-                if flip and passed <= at < passed + len(data):
-                    data = data[:at - passed] + bytes([data[at - passed] ^ 1]) + data[at - passed + 1:]
-                passed += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        for sock in (src, dst):
-            with suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
 
-    def serve() -> None:
-        client, _ = listener.accept()
-        server = socket.create_connection(upstream)
-        socks.extend((client, server))
-        threading.Thread(target=pump, args=(client, server, False), daemon=True).start()
-        threading.Thread(target=pump, args=(server, client, True), daemon=True).start()
+        def flip(data: bytes) -> bytes:
+            nonlocal passed
+            if passed <= self.at < passed + len(data):
+                i = self.at - passed
+                data = data[:i] + bytes([data[i] ^ 1]) + data[i + 1:]
+            passed += len(data)
+            return data
 
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.close()
-        for sock in socks:
-            sock.close()
+        return passthrough, flip
 
 
 def test_a_byte_changed_on_the_link_is_a_lost_connection_never_a_number(lab, deployed, digits, tmp_path):
     sim = lab["rpi4"]
     kind, key = (sim.state_dir / "etc" / "ssh_host_ed25519_key.pub").read_text().split()[:2]
-    with bit_flip_proxy((sim.host, sim.port), at=300_000) as port:
+    with BitFlipProxy((sim.host, sim.port), at=300_000) as proxy:
         known_hosts = tmp_path / "known_hosts"
-        known_hosts.write_text(f"[127.0.0.1]:{port} {kind} {key}\n")
-        board = SshBoard("rpi4", "127.0.0.1", port, sim.user, sim.key, known_hosts, ssh_config=None,
+        known_hosts.write_text(f"[127.0.0.1]:{proxy.port} {kind} {key}\n")
+        board = SshBoard("rpi4", "127.0.0.1", proxy.port, sim.user, sim.key, known_hosts, ssh_config=None,
                          remote_dir="labbench/test lab", log_path=tmp_path / "rpi4-ssh.log")
         with pytest.raises(RemoteRunError) as err:
             board.run_timed(digits[0][0], count=5_000_000, warmup=0)
