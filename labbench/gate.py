@@ -12,10 +12,12 @@ from an earlier run (`save_baseline`, committed under reports/baselines/), compa
   trim, boot layout) and, with thousands of samples, that difference is "significant" but not a
   regression. The test compares locations; a change confined to the last percent of the tail is
   caught by a p99 budget, not here.
-- energy: per-inference energy +- its uncertainty_mj (the instrument's update-rate bound), now vs
-  baseline; a change counts when the intervals, widened by `energy_pct` of the baseline, do not
-  overlap (|diff| > u_now + u_base + energy_pct x baseline). The uncertainties are bounds, not
-  standard errors, so they add linearly.
+- energy: per-inference energy +- its stated uncertainty, now vs baseline; a change counts when
+  the intervals, widened by `energy_pct` of the baseline, do not overlap (|diff| > u_now + u_base +
+  energy_pct x baseline). The uncertainties are bounds, not standard errors, so they add linearly.
+  Measured by one instrument (the same *IDN? reply) on the same ranges, both energies carry the
+  same calibration error: then u is the random part of each budget (rounding, edges, spread) and
+  what of the instrument's accuracy does not cancel (`energy_uncertainties`); otherwise the totals.
 - accuracy: Fisher's exact test on the correct/incorrect counts (accuracy x accuracy_n) at
   `alpha`, with a minimum change of `accuracy_pts` percentage points. Both runs see the same test
   set, so this unpaired test is conservative. Without accuracy_n the values are compared alone.
@@ -310,15 +312,46 @@ def compare_latency(baseline_ms: Iterable[float], now_ms: Iterable[float],
              f"(a change is p<{tol.alpha:g} and >={tol.latency_pct:g}%)"))
 
 
+def same_calibration(base: Measurement, now: Measurement) -> bool:
+    """Whether both energies were measured by one instrument (its *IDN? reply) holding the same ranges,
+    with their uncertainty budgets journaled: then they share the instrument's calibration error (as
+    far as the records tell: a recalibration in between is not in them)."""
+    b, n = base.energy, now.energy
+    ranges = (b.voltage_range_v, b.current_range_a)
+    return (base.provenance.instrument is not None and base.provenance.instrument == now.provenance.instrument
+            and None not in ranges and ranges == (n.voltage_range_v, n.current_range_a)
+            and "per_inference_mj" in b.uncertainties and "per_inference_mj" in n.uncertainties
+            and min(b.per_inference_mj, b.active_power_w, n.active_power_w) > 0)
+
+
+def energy_uncertainties(base: Measurement, now: Measurement) -> tuple[float, float, str]:
+    """The uncertainties (mJ) the energy comparison allows for, baseline's and now's, and what they are.
+
+    Across instruments or ranges: the totals. With a shared calibration: the random parts (rounding,
+    edges, spread), and on the baseline's side what the calibration error does not cancel. That error
+    is gain x energy + offset power x time per inference (energy / power), at most the baseline's
+    accuracy bound, so it changes between the two by at most that bound times the relative changes
+    of energy and of time per inference."""
+    b, n = base.energy, now.energy
+    if not same_calibration(base, now):
+        return b.uncertainty_mj, n.uncertainty_mj, "uncertainties"
+    ub, un = b.uncertainties["per_inference_mj"], n.uncertainties["per_inference_mj"]
+    time_change = (n.per_inference_mj / n.active_power_w) / (b.per_inference_mj / b.active_power_w) - 1
+    residual = ub.accuracy * (abs(n.per_inference_mj / b.per_inference_mj - 1) + abs(time_change))
+    return (ub.rounding + ub.edges + ub.spread + residual, un.rounding + un.edges + un.spread,
+            "random uncertainties (same instrument and ranges)")
+
+
 def compare_energy(base: Measurement, now: Measurement,
                    tol: Tolerance = DEFAULT_TOLERANCE) -> Comparison:
-    """Non-overlap of the energy intervals (value +- uncertainty_mj) widened by energy_pct of the baseline."""
+    """Non-overlap of the energy intervals (value +- uncertainty) widened by energy_pct of the baseline."""
     b, n = base.energy, now.energy
     diff = n.per_inference_mj - b.per_inference_mj
-    allowance = b.uncertainty_mj + n.uncertainty_mj + tol.energy_pct / 100 * b.per_inference_mj
+    u_base, u_now, which = energy_uncertainties(base, now)
+    allowance = u_base + u_now + tol.energy_pct / 100 * b.per_inference_mj
     return (_direction(diff > allowance, -diff > allowance),
-            (f"{diff:+.3g} mJ vs allowance {allowance:.3g} mJ (uncertainties {b.uncertainty_mj:.2g} + "
-             f"{n.uncertainty_mj:.2g} mJ, tolerance {tol.energy_pct:g}%)"))
+            (f"{diff:+.3g} mJ vs allowance {allowance:.3g} mJ ({which} {u_base:.2g} + {u_now:.2g} mJ, "
+             f"tolerance {tol.energy_pct:g}%)"))
 
 
 def compare_accuracy(base: Measurement, now: Measurement,

@@ -78,6 +78,9 @@ class Energy(_Record):
     window_s: float
     inferences: int
     windows: int
+    #: the reported (median) window's start and end on the host monotonic clock, the clock of the
+    #: power trace and of a simulated lab's ledger
+    window_host_s: tuple[float, float] | None = None
     method: str
     #: per figure (a field name above: per_inference_mj, power_x_latency_mj, integrated_mj,
     #: active_power_w, idle_power_w, dynamic_mj), its uncertainty and the components

@@ -424,7 +424,7 @@ def energy_of(record: EnergyRun, instrument: str, period_s: float) -> tuple[Ener
         power_x_latency_mj=power_x_latency, integrated_mj=integrated_mj,
         uncertainty_mj=figures["per_inference_mj"].total, uncertainties=figures,
         active_power_w=power.mean_power_w, idle_power_w=idle.mean_power_w, dynamic_mj=values["dynamic_mj"],
-        window_s=power.duration_s, inferences=n, windows=len(rows),
+        window_s=power.duration_s, inferences=n, windows=len(rows), window_host_s=(w.run.host_start, w.run.host_end),
         voltage_range_v=v_range, current_range_a=a_range, ranges=record.ranges, remeasured=list(record.remeasured),
         method=("median of windows; integrator energy / count" if integrated_mj is not None
                 else f"median of windows; average power ({power.method} method) x latency per inference")
