@@ -24,6 +24,7 @@ are the environment table, the results table's cells and the summary.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,13 +32,14 @@ from typing import Any
 
 import pytest
 
-from labbench import inventory
+from labbench import inventory, steps
 from labbench.board import Board
 from labbench.capabilities import CAPABILITIES
 from labbench.errors import LabConfigError, UsageError
 from labbench.measure.record import Measurement
 from labbench.results import Journal, JournalError
 
+STEP_LOG_DIR = Path("reports/logs")  # <board>-steps.log, beside the drivers' serial and SSH logs
 _LAB = pytest.StashKey[inventory.Lab]()
 _SELECTED = pytest.StashKey[list[str]]()
 _STARTED_SIM = pytest.StashKey[bool]()
@@ -45,6 +47,8 @@ _RECOVERY = pytest.StashKey["Recovery"]()
 _PREFLIGHT = pytest.StashKey[list]()  # the pre-flight Results that passed
 _UNJOURNALED = pytest.StashKey[list[JournalError]]()  # an item's records the journal refused
 _UNJOURNALED_RUN = pytest.StashKey[list[str]]()  # the session's, for the terminal summary
+_STEPS_FROM = pytest.StashKey[int]()  # steps.count() when an item's setup began
+_STEP_LOGS = pytest.StashKey[steps.BoardLogFiles]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -87,6 +91,9 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"--board {missing[0]}: no such board in {lab.path} (boards: {', '.join(lab.boards)})")
     config.stash[_SELECTED] = selected
+    handler = config.stash[_STEP_LOGS] = steps.BoardLogFiles(STEP_LOG_DIR)
+    steps.log.addHandler(handler)
+    steps.log.setLevel(logging.INFO)
     if _preflight_wanted(config):
         outputs = [("journal", Path(config.getoption("journal")))]
         for what, option in (("--html", "htmlpath"), ("--junitxml", "xmlpath")):
@@ -160,6 +167,12 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     _sim_down(session.config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if (handler := config.stash.get(_STEP_LOGS, None)) is not None:
+        steps.log.removeHandler(handler)
+        handler.close()
 
 
 def _sim_down(config: pytest.Config) -> None:
@@ -245,13 +258,15 @@ class Recovery:
         attempts, attempt = self.retries + 1, 1
         while True:
             try:
-                result = fn()
+                with steps.step(board.name, step, f"attempt {attempt} of {attempts}"):
+                    result = fn()
             except HardwareError as exc:
                 self._keep_partial(node, exc)
                 recovered, recovery = attempt < attempts, None
                 if recovered:
                     try:
-                        recovery = recover(board, exc)
+                        with steps.step(board.name, "recover", f"after {type(exc).__name__}"):
+                            recovery = recover(board, exc)
                     except HardwareError as failed:
                         recovered, recovery = False, f"recovery failed: {failed}"
                 self._attempt(node, Event(kind="attempt", test=node.nodeid, board=board.name, step=step,
@@ -310,7 +325,9 @@ def recovery(pytestconfig: pytest.Config) -> Recovery:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Skip, before any fixture runs, the tests of a board quarantined earlier in the session."""
+    """Skip, before any fixture runs, the tests of a board quarantined earlier in the session; mark
+    where the test's steps begin (its timeline)."""
+    item.stash[_STEPS_FROM] = steps.count()
     quarantined = item.config.stash[_RECOVERY].quarantined
     if (name := _board_of(item)) in quarantined:
         pytest.skip(quarantined[name])
@@ -480,8 +497,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     busy = report.when == "setup" and call.excinfo is not None and call.excinfo.errisinstance(BoardBusy)
     if busy and (board := _board_of(item)):
         item.config.stash[_RECOVERY].quarantine(item, board, "acquire", call.excinfo.value)
-    parts = item.stash.get(_EXTRAS, None)
+    parts = item.stash.get(_EXTRAS, [])
     # what setup and call added, shown with the call, or with the setup error when there is no call
+    if (taken := steps.since(item.stash.get(_STEPS_FROM, steps.count()))) and (
+            report.when == "call" or (report.when == "setup" and report.failed)):
+        from labbench.report import extras
+
+        parts = [*parts, extras.timeline_html(taken)]
     if parts and (report.when == "call" or (report.when == "setup" and report.failed)):
         try:
             from pytest_html import extras as html_extras

@@ -1,5 +1,5 @@
-"""Per-test report content for pytest-html: the measurement table, verdicts, plots, and the
-infrastructure attempts and quarantines of the test's board."""
+"""Per-test report content for pytest-html: the measurement table, verdicts, plots, the timeline of
+the test's steps, and the infrastructure attempts and quarantines of the test's board."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import html
 
 from labbench.budgets import Judgement, Verdict
 from labbench.measure.record import Event, Measurement, Uncertainty
+from labbench.steps import Step
 
 _COLOURS = {Verdict.PASS: "#2a7", Verdict.MARGINAL: "#d90", Verdict.FAIL: "#c33", Verdict.MISSING: "#888"}
 
@@ -102,6 +103,21 @@ def attempt_html(e: Event) -> str:
     return (f"<p class='labbench-attempt'>{html.escape(e.board)} / {html.escape(e.step)}: attempt "
             f"{e.attempt} of {e.attempts}: <span style='color:{colour}'>{html.escape(outcome or '')}</span>"
             f"{html.escape(then)}</p>")
+
+
+def timeline_html(taken: list[Step]) -> str:
+    """A test's steps: when each began (seconds from the first), how long it took, and how it ended."""
+    t0 = taken[0].start_s
+    colours = {"ok": "#2a7", "error": "#c33", "running": "#888"}
+    rows = "".join(
+        f"<tr><td>{s.start_s - t0:.3f}</td><td>{'-' if s.duration_s is None else f'{s.duration_s:.3f}'}</td>"
+        f"<td>{html.escape(s.board)}</td><td style='padding-left:{0.3 + 1.2 * s.depth:.1f}em'>"
+        f"{html.escape(s.name)} <small>{html.escape(s.detail)}</small></td>"
+        f"<td style='color:{colours[s.status]}'>{s.status}{': ' + html.escape(s.error) if s.error else ''}</td></tr>"
+        for s in taken)
+    return ("<details class='labbench-timeline'><summary>steps (host monotonic clock, s)</summary>"
+            "<table class='labbench'><tr><th>at</th><th>took</th><th>board</th><th>step</th><th>outcome</th></tr>"
+            f"{rows}</table></details>")
 
 
 def quarantine_html(reason: str) -> str:
