@@ -134,8 +134,10 @@ class SimLab:
         from labbench.sim.pm1000 import Pm1000Sim
 
         host, port = endpoint(inst.resource) or _no_endpoint(inst.name, inst.resource)
+        # each unit its own serial number in *IDN? (the gate tells analyzers apart by it)
+        settings = {"idn": f"Voltech,PM1000+,SIM-{inst.name},1.00", **inst.sim.settings}
         sim = Pm1000Sim(name=inst.name, host=host, port=port,
-                        channel=self.bus.channel(bus_channel(inst.name)), **inst.sim.settings)
+                        channel=self.bus.channel(bus_channel(inst.name)), **settings)
         return sim, sim.faults
 
     def _board(self, board: inventory.BoardEntry) -> tuple[Any, Injector]:
