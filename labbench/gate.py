@@ -24,7 +24,8 @@ from an earlier run (`save_baseline`, committed under reports/baselines/), compa
 - memory (flash, arena, peak RSS): a change beyond `memory_pct`.
 
 A metric's verdict is the worst of its budget verdict and its comparison: FAIL > REGRESSION >
-MISSING > MARGINAL > IMPROVED > PASS (MARGINAL is the budget's band past the limit: a warning).
+MISSING > MARGINAL > IMPROVED > PASS (MARGINAL is inside a budget's guard band: a warning). Which
+metrics are compared with the baseline, and how, is `labbench.metrics` (`Metric.compare`).
 Exit code: 1 on any FAIL or REGRESSION; else 2 when data is missing or incomplete (a budgeted
 metric not measured, a baseline board+model not measured, an unreadable or torn journal record);
 else 0. A definite red outranks an unknown, so a pipeline may retry a 2 (a board was offline) but
@@ -39,44 +40,26 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from labbench import inventory, results
-from labbench.budgets import judge_value
+from labbench.budgets import Verdict, judge_value, limit_text, worst
 from labbench.errors import LabbenchError, UsageError
-from labbench.inventory import METRICS, Lab, Limit, ModelBudget
+from labbench.inventory import Lab, ModelBudget
+from labbench.metrics import METRICS, Comparison as ComparisonKind
 from labbench.measure.record import Measurement, git_revision
 
 BASELINE_DIR = Path("reports/baselines")
 Key = tuple[str, str]  # (board, model)
 
-#: metrics compared with the baseline; the others (p99, cold start) are shown and judged by budget only
-COMPARED = ("latency_p50_ms", "energy_mj", "accuracy", "flash_kib", "arena_kib", "peak_rss_mib")
 
 
 class IncompleteData(LabbenchError):
     """Journals are missing, empty or hold an unreadable record, so no baseline can be taken from them."""
-
-
-class GateVerdict(str, Enum):
-    PASS = "PASS"
-    IMPROVED = "IMPROVED"
-    MARGINAL = "MARGINAL"
-    MISSING = "MISSING"
-    REGRESSION = "REGRESSION"
-    FAIL = "FAIL"
-
-
-_RANK = list(GateVerdict)  # least to most severe
-
-
-def _worst(*verdicts: GateVerdict) -> GateVerdict:
-    return max(verdicts, key=_RANK.index)
 
 
 class Tolerance(BaseModel):
@@ -117,7 +100,7 @@ class Check:
     board: str
     model: str
     metric: str
-    verdict: GateVerdict
+    verdict: Verdict
     now: float | None = None
     baseline: float | None = None
     budget: str | None = None
@@ -125,7 +108,7 @@ class Check:
 
     @property
     def unit(self) -> str:
-        return METRICS[self.metric][0] if self.metric in METRICS else ""
+        return METRICS[self.metric].unit if self.metric in METRICS else ""
 
     @property
     def change_pct(self) -> float | None:
@@ -145,9 +128,9 @@ class GateResult:
     @property
     def exit_code(self) -> int:
         verdicts = {c.verdict for c in self.checks}
-        if verdicts & {GateVerdict.FAIL, GateVerdict.REGRESSION}:
+        if verdicts & {Verdict.FAIL, Verdict.REGRESSION}:
             return 1
-        return 2 if GateVerdict.MISSING in verdicts or self.incomplete or not self.checks else 0
+        return 2 if Verdict.MISSING in verdicts or self.incomplete or not self.checks else 0
 
     @property
     def status(self) -> str:
@@ -161,7 +144,7 @@ class GateResult:
 
     def markdown(self) -> str:
         """A CI job summary: status, a table per board (metric, budget, baseline, now, change, verdict)."""
-        counts = ", ".join(f"{n} {v.value}" for v in reversed(_RANK)
+        counts = ", ".join(f"{n} {v.value}" for v in reversed(Verdict)
                            if (n := sum(c.verdict is v for c in self.checks)))
         sources = (f"Baseline: {f'`{self.baseline}`' if self.baseline else 'none'}. "
                    f"Budgets: {f'`{self.lab}`' if self.lab else 'none'}. {counts or 'nothing measured'}.")
@@ -184,7 +167,7 @@ class GateResult:
                 Path(path).write_text(text)
 
 
-_OK = {GateVerdict.PASS, GateVerdict.IMPROVED}
+_OK = {Verdict.PASS, Verdict.IMPROVED}
 _HEADER = "| model | metric | budget | baseline | now | change | verdict | why |"
 
 
@@ -288,11 +271,11 @@ def load_baseline(ref: str | Path, directory: Path = BASELINE_DIR) -> Baseline:
 
 # --- comparisons --------------------------------------------------------------------------------
 
-Comparison = tuple[GateVerdict, str]
+Comparison = tuple[Verdict, str]
 
 
-def _direction(worse: bool, better: bool) -> GateVerdict:
-    return GateVerdict.REGRESSION if worse else GateVerdict.IMPROVED if better else GateVerdict.PASS
+def _direction(worse: bool, better: bool) -> Verdict:
+    return Verdict.REGRESSION if worse else Verdict.IMPROVED if better else Verdict.PASS
 
 
 def compare_latency(baseline_ms: Iterable[float], now_ms: Iterable[float],
@@ -303,7 +286,7 @@ def compare_latency(baseline_ms: Iterable[float], now_ms: Iterable[float],
 
     base, now = np.asarray(list(baseline_ms), float), np.asarray(list(now_ms), float)
     if base.size < 2 or now.size < 2:
-        return GateVerdict.MISSING, f"too few latency samples ({base.size} baseline, {now.size} now)"
+        return Verdict.MISSING, f"too few latency samples ({base.size} baseline, {now.size} now)"
     p = float(stats.mannwhitneyu(now, base, alternative="two-sided").pvalue)
     shift_pct = (np.median(now) / np.median(base) - 1) * 100
     real = p < tol.alpha and abs(shift_pct) >= tol.latency_pct
@@ -380,49 +363,44 @@ def compare_memory(base_value: float, now_value: float,
             f"tolerance {tol.memory_pct:g}%")
 
 
-def _compare(metric: str, base: Measurement, now: Measurement, tol: Tolerance) -> Comparison:
-    if metric == "latency_p50_ms":
-        return compare_latency(base.latency.samples_ms, now.latency.samples_ms, tol)
-    if metric == "energy_mj":
-        return compare_energy(base, now, tol)
-    if metric == "accuracy":
-        return compare_accuracy(base, now, tol)
-    return compare_memory(base.metric(metric), now.metric(metric), tol)
-
-
-def _limit_text(limit: Limit, unit: str) -> str:
-    bound, value = ("max", limit.max) if limit.max is not None else ("min", limit.min)
-    band = f" (+{limit.marginal_pct:g}%)" if limit.marginal_pct else ""
-    return f"{bound} {value:g}{f' {unit}' if unit else ''}{band}"
+_COMPARERS: dict[ComparisonKind, Callable[[str, Measurement, Measurement, Tolerance], Comparison]] = {
+    "samples": lambda metric, base, now, tol: compare_latency(base.latency.samples_ms, now.latency.samples_ms, tol),
+    "uncertainty": lambda metric, base, now, tol: compare_energy(base, now, tol),
+    "proportion": lambda metric, base, now, tol: compare_accuracy(base, now, tol),
+    "relative": lambda metric, base, now, tol: compare_memory(METRICS[metric].value(base), METRICS[metric].value(now),
+                                                             tol),
+}
 
 
 def check_measurement(board: str, model: str, now: Measurement | None, base: Measurement | None,
                       budget: ModelBudget | None, tol: Tolerance = DEFAULT_TOLERANCE) -> list[Check]:
     """The checks of one (board, model): every budgeted metric and every metric the baseline compares."""
     if now is None:
-        return [Check(board, model, "measurement", GateVerdict.MISSING,
+        return [Check(board, model, "measurement", Verdict.MISSING,
                       detail="in the baseline but not measured: not a pass")]
     limits = budget.limits() if budget else {}
-    metrics = [m for m in METRICS if m in limits or (m in COMPARED and (
-        now.metric(m) is not None or (base is not None and base.metric(m) is not None)))]
+    compared = {name: m for name, m in METRICS.items() if m.compare is not None}
+    metrics = [name for name, m in METRICS.items() if name in limits or (name in compared and (
+        m.value(now) is not None or (base is not None and m.value(base) is not None)))]
     checks = []
     for metric in metrics:
-        value, details, verdicts = now.metric(metric), [], [GateVerdict.PASS]
-        before = base.metric(metric) if base is not None else None
+        spec = METRICS[metric]
+        value, details, verdicts = spec.value(now), [], [Verdict.PASS]
+        before = spec.value(base) if base is not None else None
         if metric in limits:
-            j = judge_value(metric, value, limits[metric], now.interval(metric))
-            verdicts.append(GateVerdict(j.verdict.value))
-            if j.verdict.value not in ("PASS", "MISSING"):
+            j = judge_value(metric, value, limits[metric], spec.interval_of(now))
+            verdicts.append(j.verdict)
+            if j.verdict not in (Verdict.PASS, Verdict.MISSING):
                 details.append(f"budget {j.verdict.value}")
         if value is None:
-            verdicts.append(GateVerdict.MISSING)
+            verdicts.append(Verdict.MISSING)
             details.append("not measured")
-        elif metric in COMPARED and before is not None:
-            verdict, detail = _compare(metric, base, now, tol)
+        elif spec.compare is not None and before is not None and base is not None:
+            verdict, detail = _COMPARERS[spec.compare](metric, base, now, tol)
             verdicts.append(verdict)
             details.append(detail)
-        checks.append(Check(board, model, metric, _worst(*verdicts), value, before,
-                            _limit_text(limits[metric], METRICS[metric][0]) if metric in limits else None,
+        checks.append(Check(board, model, metric, worst(verdicts), value, before,
+                            limit_text(limits[metric], spec.unit) if metric in limits else None,
                             "; ".join(d for d in details if d)))
     return checks
 

@@ -27,7 +27,7 @@ import typing
 from functools import cached_property
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -42,6 +42,7 @@ from pydantic import (
 )
 
 from labbench.errors import LabConfigError, UsageError
+from labbench.metrics import METRICS
 from labbench.sim.faults import Fault
 from labbench.sim.faults import check as check_fault
 from labbench.yamlsource import Source, shown, unknown
@@ -376,7 +377,8 @@ class InstrumentEntry(_Strict):
 
 
 class Limit(_Strict):
-    """A budget limit; `marginal_pct` is the band beyond the limit still judged MARGINAL. A kind of
+    """A budget limit; `marginal_pct` is a guard band inside the limit, in percent of it (OpenHTF's
+    marginal): a value inside the band passes, judged MARGINAL (a warning). A kind of
     limit takes one `bound`, whose value `value_problem` checks, and refuses the other with
     `other_bound_problem`."""
 
@@ -434,38 +436,31 @@ class Floor(Limit):
         return f"accuracy is a fraction in 0..1, got {value:g}{hint}"
 
 
-#: budget metric -> unit and direction; accuracy is a floor, everything else a ceiling
-METRICS: dict[str, tuple[str, Literal["max", "min"]]] = {
-    "latency_p50_ms": ("ms", "max"), "latency_p90_ms": ("ms", "max"), "latency_p99_ms": ("ms", "max"),
-    "latency_mean_ms": ("ms", "max"), "cold_start_ms": ("ms", "max"), "energy_mj": ("mJ", "max"),
-    "accuracy": ("", "min"), "flash_kib": ("KiB", "max"), "arena_kib": ("KiB", "max"),
-    "peak_rss_mib": ("MiB", "max"),
-}
-
-
-class ModelBudget(_Strict):
-    latency_p50_ms: Ceiling | None = None
-    latency_p90_ms: Ceiling | None = None
-    latency_p99_ms: Ceiling | None = None
-    latency_mean_ms: Ceiling | None = None
-    cold_start_ms: Ceiling | None = None
-    energy_mj: Ceiling | None = None
-    accuracy: Floor | None = None
-    flash_kib: Ceiling | None = None
-    arena_kib: Ceiling | None = None
-    peak_rss_mib: Ceiling | None = None
+class _Budget(_Strict):
+    """What every budget does (its fields, one per metric, are made from METRICS below)."""
 
     @model_validator(mode="before")
     @classmethod
     def _bare_numbers(cls, data: Any) -> Any:
         """`energy_mj: 0.5` means a ceiling of 0.5 mJ; `accuracy: 0.95` a floor."""
         if isinstance(data, dict):
-            return {k: {METRICS[k][1]: v} if k in METRICS and isinstance(v, (int, float))
+            return {k: {METRICS[k].direction: v} if k in METRICS and isinstance(v, (int, float))
                     and not isinstance(v, bool) else v for k, v in data.items()}
         return data
 
     def limits(self) -> dict[str, Limit]:
         return {k: v for k in METRICS if (v := getattr(self, k)) is not None}
+
+
+#: a model's budget on a board: one optional limit per metric of labbench.metrics, a floor for the
+#: metrics that must stay above it (accuracy), a ceiling for the others
+if TYPE_CHECKING:
+    ModelBudget = _Budget
+else:
+    ModelBudget = create_model(
+        "ModelBudget", __base__=_Budget,
+        **{name: ((Floor if m.direction == "min" else Ceiling) | None, None) for name, m in METRICS.items()},
+    )
 
 
 class LabInfo(_Strict):

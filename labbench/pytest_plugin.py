@@ -47,6 +47,7 @@ _RECOVERY = pytest.StashKey["Recovery"]()
 _PREFLIGHT = pytest.StashKey[list]()  # the pre-flight Results that passed
 _UNJOURNALED = pytest.StashKey[list[JournalError]]()  # an item's records the journal refused
 _UNJOURNALED_RUN = pytest.StashKey[list[str]]()  # the session's, for the terminal summary
+_MARGINAL_RUN = pytest.StashKey[list[str]]()  # passes inside a budget's guard band, for the summary
 _STEPS_FROM = pytest.StashKey[int]()  # steps.count() when an item's setup began
 _STEP_LOGS = pytest.StashKey[steps.BoardLogFiles]()
 
@@ -349,6 +350,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_sep("=", "labbench: quarantined boards", red=True)
         for reason in recovery.quarantined.values():
             terminalreporter.write_line(reason)
+    if marginal := config.stash.get(_MARGINAL_RUN, None):
+        terminalreporter.write_sep("=", "labbench: MARGINAL: passed inside a budget's guard band", yellow=True)
+        for line in marginal:
+            terminalreporter.write_line(line)
     if unjournaled := config.stash.get(_UNJOURNALED_RUN, None):
         terminalreporter.write_sep("=", "labbench: records NOT journaled (kept in the JUnit property "
                                         "'unjournaled' and the HTML report)", red=True)
@@ -376,15 +381,29 @@ def pytest_html_results_table_row(report: pytest.TestReport, cells: list) -> Non
     cells[:] = [redact_html(str(c)) for c in cells]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Bad `requires` and `budget` marker arguments are a usage error at collection, not at run time."""
+    from pydantic import ValidationError
+
+    for item in items:
+        for marker in item.iter_markers("requires"):
+            if unknown := [c for c in marker.args if c not in CAPABILITIES]:
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.requires: unknown capability "
+                                        f"{unknown[0]!r} (known: {', '.join(CAPABILITIES)})")
+        for marker in item.iter_markers("budget"):
+            try:
+                inventory.ModelBudget.model_validate(marker.kwargs)
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                                     for e in exc.errors())
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.budget: {problems}") from None
+
+
 @pytest.fixture(autouse=True)
 def _requires(request: pytest.FixtureRequest) -> None:
     marker = request.node.get_closest_marker("requires")
     if marker is None or "board" not in request.fixturenames:
         return
-    unknown = [c for c in marker.args if c not in CAPABILITIES]
-    if unknown:
-        raise UsageError(f"@pytest.mark.requires: unknown capability {unknown[0]!r} "
-                         f"(known: {', '.join(CAPABILITIES)})")
     b: Board = request.getfixturevalue("board")
     lacking = [c for c in marker.args if c not in b.capabilities]
     if lacking:
@@ -429,6 +448,8 @@ class Recorder:
             add_report_html(node, extras.verdict_table(judgements))
         for part in html_parts:
             add_report_html(node, part)
+        if marginal := [j for j in judgements if j.verdict is Verdict.MARGINAL]:
+            node.config.stash.setdefault(_MARGINAL_RUN, []).extend(f"{node.nodeid}: {j}" for j in marginal)
         failed = [j for j in judgements if j.verdict in (Verdict.FAIL, Verdict.MISSING)]
         if failed:
             pytest.fail(f"{m.board} / {m.model}: budget not met:\n" + "\n".join(f"  {j}" for j in failed),

@@ -338,3 +338,55 @@ def test_no_credential_in_a_failure(lab_dir):
     for text in (junit, (lab_dir.path / "report.html").read_text(), "\n".join(result.outlines)):
         assert "s3cr3t" not in text
     assert "https://***@git.example/lab.git is not an archive" in junit
+
+
+def test_bad_marker_arguments_are_a_usage_error_at_collection(lab_dir):
+    lab_dir.makepyfile(test_markers="""
+        import pytest
+
+        @pytest.mark.budget(latency_p99_ms=-1)
+        def test_budget(board):
+            pass
+        """)
+    result = lab_dir.runpytest("--collect-only", "test_markers.py")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*test_markers.py::test_budget*: @pytest.mark.budget: latency_p99_ms.max: "
+                                 "must be greater than 0, got -1"])
+    lab_dir.makepyfile(test_markers="""
+        import pytest
+
+        @pytest.mark.requires("flsh")
+        def test_requires(board):
+            pass
+        """)
+    result = lab_dir.runpytest("--collect-only", "test_markers.py")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*test_markers.py::test_requires*: @pytest.mark.requires: unknown capability 'flsh'*"])
+
+
+def test_a_value_inside_the_guard_band_passes_as_marginal_and_reaches_the_summary(lab_dir):
+    """OpenHTF's marginal: inside the limit, within its guard band, a pass with a warning; past the limit a FAIL."""
+    lab_dir.makepyfile(test_marginal="""
+        import pytest
+        from labbench.measure.record import Measurement, Provenance
+        from labbench.measure.stats import latency_record
+
+        def record(p50):
+            return Measurement(board="esp32", model="m", latency=latency_record([p50] * 20, method="test"),
+                               provenance=Provenance(board="esp32", family="esp32_devkitc", source="hw",
+                                                     model_sha256="0" * 64, lab_sha256="0" * 64))
+
+        @pytest.mark.budget(latency_p50_ms={"max": 2.0, "marginal_pct": 10})
+        def test_inside_the_band(board, recorder):
+            recorder.record(record(1.9))
+
+        @pytest.mark.budget(latency_p50_ms={"max": 2.0, "marginal_pct": 10})
+        def test_past_the_limit(board, recorder):
+            recorder.record(record(2.1))
+        """)
+    result = lab_dir.runpytest("--no-preflight", "--board", "esp32", "--journal", "j.jsonl", "test_marginal.py")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*labbench: MARGINAL: passed inside a budget's guard band*",
+        "*test_inside_the_band*latency_p50_ms: measured 1.9 ms*vs budget max 2 ms (guard band 10%): MARGINAL"])
+    assert "test_past_the_limit[esp32]: latency_p50_ms" not in result.stdout.str().split("MARGINAL: passed")[1]

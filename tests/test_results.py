@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from labbench import results
-from labbench.budgets import Verdict, judge, overall
-from labbench.gate import GateVerdict, collect, gate, load_baseline, save_baseline
+from labbench.budgets import Verdict, judge, worst
+from labbench.gate import collect, gate, load_baseline, save_baseline
 from labbench.inventory import ModelBudget
 from labbench.measure.record import Energy, Event, Latency, Measurement, Memory, Provenance
-from labbench.measure.stats import LatencySummary
+from labbench.measure.stats import latency_record
 from labbench.report import dashboard
 from labbench.report.plots import pareto_mask
 
@@ -21,12 +21,9 @@ from labbench.report.plots import pareto_mask
 def measurement(model="digits_mlp_int8", config="int8", p50=1.0, accuracy=0.97, board="esp32",
                 energy_mj=0.2, flash=5000) -> Measurement:
     samples = list(np.random.default_rng(0).normal(p50, p50 * 0.02, 200))
-    s = LatencySummary.of(samples)
     return Measurement(
         board=board, model=model, config=config, accuracy=accuracy, accuracy_n=359,
-        latency=Latency(samples_ms=samples, p50_ms=s.p50_ms, p90_ms=s.p90_ms, p99_ms=s.p99_ms,
-                        mean_ms=s.mean_ms, p50_ci95_ms=s.p50_ci95_ms, p99_ci95_ms=s.p99_ci95_ms,
-                        method="test"),
+        latency=latency_record(samples, method="test"),
         energy=Energy(per_inference_mj=energy_mj, power_x_latency_mj=energy_mj, integrated_mj=energy_mj,
                       uncertainty_mj=0.01, active_power_w=0.3, idle_power_w=0.1, dynamic_mj=0.1,
                       window_s=10, inferences=100, windows=5, method="test"),
@@ -49,14 +46,14 @@ def test_journal_round_trip_and_torn_line(tmp_path):
 
 
 def test_latency_summary_percentiles():
-    s = LatencySummary.of(list(range(1, 101)))
+    s = latency_record(list(range(1, 101)), method="test")
     assert s.p50_ms == pytest.approx(50.5) and s.p99_ms == pytest.approx(99.01)
     assert s.p50_ci95_ms[0] < 50.5 < s.p50_ci95_ms[1]
 
 
 def test_budget_verdicts_name_number_unit_and_budget():
     m = measurement(p50=1.0, accuracy=0.97)
-    budget = ModelBudget.model_validate({"latency_p50_ms": {"max": 0.98, "marginal_pct": 5},
+    budget = ModelBudget.model_validate({"latency_p50_ms": {"max": 1.02, "marginal_pct": 5},
                                          "accuracy": 0.99, "energy_mj": 1.0, "arena_kib": 1})
     got = {j.metric: j for j in judge(m, budget)}
     assert got["latency_p50_ms"].verdict is Verdict.MARGINAL
@@ -64,7 +61,7 @@ def test_budget_verdicts_name_number_unit_and_budget():
     assert got["arena_kib"].verdict is Verdict.FAIL
     assert "arena_kib: measured 2.203 KiB vs budget max 1 KiB: FAIL" == str(got["arena_kib"])
     assert "95% CI" in str(got["latency_p50_ms"]) and " ms" in str(got["latency_p50_ms"])
-    assert overall(list(got.values())) is Verdict.FAIL
+    assert worst([j.verdict for j in got.values()]) is Verdict.FAIL
 
 
 def test_pareto_mask():
@@ -125,7 +122,7 @@ def test_partial_records_are_never_judged_nor_a_baseline(tmp_path):
     only_partial.append(measurement().model_copy(update={"status": "partial", "error": "cut"}))
     result = gate([only_partial.path], baseline=saved)
     assert result.exit_code == 2  # the baseline's board+model was not measured: missing, not judged
-    assert {c.verdict for c in result.checks} == {GateVerdict.MISSING}
+    assert {c.verdict for c in result.checks} == {Verdict.MISSING}
 
 
 def test_dashboard_marks_partial_records_and_lists_faults(tmp_path):

@@ -122,31 +122,6 @@ class Measurement(_Record):
     status: Literal["valid", "partial"] = "valid"
     error: str | None = None
 
-    def metric(self, name: str) -> float | None:
-        """A budget metric by its lab.yaml name (see inventory.METRICS), or None if not measured."""
-        lat, mem = self.latency, self.memory
-        values = {
-            "latency_p50_ms": lat and lat.p50_ms, "latency_p90_ms": lat and lat.p90_ms,
-            "latency_p99_ms": lat and lat.p99_ms, "latency_mean_ms": lat and lat.mean_ms,
-            "cold_start_ms": self.cold_start_ms, "energy_mj": self.energy and self.energy.per_inference_mj,
-            "accuracy": self.accuracy,
-            "flash_kib": mem.flash_bytes / 1024 if mem.flash_bytes is not None else None,
-            "arena_kib": mem.arena_bytes / 1024 if mem.arena_bytes is not None else None,
-            "peak_rss_mib": mem.peak_rss_kib / 1024 if mem.peak_rss_kib is not None else None,
-        }
-        return values[name]
-
-    def interval(self, name: str) -> tuple[float, float] | None:
-        """The 95% interval of a metric where the bench knows one."""
-        if self.latency and name == "latency_p50_ms":
-            return self.latency.p50_ci95_ms
-        if self.latency and name == "latency_p99_ms":
-            return self.latency.p99_ci95_ms
-        if self.energy and name == "energy_mj":
-            e = self.energy
-            return e.per_inference_mj - e.uncertainty_mj, e.per_inference_mj + e.uncertainty_mj
-        return None
-
 
 class Event(_Record):
     """An infrastructure event journalled beside the measurements: an attempt at a board step

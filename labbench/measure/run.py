@@ -38,13 +38,12 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields
-from statistics import median
 from typing import TYPE_CHECKING, Any
 
 from labbench.board import Board
 from labbench.capabilities import DutIdentity, TimedRun
 from labbench.errors import HardwareError, InstrumentError, UsageError
-from labbench.measure.record import Energy, Latency, Measurement, Memory, Provenance, Uncertainty
+from labbench.measure.record import Energy, Measurement, Memory, Provenance, Uncertainty
 from labbench.steps import step
 
 if TYPE_CHECKING:
@@ -521,18 +520,13 @@ def measure(board: Board, payload: Payload, settings: RunSettings = RunSettings(
 def _record(board: Board, payload: Payload, got: _Sofar, firmware_sha256: str | None, extra: dict[str, Any],
             error: str | None = None) -> Measurement:
     """The Measurement of what `got` holds: whole, or partial when an `error` cut the run short."""
-    from labbench.measure.stats import LatencySummary
+    from labbench.measure.stats import latency_record
 
     samples_ms = [u / 1000 for u in got.latency.latencies_us]
-    summary = LatencySummary.of(samples_ms)
-    window_ms = got.window_ms
     extras = {**got.identity.extra, **got.latency.extra}
-    latency = Latency(samples_ms=samples_ms, p50_ms=summary.p50_ms, p90_ms=summary.p90_ms,
-                      p99_ms=summary.p99_ms, mean_ms=summary.mean_ms, p50_ci95_ms=summary.p50_ci95_ms,
-                      p99_ci95_ms=summary.p99_ci95_ms, throughput_windows_ms=window_ms,
-                      median_window_ms=median(window_ms) if window_ms else None,
-                      method=f"{len(samples_ms)} inferences each timed on the device clock "
-                             f"({extras.get('latency_basis', 'per_inference')})")
+    latency = latency_record(samples_ms, throughput_windows_ms=got.window_ms,
+                             method=f"{len(samples_ms)} inferences each timed on the device clock "
+                                    f"({extras.get('latency_basis', 'per_inference')})")
     cold = {k: float(v) for k, v in extras.items() if k.startswith("cold_start") and isinstance(v, (int, float))}
     identity, lab = got.identity, board.lab
     return Measurement(

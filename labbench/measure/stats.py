@@ -1,10 +1,10 @@
-"""Latency statistics: percentiles and bootstrap confidence intervals of per-inference samples."""
+"""Latency statistics: the latency record of per-inference samples, with bootstrap confidence intervals."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+
+from labbench.measure.record import Latency
 
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -24,23 +24,15 @@ def bootstrap_ci(samples: np.ndarray, q: float, level: float = 0.95, seed: int =
     return float(lo), float(hi)
 
 
-@dataclass(frozen=True)
-class LatencySummary:
-    """p50/p90/p99/mean of per-inference latencies in ms, with 95% bootstrap intervals for p50 and p99."""
-
-    count: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    p50_ci95_ms: tuple[float, float]
-    p99_ci95_ms: tuple[float, float]
-
-    @classmethod
-    def of(cls, samples_ms: np.ndarray | list[float]) -> "LatencySummary":
-        s = np.asarray(samples_ms, dtype=float)
-        if s.size == 0:
-            raise ValueError("no latency samples")
-        p50, p90, p99 = np.percentile(s, [50, 90, 99])
-        return cls(count=int(s.size), p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99),
-                   mean_ms=float(s.mean()), p50_ci95_ms=bootstrap_ci(s, 50), p99_ci95_ms=bootstrap_ci(s, 99))
+def latency_record(samples_ms: list[float], *, method: str, throughput_windows_ms: list[float] | None = None) -> Latency:
+    """The latency record of per-inference samples: p50/p90/p99/mean, 95% bootstrap intervals for p50
+    and p99, and the back-to-back windows' time per inference with their median, if any."""
+    s = np.asarray(samples_ms, dtype=float)
+    if s.size == 0:
+        raise ValueError("no latency samples")
+    p50, p90, p99 = np.percentile(s, [50, 90, 99])
+    windows = list(throughput_windows_ms or [])
+    return Latency(samples_ms=[float(v) for v in s], p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99),
+                   mean_ms=float(s.mean()), p50_ci95_ms=bootstrap_ci(s, 50), p99_ci95_ms=bootstrap_ci(s, 99),
+                   throughput_windows_ms=windows, median_window_ms=float(np.median(windows)) if windows else None,
+                   method=method)

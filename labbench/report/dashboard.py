@@ -13,16 +13,21 @@ import pandas as pd
 
 from labbench import results
 from labbench.measure.record import Event, Measurement
+from labbench.metrics import METRICS
 from labbench.redact import redact_html
 from labbench.report import plots
 
-COLUMNS = {
-    "model": "model", "config": "config", "latency.p50_ms": "p50 (ms)", "latency.p99_ms": "p99 (ms)",
-    "energy.per_inference_mj": "energy (mJ/inf)", "energy.uncertainty_mj": "± (mJ)", "accuracy": "top-1",
-    "memory.flash_bytes": "model (B)", "memory.arena_bytes": "arena (B)", "memory.peak_rss_kib": "peak RSS (KiB)",
-    "cold_start_ms": "cold start (ms)", "provenance.source": "source", "provenance.model_sha256": "model sha256",
-    "time_utc": "measured (UTC)",
-}
+#: the table of a board: what was measured, every metric of labbench.metrics, then where it came from
+IDENTITY = {"model": "model", "config": "config"}
+PROVENANCE = {"energy.uncertainty_mj": "energy ± (mJ)", "provenance.source": "source",
+              "provenance.model_sha256": "model sha256", "time_utc": "measured (UTC)"}
+
+
+def with_metrics(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """`df` with a column per metric of labbench.metrics (in its unit), and the table's columns."""
+    found = {name: m for name, m in METRICS.items() if m.path in df.columns}
+    df = df.assign(**{name: df[m.path] * m.scale for name, m in found.items()})
+    return df, {**IDENTITY, **{name: m.heading for name, m in found.items()}, **PROVENANCE}
 
 
 def latest(df: pd.DataFrame) -> pd.DataFrame:
@@ -107,7 +112,7 @@ def build(journals: Iterable[str | Path], out: str | Path = "reports/index.html"
         for board in sorted(set(df["board"] if not df.empty else []) | {e.board for e in events}):
             parts.append(f"<h2>{html.escape(board)}</h2>")
             if not (group := valid[valid["board"] == board] if not valid.empty else valid).empty:
-                parts.append(_table(group, COLUMNS))
+                parts.append(_table(*with_metrics(group)))
             if not (group := partial[partial["board"] == board] if not partial.empty else partial).empty:
                 parts.append("<h3 class='partial'>partial records: cut short by an infrastructure error, "
                              f"never judged</h3>{_table(group, PARTIAL_COLUMNS)}")
