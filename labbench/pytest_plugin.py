@@ -1,5 +1,9 @@
-"""pytest plugin: `--lab`, `--board`, `--list-boards`, `--retries`, the `board`, `recorder` and `recovery`
-fixtures and the `requires` marker.
+"""pytest plugin: `--lab`, `--board`, `--list-boards`, `--retries`, the measurement settings (one option
+per field of labbench.measure.run.RunSettings), the `board`, `bench`, `run_settings`, `recorder` and
+`recovery` fixtures, the `requires` and `budget` markers, and each test's step timeline.
+
+A suite brings its payloads and asks `bench` for the board's install and measurement: each (board,
+payload) is installed and measured once per run (labbench.bench), shared by the tests that need it.
 
 Installed through the `pytest11` entry point, so it works from any test folder. It does nothing
 unless a test asks for `board` or `--board` / `--list-boards` is given.
@@ -33,10 +37,13 @@ from typing import Any
 import pytest
 
 from labbench import inventory, steps
+from labbench.bench import Bench, NotDeployable, StepRunner
 from labbench.board import Board
-from labbench.capabilities import CAPABILITIES
+from labbench.capabilities import CAPABILITIES, DutIdentity, InstallRecord
 from labbench.errors import LabConfigError, UsageError
+from labbench.measure.run import Outcome, RunSettings
 from labbench.measure.record import Measurement
+from labbench.payloads import Payload
 from labbench.results import Journal, JournalError
 
 STEP_LOG_DIR = Path("reports/logs")  # <board>-steps.log, beside the drivers' serial and SSH logs
@@ -67,6 +74,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--no-preflight", action="store_true",
                     help="skip the pre-flight checks made before any board is touched (output paths "
                          "writable with free space, boards reachable, instruments answering *IDN?)")
+    hil = parser.getgroup("labbench-hil", "HIL measurement settings")
+    for option, name, kind, default, text in RunSettings.options():
+        hil.addoption(option, dest=name, type=kind, default=default, help=text)
 
 
 @pytest.hookimpl(tryfirst=True)  # pre-flight on the outputs before pytest-html writes its assets
@@ -78,6 +88,10 @@ def pytest_configure(config: pytest.Config) -> None:
                             "tighter than and merged over lab.yaml's")
     if config.getoption("retries") < 0:
         raise pytest.UsageError(f"--retries {config.getoption('retries')}: must be 0 or more")
+    try:
+        RunSettings.from_options(config.getoption)
+    except UsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
     config.stash[_RECOVERY] = Recovery(config.getoption("journal"), config.getoption("retries"))
     names: list[str] = config.getoption("board")
     if not names and not config.getoption("list_boards"):
@@ -185,12 +199,17 @@ def _sim_down(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    defs = metafunc._arg2fixturedefs.get("board")
-    if not defs or defs[-1].func.__module__ != __name__:  # a test suite's own `board` fixture
+    """Each test using `board` runs once per selected board (unless it parametrizes `board` itself)."""
+    if "board" not in metafunc.fixturenames or any(
+            "board" in _names(m.args[0]) for m in metafunc.definition.iter_markers("parametrize") if m.args):
         return
     selected = metafunc.config.stash.get(_SELECTED, [])
     metafunc.parametrize("board", selected or [None], indirect=True, scope="session",
                          ids=selected or ["no-board"])
+
+
+def _names(argnames: str | list[str] | tuple[str, ...]) -> list[str]:
+    return [n.strip() for n in argnames.split(",")] if isinstance(argnames, str) else list(argnames)
 
 
 @pytest.fixture(scope="session")
@@ -493,6 +512,55 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
         raise JournalError(errors[0].path, errors[0].what, f"{len(errors)} record(s) of this test not "
                            "journaled, each kept in the JUnit property 'unjournaled' and the HTML report")
     return result
+
+
+class HilBench:
+    """labbench.bench.Bench for a pytest run: each board step goes through `recovery` on behalf of the
+    test `node` that needs it first, and a payload that cannot fit the board skips the test."""
+
+    def __init__(self, bench: Bench, recovery: Recovery):
+        self.bench, self.recovery = bench, recovery
+
+    def _runner(self, node: pytest.Item) -> StepRunner:
+        return lambda board, step, fn: self.recovery.run(node, board, step, fn)
+
+    def install(self, node: pytest.Item, board: Board, payload: Payload) -> InstallRecord:
+        try:
+            return self.bench.install(board, payload, self._runner(node))
+        except NotDeployable as exc:
+            pytest.skip(str(exc))
+
+    def measure(self, node: pytest.Item, board: Board, payload: Payload) -> Outcome:
+        try:
+            return self.bench.measure(board, payload, self._runner(node))
+        except NotDeployable as exc:
+            pytest.skip(str(exc))
+
+    def identify(self, node: pytest.Item, board: Board) -> DutIdentity:
+        return self.bench.identify(board, self._runner(node))
+
+
+@pytest.fixture(scope="session")
+def run_settings(pytestconfig: pytest.Config) -> RunSettings:
+    """The measurement settings of this run (the `labbench-hil` options)."""
+    return RunSettings.from_options(pytestconfig.getoption)
+
+
+@pytest.fixture(scope="session")
+def bench(run_settings: RunSettings, pytestconfig: pytest.Config, recovery: Recovery) -> HilBench:
+    """`bench.install / measure / identify(request.node, board, payload)`: each (board, payload)
+    installed and measured once per run, shared by every test that asks, with recovery."""
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+
+    def say(line: str) -> None:
+        """Progress of long measurements, shown past pytest's output capture (not with -q)."""
+        if reporter is None or pytestconfig.getoption("verbose") < 0:
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line, cyan=True)
+
+    return HilBench(Bench(run_settings, Path(pytestconfig.rootpath) / "build", say=say), recovery)
 
 
 @pytest.fixture(scope="session")
