@@ -9,6 +9,7 @@ inference must lie within its stated uncertainty of what the simulated lab's pow
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import signal
@@ -97,6 +98,8 @@ def test_hil_run_journals_reports_and_gates_on_budgets(sim_lab, hil_board):
         assert row["cold_start_breakdown_ms.cold_start_uncertainty_ms"] > 0
     report = html.read_text()
     assert "energy per inference" in report and "data:image/png;base64" in report
+    assert "labbench-timeline" in report and "energy window 1/1" in report  # each test's steps
+    assert (REPO / "reports" / "logs" / f"{board}-steps.log").exists()
 
     # tighten the budget below what was measured: exactly that test turns red, naming number, unit and budget
     p99 = float(row["latency.p99_ms"])
@@ -107,6 +110,27 @@ def test_hil_run_journals_reports_and_gates_on_budgets(sim_lab, hil_board):
     assert len(failed) == 1 and f"test_inference_budget[digits_mlp_int8-{board}]" in failed[0], red.stdout[-3000:]
     assert re.search(rf"latency_p99_ms: measured [\d.]+ ms \(95% CI .*\) vs budget max {p99 / 4:.4g} ms: FAIL",
                      red.stdout), red.stdout[-3000:]
+
+
+def test_labbench_measure_runs_a_model_file_on_a_board_without_pytest(sim_lab):
+    """`labbench measure MODEL --board`: the suites' orchestration (here the Nano's flash through the
+    stand-in command of lab.yaml), a journaled record and a table; a wrong board is a usage error."""
+    journal = sim_lab / "measure.jsonl"
+    model = REPO / "fixtures" / "models" / "digits_mlp_int8.tflite"
+    cmd = [sys.executable, "-m", "labbench.cli", "measure", str(model), "--dataset",
+           str(REPO / "fixtures" / "datasets" / "digits.npz"), "--board", "nano33", "--lab", str(sim_lab / "lab.yaml"),
+           "--journal", str(journal), "--window-s", "1", "--windows", "1", "--idle-s", "1",
+           "--latency-samples", "20", "--accuracy-samples", "60"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    row = results.load(journal).iloc[-1]
+    assert (row["board"], row["model"], row["status"]) == ("nano33", "digits_mlp_int8", "valid")
+    assert row["provenance.model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert row["accuracy_n"] == 60 and row["energy.per_inference_mj"] > 0
+    assert re.search(r"nano33 .* measured", done.stdout), done.stdout
+    wrong = subprocess.run([*cmd[:cmd.index("nano33")], "nano", *cmd[cmd.index("nano33") + 1:]], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "--board nano: no such board" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
 def test_killed_run_leaves_a_loadable_journal(sim_lab):
