@@ -234,8 +234,10 @@ class MlperfModel:
     benchmark/reference_submissions/*/submitter_implemented.cpp) reports it and takes its input.
 
     `input` is the format of the `db` bytes, which is the runner's dataset file format
-    (benchmark/evaluation/datasets/README.md):
-    - "uint8-128": one uint8 per element; th_load_tensor subtracts 128 (IC, VWW: u8 RGB images);
+    (benchmark/evaluation/datasets/README.md); docs/mlperf-interop.md lists the reference files each
+    entry was checked against:
+    - "uint8-128": one uint8 per element; th_load_tensor subtracts 128 (IC, VWW: u8 RGB images; the
+      VWW port does `int8 -= 128` on the same bytes, the same wrap);
     - "int8": the int8 input tensor's bytes (KWS: int8 MFCC features);
     - "float32": little-endian float32 per element; th_load_tensor quantizes each with the input
       tensor's scale and zero point, round() then clamped (AD: spectrogram windows).

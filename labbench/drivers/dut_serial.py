@@ -60,7 +60,32 @@ within one link latency of the first instant.
   with the application, after any bootloader); left out when the stamp exceeds the host's time since
   the edge (a counter that kept running through the reset).
 A banner without a stamp (energy-mode firmware) gives `cold_start_ms` alone, its uncertainty then
-covering the edge only. `identify` adds `cold_start` to its `extra`, which run orchestration records.
+covering the edge only. `cold_start_basis` says which clocks a figure rests on: "host_and_dut" (the
+host timed the reset edge and the banner, the DUT's stamp split them), "host_clock" (no stamp).
+`identify` adds `cold_start` to its `extra`, which run orchestration records.
+
+Cold start without a reset line (`boot_cold_start`). A USB CDC board (the Nano 33 BLE, the Coral
+Micro) cannot be reset through its port, and its port re-enumerates on reset, so its banner is
+easily missed. Its firmware keeps the banner's stamp B and its counter D at m-init-done and reports
+them on request (`boot%` -> `m-boot-us-[B,D]`, announced in `profile` by `m-ext-[boot]`; the
+project's firmware core and the simulated boards have it, MLPerf's reference firmware does not):
+- on the DUT's clock (basis "dut_clock"): `cold_start_dut_ms` = D, the counter's start (the
+  application's) -> m-init-done, and `cold_start_init_ms` = D - B, the model's initialisation, each
+  within `cold_start_dut_uncertainty_ms` (TIMER_SLACK_S: two readings of a 1 kHz timer). What ran
+  before the counter started (boot ROM, bootloader) is not in D;
+- with the host's clock (basis "host_and_dut"), when the caller knows host instants before and
+  after the reset that started the boot (`reset_window`: the install step, whose flasher resets the
+  board after writing): a `timestamp%` exchange places m-init-done and the counter's zero on the
+  host clock (its uncertainty, TIMER_SLACK_S and `clock_tolerance_ppm` over the time since the
+  window opened count into `u`). The reset lies after the window opened and before both the
+  window's end and the counter's zero (when the counter started inside the window, i.e. with the
+  application), so `cold_start_ms` is the midpoint of [m-init-done - that latest reset - u (and no
+  less than D - TIMER_SLACK_S), m-init-done - window start + u] and `cold_start_uncertainty_ms` its
+  half-width; `cold_start_boot_ms` is reset -> banner stamp likewise. The interval is as wide as
+  the part of the window before the reset: a flasher that reported when it reset would narrow it.
+  A counter that did not start inside the window keeps `cold_start_init_ms` and the host interval,
+  not `cold_start_dut_ms`; an m-init-done outside the window (the board was not reset by it, or
+  was reset again since) leaves the DUT's clock alone.
 
 Checks. No number from the DUT is believed before its exchange is checked:
 - each reply has exactly the lines its command calls for, and echoes what was sent: `db load N`
@@ -162,6 +187,7 @@ _FIELD = re.compile(r"^m-([a-z0-9-]+)-\[(.*)\]$")
 _NAME = re.compile(r"^m-name-([^\[]+)-\[(.*)\]$")
 _STAMP = re.compile(r"^m-lap-us-(0|[1-9][0-9]{0,9})$")
 _RESULTS = re.compile(r"^m-results-\[(.*)\]$")
+_BOOT = re.compile(r"^m-boot-us-\[(0|[1-9][0-9]{0,9}),(0|[1-9][0-9]{0,9})\]$")
 _VALUE = re.compile(r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
 _TAG = re.compile(rb"^(.*) \*([0-9A-F]{8})$", re.DOTALL)
 
@@ -291,7 +317,7 @@ class DutSerial:
         self._crc_announced = False  # its profile offered the crc32 extension
         self._owed: list[_Command] = []  # sent commands whose replies are still to come (after a stop)
         self.reported_model: str | None = None  # the m-model-[...] of the last identify: the input format
-        self.cold_start: dict[str, float] = {}  # measured by the last reset (module docstring)
+        self.cold_start: dict[str, float | str] = {}  # the last reset's or boot_cold_start's (module doc)
 
     @classmethod
     def from_lab(cls, entry: Any, family: Any = None, *, log_dir: str | Path | None = None) -> DutSerial:
@@ -862,7 +888,9 @@ class DutSerial:
                 f"no boot banner within {timeout_s:g} s "
                 f"(does this port reach the reset line?); seen {banner!r}",
             ) from None
-        self.cold_start = self._cold_start(banner, arrived, edge)
+        cold = self._cold_start(banner, arrived, edge)
+        basis = "host_and_dut" if "cold_start_boot_ms" in cold else "host_clock"
+        self.cold_start = {**cold, "cold_start_basis": basis}
         return banner
 
     def _cold_start(
@@ -895,6 +923,75 @@ class DutSerial:
             result["cold_start_dut_ms"] = stamp / 1e3 + result["cold_start_init_ms"]
         self._event("cold start: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
         return result
+
+    def boot_cold_start(self, reset_window: tuple[float, float] | None = None) -> dict[str, float | str]:
+        """The cold start of the DUT's last boot from its `boot%` report, for boards whose port cannot
+        reset them (module docstring: Cold start without a reset line). `reset_window`: host
+        monotonic instants before and after the reset that started that boot (the install step
+        that flashed the board), for the "host_and_dut" figures; without it the DUT's clock alone.
+        Sets and returns `cold_start` ({} when the firmware has no boot extension); `identify`
+        then reports it. Starts the session with `identify`."""
+        self.cold_start = {}
+        self.identify()
+        profile = self._one(_Command("profile", self.timeout_s))
+        if not any(line == "m-ext-[boot]" for line, _ in profile.lines):
+            self._event("cold start: the firmware does not offer `boot`")
+            return {}
+        reply = self._one(_Command("boot", self.timeout_s))
+        m = _BOOT.match(reply.lines[0][0]) if len(reply.lines) == 1 else None
+        if m is None or max(int(m.group(1)), int(m.group(2))) >= TIMER_WRAP:
+            raise self._fail(
+                DutProtocolError,
+                "boot",
+                f"expected one m-boot-us-[B,D] line (B, D < 2^32, no leading zeros), got "
+                f"{[l for l, _ in reply.lines]!r}",
+            )
+        banner_us, done_us = int(m.group(1)), int(m.group(2))
+        result: dict[str, float | str] = {
+            "cold_start_dut_ms": done_us / 1e3,
+            "cold_start_init_ms": ((done_us - banner_us) % TIMER_WRAP) / 1e3,
+            "cold_start_dut_uncertainty_ms": TIMER_SLACK_S * 1e3,
+            "cold_start_basis": "dut_clock",
+        }
+        if reset_window is not None:
+            host = self._host_cold_start(reset_window, banner_us, done_us)
+            if host is not None and not host.pop("restarted"):
+                del result["cold_start_dut_ms"], result["cold_start_dut_uncertainty_ms"]
+            result.update(host or {})
+        self._event("cold start: " + ", ".join(f"{k} {v}" for k, v in result.items()))
+        self.cold_start = result
+        return result
+
+    def _host_cold_start(
+        self, window: tuple[float, float], banner_us: int, done_us: int
+    ) -> dict[str, Any] | None:
+        """The "host_and_dut" figures of `boot_cold_start` (module docstring), with "restarted": whether
+        the counter started inside the window; None when m-init-done lies outside it."""
+        before, after = window
+        sync = self.sync_clock()
+        u = sync.uncertainty_s + TIMER_SLACK_S + self.clock_tolerance * max(0.0, sync.host_s - before)
+        init_done = sync.host_s - ((sync.dut_us - done_us) % TIMER_WRAP) / 1e6
+        banner = init_done - ((done_us - banner_us) % TIMER_WRAP) / 1e6
+        if not before - u <= init_done <= after + u:
+            self._event(
+                f"cold start: m-init-done at {init_done:.6f} lies outside the reset window "
+                f"{before:.6f}..{after:.6f}: the DUT's clock alone"
+            )
+            return None
+        counter_zero = sync.host_s - sync.dut_us / 1e6
+        restarted = counter_zero >= before - u
+        latest = min(after, counter_zero + u) if restarted else after  # the reset, at the latest
+        low, high = max(0.0, init_done - latest - u), init_done - before + u
+        if restarted:  # the DUT's own count from the application's start is a lower bound by itself
+            low = max(low, done_us / 1e6 - TIMER_SLACK_S)
+        boot_low, boot_high = max(0.0, banner - latest - u), banner - before + u
+        return {
+            "cold_start_ms": (low + high) / 2 * 1e3,
+            "cold_start_uncertainty_ms": (high - low) / 2 * 1e3,
+            "cold_start_boot_ms": (boot_low + boot_high) / 2 * 1e3,
+            "cold_start_basis": "host_and_dut",
+            "restarted": restarted,
+        }
 
     # -- InferenceTarget --------------------------------------------------------------------------
 

@@ -15,12 +15,15 @@ name that is one of their IDs) run as their reference firmware runs them: `profi
 ic01/vww01; int8 for kws01; float32 quantized with the input's scale and zero point for ad01) and
 ad01's result is the reconstruction's mean squared error. So MLCommons' runner, in accuracy mode,
 gets the reference firmware's answers. Other models keep their own name and take the raw bytes of
-their input tensor(s).
+their input tensor(s). docs/mlperf-interop.md lists what was checked against the runner's and the
+reference firmware's sources, and what differs.
 
 Where the firmware differs from the reference, on purpose:
-- `m-results-[...]` prints the dequantized outputs with float32 round-trip precision, not %0.3f,
-  so the bench can compare outputs exactly (at the 1/256 steps of the MLPerf int8 outputs, %0.3f
-  keeps every value distinct, so the runner's top-1 is the same);
+- `m-results-[...]` prints the dequantized outputs with float32 round-trip precision, so the bench
+  can compare outputs exactly. The reference ports print `%0.3f` (ic01, vww01 with a trailing comma,
+  ad01) or truncate to three decimals (kws01's integer workaround); at the 1/256 steps of the MLPerf
+  int8 outputs either keeps every value distinct and in order, so the runner's top-1 is the same;
+  its AUC, taken on normalised values, can differ where the reference's rounding ties two of them;
 - `profile` adds `m-model-sha256-[hex]`, `m-model-bytes-[N]`, `m-arena-bytes-[N]` (the model's
   minimum TFLM arena) and `m-latency-us-[...]` lines, which MLPerf's runner ignores;
 - `db` data beyond the loaded size and `infer` without a full input are answered with e-[...]
@@ -28,14 +31,21 @@ Where the firmware differs from the reference, on purpose:
 - the reply-integrity extension of the project's firmware core (firmware/core/src/lb_dut.h):
   `profile` announces it with `m-ext-[crc32]`; after `crc32 on%` every reply line ends
   ` *XXXXXXXX` (zlib.crc32 of the line before it, upper-case hex) until `crc32 off%` or a reset.
-  `reply_crc=False` makes a board without it, as MLPerf's reference firmware is.
+  `reply_crc=False` makes a board without it, as MLPerf's reference firmware is;
+- the boot extension of the firmware core (lb_dut.h): `profile` announces it with `m-ext-[boot]`;
+  `boot%` answers `m-boot-us-[B,D]`, the µs counter in the banner's stamp and as m-init-done was
+  printed, kept until the next reset: the cold start on the DUT's clock for boards whose port
+  cannot reset them. `boot_report=False` makes a board without it;
+- the banner has no line of its own between the stamp and m-init-done (the reference ad01 port
+  prints `Initialized` there), and an empty command answers `e-[Unknown command: ]` (the
+  reference passes a NULL token to strncmp).
 
 Constructor (plain arguments; the sim lab passes lab.yaml's `sim:` block through)::
 
     SimMcuBoard(name, host="127.0.0.1", port=0, family="esp32_devkitc", bus_channel=None,
                 model_path=None, firmware=None, *, speed_factor=1.0, vendor=None, baud=None,
                 boot_rom=None, rx_fifo_bytes=256, tx_buffer_bytes=256, timer_start_us=0,
-                strap_delay_s=0.15, devices_dir=None, reply_crc=True, boot_ms=BOOT_MS,
+                strap_delay_s=0.15, devices_dir=None, reply_crc=True, boot_report=True, boot_ms=BOOT_MS,
                 model_init_ms=MODEL_INIT_MS, seed=None, jitter_pct=JITTER_PCT,
                 outlier_rate=OUTLIER_RATE, outlier_pct=OUTLIER_PCT, power_noise_pct=POWER_NOISE_PCT)
 
@@ -53,7 +63,9 @@ ESP32's: its and the bootloader's lines at 115200 take real time), then the appl
 application's own start-up (C runtime, clocks, UART) is small next to those; MODEL_INIT_MS is seed
 000's "Model Load (cold): 15ms" (its INT8 latency breakdown), for every model and family (the
 firmware core's SHA-256 of the model at boot is not modelled). `last_boot` holds the host times of
-the last boot (`BootTimes`), the ground truth for the bench's cold-start measurement.
+the last boot (`BootTimes`), the ground truth for the bench's cold-start measurement; `boot%`
+reports the same boot on the DUT's counter. A reset from the simulator's side (a flasher's, as the
+Nano's and the Coral's stand-in tools do) starts the chip at once: no strap delay.
 
 Jitter and noise, so that statistics, budgets and gates see data that looks like hardware. Each
 inference (warm-ups included) takes the device model's latency x speed_factor x a factor: lognormal
@@ -119,6 +131,8 @@ EE_CMD_SIZE = 80
 EE_FW_VERSION = "ULPMark for tinyML Firmware V0.0.1"
 MAX_DB_INPUT_SIZE = 96 * 96 * 3  # the reference default, used while no model is loaded
 TIMER_WRAP = 1 << 32  # %lu of a 32-bit microsecond counter
+SIZE_T_WRAP = 1 << 32  # the reference's size_t on the 32-bit MCUs
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 BOOT_TIMEOUT_S = 60.0
 BOOT_MS = 0.0  # assumed: the application's start-up before the harness's banner; no family gives a figure
 MODEL_INIT_MS = 15.0  # seed 000's latency breakdown: "Model Load (cold): 15ms"
@@ -295,6 +309,7 @@ class MlperfDut:
         self.buffer = bytearray()
         self.buff_size = self.buff_pos = 0
         self.crc = False  # the crc32 extension: off at every boot
+        self.boot_us = (0, 0)  # the boot extension: the µs counter in the banner and at m-init-done
 
     # -- output and clock ---------------------------------------------------------------------
 
@@ -325,6 +340,7 @@ class MlperfDut:
         board.reset_line.sleep_until(done)
         if self.refusal:
             self.say(f"e-[{self.refusal}]")
+        self.boot_us = (self.timer_us(banner), self.timer_us(max(done, time.monotonic())))
         self.say("m-init-done")
         board.last_boot = BootTimes(board.reset_t, self.start_t, banner, max(done, time.monotonic()))
         self.say("m-ready")
@@ -357,6 +373,7 @@ class MlperfDut:
             "infer": self._infer,
             "results": self._results,
             **({"crc32": self._crc32} if self.board.reply_crc else {}),
+            **({"boot": self._boot} if self.board.boot_report else {}),
         }
         if tokens and tokens[0] in handler:
             handler[tokens[0]](tokens[1:])
@@ -375,12 +392,18 @@ class MlperfDut:
     def _help(self, _: list[str]) -> None:
         for line in _HELP:
             self.say(line)
+        if self.board.reply_crc:
+            self.say("crc32 on|off : Append a CRC-32 to every reply line, or stop")
+        if self.board.boot_report:
+            self.say("boot         : Print the clock at the boot banner and at m-init-done")
 
     def _profile(self, _: list[str]) -> None:
         self.say(f"m-profile-[{EE_FW_VERSION}]")
         self.say(f"m-model-[{self.model.name if self.model else 'none'}]")
         if self.board.reply_crc:
             self.say("m-ext-[crc32]")
+        if self.board.boot_report:
+            self.say("m-ext-[boot]")
         if self.model is None:
             self.say(f"e-[{self.refusal}]")
             return
@@ -407,15 +430,16 @@ class MlperfDut:
         if not args:
             self.say("e-[Command 'db load' requires the # of bytes]")
             return
-        self.buff_size = _atoi(args[0])
-        if self.buff_size <= 0:
+        n = _atoi(args[0])
+        self.buff_size = n % SIZE_T_WRAP  # a size_t: the reference takes "-5" as 2^32 - 5
+        if self.buff_size == 0:
             self.say("e-[Command 'db load' must be >0 bytes]")
             return
         self.buff_pos = 0
         limit = self.model.input_bytes if self.model else MAX_DB_INPUT_SIZE
         self.buffer = bytearray(min(self.buff_size, limit))
-        if self.buff_size > limit:
-            self.uart.write(f"Supplied buffer size {self.buff_size} exceeds maximum of {limit}\n".encode())
+        if self.buff_size > limit:  # printed with %d, so "-5" shows as -5
+            self.uart.write(f"Supplied buffer size {n} exceeds maximum of {limit}\n".encode())
         else:
             self.say(f"m-[Expecting {self.buff_size} bytes]")
             self.board.post_power("upload_w")
@@ -426,11 +450,10 @@ class MlperfDut:
             return
         for i in range(0, len(digits), 2):
             pair = digits[i : i + 2]
-            try:
-                value = int(pair, 16)
-            except ValueError:
+            if not _HEX_DIGITS.issuperset(pair):  # ee_hexdec: no sign, no "0x", no spaces
                 self.say(f"e-[Invalid hex digit '{pair}']")
                 return
+            value = int(pair, 16)
             if self.buff_pos >= len(self.buffer):
                 self.say(f"e-[db data beyond the {len(self.buffer)} bytes loaded; send 'db load N' first]")
                 return
@@ -488,6 +511,11 @@ class MlperfDut:
         else:
             self.say("e-[Command 'crc32' takes on or off]")
 
+    def _boot(self, _: list[str]) -> None:
+        """The boot extension (firmware/core/src/lb_dut.h): the counter in the banner's stamp and at
+        m-init-done, kept until the next reset."""
+        self.say(f"m-boot-us-[{self.boot_us[0]},{self.boot_us[1]}]")
+
     def _results(self, _: list[str]) -> None:
         if self.model is None:
             self.say(f"e-[No model: {self.refusal}]")
@@ -518,6 +546,7 @@ class SimMcuBoard:
         strap_delay_s: float = 0.15,
         devices_dir: str | Path | None = None,
         reply_crc: bool = True,
+        boot_report: bool = True,
         boot_ms: float = BOOT_MS,
         model_init_ms: float = MODEL_INIT_MS,
         seed: int | str | None = None,
@@ -550,6 +579,7 @@ class SimMcuBoard:
         self.timer_start_us = timer_start_us
         self.strap_delay_s = strap_delay_s
         self.reply_crc = reply_crc  # the firmware has the crc32 extension
+        self.boot_report = boot_report  # ... and the boot extension
         self.log = logging.getLogger(f"labbench.sim.mcu.{name}")
         self._esp32_layout = self.family.flasher == "esptool"
         if boot_rom is None and self._esp32_layout:

@@ -42,6 +42,8 @@ static struct {
     size_t db_pos;  /* bytes received since */
     int have_results;
     float mse; /* the result of an LB_RESULTS_MSE model's last infer */
+    uint32_t boot_banner_us;    /* the clock in the boot banner's m-lap-us- (the `boot` extension) */
+    uint32_t boot_init_done_us; /* the clock as m-init-done was printed */
 } s;
 
 const lb_mlperf_model *lb_mlperf_find(const char *sha256_hex, const char *name)
@@ -60,9 +62,12 @@ const lb_mlperf_model *lb_mlperf_find(const char *sha256_hex, const char *name)
     return NULL;
 }
 
-static void print_timestamp(void)
+/* Prints the clock as m-lap-us-N and returns the value printed. */
+static uint32_t print_timestamp(void)
 {
-    lb_printf("m-lap-us-%lu\r\n", (unsigned long)lb_platform_timestamp_us());
+    uint32_t now = lb_platform_timestamp_us();
+    lb_printf("m-lap-us-%lu\r\n", (unsigned long)now);
+    return now;
 }
 
 /* Next space-delimited token of the command line, or NULL (strtok without its hidden state). */
@@ -123,13 +128,14 @@ static int hex_value(char c)
 }
 
 /* The reference's two lines, then lines MLPerf's runner ignores (its pattern is
- * ^m-(model|profile)-\[...\]$): the crc32 extension's announcement, the model's sha256 and size,
- * and the arena it uses. */
+ * ^m-(model|profile)-\[...\]$): the announcements of the crc32 and boot extensions, the model's
+ * sha256 and size, and the arena it uses. */
 static void cmd_profile(void)
 {
     lb_printf("m-profile-[%s]\r\n", FW_VERSION);
     lb_printf("m-model-[%s]\r\n", s.mlperf != NULL ? s.mlperf->id : s.cfg->model_name);
     lb_printf("m-ext-[crc32]\r\n");
+    lb_printf("m-ext-[boot]\r\n");
     lb_printf("m-model-sha256-[%s]\r\n", s.model_sha256);
     lb_printf("m-model-bytes-[%lu]\r\n", (unsigned long)s.cfg->model_bytes);
     if (s.model_error != NULL) {
@@ -153,6 +159,7 @@ static void cmd_help(void)
     lb_printf("infer N [W=10]: Run W warmups, then time N inferences of the input\r\n");
     lb_printf("results       : Print the outputs of the last inference\r\n");
     lb_printf("crc32 on|off  : Append a CRC-32 to every reply line, or stop\r\n");
+    lb_printf("boot          : Print the clock at the boot banner and at m-init-done\r\n");
 }
 
 static void db_load(const char *arg)
@@ -447,6 +454,10 @@ static void dispatch(char *line)
         cmd_results();
     } else if (strcmp(tok, "crc32") == 0) {
         cmd_crc32(next_token(&cursor));
+    } else if (strcmp(tok, "boot") == 0) {
+        /* The boot extension (lb_dut.h): the cold start on the board's own clock. */
+        lb_printf("m-boot-us-[%lu,%lu]\r\n", (unsigned long)s.boot_banner_us,
+                  (unsigned long)s.boot_init_done_us);
     } else {
         lb_printf("e-[Unknown command: %s]\r\n", tok);
     }
@@ -460,7 +471,7 @@ void lb_dut_init(const lb_dut_config *cfg)
     lb_sha256_hex(cfg->model, cfg->model_bytes, s.model_sha256);
     s.mlperf = lb_mlperf_find(s.model_sha256, cfg->model_name);
     lb_printf("m-timestamp-mode-performance\r\n");
-    print_timestamp();
+    s.boot_banner_us = print_timestamp();
     s.model_error = lb_model_init(cfg->model, cfg->model_bytes, cfg->arena, cfg->arena_bytes);
     if (s.model_error == NULL && s.mlperf != NULL) {
         s.model_error = check_mlperf();
@@ -468,6 +479,7 @@ void lb_dut_init(const lb_dut_config *cfg)
     if (s.model_error != NULL) {
         lb_printf("e-[Model initialisation failed: %s]\r\n", s.model_error);
     }
+    s.boot_init_done_us = lb_platform_timestamp_us();
     lb_printf("m-init-done\r\n");
     lb_printf("m-ready\r\n");
 }

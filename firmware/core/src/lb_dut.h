@@ -13,6 +13,15 @@
  * (lb_dut_init) turn it off; the host turns it on again after a reset. Hosts that never send
  * `crc32` (MLCommons' runner) see the reference's replies.
  *
+ * Boot extension (not in the reference), for the cold start of boards whose host cannot reset
+ * them, or misses their boot banner (USB CDC ports re-enumerate on reset). `profile` announces it
+ * with the line `m-ext-[boot]`; `boot%` answers `m-boot-us-[B,D]`: the board's microsecond clock
+ * (lb_platform_timestamp_us, as in `m-lap-us-`) in the boot banner's stamp (B, printed before the
+ * model is initialised) and as `m-init-done` was printed (D), both kept until the next reset.
+ * D - B is the model's initialisation; D is the time from the clock's start (the application's
+ * start, on the boards here) to m-init-done. Whatever ran before the clock started (boot ROM,
+ * bootloader) is not in it: the host bounds that part.
+ *
  * MLPerf Tiny reference models. A model found by lb_mlperf_find (its sha256, or a model name that
  * is one of the IDs) is reported by its ID (`m-model-[ic01]`) and takes the `db` input of its
  * reference firmware, which is what MLCommons' runner sends: the per-model input conversion below

@@ -16,6 +16,7 @@ int32_t fake_input_zero_point;
 size_t fake_output_count;
 size_t fake_arena_used_bytes;
 uint32_t fake_invoke_us;
+uint32_t fake_init_us;
 unsigned long fake_fail_on_run;
 unsigned long fake_runs;
 uint8_t fake_seen_input[LB_DB_CAPACITY_BYTES];
@@ -46,6 +47,7 @@ void fake_model_reset(void)
     fake_output_count = 0;
     fake_arena_used_bytes = 2256;
     fake_invoke_us = 0;
+    fake_init_us = 0;
     fake_fail_on_run = 0;
     fake_runs = 0;
     use_fixed = 0;
@@ -57,6 +59,7 @@ const char *lb_model_init(const uint8_t *model, size_t model_bytes, uint8_t *are
                           size_t arena_bytes)
 {
     (void)model, (void)model_bytes, (void)arena, (void)arena_bytes;
+    fake_spend_us(fake_init_us);
     return fake_init_error;
 }
 

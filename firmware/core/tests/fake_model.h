@@ -18,6 +18,7 @@ extern int32_t fake_input_zero_point;
 extern size_t fake_output_count;        /* 0: min(fake_input_bytes, FAKE_OUTPUTS) */
 extern size_t fake_arena_used_bytes;    /* lb_model_arena_used_bytes */
 extern uint32_t fake_invoke_us;         /* how long one run takes */
+extern uint32_t fake_init_us;           /* how long lb_model_init takes */
 extern unsigned long fake_fail_on_run;  /* 1-based run that fails (0: none) */
 extern unsigned long fake_runs;         /* runs so far */
 extern uint8_t fake_seen_input[];       /* the input tensor of the last run */
@@ -26,7 +27,7 @@ extern uint8_t fake_seen_input[];       /* the input tensor of the last run */
 void fake_set_outputs(const float *values, size_t n);
 
 /* Back to the defaults: 4 input bytes, int8 with scale 1 and zero point 0, input-derived
- * outputs, no failures, no runs. */
+ * outputs, an instant initialisation, no failures, no runs. */
 void fake_model_reset(void);
 
 /* Let `us` microseconds pass on the board's clock (defined by the board side). */

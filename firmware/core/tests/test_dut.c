@@ -79,12 +79,35 @@ static void test_boot_with_failing_model(void)
     CHECK_STR(send("profile%"), "m-profile-[ULPMark for tinyML Firmware V0.0.1]\r\n"
                                 "m-model-[fake01]\r\n"
                                 "m-ext-[crc32]\r\n"
+                                "m-ext-[boot]\r\n"
                                 "m-model-sha256-[" FAKE_MODEL_SHA256 "]\r\n"
                                 "m-model-bytes-[19]\r\n"
                                 "e-[Model initialisation failed: arena too small]\r\n" READY);
     send("db load 4%db 01020304%");
     CHECK_STR(send("infer 1 0%"), "e-[No model: arena too small]\r\n" READY);
     CHECK(fake_runs == 0);
+}
+
+/* The boot extension: the clock at the banner's stamp and at m-init-done, kept until the next
+ * reset whatever the clock does meanwhile; a failed model initialisation is timed too. */
+static void test_boot_report(void)
+{
+    fake_reset();
+    fake_clock_us = 1500;
+    fake_init_us = 15000;
+    CHECK_STR(boot(), "m-timestamp-mode-performance\r\nm-lap-us-1500\r\nm-init-done\r\n" READY);
+    CHECK_STR(send("boot%"), "m-boot-us-[1500,16500]\r\n" READY);
+    fake_clock_us = 99999;
+    CHECK_STR(send("boot%timestamp%"), "m-boot-us-[1500,16500]\r\n" READY "m-lap-us-99999\r\n" READY);
+    CHECK_STR(send("boot extra words%"), "m-boot-us-[1500,16500]\r\n" READY);
+    CHECK(strstr(send("help%"), "boot          : ") != NULL);
+
+    fake_reset();
+    fake_clock_us = 4294967000u; /* the 32-bit clock wraps during initialisation */
+    fake_init_us = 1000;
+    fake_init_error = "arena too small";
+    boot();
+    CHECK_STR(send("boot%"), "m-boot-us-[4294967000,704]\r\n" READY);
 }
 
 static void test_name_profile_timestamp(void)
@@ -94,6 +117,7 @@ static void test_name_profile_timestamp(void)
     CHECK_STR(send("profile%"), "m-profile-[ULPMark for tinyML Firmware V0.0.1]\r\n"
                                 "m-model-[fake01]\r\n"
                                 "m-ext-[crc32]\r\n"
+                                "m-ext-[boot]\r\n"
                                 "m-model-sha256-[" FAKE_MODEL_SHA256 "]\r\n"
                                 "m-model-bytes-[19]\r\n"
                                 "m-arena-bytes-[2256]\r\n" READY);
@@ -491,6 +515,9 @@ static void test_crc_extension(void)
     out = send("profile%bogus%");
     CHECK(all_lines_tagged(out, plain));
     CHECK(strstr(plain, "m-ext-[crc32]\r\n") != NULL && strstr(plain, "e-[Unknown command: bogus]\r\n"));
+    out = send("boot%");
+    CHECK(all_lines_tagged(out, plain));
+    CHECK(starts_with(plain, "m-boot-us-["));
 
     /* Off again: the reply to `crc32 off` is already untagged. */
     CHECK_STR(send("crc32 off%"), "m-crc32-[off]\r\n" READY);
@@ -531,7 +558,7 @@ static const char *boot_as(const char *model_name)
 
 #define PROFILE_AS(id)                                                                             \
     "m-profile-[ULPMark for tinyML Firmware V0.0.1]\r\nm-model-[" id "]\r\nm-ext-[crc32]\r\n"       \
-    "m-model-sha256-[" FAKE_MODEL_SHA256 "]\r\nm-model-bytes-[19]\r\n"
+    "m-ext-[boot]\r\nm-model-sha256-[" FAKE_MODEL_SHA256 "]\r\nm-model-bytes-[19]\r\n"
 
 /* ic01/vww01: uint8 images, 128 subtracted (th_load_tensor); the ID replaces the name. */
 static void test_mlperf_uint8_images(void)
@@ -640,6 +667,7 @@ int main(void)
     test_nothing_answered_before_init();
     test_boot_banner();
     test_boot_with_failing_model();
+    test_boot_report();
     test_name_profile_timestamp();
     test_help();
     test_unknown_and_empty_commands();
