@@ -446,6 +446,18 @@ def test_malformed_results(dut_with, values, problem):
         d.results()
 
 
+def test_the_reference_firmwares_trailing_comma_is_taken_from_an_mlperf_dut_only(dut_with):
+    """The reference VWW firmware prints `m-results-[0.123,0.877,]`; from a DUT that reports no MLPerf
+    model the same line stays malformed (a lost value must not pass as a format)."""
+    line = b"m-results-[0.123,0.877,]\r\n"
+    _, d = dut_with(replacing("results", line + READY), output_count=2)
+    with pytest.raises(DutProtocolError, match="'' is not a number"):
+        d.results()
+    _, d = dut_with(replacing("results", line + READY), output_count=2)
+    assert d.identify().model == "ic01"
+    assert d.results().tolist() == pytest.approx([0.123, 0.877])
+
+
 def test_numbers_as_firmware_prints_them_are_taken(dut_with):
     line = b"m-results-[0,-0,1,0.5,-2.25,0.000,1.5e-05,2E+3,12]\r\n"
     _, d = dut_with(replacing("results", line + READY))
