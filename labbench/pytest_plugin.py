@@ -233,8 +233,9 @@ def board(request: pytest.FixtureRequest) -> Board:
 def recover(board: Board, exc: Exception) -> str:
     """Bring `board` back before a failed step is tried again; returns what was done (a HardwareError
     if that failed). The power meter is reconnected after an instrument fault; a serial board is
-    reset through its DUT port (after a flash fault only the port is closed: the flasher resets the
-    chip); an SSH board is reconnected."""
+    reset through its DUT port where the port can reset it (lab.yaml `reset: rts`), else its link is
+    brought back in step (`resync`: reopened, drained, identified); after a flash fault only the port
+    is closed (the flasher resets the chip); an SSH board is reconnected."""
     from labbench.errors import FlashError, InstrumentError, RunAborted
 
     done = []
@@ -249,9 +250,12 @@ def recover(board: Board, exc: Exception) -> str:
         done.append("reconnected")
     elif isinstance(exc, FlashError):
         done.append("serial port closed")
-    else:
+    elif board.entry.serial is not None and board.entry.serial.reset == "rts":
         target.reset()
         done.append("reset")
+    else:
+        target.resync()
+        done.append("resynced")
     return ", ".join(done)
 
 

@@ -121,7 +121,7 @@ def test_hil_suite_quarantines_a_dead_board_recovers_a_meter_and_keeps_the_parti
             flash: {{tool: esptool, baud: 460800}}
           live:
             family: esp32_devkitc
-            serial: {{url: "{live.url}", baud: 921600}}
+            serial: {{url: "{live.url}", baud: 921600, reset: rts}}
             flash: {{tool: esptool, baud: 460800}}
             power: {{instrument: pm}}
         """))

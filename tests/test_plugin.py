@@ -216,7 +216,7 @@ def test_fault_is_a_junit_error_and_quarantines_its_board_while_the_next_board_r
     assert measurement["board"] == "good" and measurement["status"] == "valid"
 
 
-def test_a_dropped_connection_is_recovered_by_a_reset_and_the_step_retried(pytester, sims, monkeypatch, tmp_path):
+def test_a_dropped_connection_is_recovered_by_a_resync_and_the_step_retried(pytester, sims, monkeypatch, tmp_path):
     monkeypatch.setenv("LABBENCH_LOCK_DIR", str(tmp_path / "locks"))
     target = (sims["flaky"].uart.host, sims["flaky"].uart.port)
     proxy = FlakyProxy(target, cut=b"profile%")
@@ -230,12 +230,12 @@ def test_a_dropped_connection_is_recovered_by_a_reset_and_the_step_retried(pytes
     result.stdout.fnmatch_lines(["*labbench: steps recovered after a retry*",
                                  "flaky: identify passed at attempt 2 of 2 (test_faults.py::test_identify[flaky])"])
     events = [json.loads(line) for line in (pytester.path / "j.jsonl").read_text().splitlines()]
-    assert [(e["kind"], e["attempt"], e["recovery"]) for e in events] == [("attempt", 1, "reset"),
+    assert [(e["kind"], e["attempt"], e["recovery"]) for e in events] == [("attempt", 1, "resynced"),
                                                                           ("attempt", 2, None)]
     assert "profile: connection lost" in events[0]["error"] and events[1]["error"] is None
     properties = {p.get("name"): p.get("value")
                   for p in ElementTree.parse(pytester.path / "junit.xml").getroot().iter("property")}
-    assert properties["attempt.identify.1"].endswith("; then reset")
+    assert properties["attempt.identify.1"].endswith("; then resynced")
     assert properties["attempt.identify.2"] == "passed"
 
 

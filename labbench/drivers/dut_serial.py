@@ -857,6 +857,22 @@ class DutSerial:
             )
         return self._results("results", reply.lines[0][0])
 
+    def resync(self) -> DutIdentity:
+        """Bring the link back in step without a reset (a board whose port cannot reset it): reopen the
+        port, end whatever command the DUT may hold half-received with a bare `%`, drop every line
+        until the line is quiet, and check the DUT answers `name%` and `profile%` again."""
+        self.close()
+        port = self._open()
+        self._owed = []
+        self._crc = False
+        self._event("resync: reopened the port, sent '%', waiting for quiet")
+        try:
+            port.write(b"%")
+        except serial.SerialException as exc:
+            raise self._lost("resync", exc) from None
+        self._settle("resync")
+        return self.identify()
+
     def reset(self, timeout_s: float | None = None) -> list[str]:
         """Pulse reset (RTS asserted with DTR deasserted: EN low on the ESP32 auto-reset circuit), wait
         for the boot banner up to its m-ready and measure the cold start (`cold_start`, module
