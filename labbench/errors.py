@@ -49,5 +49,9 @@ class RunAborted(HardwareError):
     """A run was stopped from outside: another part of the bench (the power capture) failed mid-run."""
 
 
+class EdgeError(HardwareError):
+    """An edge server refused a request, could not be reached, or broke off or garbled its reply."""
+
+
 class BoardBusy(LabbenchError):
     """Another process holds the board's lock."""
