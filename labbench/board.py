@@ -7,26 +7,37 @@ adds a board family or an instrument by installing a package, without editing th
 
 from __future__ import annotations
 
+import inspect
+import time
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from labbench import catalog, locks
-from labbench.capabilities import Deployer, Flasher, InferenceTarget, InstallRecord, PowerMeter
+from labbench.capabilities import Deployer, Flasher, ImageBuilder, InferenceTarget, InstallRecord, PowerMeter
 from labbench.errors import UsageError
-from labbench.steps import step
 from labbench.inventory import DRIVER_GROUP, INSTRUMENT_GROUP, BoardEntry, Lab, registered
+from labbench.steps import Step, step
+from labbench.steps import count as steps_count
+from labbench.steps import since as steps_since
 from labbench.yamlsource import unknown
 
 T = TypeVar("T")
 
 
-def _construct(group: str, name: str, capability: type[T], entry: Any, family: Any = None, **options: Any) -> T:
-    """The `name` plugin of `group` built for `entry`; it must implement `capability`."""
+def _construct(group: str, name: str, capability: type[T], entry: Any, family: Any = None,
+               **context: Any) -> T:
+    """The `name` plugin of `group` built for `entry`; it must implement `capability`. Of `context` (what
+    the board knows besides the entry and family: the lab's name), `from_lab` gets the keywords it takes."""
     plugins = registered(group)
     if name not in plugins:
         raise UsageError(unknown(group.split(".")[-1].rstrip("s"), name, plugins))
-    driver = plugins[name].load().from_lab(entry, family, **options)
+    from_lab = plugins[name].load().from_lab
+    params = inspect.signature(from_lab).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        context = {k: v for k, v in context.items() if k in params}
+    driver = from_lab(entry, family, **context)
     if not isinstance(driver, capability):
         raise UsageError(f"{group} entry point {name!r} ({type(driver).__name__}) is not a {capability.__name__}")
     return driver
@@ -62,11 +73,10 @@ class Board:
 
     @cached_property
     def target(self) -> InferenceTarget:
-        """The InferenceTarget: the MLPerf Tiny DUT over serial, or the SSH runner."""
-        if self.entry.serial:
-            return _construct(DRIVER_GROUP, "dut_serial", InferenceTarget, self.entry, self.family)
-        # its own directory per lab
-        return _construct(DRIVER_GROUP, "ssh", InferenceTarget, self.entry, self.family, lab=self.lab.name)
+        """The InferenceTarget: the driver the family names (by default the MLPerf Tiny DUT over serial for
+        an MCU, the SSH runner for a Linux board, which keeps its files in a directory per lab)."""
+        return _construct(DRIVER_GROUP, self.family.target, InferenceTarget, self.entry, self.family,
+                          lab=self.lab.name)
 
     @cached_property
     def flasher(self) -> Flasher:
@@ -91,18 +101,39 @@ class Board:
         return _construct(INSTRUMENT_GROUP, inst.kind, PowerMeter, inst)
 
     def install(self, model: Path, dataset: Path | None = None, build_dir: Path = Path("build")) -> InstallRecord:
-        """Put `model` on the board: flash an MCU (an ESP32 app image is packed first) or deploy over SSH.
-        Each driver skips the transfer when the board already holds the same bytes."""
+        """Put `model` on the board: flash an MCU (with the image its flasher builds around the model, if it
+        builds one: an ESP32 app image) or deploy it. Each driver skips the transfer when the board already
+        holds the same bytes."""
         with step(self.name, "install", Path(model).name):
             if "deploy" in self.capabilities:
                 return self.deployer.deploy(model, dataset)
             self._close("target")  # a serial port has one user: the flasher needs it to itself
             image = Path(model)
-            if self.family.flasher == "esptool":
-                from labbench.firmware_image import pack
+            if isinstance(self.flasher, ImageBuilder):
+                image = self.flasher.build_image(image, build_dir / "firmware" / self.name / image.stem)
+            mark, started = steps_count(), time.monotonic()
+            record = self.flasher.flash(str(image))
+            return self._with_cold_start(record, steps_since(mark), (started, time.monotonic()))
 
-                image = pack(model, build_dir / "firmware" / self.name / Path(model).stem, board="esp32").image
-            return self.flasher.flash(str(image))
+    def _with_cold_start(
+        self, record: InstallRecord, taken: list[Step], call: tuple[float, float]
+    ) -> InstallRecord:
+        """The install's cold start, for a board whose port cannot reset it (lab.yaml `serial: {reset:
+        none}`: USB CDC boards, which the host cannot reset and whose port re-enumerates on reset). Its
+        flasher reset it after writing, so that boot is timed on the DUT's clock and, bounded by the
+        flasher's own step (`flash with ...`, `taken` during the install; else the whole `call`), on
+        the host's: DutSerial.boot_cold_start. The figures go into the record's detail with their
+        `cold_start_basis` ("host_and_dut"; "dut_clock" alone when the install was skipped) and stay
+        with the target, whose identify reports them to the run. A board reset through its port
+        (`reset: rts`) is timed at the start of every run instead (labbench.measure.run)."""
+        serial = self.entry.serial
+        if serial is None or serial.reset == "rts" or not hasattr(self.target, "boot_cold_start"):
+            return record
+        flashes = [s for s in taken if s.board == self.name and s.name.startswith("flash with") and s.end_s]
+        window = None if record.skipped else (flashes[-1].start_s, flashes[-1].end_s) if flashes else call
+        with step(self.name, "cold start", "of the install's boot"):
+            cold = self.target.boot_cold_start(window)
+        return replace(record, detail={**record.detail, **cold}) if cold else record
 
     @property
     def power_channel(self) -> int:

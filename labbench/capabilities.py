@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Protocol, runtime_checkable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from labbench.measure.power import PowerTrace
 
 #: capability name (as used by ``@pytest.mark.requires``) -> Protocol, filled at the end of the module
 CAPABILITIES: dict[str, type] = {}
@@ -91,21 +94,86 @@ class Flasher(Protocol):
 
 
 @runtime_checkable
+class ImageBuilder(Protocol):
+    """A flasher whose board runs an image built around the model (the ESP32's app image) rather than the
+    model file: the board has it build the image before flashing."""
+
+    def build_image(self, model: Path, out_dir: Path) -> Path:
+        """Write the image embedding `model` (and whatever goes with it) into `out_dir`; returns the image."""
+        ...
+
+
+@runtime_checkable
 class Deployer(Protocol):
     """Puts a model (and what runs it) onto a Linux board."""
 
     def deploy(self, model: str | Path, dataset: str | Path | None = None) -> InstallRecord: ...
 
 
+class PowerCapture(Protocol):
+    """A power capture on one channel, open while its `with` block runs.
+
+    Its `trace` is a labbench.measure.power.PowerTrace: updates, each the mean power over the period
+    that ended at its refresh, placed on the host monotonic clock by when it can have been refreshed
+    (`seen_after_s` .. `seen_by_s`). An averaging analyzer's updates are its readings (the PM1000+: one
+    per 0.5 s, polled); a sampler's are its samples (numbered in `tick`, so one clock fits them all),
+    a thousand a second or more. What else an update carries the energy method uses where present: the
+    lowest and highest instantaneous power (which show a guard stretch steady), the documented accuracy
+    and printed rounding, ranges and overloads, an integrator's running total.
+
+    Entering returns once the first update is in, so that marks made afterwards lie inside the trace;
+    leaving waits for the updates that cover the last mark (two that began after it) and stops. A
+    capture that fails raises labbench.errors.InstrumentError, leaving with what it captured as the
+    error's `partial`. A capture may also offer `failed` (a threading.Event set when it fails), which
+    measure passes to the target so a run stops at once.
+    """
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool | None: ...
+
+    def mark(self, label: str, t_s: float | None = None) -> float:
+        """Record an event at `t_s` (default now) on the host monotonic clock; returns its time."""
+        ...
+
+    def wait_for_updates_after(self, t_s: float, count: int = 1) -> None:
+        """Return once `count` updates refreshed after `t_s` are in (or the capture has failed)."""
+        ...
+
+    @property
+    def trace(self) -> PowerTrace:
+        """Everything captured so far."""
+        ...
+
+
 @runtime_checkable
 class PowerMeter(Protocol):
-    """An instrument that captures power on a channel in sync with the host clock."""
+    """An instrument that captures power on a channel in sync with the host clock (see PowerCapture).
 
-    update_period_s: float  # each reading averages this long; windows need a settled update each side
+    It fits an averaging analyzer (the PM1000+) and a high-rate sampler alike: `update_period_s` is
+    how long one update of its traces averages (0.5 s; 1 ms for a 1 kHz sampler), and measure keeps
+    guard stretches of whole updates beside each energy window. labbench.measure.run also uses, where
+    a meter has them: `result_latency_s` (how long after its period an update may appear), and range
+    control for an analyzer whose autoranging would blank updates (`ranges_from_lab`, `range_tables`,
+    `range_note`, `lowest_ranges()`, `hold_ranges(trace)`, `step_up(updates)`): a pre-scan fixes the
+    ranges, an overload in a window raises them.
+    """
 
-    def identity(self) -> str: ...
+    name: str  # the lab.yaml instrument name, for steps and errors
+    update_period_s: float
 
-    def capture(self, channel: int | str = 1) -> ContextManager[Any]: ...
+    def identity(self) -> str:
+        """What the instrument says it is (maker, model, serial number), for provenance."""
+        ...
+
+    def open(self) -> object:
+        """Connect (again, after `close`: the pytest plugin reconnects after an instrument fault)."""
+        ...
+
+    def close(self) -> None: ...
+
+    def capture(self, channel: int | str = 1) -> PowerCapture: ...
 
 
 CAPABILITIES.update(flash=Flasher, deploy=Deployer, inference=InferenceTarget, power=PowerMeter)

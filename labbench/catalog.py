@@ -4,6 +4,14 @@ A family file holds what every board of that family shares: CPU, clock, memories
 connectivity, runtimes, flasher, serial defaults, a power profile and a device model that the
 simulated lab uses to time inferences. Every number in the file names its source: `sources:` maps
 the number's key path to a citation whose first word is a key of the file's `references:`.
+A family also names the driver that runs its inferences (`target`, an entry point of
+`labbench.drivers`) and its simulator (`simulator`, one of `labbench.sims`); a file that names
+neither gets its kind's (`KIND_DEFAULTS`).
+
+The families are the lab's catalog directory (lab.yaml `lab.devices`, else the package's own) and
+those installed packages add: an entry point of the group `labbench.devices` names a package whose
+`*.yaml` files are families, read with importlib.resources. A file of the lab's directory takes
+precedence over a packaged family of the same name; two packages may not both define one.
 
 Validation is strict (unknown keys, wrong types, a number without a source, a source for a key that
 does not exist, an MCU without SRAM or flash, a Linux board not reached over SSH) and errors read
@@ -15,6 +23,8 @@ from __future__ import annotations
 import numbers
 import re
 from importlib import resources
+from importlib.abc import Traversable
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +36,10 @@ from labbench.yamlsource import Source, plain, unknown
 #: accepted `dtype` names for DeviceModel.inference_us -> the throughput field they use
 _DTYPES = {"int8": "int8_macs_per_s", "fp32": "fp32_macs_per_s", "float32": "fp32_macs_per_s"}
 _REF = re.compile(r"[A-Za-z0-9_]+")
+FAMILY_GROUP = "labbench.devices"
+#: the inference driver and the simulator of a family that names none, by kind
+KIND_DEFAULTS = {"mcu": {"target": "dut_serial", "simulator": "mcu"},
+                 "linux": {"target": "ssh", "simulator": "linux"}}
 
 
 class _Strict(BaseModel):
@@ -86,7 +100,11 @@ class BoardFamily(_Strict):
     accelerator: str | None = None
     connectivity: list[str]
     runtimes: list[str] = Field(min_length=1)
-    flasher: Literal["esptool", "bossac", "flashtool", "ssh"]
+    flasher: str = Field(min_length=1)  # the labbench.drivers entry point that flashes it ("ssh": deployed)
+    # the labbench.drivers entry point that runs its inferences and the labbench.sims one that simulates it;
+    # unnamed, its kind's (_kind_defaults: the default "" stays only where the kind itself is invalid)
+    target: str = Field("", min_length=1)
+    simulator: str = Field("", min_length=1)
     serial_baud: int | None = Field(None, gt=0)
     power: PowerProfile
     device_model: DeviceModel
@@ -103,6 +121,14 @@ class BoardFamily(_Strict):
             mode = (data.get("power_modes") or {}).get(data.get("default_power_mode"))
             if isinstance(mode, dict):
                 data = {**data, "power": mode.get("power"), "device_model": mode.get("device_model")}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_defaults(cls, data: Any) -> Any:
+        """The target and simulator a family does not name are its kind's."""
+        if isinstance(data, dict) and isinstance(data.get("kind"), str):
+            return {**KIND_DEFAULTS.get(data["kind"], {}), **data}
         return data
 
     def profile(self, power_mode: str | None = None) -> tuple[DeviceModel, PowerProfile]:
@@ -142,19 +168,40 @@ def default_devices_dir() -> Path:
     return Path(resources.files("labbench.devices"))
 
 
-def load_family(name: str, devices_dir: str | Path | None = None) -> BoardFamily:
-    """Read and validate devices/<name>.yaml; an unknown name lists the known families."""
+def family_files(devices_dir: str | Path | None = None) -> dict[str, Traversable]:
+    """Every family file by name: `devices_dir`'s (default: the package's own catalog), then those of
+    the packages registered under `labbench.devices` (see the module docstring)."""
     devices_dir = Path(devices_dir) if devices_dir is not None else default_devices_dir()
-    known = sorted(p.stem for p in devices_dir.glob("*.yaml"))
-    if name not in known:
-        raise CatalogError(f"{unknown('board family', name, known)} in {devices_dir}")
-    return _load(devices_dir / f"{name}.yaml")
+    packaged: dict[str, Traversable] = {}
+    for ep in entry_points(group=FAMILY_GROUP):
+        for file in resources.files(ep.module).iterdir():
+            if not (file.name.endswith(".yaml") and file.is_file()):
+                continue
+            name = file.name.removesuffix(".yaml")
+            if name in packaged:
+                raise CatalogError(f'board family "{name}" is defined twice: in {packaged[name]} and {file}')
+            packaged[name] = file
+    local: dict[str, Traversable] = {p.stem: p for p in devices_dir.glob("*.yaml")}
+    return dict(sorted({**packaged, **local}.items()))
+
+
+def load_family(name: str, devices_dir: str | Path | None = None) -> BoardFamily:
+    """Read and validate the family `name` (see `family_files`); an unknown name lists the known families."""
+    files = family_files(devices_dir)
+    if name not in files:
+        where = devices_dir if devices_dir is not None else default_devices_dir()
+        raise CatalogError(f"{unknown('board family', name, files)} in {where}")
+    return _load_file(files[name])
 
 
 def families(devices_dir: str | Path | None = None) -> dict[str, BoardFamily]:
-    """Every family in `devices_dir`, by name."""
-    devices_dir = Path(devices_dir) if devices_dir is not None else default_devices_dir()
-    return {p.stem: _load(p) for p in sorted(devices_dir.glob("*.yaml"))}
+    """Every family (see `family_files`), by name."""
+    return {name: _load_file(file) for name, file in family_files(devices_dir).items()}
+
+
+def _load_file(file: Traversable) -> BoardFamily:
+    with resources.as_file(file) as path:
+        return _load(path)
 
 
 def _load(path: Path) -> BoardFamily:
@@ -224,8 +271,8 @@ def _source_problems(data: dict) -> Problems:
             numeric = [k for k, (_, v) in leaves.items() if _is_number(v)]
             problems.append((("sources", key), unknown("key", key, numeric)))
         elif _reference(citation) not in refs:
-            problems.append((("sources", key), f"the citation must start with a reference: "
-                                               f"{unknown('reference', _reference(citation), refs)}"))
+            known = unknown("reference", _reference(citation), refs)
+            problems.append((("sources", key), f"the citation must start with a reference: {known}"))
     return problems
 
 

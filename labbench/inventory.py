@@ -49,6 +49,7 @@ from labbench.yamlsource import Source, shown, unknown
 
 DRIVER_GROUP = "labbench.drivers"
 INSTRUMENT_GROUP = "labbench.instruments"
+SIM_GROUP = "labbench.sims"  # simulators (labbench.sim), by instrument kind or a family's `simulator`
 
 #: a board or instrument name: it becomes part of file names, pytest ids, logs and tables
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
@@ -261,7 +262,8 @@ class PowerLink(_Strict):
 class SimBlock(BaseModel):
     """A `sim:` block: the simulator's settings, passed on as they are, and the faults it injects
     (labbench.sim.faults; which kinds apply is checked against the entry's link). Which settings a
-    simulator takes is checked by `load` (McuSim, LinuxSim, SIM_SETTINGS)."""
+    simulator takes is checked by `load`, against the `settings` model of its entry point in SIM_GROUP
+    (the built-in simulators': McuSim, LinuxSim, Pm1000Sim)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -291,6 +293,7 @@ class McuSim(_SimSettings):
     timer_start_us: int = Field(None, ge=0)
     strap_delay_s: float = Field(None, ge=0)
     reply_crc: bool = None
+    boot_report: bool = None  # answers `boot%` (the m-ext-[boot] extension)
     boot_ms: float = Field(None, ge=0)
     model_init_ms: float = Field(None, ge=0)
     seed: int | str = None  # of its latency jitter and power noise (default: the board's name)
@@ -332,10 +335,6 @@ class Pm1000Sim(_SimSettings):
     ndv_jitter_s: float = Field(None, ge=0)
     downrange_after: int = Field(None, ge=1)
     downrange_fraction: float = Field(None, gt=0, le=1)
-
-
-#: instrument kind -> the settings of its simulator
-SIM_SETTINGS: dict[str, type[_SimSettings]] = {"pm1000": Pm1000Sim}
 
 
 #: a field filled from the entry's key in lab.yaml, not written in the entry itself
@@ -553,8 +552,8 @@ def load(path: str | Path = "lab.yaml", *, check_files: bool = False) -> Lab:
         raise LabConfigError(src.where(("lab", "devices"), f"{devices_dir} is not a directory"))
     boards = {n: _resolved(b, lab_dir) for n, b in entries.boards.items()}
     instruments = dict(entries.instruments)
-    problems = _sim_settings(src, "instruments", instruments, lab_dir, check_files)
-    problems += _sim_settings(src, "boards", boards, lab_dir, check_files)
+    problems = _sim_settings(src, "instruments", instruments, lab_dir, check_files, devices_dir)
+    problems += _sim_settings(src, "boards", boards, lab_dir, check_files, devices_dir)
     problems += _instrument_settings(src, instruments)
     problems += _cross_check(src, boards, instruments, raw.budgets, devices_dir)
     if check_files:
@@ -594,21 +593,24 @@ def _resolved(board: BoardEntry, lab_dir: Path) -> BoardEntry:
 
 
 def _sim_settings(src: Source, section: str, entries: dict[str, Any], lab_dir: Path,
-                  check_files: bool) -> list[str]:
-    """Check each `sim:` block of `section` against its simulator's settings; an entry that passes gets
-    the validated values (replaced in `entries`)."""
+                  check_files: bool, devices_dir: Path) -> list[str]:
+    """Check each `sim:` block of `section` against its simulator's settings (the `settings` model of its
+    SIM_GROUP entry point); an entry that passes gets the validated values (replaced in `entries`)."""
     problems: list[str] = []
-    kinds = registered(INSTRUMENT_GROUP)
+    simulators = registered(SIM_GROUP)
     for name, entry in entries.items():
-        if entry.sim is None:
+        if entry.sim is None or (wanted := _simulator(entry, devices_dir)) is None:
             continue
         at = (section, name, "sim")
-        if section == "boards":
-            schema: type[_SimSettings] | None = McuSim if entry.serial else LinuxSim
-        elif (schema := SIM_SETTINGS.get(entry.kind)) is None:
-            if entry.kind in kinds:  # an unknown kind is reported once, by _cross_check
-                problems.append(src.where(at, f"there is no simulator for instrument kind {entry.kind} "
-                                              f"(simulated: {', '.join(SIM_SETTINGS)})"))
+        simulator, owner = wanted
+        if simulator not in simulators:
+            missing = unknown("simulator", simulator, simulators)
+            problems.append(src.where(at, f"no simulator for {owner}: {missing}"))
+            continue
+        try:
+            schema = simulators[simulator].load().settings
+        except Exception as exc:  # noqa: BLE001 - a broken plugin is a problem of the lab, not a traceback
+            problems.append(src.where(at, f"cannot load simulator {simulator}: {exc}"))
             continue
         settings, found = src.check(schema, entry.sim.settings, at)
         if settings is not None:
@@ -620,7 +622,20 @@ def _sim_settings(src: Source, section: str, entries: dict[str, Any], lab_dir: P
     return problems
 
 
-def _sim_paths(src: Source, at: tuple, settings: _SimSettings, lab_dir: Path,
+def _simulator(entry: BoardEntry | InstrumentEntry, devices_dir: Path) -> tuple[str, str] | None:
+    """The simulator a `sim:` block asks for (an instrument's kind, or its board family's `simulator`) and
+    what asks for it; None for an unknown kind or family, which _cross_check reports."""
+    from labbench.catalog import family_files, load_family
+
+    if isinstance(entry, InstrumentEntry):
+        known = entry.kind in registered(INSTRUMENT_GROUP)
+        return (entry.kind, f"instrument kind {entry.kind}") if known else None
+    if entry.family not in family_files(devices_dir):
+        return None
+    return load_family(entry.family, devices_dir).simulator, f"family {entry.family}"
+
+
+def _sim_paths(src: Source, at: tuple, settings: BaseModel, lab_dir: Path,
                check_files: bool) -> list[str]:
     """A model path stays inside the lab's directory unless absolute; an absolute one, or any with
     `check_files`, must be a file; with `check_files`, the simulated board's python must be executable."""
@@ -692,10 +707,10 @@ def endpoint(address: str) -> tuple[str, int] | None:
 
 def _cross_check(src: Source, boards: dict[str, BoardEntry], instruments: dict[str, InstrumentEntry],
                  budgets: dict, devices_dir: Path) -> list[str]:
-    from labbench.catalog import load_family
+    from labbench.catalog import family_files, load_family
 
     problems: list[str] = []
-    families = sorted(p.stem for p in devices_dir.glob("*.yaml"))
+    families = list(family_files(devices_dir))
     drivers, kinds = registered(DRIVER_GROUP), registered(INSTRUMENT_GROUP)
     taken: dict[Any, str] = {}
 
@@ -719,9 +734,14 @@ def _cross_check(src: Source, boards: dict[str, BoardEntry], instruments: dict[s
         at = ("boards", name)
         if board.family not in families:
             problem(unknown("family", board.family, families) + f" in {devices_dir}", *at, "family")
-        elif (load_family(board.family, devices_dir).kind == "linux") != (board.ssh is not None):
-            link, needs = ("serial", "ssh") if board.ssh is None else ("ssh", "serial")
-            problem(f"{board.family} boards are reached by {needs}:, not {link}:", *at, link)
+        else:
+            family = load_family(board.family, devices_dir)
+            if (family.kind == "linux") != (board.ssh is not None):
+                link, needs = ("serial", "ssh") if board.ssh is None else ("ssh", "serial")
+                problem(f"{board.family} boards are reached by {needs}:, not {link}:", *at, link)
+            if family.target not in drivers:
+                problem(f"the target of {board.family}: {unknown('driver', family.target, drivers)}",
+                        *at, "family")
         if board.flash and board.flash.tool not in drivers:
             problem(unknown("flash tool", board.flash.tool, drivers), *at, "flash", "tool")
         if board.power and board.power.instrument not in instruments:

@@ -11,9 +11,11 @@ Published numbers used here:
 from __future__ import annotations
 
 import shutil
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from labbench import catalog
 from labbench.catalog import BoardFamily, DeviceModel, PowerProfile
@@ -92,8 +94,11 @@ def test_families_lists_the_devices_folder():
     assert catalog.default_devices_dir() == Path(__file__).resolve().parents[1] / "devices"
 
 
-@pytest.mark.parametrize("key, model", [(k, m) for k in TABLE4 for m in ("resnet8", "resnet56")],
-                         ids=lambda v: v if isinstance(v, str) else "-".join(p for p in v if p))
+@pytest.mark.parametrize(
+    "key, model",
+    [(k, m) for k in TABLE4 for m in ("resnet8", "resnet56")],
+    ids=lambda v: v if isinstance(v, str) else "-".join(p for p in v if p),
+)
 def test_table4_latency_and_energy_within_10_percent(key, model):
     name, mode = key
     device, power = catalog.load_family(name).profile(mode)
@@ -159,23 +164,36 @@ def test_unknown_power_mode_lists_the_modes():
     jetson = catalog.load_family("jetson_orin_nano")
     with pytest.raises(CatalogError) as exc:
         jetson.profile("25W")
-    assert str(exc.value) == 'jetson_orin_nano: unknown power mode "25W"; did you mean "15W"? (known: 15W, 7W)'
+    assert (
+        str(exc.value) == 'jetson_orin_nano: unknown power mode "25W"; did you mean "15W"? (known: 15W, 7W)'
+    )
     assert jetson.profile() == jetson.profile("15W")
     with pytest.raises(CatalogError, match=r"\(known: none\)"):
         catalog.load_family("rpi4b").profile("15W")
 
 
-@pytest.mark.parametrize("name, model_bytes, arena_bytes, message", [
-    ("esp32_devkitc", 276_976, 40_000, None),
-    ("esp32_devkitc", 276_976, 600_000, "arena 600,000 B exceeds SRAM 520 KiB"),
-    ("esp32_devkitc", 5_000_000, 600_000,
-     "model 5,000,000 B exceeds flash 4,096 KiB; arena 600,000 B exceeds SRAM 520 KiB"),
-    ("nano33_ble_sense", 98_496, 262_145, "arena 262,145 B exceeds SRAM 256 KiB"),
-    ("nano33_ble_sense", 98_496, 262_144, None),
-    ("coral_dev_board_micro", 40_000_000, 30_000_000,
-     "model 40,000,000 B + arena 30,000,000 B exceeds RAM 64 MiB"),
-    ("rpi4b", 333_288, 1_000_000, None),
-])
+@pytest.mark.parametrize(
+    "name, model_bytes, arena_bytes, message",
+    [
+        ("esp32_devkitc", 276_976, 40_000, None),
+        ("esp32_devkitc", 276_976, 600_000, "arena 600,000 B exceeds SRAM 520 KiB"),
+        (
+            "esp32_devkitc",
+            5_000_000,
+            600_000,
+            "model 5,000,000 B exceeds flash 4,096 KiB; arena 600,000 B exceeds SRAM 520 KiB",
+        ),
+        ("nano33_ble_sense", 98_496, 262_145, "arena 262,145 B exceeds SRAM 256 KiB"),
+        ("nano33_ble_sense", 98_496, 262_144, None),
+        (
+            "coral_dev_board_micro",
+            40_000_000,
+            30_000_000,
+            "model 40,000,000 B + arena 30,000,000 B exceeds RAM 64 MiB",
+        ),
+        ("rpi4b", 333_288, 1_000_000, None),
+    ],
+)
 def test_fits(name, model_bytes, arena_bytes, message):
     assert catalog.load_family(name).fits(model_bytes, arena_bytes) == message
 
@@ -185,7 +203,8 @@ def test_unknown_family_suggests_the_closest_name():
         catalog.load_family("esp32_devkit")
     assert str(exc.value) == (
         'unknown board family "esp32_devkit"; did you mean "esp32_devkitc"? (known: '
-        f"{', '.join(FAMILIES)}) in {catalog.default_devices_dir()}")
+        f"{', '.join(FAMILIES)}) in {catalog.default_devices_dir()}"
+    )
 
 
 # Malformed family files: an edit of devices/esp32_devkitc.yaml (or jetson_orin_nano.yaml) and the
@@ -195,64 +214,142 @@ def _edit(old: str, new: str, family: str = "esp32_devkitc") -> tuple[str, str, 
 
 
 MALFORMED = [
-    ("misspelt-key", _edit("clock_mhz: 240", "clock_mz: 240"),
-     'devices/esp32_devkitc.yaml:6: clock_mz: unknown key; did you mean "clock_mhz"? (allowed: accelerator, '
-     "clock_mhz, connectivity, cpu, default_power_mode, device_model, display_name, flash_kib, flasher, kind, "
-     "power, power_modes, ram_mib, references, runtimes, serial_baud, sources, sram_kib)"),
-    ("misspelt-power-key", _edit("  idle_w: 0.099", "  idel_w: 0.099"),
-     'devices/esp32_devkitc.yaml:16: power.idel_w: unknown key; did you mean "idle_w"? '
-     "(allowed: active_w, idle_w, radio_tx_w, upload_w)"),
-    ("wrong-type", _edit("sram_kib: 520", 'sram_kib: "520k"'),
-     'devices/esp32_devkitc.yaml:7: sram_kib: expected an integer, got "520k"'),
-    ("float-for-int", _edit("sram_kib: 520", "sram_kib: 520.5"),
-     "devices/esp32_devkitc.yaml:7: sram_kib: expected an integer, got 520.5"),
-    ("unknown-kind", _edit("kind: mcu", "kind: soc"),
-     "devices/esp32_devkitc.yaml:4: kind: expected 'mcu' or 'linux', got \"soc\""),
-    ("unknown-flasher", _edit("flasher: esptool", "flasher: openocd"),
-     "devices/esp32_devkitc.yaml:12: flasher: expected 'esptool', 'bossac', 'flashtool' or 'ssh', "
-     'got "openocd"'),
-    ("negative-throughput", _edit("int8_macs_per_s: 2.07e7", "int8_macs_per_s: -2.07e7"),
-     "devices/esp32_devkitc.yaml:22: device_model.int8_macs_per_s: input should be greater than 0, "
-     "got -20700000.0"),
-    ("missing-power-figure", _edit("  radio_tx_w: 0.594\n", ""),
-     "devices/esp32_devkitc.yaml:15: power.radio_tx_w: required key is missing"),
-    ("number-without-source", _edit("  serial_baud: mlperf_runner\n", ""),
-     "devices/esp32_devkitc.yaml:13: serial_baud: no source: add it under sources:"),
-    ("source-for-no-key", _edit("  flash_kib: devkitc", "  flash_kb: devkitc"),
-     "devices/esp32_devkitc.yaml:8: flash_kib: no source: add it under sources:\n"
-     'devices/esp32_devkitc.yaml:47: sources.flash_kb: unknown key "flash_kb"; did you mean "flash_kib"? '
-     "(known: clock_mhz, device_model.fp32_macs_per_s, device_model.int8_macs_per_s, device_model.overhead_us, flash_kib, power.active_w, "
-     "power.idle_w, power.radio_tx_w, power.upload_w, serial_baud, sram_kib)"),
-    ("unknown-reference", _edit("  flash_kib: devkitc", "  flash_kib: devkit"),
-     "devices/esp32_devkitc.yaml:47: sources.flash_kib: the citation must start with a reference: "
-     'unknown reference "devkit"; did you mean "devkitc"? '
-     "(known: devkitc, esp32_ds, macs, mlperf_runner, seed000, seed004, tflm)"),
-    ("mcu-without-sram", _edit("sram_kib: 520\n", ""),
-     "devices/esp32_devkitc.yaml:1: sram_kib: required when kind is mcu\n"
-     'devices/esp32_devkitc.yaml:45: sources.sram_kib: unknown key "sram_kib" (known: clock_mhz, '
-     "device_model.fp32_macs_per_s, device_model.int8_macs_per_s, device_model.overhead_us, flash_kib, power.active_w, power.idle_w, "
-     "power.radio_tx_w, power.upload_w, serial_baud)"),
-    ("mcu-flashed-over-ssh", _edit("flasher: esptool", "flasher: ssh"),
-     'devices/esp32_devkitc.yaml:12: flasher: "ssh" cannot flash a board of kind mcu'),
-    ("linux-flashed-by-esptool", _edit("flasher: ssh", "flasher: esptool", "rpi4b"),
-     'devices/rpi4b.yaml:11: flasher: "esptool" cannot flash a board of kind linux'),
-    ("name-in-file", _edit("display_name: ESP32 DevKitC", "name: esp32\ndisplay_name: ESP32 DevKitC"),
-     'devices/esp32_devkitc.yaml:3: name: unknown key; a family is named by its file name, "esp32_devkitc"'),
-    ("bad-yaml", _edit("and BLE]", "and BLE"),
-     "devices/esp32_devkitc.yaml:11: not valid YAML: expected ',' or ']', but got ':'"),
-    ("unknown-default-mode", _edit("default_power_mode: 15W", "default_power_mode: 25W", "jetson_orin_nano"),
-     'devices/jetson_orin_nano.yaml:13: default_power_mode: unknown power mode "25W"; did you mean "15W"? '
-     "(known: 15W, 7W)"),
-    ("modes-and-top-level-power", _edit("flasher: ssh\n", "flasher: ssh\npower: {}\n", "jetson_orin_nano"),
-     "devices/jetson_orin_nano.yaml:13: power: not allowed with power_modes (each mode has its own)"),
-    ("misspelt-mode-key", _edit("      overhead_us: 162", "      overhead: 162", "jetson_orin_nano"),
-     "devices/jetson_orin_nano.yaml:35: power_modes.7W.device_model.overhead: unknown key; "
-     'did you mean "overhead_us"? (allowed: fp32_macs_per_s, int8_macs_per_s, overhead_us)'),
+    (
+        "misspelt-key",
+        _edit("clock_mhz: 240", "clock_mz: 240"),
+        (
+            'devices/esp32_devkitc.yaml:6: clock_mz: unknown key; did you mean "clock_mhz"? (allowed: accelerator, '
+            "clock_mhz, connectivity, cpu, default_power_mode, device_model, display_name, flash_kib, flasher, kind, "
+            "power, power_modes, ram_mib, references, runtimes, serial_baud, simulator, sources, sram_kib, target)"
+        ),
+    ),
+    (
+        "misspelt-power-key",
+        _edit("  idle_w: 0.099", "  idel_w: 0.099"),
+        (
+            'devices/esp32_devkitc.yaml:16: power.idel_w: unknown key; did you mean "idle_w"? '
+            "(allowed: active_w, idle_w, radio_tx_w, upload_w)"
+        ),
+    ),
+    (
+        "wrong-type",
+        _edit("sram_kib: 520", 'sram_kib: "520k"'),
+        'devices/esp32_devkitc.yaml:7: sram_kib: expected an integer, got "520k"',
+    ),
+    (
+        "float-for-int",
+        _edit("sram_kib: 520", "sram_kib: 520.5"),
+        "devices/esp32_devkitc.yaml:7: sram_kib: expected an integer, got 520.5",
+    ),
+    (
+        "unknown-kind",
+        _edit("kind: mcu", "kind: soc"),
+        "devices/esp32_devkitc.yaml:4: kind: expected 'mcu' or 'linux', got \"soc\"",
+    ),
+    (
+        "empty-flasher",
+        _edit("flasher: esptool", 'flasher: ""'),
+        "devices/esp32_devkitc.yaml:12: flasher: needs at least 1 character",
+    ),
+    (
+        "target-not-a-name",
+        _edit("flasher: esptool", "flasher: esptool\ntarget: [dut_serial]"),
+        "devices/esp32_devkitc.yaml:13: target: expected a string, got a list",
+    ),
+    (
+        "negative-throughput",
+        _edit("int8_macs_per_s: 2.07e7", "int8_macs_per_s: -2.07e7"),
+        (
+            "devices/esp32_devkitc.yaml:22: device_model.int8_macs_per_s: input should be greater than 0, "
+            "got -20700000.0"
+        ),
+    ),
+    (
+        "missing-power-figure",
+        _edit("  radio_tx_w: 0.594\n", ""),
+        "devices/esp32_devkitc.yaml:15: power.radio_tx_w: required key is missing",
+    ),
+    (
+        "number-without-source",
+        _edit("  serial_baud: mlperf_runner\n", ""),
+        "devices/esp32_devkitc.yaml:13: serial_baud: no source: add it under sources:",
+    ),
+    (
+        "source-for-no-key",
+        _edit("  flash_kib: devkitc", "  flash_kb: devkitc"),
+        (
+            "devices/esp32_devkitc.yaml:8: flash_kib: no source: add it under sources:\n"
+            'devices/esp32_devkitc.yaml:47: sources.flash_kb: unknown key "flash_kb"; did you mean "flash_kib"? '
+            "(known: clock_mhz, device_model.fp32_macs_per_s, device_model.int8_macs_per_s, device_model.overhead_us, flash_kib, power.active_w, "
+            "power.idle_w, power.radio_tx_w, power.upload_w, serial_baud, sram_kib)"
+        ),
+    ),
+    (
+        "unknown-reference",
+        _edit("  flash_kib: devkitc", "  flash_kib: devkit"),
+        (
+            "devices/esp32_devkitc.yaml:47: sources.flash_kib: the citation must start with a reference: "
+            'unknown reference "devkit"; did you mean "devkitc"? '
+            "(known: devkitc, esp32_ds, macs, mlperf_runner, seed000, seed004, tflm)"
+        ),
+    ),
+    (
+        "mcu-without-sram",
+        _edit("sram_kib: 520\n", ""),
+        (
+            "devices/esp32_devkitc.yaml:1: sram_kib: required when kind is mcu\n"
+            'devices/esp32_devkitc.yaml:45: sources.sram_kib: unknown key "sram_kib" (known: clock_mhz, '
+            "device_model.fp32_macs_per_s, device_model.int8_macs_per_s, device_model.overhead_us, flash_kib, power.active_w, power.idle_w, "
+            "power.radio_tx_w, power.upload_w, serial_baud)"
+        ),
+    ),
+    (
+        "mcu-flashed-over-ssh",
+        _edit("flasher: esptool", "flasher: ssh"),
+        'devices/esp32_devkitc.yaml:12: flasher: "ssh" cannot flash a board of kind mcu',
+    ),
+    (
+        "linux-flashed-by-esptool",
+        _edit("flasher: ssh", "flasher: esptool", "rpi4b"),
+        'devices/rpi4b.yaml:11: flasher: "esptool" cannot flash a board of kind linux',
+    ),
+    (
+        "name-in-file",
+        _edit("display_name: ESP32 DevKitC", "name: esp32\ndisplay_name: ESP32 DevKitC"),
+        'devices/esp32_devkitc.yaml:3: name: unknown key; a family is named by its file name, "esp32_devkitc"',
+    ),
+    (
+        "bad-yaml",
+        _edit("and BLE]", "and BLE"),
+        "devices/esp32_devkitc.yaml:11: not valid YAML: expected ',' or ']', but got ':'",
+    ),
+    (
+        "unknown-default-mode",
+        _edit("default_power_mode: 15W", "default_power_mode: 25W", "jetson_orin_nano"),
+        (
+            'devices/jetson_orin_nano.yaml:13: default_power_mode: unknown power mode "25W"; did you mean "15W"? '
+            "(known: 15W, 7W)"
+        ),
+    ),
+    (
+        "modes-and-top-level-power",
+        _edit("flasher: ssh\n", "flasher: ssh\npower: {}\n", "jetson_orin_nano"),
+        "devices/jetson_orin_nano.yaml:13: power: not allowed with power_modes (each mode has its own)",
+    ),
+    (
+        "misspelt-mode-key",
+        _edit("      overhead_us: 162", "      overhead: 162", "jetson_orin_nano"),
+        (
+            "devices/jetson_orin_nano.yaml:35: power_modes.7W.device_model.overhead: unknown key; "
+            'did you mean "overhead_us"? (allowed: fp32_macs_per_s, int8_macs_per_s, overhead_us)'
+        ),
+    ),
 ]
 
 
-@pytest.mark.parametrize("family, old, new, message", [(*c[1], c[2]) for c in MALFORMED],
-                         ids=[c[0] for c in MALFORMED])
+@pytest.mark.parametrize(
+    "family, old, new, message", [(*c[1], c[2]) for c in MALFORMED], ids=[c[0] for c in MALFORMED]
+)
 def test_malformed_family_file(tmp_path, family, old, new, message):
     devices = tmp_path / "devices"
     shutil.copytree(catalog.default_devices_dir(), devices)
@@ -270,7 +367,8 @@ def test_every_problem_of_a_file_is_reported(tmp_path):
     devices.mkdir()
     source = (catalog.default_devices_dir() / "esp32_devkitc.yaml").read_text()
     (devices / "esp32_devkitc.yaml").write_text(
-        source.replace("clock_mhz: 240", "clock_mhz: fast").replace("idle_w: 0.099", "idle_w: []"))
+        source.replace("clock_mhz: 240", "clock_mhz: fast").replace("idle_w: 0.099", "idle_w: []")
+    )
     with pytest.raises(CatalogError) as exc:
         catalog.load_family("esp32_devkitc", devices)
     assert str(exc.value).splitlines() == [
@@ -281,8 +379,77 @@ def test_every_problem_of_a_file_is_reported(tmp_path):
 
 def test_models_are_frozen_and_strict():
     power = PowerProfile(idle_w=1.0, active_w=2.0, upload_w=1.5, radio_tx_w=3.0)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         power.idle_w = 0.5
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="valid number"):
         PowerProfile(idle_w="1", active_w=2.0, upload_w=1.5, radio_tx_w=3.0)
     assert "power_modes" in BoardFamily.model_fields
+
+
+def test_a_family_names_its_target_and_simulator_or_gets_its_kinds():
+    esp32, rpi4 = catalog.load_family("esp32_devkitc"), catalog.load_family("rpi4b")
+    assert (
+        (esp32.target, esp32.simulator)
+        == ("dut_serial", "mcu")
+        == tuple(catalog.KIND_DEFAULTS["mcu"].values())
+    )
+    assert (rpi4.target, rpi4.simulator) == ("ssh", "linux")
+
+
+def package_of_families(root: Path, package: str, **families: str) -> EntryPoint:
+    """A package `package` under `root` holding `families` (name -> YAML text), as a `labbench.devices`
+    entry point names it."""
+    (root / package).mkdir()
+    (root / package / "__init__.py").write_text("")
+    for name, text in families.items():
+        (root / package / f"{name}.yaml").write_text(text)
+    return EntryPoint(package, package, catalog.FAMILY_GROUP)
+
+
+@pytest.fixture
+def packages(monkeypatch, tmp_path):
+    """Install packages of families (see package_of_families) for the test: `packages(name={...}, ...)`."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def install(**packages: dict[str, str]) -> None:
+        found = [package_of_families(tmp_path, package, **families) for package, families in packages.items()]
+        monkeypatch.setattr(
+            catalog, "entry_points", lambda group: found if group == catalog.FAMILY_GROUP else []
+        )
+
+    return install
+
+
+ESP32 = (Path(__file__).resolve().parents[1] / "devices" / "esp32_devkitc.yaml").read_text()
+
+
+def test_installed_packages_add_families(packages):
+    clone = ESP32.replace("flasher: esptool", "flasher: esptool\ntarget: clone_dut\nsimulator: clone_sim")
+    packages(clone_families={"esp32_clone": clone})
+    assert list(catalog.family_files()) == sorted([*FAMILIES, "esp32_clone"])
+    family = catalog.load_family("esp32_clone")
+    assert (family.name, family.target, family.simulator, family.flasher) == (
+        "esp32_clone",
+        "clone_dut",
+        "clone_sim",
+        "esptool",
+    )
+
+
+def test_the_labs_catalog_takes_precedence_over_a_package(packages, tmp_path):
+    """The lab's catalog directory (by default the bench's own) wins over a package's family of that name."""
+    packages(vendor_families={"esp32_devkitc": ESP32.replace("clock_mhz: 240", "clock_mhz: 160")})
+    assert catalog.load_family("esp32_devkitc").clock_mhz == 240
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    (devices / "esp32_devkitc.yaml").write_text(ESP32.replace("clock_mhz: 240", "clock_mhz: 80"))
+    assert catalog.load_family("esp32_devkitc", devices).clock_mhz == 80
+    assert list(catalog.family_files(devices)) == ["esp32_devkitc"]
+
+
+def test_a_family_two_packages_define_is_an_error(packages):
+    packages(one={"esp32_clone": ESP32}, two={"esp32_clone": ESP32})
+    with pytest.raises(
+        CatalogError, match=r'board family "esp32_clone" is defined twice: in .*one.* and .*two'
+    ):
+        catalog.load_family("esp32_clone")

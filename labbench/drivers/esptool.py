@@ -1,7 +1,9 @@
 """Flash an ESP32 with esptool as a library: skip on MD5, write, verify, hard-reset, check the DUT.
 
-`EsptoolFlasher.flash(image)` takes an app image from `labbench firmware pack` (the partition
-table beside it, named by its flasher_args.json, goes too) and:
+`EsptoolFlasher.build_image(model, out_dir)` packs a .tflite into an ESP-IDF app image, as `labbench
+firmware pack` does (the board does so before flashing a model: capabilities.ImageBuilder).
+`EsptoolFlasher.flash(image)` takes such an app image (the partition table beside it, named by its
+flasher_args.json, goes too) and:
 
 1. connects with esptool's default DTR/RTS reset into the ROM loader;
 2. asks the ROM for the MD5 of every region (SPI_FLASH_MD5) and, when all match and `force` is
@@ -161,6 +163,10 @@ class EsptoolFlasher:
 
     def __repr__(self) -> str:
         return f"EsptoolFlasher({self.board!r}, {self.url!r})"
+
+    def build_image(self, model: Path, out_dir: Path) -> Path:
+        """The app image embedding `model`, with its partition layout and flash manifest, in `out_dir`."""
+        return firmware_image.pack(model, out_dir, board="esp32").image
 
     def _identify(self) -> DutIdentity:
         from labbench.drivers.dut_serial import DutSerial

@@ -2,11 +2,13 @@
 
 `up()` starts `python -m labbench.sim.lab LAB STATE_DIR`, a daemon that builds one power bus and a
 simulator for every instrument and board of lab.yaml that has a `sim:` block, each bound to exactly
-the address lab.yaml gives. It writes `state.json` (its pid and the pids of the sshd servers it
-started) once everything answers; `down()` stops exactly those processes and removes what `up()`
-created. The state lives in `.labbench/sim/<lab file stem>/` beside lab.yaml.
+the address lab.yaml gives: the `labbench.sims` entry point of the instrument's kind or of the
+board family's `simulator` builds it (labbench.sim.Simulator; the built-in ones are below:
+`Pm1000Simulator`, `McuSimulator`, `LinuxSimulator`). It writes `state.json` (its pid and the pids
+of the sshd servers it started) once everything answers; `down()` stops exactly those processes and
+removes what `up()` created. The state lives in `.labbench/sim/<lab file stem>/` beside lab.yaml.
 
-Faults (labbench.sim.faults): each simulator has an injector, armed with the `sim: {faults: [...]}`
+Faults (labbench.sim.faults): each simulator may have an injector, armed with the `sim: {faults: [...]}`
 of lab.yaml at start and driven at run time through the control socket (`fault_set`, `fault_clear`,
 `faults`; see SimControl). An MCU board's reset faults use the board's reset. A Linux board's sshd
 listens on a free loopback port behind a fault proxy (`FaultProxy`) on lab.yaml's address, which
@@ -24,16 +26,19 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from labbench import catalog, inventory
 from labbench.errors import LabbenchError, UsageError
-from labbench.inventory import Lab, endpoint
+from labbench.inventory import SIM_GROUP, Lab, endpoint, registered
+from labbench.sim import Running, SimPart, Simulator, bus_channel
 from labbench.sim.control import SOCKET_NAME, ControlServer, SimControl, SimControlError
 from labbench.sim.faults import FaultProxy, Injector, parse
-from labbench.sim.linux import SimLinuxBoard, known_hosts_name, set_known_host
-from labbench.sim.powerbus import PowerBus
 from labbench.yamlsource import unknown
+
+if TYPE_CHECKING:  # they load where used: validating lab.yaml loads this module, for its simulators' settings
+    from labbench.sim.linux import SimLinuxBoard
+    from labbench.sim.powerbus import PowerBus
 
 STATE_FILE = "state.json"
 
@@ -44,11 +49,6 @@ class SimLabError(LabbenchError):
 
 def state_dir(lab: Lab) -> Path:
     return lab.dir / ".labbench" / "sim" / lab.path.stem
-
-
-def bus_channel(instrument: str, channel: int = 1) -> str:
-    """The power bus channel an instrument input measures and a board wired to it draws from."""
-    return f"{instrument}:{channel}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +67,8 @@ class ProxiedLinuxBoard:
         return f"ProxiedLinuxBoard({self.board!r} at {self.proxy.host}:{self.proxy.port})"
 
     def start(self) -> None:
+        from labbench.sim.linux import known_hosts_name, set_known_host
+
         self.board.start()
         try:
             self.proxy.start()
@@ -79,6 +81,8 @@ class ProxiedLinuxBoard:
             raise
 
     def stop(self) -> None:
+        from labbench.sim.linux import known_hosts_name, set_known_host
+
         self.proxy.stop()
         self.board.stop()
         if self.known_hosts:
@@ -106,10 +110,65 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+class Pm1000Simulator:
+    """The simulated Voltech PM1000+ (labbench.sim.pm1000), each unit with its own serial number in
+    *IDN? (the gate tells analyzers apart by it)."""
+
+    settings = inventory.Pm1000Sim
+
+    @staticmethod
+    def build(part: SimPart) -> tuple[Running, Injector]:
+        from labbench.sim.pm1000 import Pm1000Sim
+
+        settings = {"idn": f"Voltech,PM1000+,SIM-{part.name},1.00", **part.settings}
+        sim = Pm1000Sim(name=part.name, host=part.host, port=part.port, channel=part.channel, **settings)
+        return sim, sim.faults
+
+
+class McuSimulator:
+    """Simulated MCU boards running MLPerf Tiny DUT firmware on an RFC 2217 port (labbench.sim.mcu)."""
+
+    settings = inventory.McuSim
+
+    @staticmethod
+    def build(part: SimPart) -> tuple[Running, Injector]:
+        from labbench.sim.mcu import SimMcuBoard
+
+        assert part.family is not None  # every board has one
+        settings = dict(part.settings)
+        if "model" in settings:
+            settings["model_path"] = part.lab_dir / settings.pop("model")
+        mcu = SimMcuBoard(name=part.name, host=part.host, port=part.port, family=part.family,
+                          bus_channel=part.channel, **settings)
+        mcu.uart.faults.reset = mcu.reset
+        return mcu, mcu.uart.faults
+
+
+class LinuxSimulator:
+    """Simulated Linux boards: an OpenSSH server per board behind a fault proxy (labbench.sim.linux)."""
+
+    settings = inventory.LinuxSim
+
+    @staticmethod
+    def build(part: SimPart) -> tuple[Running, Injector]:
+        from labbench.sim.linux import SimLinuxBoard
+
+        board = part.entry
+        assert isinstance(board, inventory.BoardEntry) and board.ssh is not None and part.family is not None
+        ssh = board.ssh
+        sshd = SimLinuxBoard(name=part.name, host=part.host, port=_free_port(part.host), family=part.family,
+                             bus_channel=part.channel, user=ssh.user, key=ssh.key,
+                             power_mode=board.power_mode, state_dir=part.state_dir, **part.settings)
+        proxied = ProxiedLinuxBoard(sshd, part.host, part.port, ssh.known_hosts)
+        return proxied, proxied.proxy
+
+
 class SimLab:
     """Every simulated part of one lab, sharing one power bus, in this process."""
 
     def __init__(self, lab: Lab, directory: Path):
+        from labbench.sim.powerbus import PowerBus
+
         self.lab, self.dir = lab, directory
         self.bus = PowerBus()
         self.components: dict[str, Any] = {}
@@ -123,43 +182,37 @@ class SimLab:
             if board.simulated:
                 self._start(f"boards.{name}", board.sim, *self._board(board))
 
-    def _start(self, key: str, sim: inventory.SimBlock, component: Any, injector: Injector) -> None:
-        for fault in sim.faults:
-            injector.add(fault)
+    def _start(self, key: str, sim: inventory.SimBlock, component: Running,
+               injector: Injector | None) -> None:
+        if injector is not None:
+            for fault in sim.faults:
+                injector.add(fault)
+        elif sim.faults:
+            raise SimLabError(f"{key}: its simulator injects no faults (sim.faults in {self.lab.path.name})")
         component.start()
         self.components[key] = component
-        self.injectors[key] = injector
+        if injector is not None:
+            self.injectors[key] = injector
 
-    def _instrument(self, inst: inventory.InstrumentEntry) -> tuple[Any, Injector]:
-        from labbench.sim.pm1000 import Pm1000Sim
-
+    def _instrument(self, inst: inventory.InstrumentEntry) -> tuple[Running, Injector | None]:
         host, port = endpoint(inst.resource) or _no_endpoint(inst.name, inst.resource)
-        # each unit its own serial number in *IDN? (the gate tells analyzers apart by it)
-        settings = {"idn": f"Voltech,PM1000+,SIM-{inst.name},1.00", **inst.sim.settings}
-        sim = Pm1000Sim(name=inst.name, host=host, port=port,
-                        channel=self.bus.channel(bus_channel(inst.name)), **settings)
-        return sim, sim.faults
+        return _simulator(inst.kind).build(self._part(inst, None, host, port, bus_channel(inst.name)))
 
-    def _board(self, board: inventory.BoardEntry) -> tuple[Any, Injector]:
+    def _board(self, board: inventory.BoardEntry) -> tuple[Running, Injector | None]:
         family = catalog.load_family(board.family, self.lab.devices_dir)
         power = board.power
-        channel = self.bus.channel(bus_channel(power.instrument, power.channel) if power else f"{board.name}:unwired")
-        settings = board.sim.settings
-        if family.kind == "linux":
-            ssh = board.ssh
-            sshd = SimLinuxBoard(name=board.name, host=ssh.host, port=_free_port(ssh.host), family=family,
-                                 bus_channel=channel, user=ssh.user, key=ssh.key, power_mode=board.power_mode,
-                                 state_dir=self.dir / board.name, **settings)
-            proxied = ProxiedLinuxBoard(sshd, ssh.host, ssh.port, ssh.known_hosts)
-            return proxied, proxied.proxy
-        from labbench.sim.mcu import SimMcuBoard
+        channel = bus_channel(power.instrument, power.channel) if power else f"{board.name}:unwired"
+        if board.ssh is not None:
+            host, port = board.ssh.host, board.ssh.port
+        else:
+            host, port = endpoint(board.serial.url) or _no_endpoint(board.name, board.serial.url)
+        return _simulator(family.simulator).build(self._part(board, family, host, port, channel))
 
-        host, port = endpoint(board.serial.url) or _no_endpoint(board.name, board.serial.url)
-        if "model" in settings:
-            settings["model_path"] = self.lab.dir / settings.pop("model")
-        mcu = SimMcuBoard(name=board.name, host=host, port=port, family=family, bus_channel=channel, **settings)
-        mcu.uart.faults.reset = mcu.reset
-        return mcu, mcu.uart.faults
+    def _part(self, entry: inventory.BoardEntry | inventory.InstrumentEntry,
+              family: catalog.BoardFamily | None, host: str, port: int, channel: str) -> SimPart:
+        return SimPart(entry=entry, family=family, host=host, port=port, settings=dict(entry.sim.settings),
+                       bus=self.bus, channel=self.bus.channel(channel), lab_dir=self.lab.dir,
+                       state_dir=self.dir / entry.name)
 
     def stop(self) -> None:
         for component in reversed(list(self.components.values())):
@@ -207,6 +260,15 @@ class SimLab:
 
 def _no_endpoint(name: str, address: str) -> tuple[str, int]:
     raise SimLabError(f"{name}: cannot simulate {address!r}: a simulator needs a host:port address")
+
+
+def _simulator(name: str) -> Simulator:
+    """The `labbench.sims` entry point `name` (lab.yaml's validation has checked it is installed)."""
+    simulators = registered(SIM_GROUP)
+    if name not in simulators:
+        raise SimLabError(unknown("simulator", name, simulators))
+    simulator: Simulator = simulators[name].load()
+    return simulator
 
 
 def serve(lab_path: Path, directory: Path) -> None:

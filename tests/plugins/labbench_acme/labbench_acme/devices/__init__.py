@@ -1,0 +1,1 @@
+"""The board families this package adds to labbench's catalog (the `labbench.devices` entry point)."""
