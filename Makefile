@@ -32,7 +32,11 @@ lab: setup
 	  echo "results journal: $(abspath reports/journal.jsonl)"; \
 	  exit $$rc
 
+# Style and types first (seconds), then the tests.
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy labbench
 	$(BIN)/pytest tests -q
 
 setup: system-packages $(STAMP)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -14,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from labbench import firmware_image, gate_cli, inventory, measure_cli
+from labbench.edge import cli as edge_cli
 from labbench.errors import LabbenchError, LabConfigError, UsageError
 
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -27,9 +29,10 @@ def _lab_arg(parser: argparse.ArgumentParser, positional: bool = False) -> None:
 
 
 def _connection(board: inventory.BoardEntry) -> str:
-    if board.serial:
-        return f"{board.serial.url} @ {board.serial.baud}"
-    return f"ssh {board.ssh.user}@{board.ssh.host}:{board.ssh.port}"
+    if board.ssh is not None:
+        return f"ssh {board.ssh.user}@{board.ssh.host}:{board.ssh.port}"
+    assert board.serial is not None  # lab.yaml gives a board exactly one of serial: and ssh:
+    return f"{board.serial.url} @ {board.serial.baud}"
 
 
 def _row(table: Table, *cells: str) -> None:
@@ -70,9 +73,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
     lab = inventory.load(args.lab, check_files=args.action == "up")  # down and status, whatever is missing
     if args.action == "up":
-        state = simlab.up(lab)
-        out.print(f"simulated lab up (pid {state['pid']}): {len(state['boards'])} boards, "
-                  f"{len(state['instruments'])} instruments; state in {state['state_dir']}", markup=False)
+        started = simlab.up(lab)
+        out.print(f"simulated lab up (pid {started['pid']}): {len(started['boards'])} boards, "
+                  f"{len(started['instruments'])} instruments; state in {started['state_dir']}", markup=False)
     elif args.action == "down":
         out.print("simulated lab stopped" if simlab.down(lab) else "simulated lab was not up")
     else:
@@ -150,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     gate_cli.add_parsers(sub)
     measure_cli.add_parser(sub)
     firmware_image.add_parser(sub)
+    edge_cli.add_parser(sub)
 
     report = sub.add_parser("report", help="build the results dashboard from journals")
     report.add_argument("journals", nargs="*", type=Path, help="journals (default: reports/*.jsonl)")
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning  # `journal.jsonl:7: skipped: ...`, without the source line
-            return args.func(args)
+            command: Callable[[argparse.Namespace], int] = args.func
+            return command(args)
     except (LabConfigError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

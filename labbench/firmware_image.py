@@ -29,6 +29,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from labbench import __version__
 from labbench.errors import LabbenchError
@@ -141,7 +142,8 @@ def partition_table_bin(partitions: tuple[Partition, ...] = DEFAULT_PARTITIONS) 
 def parse_partition_table(data: bytes) -> tuple[Partition, ...]:
     """The partitions of a table binary; raises ImageError on a bad magic or MD5."""
     entry_bytes = struct.calcsize(PARTITION_ENTRY_FMT)
-    found, names = [], {v: k for k, v in TYPES.items()}
+    found: list[Partition] = []
+    names = {v: k for k, v in TYPES.items()}
     for pos in range(0, min(len(data), PARTITION_TABLE_BYTES), entry_bytes):
         entry = data[pos : pos + entry_bytes]
         if entry[:2] == PARTITION_MD5_MAGIC:
@@ -197,7 +199,8 @@ def build_app_image(model: bytes, model_name: str, version: str = __version__) -
     image.flash_mode, image.flash_size_freq = FLASH_MODE_DIO, FLASH_SIZE_FREQ
     image.max_rev_full = MAX_CHIP_REV_FULL
     image.segments = [ImageSegment(DROM_SEGMENT_ADDR, data + b"\0" * (-len(data) % 4))]
-    return image.save(None)
+    saved: bytes = image.save(None)  # no file name: the image's bytes
+    return saved
 
 
 def read_app_image(data: bytes) -> AppImage:
@@ -209,7 +212,7 @@ def read_app_image(data: bytes) -> AppImage:
         raise ImageError(f"invalid magic byte {data[:1].hex() or 'none'} (nothing flashed?)")
     try:
         image = ESP32FirmwareImage(io.BytesIO(data))
-    except Exception as exc:  # esptool raises FatalError, struct.error or RuntimeError on garbage
+    except Exception as exc:  # noqa: BLE001 (esptool raises FatalError, struct.error, RuntimeError)
         raise ImageError(f"malformed image: {exc}") from None
     if image.chip_id != ESP32ROM.IMAGE_CHIP_ID:
         raise ImageError(f"image is for chip id {image.chip_id}, not the ESP32")
@@ -287,7 +290,7 @@ def pack(model_path: str | Path, out_dir: str | Path, board: str = "esp32") -> P
     return paths
 
 
-def _flasher_args() -> dict:
+def _flasher_args() -> dict[str, Any]:
     return {
         "write_flash_args": ["--flash-mode", "dio", "--flash-size", "4MB", "--flash-freq", "40m"],
         "flash_settings": {"flash_mode": "dio", "flash_size": "4MB", "flash_freq": "40m"},
@@ -341,7 +344,7 @@ def pack_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`labbench firmware pack MODEL.tflite --board esp32 [--out DIR]`."""
     firmware = subparsers.add_parser("firmware", help="build firmware images").add_subparsers(
         dest="firmware_command", required=True

@@ -127,8 +127,8 @@ def host_ids(host: str) -> tuple[str, ...]:
         return (_canonical(ipaddress.ip_address(name)),)
     except ValueError:
         pass
-    infos, why = _resolve(name)
-    ids = sorted({_canonical(ipaddress.ip_address(info[4][0])) for info in infos or ()})
+    addresses, why = _resolve(name)
+    ids = sorted({_canonical(ipaddress.ip_address(address)) for address in addresses or ()})
     if not ids:
         warnings.warn(f"labbench locks: cannot resolve host {name!r} ({why}): its locks are keyed on the name, "
                       "so another name for the same host is not excluded", stacklevel=2)
@@ -144,20 +144,23 @@ def _canonical(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
 
 
-def _resolve(name: str) -> tuple[list | None, str]:
-    """getaddrinfo bounded by RESOLVE_TIMEOUT_S (a daemon thread: a hung resolver never holds up exit)."""
-    out: dict = {}
+def _resolve(name: str) -> tuple[list[str] | None, str]:
+    """The addresses getaddrinfo gives for `name` (None when it fails) and why it failed, bounded by
+    RESOLVE_TIMEOUT_S (a daemon thread: a hung resolver never holds up exit)."""
+    out: list[tuple[list[str] | None, str]] = []
 
     def run() -> None:
         try:
-            out["infos"] = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+            infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as e:
-            out["why"] = str(e) or type(e).__name__
+            out.append((None, str(e) or type(e).__name__))
+            return
+        out.append(([str(info[4][0]) for info in infos], ""))
 
     thread = threading.Thread(target=run, name=f"resolve {name}", daemon=True)
     thread.start()
     thread.join(RESOLVE_TIMEOUT_S)
-    return out.get("infos"), out.get("why", f"no answer within {RESOLVE_TIMEOUT_S:g} s")
+    return out[0] if out else (None, f"no answer within {RESOLVE_TIMEOUT_S:g} s")
 
 
 # --- taking and releasing ----------------------------------------------------------------------------

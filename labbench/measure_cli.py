@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from labbench.results import Journal
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from labbench.measure.run import RunSettings
 
     p = sub.add_parser("measure", help="measure a model on the lab's boards (latency, energy, accuracy, memory)")

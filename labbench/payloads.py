@@ -54,6 +54,8 @@ class Payload:
 
         from labbench.modelinfo import quantize_input
 
+        if self.data is None:
+            raise ValueError(f"payload {self.name} has no dataset")
         x, y = self.data["x_test"][:limit], self.data["y_test"][:limit]
         shape = self.info.inputs[0].shape[1:]
         return np.stack([quantize_input(self.info, xi.reshape((1, *shape)))[0] for xi in x]), y
@@ -61,14 +63,16 @@ class Payload:
     def timing_input(self) -> np.ndarray:
         """One input for back-to-back timing: the first test sample, or a seeded random one."""
         if self.data is not None:
-            return self.test_inputs(limit=1)[0][0]
+            first: np.ndarray = self.test_inputs(limit=1)[0][0]
+            return first
         import numpy as np
 
         t = self.info.inputs[0]
         rng = np.random.default_rng(0)
         if np.issubdtype(np.dtype(t.dtype), np.integer):
             lim = np.iinfo(t.dtype)
-            return rng.integers(lim.min, lim.max + 1, size=t.shape[1:], dtype=t.dtype)
+            drawn: np.ndarray = rng.integers(lim.min, lim.max + 1, size=t.shape[1:], dtype=t.dtype)
+            return drawn
         return rng.standard_normal(t.shape[1:]).astype(t.dtype)
 
 

@@ -93,6 +93,7 @@ def link_problem(entry: BoardEntry, timeout_s: float = CONNECT_TIMEOUT_S) -> str
     if entry.ssh is not None:
         problem = _connect(entry.ssh.host, entry.ssh.port, timeout_s)
         return f"ssh: {problem}" if problem else None
+    assert entry.serial is not None  # lab.yaml gives a board exactly one of serial: and ssh:
     url = entry.serial.url
     if url.lower().startswith(("spy://", "alt://")):
         url = url.split("://", 1)[1].split("?", 1)[0]
@@ -111,6 +112,8 @@ def link_problem(entry: BoardEntry, timeout_s: float = CONNECT_TIMEOUT_S) -> str
 def instrument_problem(board: Board, timeout_s: float = CONNECT_TIMEOUT_S) -> tuple[str | None, str]:
     """Why the board's power instrument does not answer `*IDN?` (or None), and its reply; the
     instrument stays open until `board.release()`."""
+    if board.entry.power is None:
+        return "no power: link in lab.yaml", ""
     inst = board.lab.instruments[board.entry.power.instrument]
     address = endpoint(inst.resource)
     if address is not None and (problem := _connect(*address, timeout_s)):

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TextIO, TypeVar
 
 log = logging.getLogger("labbench.steps")
 log.addHandler(logging.NullHandler())  # a library: the front door decides where steps go
@@ -122,7 +122,7 @@ class BoardLogFiles(logging.Handler):
     def __init__(self, directory: Path):
         super().__init__(logging.INFO)
         self.directory = directory
-        self._files: dict[str, Any] = {}
+        self._files: dict[str, TextIO] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         board = str(getattr(record, "board", "") or "lab")
@@ -130,7 +130,8 @@ class BoardLogFiles(logging.Handler):
             out = self._files.get(board)
             if out is None:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                out = self._files[board] = open(self.directory / f"{board}-steps.log", "a", buffering=1)
+                path = self.directory / f"{board}-steps.log"
+                out = self._files[board] = open(path, "a", buffering=1)  # noqa: SIM115 (open until close())
             out.write(f"{time.monotonic():.6f} {record.levelname} {record.getMessage()}\n")
         except OSError:
             self.handleError(record)

@@ -26,9 +26,10 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq, merge_attrib
 from ruamel.yaml.compat import ordereddict
@@ -55,6 +56,8 @@ _PLAIN_PART = re.compile(r"[A-Za-z0-9_-]+")
 _SHOWN_MAX = 60
 
 Loc = Sequence[str | int]
+KeyPath = tuple[str | int, ...]
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Refused(Exception):
@@ -108,7 +111,7 @@ class _Composer(Composer):
         node = super().compose_document()
         sizes: dict[int, int] = {}
         if _expanded(node, sizes) > MAX_VALUES:
-            loc: tuple = ()
+            loc: KeyPath = ()
             while big := next(((k, v) for k, v in _children(node) if _expanded(v, sizes) > MAX_VALUES), None):
                 loc, node = loc + (big[0],), big[1]
             raise _Refused(node.start_mark, loc, f"more than {MAX_VALUES} values once aliases are expanded")
@@ -157,7 +160,7 @@ class Source:
         src._substitute(src.data, (), error, set())
         return src
 
-    def _substitute(self, node: Any, loc: tuple, error: type[LabConfigError], done: set[int]) -> Any:
+    def _substitute(self, node: Any, loc: KeyPath, error: type[LabConfigError], done: set[int]) -> Any:
         """Substitute environment variables in every string scalar (see the module docstring) and refuse
         unprintable characters; each container is visited once, however many aliases share it."""
         if isinstance(node, (CommentedMap, CommentedSeq)):
@@ -183,7 +186,7 @@ class Source:
             self._check_text(node, loc, error)
             if "$" in node:
 
-                def value(m: re.Match) -> str:
+                def value(m: re.Match[str]) -> str:
                     token = m.group(1)
                     if token == "$":
                         return "$"
@@ -204,7 +207,7 @@ class Source:
                 self._check_text(node, loc, error)  # what the environment put in
         return node
 
-    def _check_text(self, text: str, loc: tuple, error: type[LabConfigError]) -> None:
+    def _check_text(self, text: str, loc: KeyPath, error: type[LabConfigError]) -> None:
         bad = _unprintable(text)
         if bad is not None:
             name = unicodedata.name(bad, "a control character")
@@ -234,30 +237,29 @@ class Source:
     def where(self, loc: Loc, message: str) -> str:
         return _located(self.label, self.line(loc), loc, message)
 
-    def check(self, model: type[BaseModel], data: Any = None,
-              at: Loc = ()) -> tuple[BaseModel | None, list[str]]:
+    def check(self, model: type[M], data: Any = None, at: Loc = ()) -> tuple[M | None, list[str]]:
         """Validate the document (or `data` derived from the part of it at key path `at`, with the same
         key paths below it) against `model`: the model, or None and one message per problem."""
         data = plain(self.data) if data is None else data
         try:
             return model.model_validate(data), []
         except ValidationError as exc:
-            found: dict[tuple, list[str]] = {}
+            found: dict[KeyPath, list[str]] = {}
             for err in _drop_misspelt_missing(exc.errors()):
                 loc, message = describe(err, model)
                 found.setdefault(_in_data(loc, data), []).append(message)
             return None, [self.where(tuple(at) + loc, _joined(messages)) for loc, messages in found.items()]
 
-    def validate(self, model: type[BaseModel], data: Any = None,
-                 error: type[LabConfigError] = LabConfigError, at: Loc = ()) -> BaseModel:
+    def validate(self, model: type[M], data: Any = None,
+                 error: type[LabConfigError] = LabConfigError, at: Loc = ()) -> M:
         """As `check`, raising `error` with every problem, one per line."""
         result, problems = self.check(model, data, at)
-        if problems:
+        if result is None:
             raise error("\n".join(problems))
         return result
 
 
-def _in_data(loc: tuple, data: Any) -> tuple:
+def _in_data(loc: KeyPath, data: Any) -> KeyPath:
     """`loc` without the parts pydantic adds below a value of the data: a union's member types, the
     `max:` a bare-number budget becomes."""
     node = data
@@ -276,8 +278,8 @@ def _in_data(loc: tuple, data: Any) -> tuple:
 def _joined(messages: list[str]) -> str:
     """The problems at one key path: `expected X, got V` and `expected Y, got V` read as `expected X or Y`."""
     messages = list(dict.fromkeys(messages))
-    parts = [re.fullmatch(r"expected (.+), got (.+)", m) for m in messages]
-    if len(messages) > 1 and all(parts) and len({p.group(2) for p in parts}) == 1:
+    parts = [p for m in messages if (p := re.fullmatch(r"expected (.+), got (.+)", m))]
+    if len(messages) > 1 and len(parts) == len(messages) and len({p.group(2) for p in parts}) == 1:
         return f"expected {' or '.join(p.group(1) for p in parts)}, got {parts[0].group(2)}"
     return "; ".join(messages)
 
@@ -352,12 +354,12 @@ def _owner(node: CommentedMap, key: Any) -> CommentedMap:
     return node
 
 
-def _drop_misspelt_missing(errors: list[dict]) -> list[dict]:
+def _drop_misspelt_missing(errors: list[ErrorDetails]) -> list[ErrorDetails]:
     """A misspelt required key shows as unknown *and* missing; keep only the unknown key (it says both)."""
     extras = {(tuple(e["loc"][:-1]), str(e["loc"][-1])) for e in errors
               if e["type"] == "extra_forbidden" and e["loc"]}
 
-    def misspelt(e: dict) -> bool:
+    def misspelt(e: ErrorDetails) -> bool:
         if e["type"] != "missing" or not e["loc"]:
             return False
         parent, key = tuple(e["loc"][:-1]), str(e["loc"][-1])
@@ -380,7 +382,7 @@ def plain(node: Any) -> Any:
     return node
 
 
-def suggest(word: str, choices: Iterable[str]) -> str:
+def suggest(word: str | int, choices: Iterable[str]) -> str:
     """`; did you mean "x"?` when a close match exists, else the empty string."""
     match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return f'; did you mean "{match[0]}"?' if match else ""
@@ -411,7 +413,7 @@ _EXPECTED = {
 }
 
 
-def describe(err: dict, model: type[BaseModel]) -> tuple[tuple, str]:
+def describe(err: ErrorDetails, model: type[BaseModel]) -> tuple[KeyPath, str]:
     """One pydantic error -> (key path, message in the bench's words)."""
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
     kind = err["type"]
@@ -434,7 +436,7 @@ def describe(err: dict, model: type[BaseModel]) -> tuple[tuple, str]:
     return loc, msg
 
 
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+def _fields_at(model: type[BaseModel], loc: KeyPath) -> list[str]:
     """The field names allowed at `loc` inside `model`, following nested models and dict values."""
     current: Any = model
     for part in loc:
@@ -443,7 +445,8 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
             return []
     if not (isinstance(current, type) and issubclass(current, BaseModel)):
         return []
-    return [n for n, f in current.model_fields.items() if not (f.json_schema_extra or {}).get("from_key")]
+    return [n for n, f in current.model_fields.items()
+            if not (isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("from_key"))]
 
 
 def _submodel(model: Any, part: str | int) -> Any:

@@ -3,14 +3,14 @@
 The command is lab.yaml's `flash.command` for the board, a list of arguments with placeholders
 `{image}` (absolute path), `{port}` (the board's serial URL or device), `{baud}`, `{board}` and
 `{python}` (the bench's own interpreter, for tools installed as Python modules); without one, the
-tool's usual command line for the board (the driver's `DEFAULT_COMMAND`). The default lab.yaml
-names the simulated lab's stand-ins this way (`{python} -m labbench.sim.standin_tools bossac ...`),
-so the bench treats them as any other command. Its exit code and its output (stdout and stderr, interleaved) go to a log file
-per flash; a failure is a FlashError naming the board, the tool, the exit code, the output's tail
-and the log.
+tool's usual command line for the board (the driver's `DEFAULT_COMMAND`). A lab may name any
+tool this way, a stand-in for a simulated board included (docs/flashing.md), and the bench runs it
+as any other command. Its exit code and its output (stdout and stderr,
+interleaved) go to a log file per flash; a failure is a FlashError naming the board, the tool, the
+exit code, the output's tail and the log.
 
 Afterwards the board is identified as a DUT (`DutSerial.identify`). When the image is a TFLite
-model (the simulated boards take the .tflite itself), the DUT must report its SHA-256, and a
+model (some boards take the .tflite itself), the DUT must report its SHA-256, and a
 board already reporting it is not flashed again unless `force`; a compiled firmware image (.bin,
 .elf) carries no hash the bench can read, so it is always written.
 """
@@ -22,13 +22,17 @@ import subprocess
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Self
 
 from labbench.capabilities import DutIdentity, InstallRecord
-from labbench.errors import FlashError
+from labbench.errors import FlashError, UsageError
 from labbench.steps import step
+
+if TYPE_CHECKING:
+    from labbench.catalog import BoardFamily
+    from labbench.inventory import BoardEntry
 
 TAIL_LINES = 8
 
@@ -56,7 +60,10 @@ class CommandFlasher:
         self.log_dir = Path(log_dir)
 
     @classmethod
-    def from_lab(cls, entry: Any, family: Any = None) -> CommandFlasher:
+    def from_lab(cls, entry: BoardEntry, family: BoardFamily | None = None) -> Self:
+        """From a lab.yaml board entry (`family` is part of the common driver signature; unused)."""
+        if entry.serial is None:
+            raise UsageError(f"board {entry.name} has no serial: link in lab.yaml to flash through")
         flash = entry.flash
         command = flash.command if flash and flash.command else None
         return cls(
@@ -101,7 +108,7 @@ class CommandFlasher:
         if expected and not force:
             try:
                 current = self._identify()
-            except Exception:  # not answering as a DUT: flash it
+            except Exception:  # noqa: BLE001 (not answering as a DUT, whatever the cause: flash it)
                 current = None
             if current is not None and current.model_sha256 == expected:
                 return done(True, round(time.monotonic() - t0, 3), current, detail={"image": str(path)})
@@ -116,6 +123,7 @@ class CommandFlasher:
                 log.flush()
                 proc = subprocess.run(
                     argv,
+                    check=False,  # the exit code is judged below, with the log
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -144,7 +152,7 @@ class CommandFlasher:
         try:
             with step(self.board, "identify after flashing"):
                 identity = self._identify()
-        except Exception as exc:  # DutProtocolError and the like: the board did not come up as a DUT
+        except Exception as exc:  # noqa: BLE001 (DutProtocolError or any other: the board is no DUT)
             raise FlashError(
                 self.board, f"identify the DUT after {self.TOOL}", str(exc), log=str(log_path)
             ) from None

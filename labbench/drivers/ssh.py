@@ -1,17 +1,8 @@
-"""Linux boards over SSH (paramiko): deploy a model and the runner, run it, stream the results back.
+"""Linux boards over SSH: deploy a model and the runner, run it, stream the results back.
 
-Connection: ~/.ssh/config is honoured for the board's host as `ssh <host>` would: HostName,
-IdentityFile, ProxyCommand, and UserKnownHostsFile, Port and User where the caller leaves them unset
-(a lab.yaml entry always gives both: port defaults to 22, user to the local account name). Keys come
-from lab.yaml, the config, ~/.ssh/id_* and the agent.
-
-Host keys are verified against `known_hosts` (lab.yaml's, else the config's, else
-~/.ssh/known_hosts): an unknown or changed key is a RemoteError with its SHA256 fingerprint and the
-command that trusts it. Trust on first use happens only where lab.yaml says so, and appends the key
-to known_hosts; a changed key is refused even then.
-
-Remote commands are argument lists joined with shlex.quote; file transfer is SFTP (no shell).
-Deployment goes to `<home>/<remote_dir>/` on the board (one directory per lab):
+The connection (host keys, bounded commands and transfers, the per-board log) is
+labbench.drivers.sshconn's; this module is the runner target on top of it. Deployment goes to
+`<home>/<remote_dir>/` on the board (one directory per lab):
 
     runner.py  models/<model file>  datasets/<dataset file>  deployment.json
 
@@ -44,20 +35,14 @@ cold start). After it, each record is due within max(2 x E, E + EXPECTED_SLACK_S
 being the board's time per inference (this run's so far, else the last run's of this deployment,
 else the cold start's inference) x the inferences it covers (the warmup too for the first timed
 one); later silence is a RemoteTimeout carrying the completed inferences. Other commands may be
-silent for `command_timeout_s`. A transfer (an SFTP session, a command's start and its stdin) that
-moves no byte for `transfer_stall_s`, or lasts over `transfer_timeout_s`, is a RemoteError naming
-the file and the bytes sent: the connection is closed under it (a send blocked on a full socket wakes
-no other way) and the next call reconnects.
+silent for `command_timeout_s`; transfers are bounded as sshconn says.
 
 Stopping. `run_timed` and `classify` take `stop` (a threading.Event): once it is set, the run ends
-within _POLL_S with RunAborted carrying `.partial`. The channel is closed, which ends the runner at
-its next write.
+within sshconn.POLL_S with RunAborted carrying `.partial`. The channel is closed, which ends the
+runner at its next write.
 
-Log. Appended to `log_path` (default `reports/logs/<board>-ssh.log` under the working directory;
-`from_lab(log_dir=...)` puts it elsewhere) with host time.monotonic() stamps: `<time> -> ...` what
-was sent (commands, SFTP puts), `<time> <- b'...'` a stdout line (the first and the last LOG_LINES
-of a command; a long run's lines in between are counted), `<time> <2 b'...'` a stderr line,
-`<time> -- ...` events (connections, exit statuses, errors).
+Log. The connection's (`log_path`, default `reports/logs/<board>-ssh.log`; `from_lab(log_dir=...)`
+puts it elsewhere): commands, SFTP puts, the runner's output lines and events.
 
 Errors name the board, the command, what was expected and what was seen, and the log:
 RemoteStreamError (a record failed a check), RemoteTimeout (silence past its bound), RemoteRunError
@@ -72,49 +57,56 @@ import hashlib
 import io
 import json
 import math
-import os
 import posixpath
-import pwd
 import re
 import shlex
 import threading
 import time
 import zlib
-from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import paramiko
 
 from labbench.capabilities import DutIdentity, InstallRecord, TimedRun
-from labbench.errors import HardwareError, RemoteError, RunAborted
-from labbench.steps import step
+from labbench.drivers.sshconn import SshConnection
+from labbench.errors import RemoteError, RunAborted, UsageError
 from labbench.modelinfo import ModelInfo
+from labbench.steps import step
+
+if TYPE_CHECKING:
+    from labbench.catalog import BoardFamily
+    from labbench.inventory import BoardEntry
 
 RUNNER = resources.files("labbench.remote") / "runner.py"
-PROTOCOL = int(re.search(r"^PROTOCOL = (\d+)", RUNNER.read_text(), re.MULTILINE)[1])  # the runner's format
 DEPLOYMENT_FILE = "deployment.json"
-KEEPALIVE_S = 10
 EXPECTED_SLACK_S = 5.0  # a record is due within max(2 x expected, expected + 5 s)
 CLOCK_SLACK_S = 0.001  # float rounding of host and board stamps
-_POLL_S = 0.1  # how often a wait looks at its bound and at `stop`
-LOG_LINES = 1000  # stdout lines logged of each command: the first and the last this many
-_CHUNK = 32768
 _TAG = re.compile(rb"(.*) \*([0-9A-F]{8})", re.DOTALL)
 _TIMED = re.compile(rb'\{"type":"inference","i":(0|[1-9][0-9]*),"t_ns":(0|[1-9][0-9]*),"latency_ns":(0|[1-9][0-9]*)\}')
+
+_T = TypeVar("_T")
+
+
+def _runner_protocol() -> int:
+    """The runner's stream format (its `PROTOCOL = N` line), read without importing it."""
+    m = re.search(r"^PROTOCOL = (\d+)", RUNNER.read_text(), re.MULTILINE)
+    if m is None:
+        raise ImportError(f"{RUNNER} has no PROTOCOL line")
+    return int(m[1])
+
+
+PROTOCOL = _runner_protocol()
 
 
 class RemoteRunError(RemoteError):
     """A remote run broke off: `completed` of `expected` inferences came back, kept in `partial`
     (a TimedRun for run_timed, the output rows for classify)."""
 
-    def __init__(self, target: str, action: str, seen: str, completed: int, expected: int, partial: Any,
+    def __init__(self, target: str, action: str, seen: str, completed: int, expected: int, partial: object,
                  log: str | None = None):
         super().__init__(target, action, seen, log)
         self.completed, self.expected, self.partial = completed, expected, partial
@@ -126,13 +118,6 @@ class RemoteStreamError(RemoteRunError):
 
 class RemoteTimeout(RemoteRunError):
     """The runner fell silent for longer than its bound."""
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    exit_status: int
-    stdout: bytes
-    stderr: bytes
 
 
 def sha256_file(path: Path) -> str:
@@ -158,199 +143,9 @@ def _output_length(model: Path) -> int | None:
     return int(np.prod(ModelInfo.from_file(model).outputs[0].shape))
 
 
-def _keyscan_type(key: paramiko.PKey) -> str:
-    name = key.get_name()
-    return "ecdsa" if name.startswith("ecdsa") else name.removeprefix("ssh-")
-
-
-def _show(data: Any, limit: int = 200) -> str:
+def _show(data: object, limit: int = 200) -> str:
     text = repr(data)
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
-    """Refuses an unknown host key with its fingerprint, or (trust on first use) records it."""
-
-    def __init__(self, owner: SshBoard, known_hosts: Path, trust_on_first_use: bool):
-        self.owner, self.known_hosts, self.trust = owner, known_hosts, trust_on_first_use
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        if not self.trust:
-            raise self.owner._error(f"verify host key of {hostname}", (
-                f"unknown host key {key.get_name()} {key.fingerprint} (not in {self.known_hosts}). "
-                f"If that is the board's key, trust it with: {self.owner.keyscan_command(key)} "
-                f"(or set trust_on_first_use: true for this board in lab.yaml)"))
-        self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.known_hosts, "a") as f:
-            f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        self.owner._event(f"trusted {hostname} {key.get_name()} {key.fingerprint} on first use")
-
-
-class _Watchdog:
-    """Watches a transfer from its own thread: when no byte moved for `stall_s`, or the whole took
-    over `limit_s`, it closes the connection under the transfer (the only way to wake a send blocked
-    on a full socket) and says so in `tripped`."""
-
-    def __init__(self, transport: paramiko.Transport, stall_s: float, limit_s: float, what: str):
-        self.transport, self.stall_s, self.limit_s = transport, stall_s, limit_s
-        self.what, self.done, self.total = what, 0, None
-        self.tripped: str | None = None
-        self._t0 = self._last = time.monotonic()
-        self._over = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="ssh-transfer-watchdog", daemon=True)
-        self._thread.start()
-
-    def task(self, what: str, total: int | None) -> None:
-        self.what, self.done, self.total = what, 0, total
-        self._last = time.monotonic()
-
-    def moved(self, n: int) -> None:
-        if n:
-            self._last = time.monotonic()
-
-    def sent(self, done: int) -> None:
-        self.done = done
-        self._last = time.monotonic()
-
-    def _watch(self) -> None:
-        while not self._over.wait(_POLL_S):
-            now = time.monotonic()
-            if now - self._last > self.stall_s:
-                self.tripped = f"no progress for {self.stall_s:g} s"
-            elif now - self._t0 > self.limit_s:
-                self.tripped = f"not done within {self.limit_s:g} s"
-            else:
-                continue
-            self.transport.close()
-            return
-
-    def stop(self) -> None:
-        self._over.set()
-        self._thread.join()
-
-    def describe(self, exc: BaseException) -> str:
-        cause = self.tripped or f"{type(exc).__name__}: {exc}"
-        sent = f" ({self.done} of {self.total} bytes sent)" if self.total is not None else ""
-        return f"{self.what}: {cause}{sent}"
-
-
-class _Counted:
-    """A channel that tells a watchdog each time bytes move (an SFTP session's progress, acks included)."""
-
-    def __init__(self, chan: paramiko.Channel, moved: Callable[[int], None]):
-        self._chan, self._moved = chan, moved
-
-    def recv(self, n: int) -> bytes:
-        data = self._chan.recv(n)
-        self._moved(len(data))
-        return data
-
-    def send(self, data: bytes) -> int:
-        n = self._chan.send(data)
-        self._moved(n)
-        return n
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._chan, name)
-
-
-class _Stream:
-    """One remote command whose stdout is read line by line as it arrives; its first and last
-    LOG_LINES lines and all of its stderr are logged.
-
-    Iteration stops at the end of the output, when `stop` is set, or when nothing arrived for
-    `limit()[0]` seconds (asked again at each wait, so the reader may change it as it learns; [1] says
-    what the bound is); afterwards `exit_status` (None when none came) and `why()` say how it ended.
-    """
-
-    def __init__(self, chan: paramiko.Channel, sent_s: float, limit: Callable[[], tuple[float, str]],
-                 log: Callable[[str, list[bytes | str], float], None], stop: threading.Event | None = None):
-        self.chan, self.sent_s, self.limit, self.log, self.stop = chan, sent_s, limit, log, stop
-        self.stderr = bytearray()
-        self.stalled: str | None = None  # the bound that ran out
-        self.lost = self.stopped = False
-        self.exit_status: int | None = None
-        self.tail = b""  # output after the last newline (a line still in flight)
-        self._stderr_line = b""
-        self._logged = self._unlogged = 0
-        self._last_lines: deque[tuple[bytes, float]] = deque(maxlen=LOG_LINES)
-
-    def __iter__(self) -> Iterator[tuple[bytes, float]]:
-        chan, pending = self.chan, b""
-        chan.settimeout(_POLL_S)
-        last = time.monotonic()
-        try:
-            while True:
-                self._read_stderr()
-                if self.stop is not None and self.stop.is_set():
-                    self.stopped = True
-                    break
-                try:
-                    data = chan.recv(65536)
-                except TimeoutError:
-                    limit_s, bound = self.limit()
-                    if time.monotonic() - last > limit_s:
-                        self.stalled = bound
-                        break
-                    continue
-                except (EOFError, OSError, paramiko.SSHException):  # the connection broke under recv
-                    self.lost = True
-                    break
-                if not data:
-                    break
-                last = time.monotonic()
-                *lines, pending = (pending + data).split(b"\n")
-                self._log_lines(lines, last)
-                for line in lines:
-                    yield line, last
-            self.tail = pending
-            self._log_lines([pending] if pending else [], last)
-            self._finish()
-        finally:  # also when the reader stops early: the remote command gets EOF/SIGPIPE
-            try:
-                chan.close()
-            except (EOFError, OSError, paramiko.SSHException):
-                pass  # the connection went first; the channel is gone with it
-            if self._unlogged:
-                self.log("--", [f"{self._unlogged - len(self._last_lines)} lines not logged"], last)
-            for line, t in self._last_lines:
-                self.log("<-", [line], t)
-
-    def _log_lines(self, lines: list[bytes], t: float) -> None:
-        room = LOG_LINES - self._logged
-        if room > 0:
-            self.log("<-", lines[:room], t)
-            self._logged += min(room, len(lines))
-        if len(lines) > room:
-            later = lines[max(room, 0):]
-            self._unlogged += len(later)
-            self._last_lines.extend((line, t) for line in later)
-
-    def _read_stderr(self) -> None:
-        while self.chan.recv_stderr_ready():
-            data = self.chan.recv_stderr(65536)
-            self.stderr += data
-            *lines, self._stderr_line = (self._stderr_line + data).split(b"\n")
-            if lines:
-                self.log("<2", lines, time.monotonic())
-
-    def _finish(self) -> None:
-        if not (self.stalled or self.lost or self.stopped) and self.chan.status_event.wait(self.limit()[0]):
-            self._read_stderr()
-            status = self.chan.exit_status
-            self.exit_status = None if status == -1 else status
-        if self._stderr_line:
-            self.log("<2", [self._stderr_line], time.monotonic())
-        self.lost = self.lost or not self.chan.get_transport().is_active()
-
-    def why(self) -> str:
-        if self.stalled:
-            return self.stalled
-        if self.lost or self.exit_status is None:
-            return "connection lost"
-        tail = self.stderr.decode(errors="replace").strip().splitlines()[-5:]
-        return f"exit status {self.exit_status}" + (": " + " | ".join(tail) if tail else "")
 
 
 class _Mismatch(Exception):
@@ -412,7 +207,7 @@ def _record(line: bytes, kind: str, fields: dict[str, str], what: str) -> dict[s
     return record
 
 
-def _values(values: list, n: int, what: str) -> None:
+def _values(values: list[Any], n: int, what: str) -> None:
     if len(values) != n:
         raise _Mismatch(f"{what}: {n} output values (the model's output length)", f"{len(values)} values")
     for j, v in enumerate(values):
@@ -436,14 +231,15 @@ class _Records:
         self.outputs: list[list[float]] = []  # classify's rows
         self.offset_s = math.inf  # least (host arrival - board stamp) seen: the clocks' offset, bounded
         self._t0_ns = self._prev_ns = 0
+        self._start_ns = self._first_latency_ns = self._outputs = 0  # from the start record
 
     def feed(self, line: bytes, arrived: float) -> None:
         self.lines += 1
         self.bytes += len(line) + 1
         if self.start is not None and self.end is None and self.want.mode == "timed":
-            m = _TAG.fullmatch(line)
-            fast = m and _TIMED.fullmatch(m[1])
-            if fast and zlib.crc32(m[1]) == int(m[2], 16):  # the bulk of a timed run, without the JSON parser
+            m = _TAG.fullmatch(line)  # the bulk of a timed run, checked without the JSON parser
+            fast = _TIMED.fullmatch(m[1]) if m else None
+            if m and fast and zlib.crc32(m[1]) == int(m[2], 16):
                 self._inference(int(fast[1]), int(fast[2]), int(fast[3]), arrived)
                 return
         if self.end is not None:
@@ -468,9 +264,11 @@ class _Records:
         if r["t_ns"] < r["t0_ns"]:
             raise _Mismatch(f"the start record: t_ns >= t0_ns ({r['t0_ns']})", str(r["t_ns"]))
         self.start, self._t0_ns, self._prev_ns = r, r["t0_ns"], r["t_ns"]
+        self._start_ns, self._first_latency_ns, self._outputs = r["t_ns"], r["first_latency_ns"], r["outputs"]
         self._clock(r["t_ns"] + r["first_latency_ns"], arrived, "the start record's first inference")
 
-    def _inference(self, i: int, t_ns: int, latency_ns: int, arrived: float, output: list | None = None) -> None:
+    def _inference(self, i: int, t_ns: int, latency_ns: int, arrived: float,
+                   output: list[Any] | None = None) -> None:
         n = len(self.t_ns)
         if n == self.want.count:
             raise _Mismatch(f"the end record after {n} inferences", f"inference {i}")
@@ -483,7 +281,7 @@ class _Records:
                             f"t_ns {t_ns} - latency_ns {latency_ns} = {t_ns - latency_ns}")
         self._clock(t_ns, arrived, f"inference {i}")
         if output is not None:
-            _values(output, self.start["outputs"], f"inference {i}")
+            _values(output, self._outputs, f"inference {i}")
             self.outputs.append(output)
         self.t_ns.append(t_ns)
         self.latency_ns.append(latency_ns)
@@ -496,7 +294,7 @@ class _Records:
             raise _Mismatch(f"the end record: t_ns >= the last inference's ({self._prev_ns})", str(r["t_ns"]))
         self._clock(r["t_ns"], arrived, "the end record")
         if "output" in r:
-            _values(r["output"], self.start["outputs"], "the end record")
+            _values(r["output"], self._outputs, "the end record")
         host_s, board_s = arrived - self.sent_s, (r["t_ns"] - self._t0_ns) / 1e9
         allowed_s = board_s * (1 + self.tolerance) + self.overhead_s + self.bytes / self.min_bytes_per_s
         if host_s > allowed_s:
@@ -519,8 +317,8 @@ class _Records:
         n = len(self.t_ns)
         if n:
             done = n + (self.want.warmup + 1 if self.want.mode == "timed" else 0)
-            return (self.t_ns[-1] - self.start["t_ns"]) / 1e9 / done
-        return self.prior_s or self.start["first_latency_ns"] / 1e9
+            return (self.t_ns[-1] - self._start_ns) / 1e9 / done
+        return self.prior_s or self._first_latency_ns / 1e9
 
     def due_s(self) -> float | None:
         """Board seconds the next record should take after the last; None before the start record."""
@@ -533,7 +331,7 @@ class _Records:
         return ahead * self.per_inference_s()
 
 
-class SshBoard:
+class SshBoard(SshConnection):
     """A Linux board reached over SSH: Deployer and InferenceTarget (see the module docstring)."""
 
     def __init__(self, board: str, host: str, port: int | None = None, user: str | None = None,
@@ -547,260 +345,39 @@ class SshBoard:
                  link_min_bytes_per_s: float = 10_000.0):
         """`clock_tolerance_ppm` bounds how far the board's and the host's clocks may disagree in rate
         (NTP slews CLOCK_MONOTONIC by up to 500 ppm)."""
-        self.board, self.family, self.power_mode = board, family, power_mode
+        super().__init__(board, host, port, user, key, known_hosts, trust_on_first_use, connect_timeout_s,
+                         command_timeout_s, ssh_config=ssh_config, log_path=log_path,
+                         transfer_stall_s=transfer_stall_s, transfer_timeout_s=transfer_timeout_s)
+        self.family, self.power_mode = family, power_mode
         self.remote_dir, self.python = remote_dir, python
-        self.connect_timeout_s, self.command_timeout_s = connect_timeout_s, command_timeout_s
-        self.transfer_stall_s, self.transfer_timeout_s = transfer_stall_s, transfer_timeout_s
         self.clock_tolerance = clock_tolerance_ppm * 1e-6
         self.link_overhead_s, self.link_min_bytes_per_s = link_overhead_s, link_min_bytes_per_s
-        self.log_path = Path(log_path or Path("reports") / "logs" / f"{board}-ssh.log").resolve()
-        config = self._ssh_config(host, ssh_config)
-        self.host = config.get("hostname", host)
-        self.port = int(port or config.get("port", 22))
-        self.user = user or config.get("user") or pwd.getpwuid(os.getuid()).pw_name  # as ssh: not $USER
-        candidates = ([key] if key else []) + config.get("identityfile", [])
-        self.keys = [str(Path(k).expanduser()) for k in candidates if Path(k).expanduser().exists()]
-        default_known = config.get("userknownhostsfile", "~/.ssh/known_hosts").split()[0]
-        self.known_hosts = Path(known_hosts or default_known).expanduser()
-        self.trust_on_first_use = trust_on_first_use
-        self.proxy_command = config.get("proxycommand")
-        self._client: paramiko.SSHClient | None = None
-        self._log: IO[str] | None = None
-        self._home: str | None = None
         self._deployment: dict[str, Any] | None = None
         self._datasets: dict[str, tuple[str, str]] = {}
         self._per_inference_s: dict[str, float] = {}  # by mode, from the last complete run of this deployment
 
     @classmethod
-    def from_lab(cls, entry: Any, family: Any = None, *, lab: str = "default",
+    def from_lab(cls, entry: BoardEntry, family: BoardFamily | None = None, *, lab: str = "default",
                  log_dir: str | Path | None = None) -> SshBoard:
         """From a lab.yaml board entry (`entry.ssh`, `entry.power_mode`); files go to ~/labbench/<lab>/
         on the board, the log to `log_dir`/<board>-ssh.log (default reports/logs/)."""
         s = entry.ssh
+        if s is None:
+            raise UsageError(f"board {entry.name} has no ssh: link in lab.yaml")
         log_path = Path(log_dir) / f"{entry.name}-ssh.log" if log_dir is not None else None
         return cls(entry.name, s.host, s.port, s.user, s.key, s.known_hosts, s.trust_on_first_use,
                    s.connect_timeout_s, s.command_timeout_s, power_mode=entry.power_mode,
-                   remote_dir=posixpath.join("labbench", lab), family=getattr(family, "name", entry.family),
-                   log_path=log_path)
+                   remote_dir=posixpath.join("labbench", lab),
+                   family=family.name if family is not None else entry.family, log_path=log_path)
 
     def __repr__(self) -> str:
         return f"SshBoard({self.board!r}, {self.user}@{self.host}:{self.port})"
 
-    @staticmethod
-    def _ssh_config(host: str, path: Path | None) -> dict[str, Any]:
-        if path is None or not Path(path).expanduser().exists():
-            return {}
-        return dict(paramiko.SSHConfig.from_path(str(Path(path).expanduser())).lookup(host))
-
-    def keyscan_command(self, key: paramiko.PKey) -> str:
-        return (f"ssh-keyscan -p {self.port} -t {_keyscan_type(key)} {shlex.quote(self.host)} "
-                f">> {shlex.quote(str(self.known_hosts))}")
-
-    # ------------------------------------------------------------------ log and errors
-
-    def _logfile(self) -> IO[str]:
-        if self._log is None:
-            try:
-                self.log_path.parent.mkdir(parents=True, exist_ok=True)
-                self._log = open(self.log_path, "a")  # noqa: SIM115 (kept open until close())
-            except OSError as exc:
-                raise RemoteError(self.board, f"open log {self.log_path}", str(exc)) from None
-            self._log.write(f"{time.monotonic():.6f} -- log opened; host time {datetime.now().isoformat()}\n")
-        return self._log
-
-    def _event(self, what: str, mark: str = "--") -> None:
-        self._logfile().write(f"{time.monotonic():.6f} {mark} {what}\n")
-
-    def _lines(self, mark: str, lines: list[bytes | str], t: float) -> None:
-        """Lines that came back (bytes, logged as their repr) or notes about them (str), arrived at `t`."""
-        self._logfile().write("".join(f"{t:.6f} {mark} {line!r}\n" if isinstance(line, bytes)
-                                      else f"{t:.6f} {mark} {line}\n" for line in lines))
-
-    def _fail(self, exc: HardwareError) -> HardwareError:
-        """`exc` (which names the log), logged."""
-        self._event(f"error: {exc.action}: {exc.seen}")
-        self._logfile().flush()
-        return exc
-
-    def _error(self, action: str, seen: str) -> RemoteError:
-        return self._fail(RemoteError(self.board, action, seen, log=str(self.log_path)))
-
-    # ------------------------------------------------------------------ connection
-
-    def connect(self) -> paramiko.SSHClient:
-        """The open connection, (re)connecting when there is none; bounded by connect_timeout_s."""
-        transport = self._client.get_transport() if self._client is not None else None
-        if transport is not None and transport.is_active():
-            return self._client
-        self._drop()
-        where = f"connect to {self.user}@{self.host}:{self.port}"
-        self._event(where)
-        with step(self.board, "connect", f"{self.user}@{self.host}:{self.port}"):
-            return self._connect(where)
-
-    def _connect(self, where: str) -> paramiko.SSHClient:
-        """A new connection, its host key checked (see `connect`)."""
-        client = paramiko.SSHClient()
-        if self.known_hosts.exists():
-            client.load_host_keys(str(self.known_hosts))
-        client.set_missing_host_key_policy(_HostKeyPolicy(self, self.known_hosts, self.trust_on_first_use))
-        t = self.connect_timeout_s
-        try:
-            client.connect(self.host, self.port, self.user, key_filename=self.keys or None, timeout=t,
-                           banner_timeout=t, auth_timeout=t, channel_timeout=t,
-                           sock=paramiko.ProxyCommand(self.proxy_command) if self.proxy_command else None)
-        except paramiko.BadHostKeyException as exc:
-            client.close()
-            known = f"[{self.host}]:{self.port}" if self.port != 22 else self.host
-            raise self._error(where, (
-                f"HOST KEY CHANGED: {self.known_hosts} has {exc.expected_key.get_name()} "
-                f"{exc.expected_key.fingerprint}, the board offered "
-                f"{exc.key.get_name()} {exc.key.fingerprint}. "
-                f"If the board was reinstalled, forget the old key with: ssh-keygen -f "
-                f"{shlex.quote(str(self.known_hosts))} -R {shlex.quote(known)} and trust the new one with: "
-                f"{self.keyscan_command(exc.key)}")) from None
-        except RemoteError:
-            client.close()
-            raise
-        except paramiko.AuthenticationException as exc:
-            client.close()
-            raise self._error(where, f"{exc} ({self._credentials()})") from None
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            client.close()
-            seen = f"{type(exc).__name__}: {exc}"
-            if "authentication methods" in str(exc):
-                seen += f" ({self._credentials()})"
-            raise self._error(where, seen) from None
-        client.get_transport().set_keepalive(KEEPALIVE_S)
-        self._client = client
-        self._event("connected")
-        return client
-
-    def _credentials(self) -> str:
-        keys = ", ".join(self.keys) or "none in lab.yaml or ~/.ssh/config"
-        agent = "the agent at $SSH_AUTH_SOCK" if os.environ.get("SSH_AUTH_SOCK") else "no agent (unset)"
-        return f"keys tried: {keys}, ~/.ssh/id_*; {agent}"
-
-    def _drop(self) -> None:
-        """Close the connection (the next call reconnects)."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-            self._event("connection closed")
-
-    def close(self) -> None:
-        self._drop()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> Self:
-        self.connect()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _channel(self, action: str) -> paramiko.Channel:
-        """A new session. A connection found dead (a dropped link, a rebooted board) is re-established
-        once: the transport may not have noticed yet."""
-        def open_session() -> paramiko.Channel:
-            return self.connect().get_transport().open_session(timeout=self.connect_timeout_s)
-
-        try:
-            return open_session()
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            self._event(f"session refused ({type(exc).__name__}: {exc}); reconnecting")
-            self._drop()
-        try:
-            return open_session()
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise self._error(action, f"cannot open a session: {type(exc).__name__}: {exc}") from None
-
-    @contextmanager
-    def _guard(self, action: str, chan: paramiko.Channel, what: str) -> Iterator[_Watchdog]:
-        """A transfer on `chan`'s connection under a watchdog: a stall, an overrun or a broken link is a
-        RemoteError naming what was moving and the bytes sent. A missing remote file is the caller's."""
-        dog = _Watchdog(chan.get_transport(), self.transfer_stall_s, self.transfer_timeout_s, what)
-        try:
-            yield dog
-        except (EOFError, OSError, paramiko.SSHException) as exc:
-            if dog.tripped is None and isinstance(exc, FileNotFoundError):
-                raise
-            raise self._error(action, dog.describe(exc)) from None
-        finally:
-            dog.stop()
-
-    def _open(self, command: str, stdin: bytes | None, action: str, stop: threading.Event | None = None,
-              limit: Callable[[], tuple[float, str]] | None = None) -> _Stream:
-        """Start `command`, send it `stdin` (then EOF), and return its output stream."""
-        chan = self._channel(action)
-        self._event(command + (f"  < {len(stdin)} bytes" if stdin is not None else ""), "->")
-        sent_s = time.monotonic()
-        with self._guard(action, chan, f"start {command!r}") as dog:
-            chan.exec_command(command)
-            if stdin is not None:
-                dog.task("its input", len(stdin))
-                try:
-                    for pos in range(0, len(stdin), _CHUNK):
-                        chan.sendall(stdin[pos:pos + _CHUNK])
-                        dog.sent(min(pos + _CHUNK, len(stdin)))
-                    chan.shutdown_write()
-                except OSError:
-                    if dog.tripped:
-                        raise
-                    # else the command ended before reading its input; its exit status says why
-        default = (self.command_timeout_s, f"no output for {self.command_timeout_s:g} s (command timeout)")
-        return _Stream(chan, sent_s, limit or (lambda: default), self._lines, stop)
-
-    def execute(self, argv: list[str], stdin: bytes | None = None) -> CommandResult:
-        """Run one command (arguments quoted, never interpreted by the remote shell)."""
-        return self._shell(shlex.join(argv), stdin, f"run {argv[0]}")
-
-    def _shell(self, command: str, stdin: bytes | None, action: str) -> CommandResult:
-        stream = self._open(command, stdin, action)
-        out = b"".join(line + b"\n" for line, _ in stream) + stream.tail
-        if stream.exit_status is None:
-            raise self._error(action, stream.why())
-        self._event(f"exit status {stream.exit_status}")
-        self._logfile().flush()
-        return CommandResult(stream.exit_status, out, bytes(stream.stderr))
-
     # ------------------------------------------------------------------ deploy
-
-    @property
-    def home(self) -> str:
-        """The login directory on the board (where SFTP starts)."""
-        if self._home is None:
-            with self._sftp("find home") as (sftp, _):
-                self._home = sftp.normalize(".")
-        return self._home
 
     @property
     def lab_dir(self) -> str:
         return posixpath.join(self.home, self.remote_dir)
-
-    @contextmanager
-    def _sftp(self, action: str) -> Iterator[tuple[paramiko.SFTPClient, _Watchdog]]:
-        """An SFTP session under a watchdog (see `_guard`)."""
-        chan = self._channel(action)
-        self._event(f"sftp session ({action})", "->")
-        with self._guard(action, chan, "SFTP session") as dog:
-            chan.invoke_subsystem("sftp")
-            with paramiko.SFTPClient(_Counted(chan, dog.moved)) as sftp:
-                yield sftp, dog
-        self._logfile().flush()
-
-    def remote_sha256(self, paths: list[str]) -> list[str | None]:
-        """sha256 of each remote file (None where it is missing), in one round trip."""
-        loop = " ".join(shlex.quote(p) for p in paths)
-        result = self._shell(f'for f in {loop}; do sha256sum 2>/dev/null < "$f" || echo -; done', None,
-                             "hash deployed files")
-        digests = [line.split()[0].decode() for line in result.stdout.splitlines() if line.strip()]
-        if result.exit_status != 0 or len(digests) != len(paths):
-            raise self._error("hash deployed files", f"sha256sum gave {result.stdout!r} "
-                              f"{result.stderr.decode(errors='replace').strip()}")
-        return [None if d == "-" else d for d in digests]
 
     def deploy(self, model: str | Path, dataset: str | Path | None = None) -> InstallRecord:
         """Put the runner, the model and its dataset into the lab directory, skipping files whose
@@ -815,17 +392,18 @@ class SshBoard:
         wanted = {role: sha256_file(p) for role, p in local.items()}
         present = dict(zip(remote, self.remote_sha256(list(remote.values()))))
         files: dict[str, dict[str, Any]] = {}
-        with self._sftp("deploy") as (sftp, dog):
+        with self.sftp("deploy") as (sftp, dog):
             for role, path in local.items():
                 skipped = present[role] == wanted[role]
                 if not skipped:
-                    self._upload(sftp, dog, path, remote[role])
+                    self.upload(sftp, dog, path, remote[role])
                 files[role] = {"local": str(path), "remote": remote[role], "sha256": wanted[role],
                                "bytes": path.stat().st_size, "skipped": skipped}
-            record = {"board": self.board, "host": f"{self.user}@{self.host}:{self.port}",
-                      "dir": self.lab_dir, "model": Path(model).stem, "outputs": _output_length(Path(model)),
-                      "files": files, "skipped": all(f["skipped"] for f in files.values()),
-                      "deployed_at": time.time(), "seconds": round(time.monotonic() - t0, 3)}
+            record: dict[str, Any] = {
+                "board": self.board, "host": f"{self.user}@{self.host}:{self.port}", "dir": self.lab_dir,
+                "model": Path(model).stem, "outputs": _output_length(Path(model)), "files": files,
+                "skipped": all(f["skipped"] for f in files.values()), "deployed_at": time.time(),
+                "seconds": round(time.monotonic() - t0, 3)}
             dog.task(f"write of {DEPLOYMENT_FILE}", None)
             with sftp.open(posixpath.join(self.lab_dir, DEPLOYMENT_FILE), "w") as f:
                 f.write(json.dumps(record, indent=1))
@@ -836,35 +414,11 @@ class SshBoard:
                              skipped=record["skipped"], seconds=record["seconds"],
                              detail={k: v for k, v in record.items() if k not in ("board", "skipped", "seconds")})
 
-    def _upload(self, sftp: paramiko.SFTPClient, dog: _Watchdog, path: Path, remote: str) -> None:
-        """Write beside the target, then rename over it, so a broken upload never looks deployed."""
-        with step(self.board, "upload", f"{path.name} ({path.stat().st_size} bytes)"):
-            self._upload_file(sftp, dog, path, remote)
-
-    def _upload_file(self, sftp: paramiko.SFTPClient, dog: _Watchdog, path: Path, remote: str) -> None:
-        self._mkdirs(sftp, posixpath.dirname(remote))
-        part, size = remote + ".part", path.stat().st_size
-        self._event(f"sftp put {path} -> {part} ({size} bytes)", "->")
-        dog.task(f"upload of {path.name} to {remote}", size)
-        sftp.put(str(path), part, callback=lambda done, _: dog.sent(done))
-        sftp.posix_rename(part, remote)
-        self._event(f"uploaded {remote}")
-
-    @staticmethod
-    def _mkdirs(sftp: paramiko.SFTPClient, path: str) -> None:
-        parts = path.split("/")
-        for i in range(2, len(parts) + 1):
-            prefix = "/".join(parts[:i])
-            try:
-                sftp.stat(prefix)
-            except FileNotFoundError:
-                sftp.mkdir(prefix)
-
     @staticmethod
     def _dataset_arrays(local: Path | None, remote: str | None) -> dict[str, tuple[str, str]]:
         """Digest of each array in the deployed dataset -> (remote file, key): classify() sends
         no samples the board already holds."""
-        if local is None:
+        if local is None or remote is None:
             return {}
         with np.load(local, allow_pickle=False) as data:
             return {_array_digest(data[k]): (remote, k) for k in data.files}
@@ -873,11 +427,11 @@ class SshBoard:
         """What was last deployed (read back from the board when this process has not deployed)."""
         if self._deployment is None:
             try:
-                with self._sftp("read deployment") as (sftp, _), sftp.open(
+                with self.sftp("read deployment") as (sftp, _), sftp.open(
                         posixpath.join(self.lab_dir, DEPLOYMENT_FILE)) as f:
                     self._deployment = json.loads(f.read())
             except FileNotFoundError:
-                raise self._error("find deployed model",
+                raise self.error("find deployed model",
                                   f"nothing deployed in {self.lab_dir}; deploy a model first") from None
             self._datasets = {}
         return self._deployment
@@ -892,21 +446,21 @@ class SshBoard:
         argv = self._runner_argv("info")
         result = self.execute(argv)
         if result.exit_status != 0:
-            raise self._error("identify", f"runner exit status {result.exit_status}: "
+            raise self.error("identify", f"runner exit status {result.exit_status}: "
                               f"{result.stderr.decode(errors='replace').strip()[-500:]}")
         try:
             info = _record(result.stdout.rstrip(b"\n").rpartition(b"\n")[2], "info", _INFO, "the info record")
             if info["protocol"] != PROTOCOL:
                 raise _Mismatch(f"the info record: protocol {PROTOCOL}", str(info["protocol"]))
         except _Mismatch as m:
-            raise self._error("identify", f"expected {m.expected}, saw {m.seen}") from None
+            raise self.error("identify", f"expected {m.expected}, saw {m.seen}") from None
         return DutIdentity(name=info["hostname"], model=self.deployment()["model"],
                            model_sha256=info["model_sha256"], firmware=f"runner protocol {info['protocol']}",
                            extra={k: info[k] for k in ("board_model", "machine", "python", "runtime",
                                                        "runtime_version")}
                            | {"board": self.board, "family": self.family, "power_mode": self.power_mode})
 
-    def _extras(self, start: dict | None, end: dict | None) -> dict[str, Any]:
+    def _extras(self, start: dict[str, Any] | None, end: dict[str, Any] | None) -> dict[str, Any]:
         start, end = start or {}, end or {}
         return {"board": self.board, "family": self.family, "power_mode": self.power_mode,
                 "model": self.deployment()["model"], "model_sha256": start.get("model_sha256"),
@@ -929,17 +483,17 @@ class SshBoard:
                        f"bound max(2 x due, due + {EXPECTED_SLACK_S:g} s))")
 
     def _run(self, action: str, argv: list[str], stdin: bytes | None, want: _Want,
-             stop: threading.Event | None, build: Callable[[_Records], Any]) -> Any:
+             stop: threading.Event | None, build: Callable[[_Records], _T]) -> _T:
         """Run the runner, checking its records as they come; anything short of a complete, consistent
         run is an error carrying `build(records)` of the inferences that passed."""
         with step(self.board, action, f"{want.count} inferences"):
             return self._checked_run(action, argv, stdin, want, stop, build)
 
     def _checked_run(self, action: str, argv: list[str], stdin: bytes | None, want: _Want,
-                     stop: threading.Event | None, build: Callable[[_Records], Any]) -> Any:
+                     stop: threading.Event | None, build: Callable[[_Records], _T]) -> _T:
         if stop is not None and stop.is_set():
-            raise self._fail(RunAborted(self.board, action, "stopped before it was sent", str(self.log_path)))
-        stream = self._open(shlex.join(argv), stdin, action, stop)
+            raise self.fail(RunAborted(self.board, action, "stopped before it was sent", str(self.log_path)))
+        stream = self.stream(shlex.join(argv), stdin, action, stop)
         records = _Records(want, stream.sent_s, self.clock_tolerance, self.link_overhead_s,
                            self.link_min_bytes_per_s, self._per_inference_s.get(want.mode), len(stdin or b""))
         stream.limit = lambda: self._bound(records)
@@ -957,7 +511,8 @@ class SshBoard:
             aborted = RunAborted(self.board, action, f"stopped from outside after {n} of {want.count} inferences",
                                  str(self.log_path))
             aborted.partial = partial
-            raise self._fail(aborted)
+            raise self.fail(aborted)
+        cls: type[RemoteRunError]
         if mismatch is not None:
             cls, why = RemoteStreamError, f"line {records.lines}: expected {mismatch.expected}, saw {mismatch.seen}"
         elif stream.stalled:
@@ -970,10 +525,10 @@ class SshBoard:
             cls, why = RemoteStreamError, f"expected the end record, saw the end of the output (line {records.lines})"
         else:
             self._per_inference_s[want.mode] = records.per_inference_s()
-            self._event("exit status 0")
-            self._logfile().flush()
+            self.event("exit status 0")
+            self.flush_log()
             return partial
-        raise self._fail(cls(self.board, action, f"broke off after {n} of {want.count} inferences completed: {why}",
+        raise self.fail(cls(self.board, action, f"broke off after {n} of {want.count} inferences completed: {why}",
                              completed=n, expected=want.count, partial=partial, log=str(self.log_path)))
 
     def run_timed(self, sample: np.ndarray, count: int, warmup: int, *, per_inference: bool = False,

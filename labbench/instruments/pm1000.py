@@ -35,13 +35,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from decimal import Decimal
-from typing import Any, Self
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
 
 import pyvisa
+from pyvisa.resources import MessageBasedResource
 
 from labbench.errors import InstrumentError, LabConfigError, UsageError
 from labbench.measure.power import IntegratorReading, Mark, PowerTrace, PowerUpdate
 from labbench.steps import step
+
+if TYPE_CHECKING:
+    from labbench.catalog import BoardFamily
+    from labbench.inventory import InstrumentEntry
 
 #: result name -> the :SEL mnemonic that adds it to the display list
 RESULTS = {
@@ -157,7 +163,8 @@ class Pm1000:
             raise ValueError(f"{name}: unknown result(s) {unknown}; known: {sorted(RESULTS)}")
         known = {f.name for f in fields(Accuracy)}
         if set(accuracy or {}) - known:
-            raise ValueError(f"{name}: unknown accuracy figure(s) {sorted(set(accuracy) - known)}; known: {sorted(known)}")
+            raise ValueError(f"{name}: unknown accuracy figure(s) {sorted(set(accuracy or {}) - known)}; "
+                             f"known: {sorted(known)}")
         if range_headroom < 1:
             raise ValueError(f"{name}: range_headroom must be at least 1, got {range_headroom}")
         self.resource, self.name = resource, name
@@ -174,7 +181,7 @@ class Pm1000:
         self.result_latency_s = result_latency_s
         self._ranges: dict[str, int | str] = {"VLT": voltage_range, "AMP": current_range}  # as configured
         self.range_note = "lab.yaml" if self.ranges_from_lab else "autorange"  # why the ranges are what they are
-        self._res: Any = None
+        self._res: MessageBasedResource | None = None
         self._res_timeout_ms = 0  # the resource's read timeout as last set
         self._io = threading.Lock()
         self._idn: str | None = None
@@ -182,8 +189,9 @@ class Pm1000:
         self._zeroing = auto_zero  # auto-zero as last configured
 
     @classmethod
-    def from_lab(cls, entry: Any, family: Any = None) -> Pm1000:
-        """From an inventory InstrumentEntry: its resource, name and `settings` (the keywords above)."""
+    def from_lab(cls, entry: InstrumentEntry, family: BoardFamily | None = None) -> Pm1000:
+        """From an inventory InstrumentEntry: its resource, name and `settings` (the keywords above);
+        `family` is part of the common driver signature (unused)."""
         settings = dict(getattr(entry, "settings", None) or {})
         known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "resource", "name")]
         unknown = sorted(set(settings) - set(known))
@@ -196,7 +204,7 @@ class Pm1000:
 
     # -- connection ----------------------------------------------------------------------------
 
-    def open(self) -> Pm1000:
+    def open(self) -> Self:
         """Open the resource and ask who it is (an instrument that does not answer fails here)."""
         if self._res is not None:
             return self
@@ -207,10 +215,14 @@ class Pm1000:
         if self.resource.upper().startswith("ASRL"):
             kwargs["baud_rate"] = self.baud_rate
         try:
-            self._res = pyvisa.ResourceManager("@py").open_resource(self.resource, **kwargs)
-            self._res_timeout_ms = kwargs["timeout"]
+            res = pyvisa.ResourceManager("@py").open_resource(self.resource, **kwargs)
         except (pyvisa.Error, ValueError, OSError) as e:
             raise InstrumentError(self.name, f"open {self.resource}", _seen(e)) from e
+        if not isinstance(res, MessageBasedResource):
+            res.close()
+            raise InstrumentError(self.name, f"open {self.resource}",
+                                  f"not a message-based resource ({type(res).__name__})")
+        self._res, self._res_timeout_ms = res, kwargs["timeout"]
         try:
             self._idn = self._query("*IDN?")
         except InstrumentError as e:
@@ -229,7 +241,7 @@ class Pm1000:
     def __enter__(self) -> Self:
         return self.open()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- commands ------------------------------------------------------------------------------
@@ -247,7 +259,7 @@ class Pm1000:
         self.open()
         is_query = command.rstrip().endswith("?")
         try:
-            reply = self._query(command) if is_query else self._write(command)
+            reply = self._transact(command, expect_reply=is_query)  # a query's reply is never None
         except InstrumentError as e:  # a refused query may send nothing at all: ask why
             esr = self._esr()
             if esr:
@@ -263,8 +275,9 @@ class Pm1000:
         voltage_range: int | str | None = None,
         current_range: int | str | None = None,
         auto_zero: bool | None = None,
-    ) -> None:
-        """Select the results (in this order), set the ranges, auto-zero, and enable new-data status."""
+    ) -> tuple[str, ...]:
+        """Select the results (in this order), set the ranges, auto-zero, and enable new-data status;
+        returns the results selected."""
         results = tuple(results or self.results)
         unknown = [r for r in results if r not in RESULTS]
         if unknown:
@@ -280,6 +293,7 @@ class Pm1000:
         for command in commands:
             self.send(command)
         self._selected, self._zeroing = results, zeroing
+        return results
 
     # -- ranges --------------------------------------------------------------------------------
 
@@ -299,7 +313,7 @@ class Pm1000:
             if setting == "auto":
                 self._set_range(which, 1)
 
-    def hold_ranges(self, trace: Any) -> str:
+    def hold_ranges(self, trace: PowerTrace) -> str:
         """Fix the ranges lab.yaml leaves to the bench at the lowest, no lower than those held now,
         that hold the peaks seen in `trace` (a pre-scan without an overload) with `range_headroom`;
         returns how they were chosen."""
@@ -317,7 +331,7 @@ class Pm1000:
                                           "; lab.yaml fixes the other"))
         return self.range_note
 
-    def step_up(self, overloaded: Sequence[Any]) -> str | None:
+    def step_up(self, overloaded: Sequence[PowerUpdate]) -> str | None:
         """After an overload: raise the ranges the pre-scan chose to hold the peaks of `overloaded`
         (updates; one range up at least). None when lab.yaml fixed them or they are at the top."""
         raised = []
@@ -589,12 +603,11 @@ class Pm1000Capture:
         stale new-data flag; returns when the flag was cleared (the first `poll_once`'s
         `previous_sent_s`). Entering the capture calls it; a caller polling on its own clock too."""
         m = self.meter
-        if m._selected is None:
-            m.configure()
-        missing = [r for r in _CAPTURE_NEEDS if r not in m._selected]
+        selected = m._selected if m._selected is not None else m.configure()
+        missing = [r for r in _CAPTURE_NEEDS if r not in selected]
         if missing:
             raise UsageError(f"{m.name}: a capture needs results {missing} selected")
-        if m.integrator and "Wh" in m._selected:
+        if m.integrator and "Wh" in selected:
             m.integrator_mode()
             m._write(":INT:MAN:STOP")  # a run left over from an earlier session; EXE when none was
             m._check(":INT:MAN:STOP", tolerate=ESR_EXE)
@@ -621,7 +634,8 @@ class Pm1000Capture:
                 m.step_up([update])
         return sent
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         failed_before = self.failed.is_set()
         with step(self.meter.name, "capture stop", f"{len(self._updates)} updates"):
             if exc_type is None:
@@ -629,7 +643,6 @@ class Pm1000Capture:
             self._finish()
         if self.error and (exc_type is None or (failed_before and isinstance(exc, Exception))):
             raise self.error  # the body's exception, if any, becomes its __context__
-        return False
 
     def wait_for_updates_after(self, t_s: float, count: int = 1) -> None:
         """Until `count` updates refreshed after `t_s` are in (or the capture fails)."""

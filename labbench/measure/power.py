@@ -79,6 +79,7 @@ class PowerUpdate:
     voltage_range_v: float | None = None  # the ranges the instrument held for this update
     current_range_a: float | None = None
     current_peak_a: float | None = None  # the peak instantaneous current, as read
+    tick: int | None = None  # the instrument's own number of the update, if it gives one (a sampler's index)
 
 
 @dataclass(frozen=True)
@@ -178,8 +179,12 @@ class UpdateClock(NamedTuple):
     regular: bool  # one regular clock fits every update (its ticks share one phase error)
 
 
-def fit_update_clock(seen_after_s: np.ndarray, seen_by_s: np.ndarray, period_s: float) -> UpdateClock:
+def fit_update_clock(seen_after_s: np.ndarray, seen_by_s: np.ndarray, period_s: float,
+                     ticks: np.ndarray | None = None) -> UpdateClock:
     """Update times, their uncertainties and the period, from the interval each refresh lies in.
+
+    The updates' tick numbers are `ticks` when the instrument numbers them (a sampler: many samples
+    arrive in one poll, so their intervals coincide), else they follow from the intervals' midpoints.
 
     The clocks (phase, period) that put tick k inside interval k for every update form a polygon.
     The estimate keeps the nominal period when the polygon allows it (a short trace cannot pin
@@ -194,32 +199,49 @@ def fit_update_clock(seen_after_s: np.ndarray, seen_by_s: np.ndarray, period_s: 
     fallback = UpdateClock(mid, half, period_s, False)
     if len(mid) < 3:
         return fallback
-    k = np.concatenate([[0.0], np.cumsum(np.round(np.diff(mid) / period_s))])  # tick numbers, gaps kept
+    if ticks is not None:
+        k = np.asarray(ticks, float) - ticks[0]
+    else:
+        k = np.concatenate([[0.0], np.cumsum(np.round(np.diff(mid) / period_s))])  # tick numbers, gaps kept
     if np.any(np.diff(k) < 1):
         return fallback
-    from scipy.optimize import linprog
-
-    # variables (phase - lo[0], period, margin): lo + margin <= phase + k period <= hi - margin
-    ones = np.ones_like(k)
-    a_ub = np.vstack([np.column_stack([-ones, -k, ones]), np.column_stack([ones, k, ones])])
-    b_ub = np.concatenate([-(lo - lo[0]), hi - lo[0]])
-    bounds = [(None, None), (0.5 * period_s, 2.0 * period_s), (0.0, None)]
+    # variables (phase - lo[0], period, margin): lo + margin <= phase + k period <= hi - margin. As the period
+    # is positive, a bound no later (earlier) than one of an earlier (later) tick adds nothing: dropped
+    low = lo > np.concatenate([[-np.inf], np.maximum.accumulate(lo)[:-1]])
+    high = hi < np.concatenate([np.minimum.accumulate(hi[::-1])[::-1][1:], [np.inf]])
+    a_ub = np.vstack([np.column_stack([-np.ones(low.sum()), -k[low], np.ones(low.sum())]),
+                      np.column_stack([np.ones(high.sum()), k[high], np.ones(high.sum())])])
+    b_ub = np.concatenate([-(lo[low] - lo[0]), hi[high] - lo[0]])
+    bounds: list[tuple[float | None, float | None]] = [
+        (None, None), (0.5 * period_s, 2.0 * period_s), (0.0, None)]
     band = np.max(lo - k * period_s), np.min(hi - k * period_s)
     if band[0] <= band[1]:
         phase, fitted = (band[0] + band[1]) / 2, period_s
     else:
-        best = linprog([0.0, 0.0, -1.0], A_ub=a_ub, b_ub=b_ub, bounds=bounds)
-        if best.status != 0:
+        best = _lp_minimum([0.0, 0.0, -1.0], a_ub, b_ub, bounds)
+        if best is None:
             return fallback
-        phase, fitted = best.x[0] + lo[0], best.x[1]
+        phase, fitted = best[1][0] + lo[0], best[1][1]
     bounds[2] = (0.0, 0.0)
     spread = 0.0
     for kk in (0.0, k[-1]):
-        ends = [linprog([sign, sign * kk, 0.0], A_ub=a_ub, b_ub=b_ub, bounds=bounds) for sign in (1.0, -1.0)]
-        if any(r.status != 0 for r in ends):
+        earliest, latest = (_lp_minimum([sign, sign * kk, 0.0], a_ub, b_ub, bounds) for sign in (1.0, -1.0))
+        if earliest is None or latest is None:
             return fallback
-        spread = max(spread, (-ends[1].fun - ends[0].fun) / 2)
+        spread = max(spread, (-latest[0] - earliest[0]) / 2)
     return UpdateClock(phase + k * fitted, np.full_like(mid, spread), float(fitted), True)
+
+
+def _lp_minimum(c: list[float], a_ub: np.ndarray, b_ub: np.ndarray,
+                bounds: list[tuple[float | None, float | None]]) -> tuple[float, np.ndarray] | None:
+    """The minimum of c x subject to a_ub x <= b_ub within `bounds`, and where (None when linprog
+    finds none)."""
+    from scipy.optimize import linprog
+
+    result = linprog(c, A_ub=a_ub, b_ub=b_ub, bounds=bounds)
+    if result.status != 0 or result.fun is None or result.x is None:
+        return None
+    return float(result.fun), result.x
 
 
 @dataclass(frozen=True)
@@ -278,7 +300,9 @@ class PowerTrace:
             return UpdateClock(np.empty(0), np.empty(0), self.period_s, False)
         lo = np.array([u.seen_after_s for u in self.updates])
         hi = np.array([u.seen_by_s for u in self.updates])
-        return fit_update_clock(lo - self.latency_s, hi, self.period_s)
+        ticks = [u.tick for u in self.updates]
+        numbered = None if None in ticks else np.array(ticks)
+        return fit_update_clock(lo - self.latency_s, hi, self.period_s, numbered)
 
     @property
     def t_s(self) -> np.ndarray:
@@ -326,9 +350,11 @@ class PowerTrace:
         starts, ends = self._intervals
         idx = np.flatnonzero((starts >= t0_s) & (ends <= t1_s))
         ups = [self.updates[i] for i in idx]
-        if not ups or any(u.power_min_w is None or u.power_max_w is None or u.overload for u in ups):
+        lows = [u.power_min_w for u in ups if u.power_min_w is not None and not u.overload]
+        highs = [u.power_max_w for u in ups if u.power_max_w is not None and not u.overload]
+        if not ups or len(lows) < len(ups) or len(highs) < len(ups):
             return None
-        low, high = min(u.power_min_w for u in ups), max(u.power_max_w for u in ups)
+        low, high = min(lows), max(highs)
         if high - low > _steady_tolerance(ups):
             return None
         weights = ends[idx] - starts[idx]
@@ -439,7 +465,8 @@ class PowerTrace:
     def _telescoped_rounding(self, inside: np.ndarray) -> float:
         """The integrator's increments telescope: only the readings that open and close them round."""
         ups = [u for u in self.updates if u.integrator_energy_j is not None]
-        return ups[max(inside[0] - 1, 0)].integrator_rounding_j + ups[inside[-1]].integrator_rounding_j
+        first, last = int(inside[0]), int(inside[-1])
+        return ups[max(first - 1, 0)].integrator_rounding_j + ups[last].integrator_rounding_j
 
 
 def _steady_tolerance(ups: list[PowerUpdate]) -> float:
@@ -450,7 +477,7 @@ def _steady_tolerance(ups: list[PowerUpdate]) -> float:
 def _outside(t0: float, t1: float, inside: np.ndarray, inc: _Increments, left: bool) -> float:
     """Seconds of the straddling update outside the window at one edge."""
     i = inside[0] if left else inside[-1]
-    return max(0.0, t0 - inc.starts[i]) if left else max(0.0, inc.ends[i] - t1)
+    return max(0.0, t0 - float(inc.starts[i])) if left else max(0.0, float(inc.ends[i]) - t1)
 
 
 def _apportion(t0: float, t1: float, inside: np.ndarray, inc: _Increments, before: Steady | None,
@@ -473,11 +500,12 @@ def _apportion(t0: float, t1: float, inside: np.ndarray, inc: _Increments, befor
         lo = max(low * max(in_s - u, 0.0), e - high * (out_s + u), 0.0) - r
         hi = min(high * (in_s + u), e - low * max(out_s - u, 0.0), e) + r
         lo, hi = min(lo, hi), max(lo, hi)
-        if all(claim is not None for _, claim, _, _ in sides):
-            estimate = e - sum(o * c.level_w for o, c, _, _ in sides)
-            claimed = sum(o * c.spread_w for o, c, _, _ in sides)
-            peak = max([high if np.isfinite(high) else inc.level[i]] + [c.level_w + c.spread_w for _, c, _, _ in sides])
-            slack = (inc.accuracy[i] + inc.rounding[i] + claimed + sum(o * c.accuracy_w for o, c, _, _ in sides)
+        claims = [(o, c) for o, c, _, _ in sides if c is not None]
+        if len(claims) == len(sides):
+            estimate = e - sum(o * c.level_w for o, c in claims)
+            claimed = sum(o * c.spread_w for o, c in claims)
+            peak = max([high if np.isfinite(high) else inc.level[i]] + [c.level_w + c.spread_w for _, c in claims])
+            slack = (inc.accuracy[i] + inc.rounding[i] + claimed + sum(o * c.accuracy_w for o, c in claims)
                      + peak * inc.clock[i])  # the boundary's placement moves the outside part
             if not lo - slack <= estimate <= hi + slack:
                 contradicted += [edge for _, _, _, edge in sides]

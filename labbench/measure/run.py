@@ -35,13 +35,13 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from labbench.board import Board
-from labbench.capabilities import DutIdentity, TimedRun
+from labbench.capabilities import DutIdentity, InferenceTarget, PowerMeter, TimedRun
 from labbench.errors import HardwareError, InstrumentError, UsageError
 from labbench.measure.record import Energy, Measurement, Memory, Provenance, Uncertainty
 from labbench.steps import step
@@ -49,8 +49,45 @@ from labbench.steps import step
 if TYPE_CHECKING:
     import numpy as np
 
-    from labbench.measure.power import PowerTrace, Steady, WindowEnergy
+    from labbench.measure.power import PowerTrace, PowerUpdate, Steady, WindowEnergy
     from labbench.payloads import Payload
+
+
+class Capture(Protocol):
+    """What the energy phase uses of a running power capture (a Pm1000Capture)."""
+
+    @property
+    def trace(self) -> PowerTrace: ...
+
+    def mark(self, label: str, t_s: float | None = None) -> float: ...
+
+    def wait_for_updates_after(self, t_s: float, count: int = 1) -> None: ...
+
+
+@runtime_checkable
+class RangedMeter(Protocol):
+    """A power meter whose ranges the bench chooses (the PM1000+): what the pre-scan and the
+    re-measures after an overload use."""
+
+    name: str
+    range_note: str
+    range_tables: dict[str, tuple[float, ...]]
+
+    @property
+    def ranges_from_lab(self) -> bool: ...
+
+    def lowest_ranges(self) -> None: ...
+
+    def hold_ranges(self, trace: PowerTrace) -> str: ...
+
+    def step_up(self, overloaded: Sequence[PowerUpdate]) -> str | None: ...
+
+
+@runtime_checkable
+class Resettable(Protocol):
+    """A target that can reset the board into its model (a cold start)."""
+
+    def reset(self) -> None: ...
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -116,7 +153,12 @@ class WindowResult:
 
     @property
     def power(self) -> WindowEnergy:
-        return self.trace or self.integrator
+        """The energy from the power readings, else the integrator's."""
+        if self.trace is not None:
+            return self.trace
+        if self.integrator is None:
+            raise ValueError("a window result holds no energy")
+        return self.integrator
 
 
 @dataclass
@@ -154,7 +196,7 @@ def check_identity(board: Board, payload: Payload, identity: DutIdentity) -> Non
                               f"expected {payload.name} ({payload.info.sha256[:12]})")
 
 
-def _latency(board: Board, payload: Payload, s: RunSettings, got: _Sofar) -> None:
+def _latency(board: Board, payload: Payload, s: RunSettings, got: _Sofar) -> TimedRun:
     """Inferences timed one by one: as many as fit in `latency_budget_s` (10 to `latency_samples`),
     sized by a 3-inference probe's wall time, so neither a 600 ms model nor one whose every reply
     carries 640 outputs over a serial line takes minutes. A run cut short keeps the inferences timed."""
@@ -165,11 +207,12 @@ def _latency(board: Board, payload: Payload, s: RunSettings, got: _Sofar) -> Non
         probe = board.target.run_timed(sample, 3, s.warmup, per_inference=True)
         per_s = max((probe.host_end - probe.host_start) / probe.count, float(np.median(probe.latencies_us)) / 1e6)
         n = int(min(s.latency_samples, max(10, math.ceil(s.latency_budget_s / max(per_s, 1e-9)))))
-        got.latency = board.target.run_timed(sample, n, 0, per_inference=True)
+        latency = got.latency = board.target.run_timed(sample, n, 0, per_inference=True)
     except HardwareError as exc:
         if isinstance(exc.partial, TimedRun) and exc.partial.count:
             got.latency = exc.partial
         raise
+    return latency
 
 
 def _window_count(board: Board, sample: np.ndarray, s: RunSettings, latency_ms: float) -> int:
@@ -182,7 +225,7 @@ def _window_count(board: Board, sample: np.ndarray, s: RunSettings, latency_ms: 
     return max(10, math.ceil(s.window_s / per_inference_s))
 
 
-def _stop_when(target: Any, cap: Any) -> dict[str, Any]:
+def _stop_when(target: InferenceTarget, cap: object) -> dict[str, Any]:
     """`stop=cap.failed` for run_timed, so a failed capture ends the window at once, where both the
     capture and the target support it."""
     failed = getattr(cap, "failed", None)
@@ -191,22 +234,24 @@ def _stop_when(target: Any, cap: Any) -> dict[str, Any]:
     return {"stop": failed}
 
 
-def _energy(board: Board, payload: Payload, s: RunSettings, got: _Sofar, outcome: Outcome,
+def _energy(board: Board, payload: Payload, s: RunSettings, latency: TimedRun, got: _Sofar, outcome: Outcome,
             progress: Callable[[str], None]) -> None:
     """Energy windows of `payload` under a power capture; accepted windows, the trace and the idle
     baseline are kept in `got` and `outcome` as they come, so a fault keeps them."""
-    latency_ms = sum(got.latency.latencies_us) / got.latency.count / 1000
+    latency_ms = sum(latency.latencies_us) / latency.count / 1000
     sample = payload.timing_input()
     count = _window_count(board, sample, s, latency_ms)
     meter = board.power_meter
     run_energy(meter, board.target, sample, count, s, got.energy_run, outcome, progress=progress,
                capture=lambda **kw: meter.capture(board.power_channel, **kw), accepted=got.runs.append)
-    got.energy, got.window_ms = energy_of(got.energy_run, outcome.trace.instrument or repr(meter), meter.update_period_s)
+    instrument = outcome.trace.instrument if outcome.trace is not None else ""
+    got.energy, got.window_ms = energy_of(got.energy_run, instrument or repr(meter), meter.update_period_s)
     got.instrument = meter.identity()
 
 
-def run_energy(meter: Any, target: Any, sample: Any, count: int, s: RunSettings, record: EnergyRun,
-               outcome: Outcome, *, capture: Callable[..., AbstractContextManager[Any]] | None = None,
+def run_energy(meter: PowerMeter, target: InferenceTarget, sample: np.ndarray, count: int, s: RunSettings,
+               record: EnergyRun, outcome: Outcome, *,
+               capture: Callable[..., AbstractContextManager[Capture]] | None = None,
                sleep: Callable[[float], None] = time.sleep, progress: Callable[[str], None] = lambda step: None,
                accepted: Callable[[TimedRun], None] = lambda run: None) -> None:
     """Step 3 of the module docstring: pre-scan, idle baseline and checked windows of `count`
@@ -214,7 +259,7 @@ def run_energy(meter: Any, target: Any, sample: Any, count: int, s: RunSettings,
     `meter.capture`; the pre-scan's takes `step_up=True`); `sleep` waits. Fills `record` and
     `outcome` as it goes (`accepted` hears each window that counts)."""
     capture = capture or meter.capture
-    if hasattr(meter, "hold_ranges") and not meter.ranges_from_lab:
+    if isinstance(meter, RangedMeter) and not meter.ranges_from_lab:
         record.ranges = _prescan(meter, target, sample, max(1, math.ceil(count * s.prescan_s / s.window_s)),
                                  capture, progress)
     else:
@@ -223,10 +268,11 @@ def run_energy(meter: Any, target: Any, sample: Any, count: int, s: RunSettings,
     try:
         with capture() as cap:
             stop = _stop_when(target, cap)
-            record.idle = _idle_baseline(cap, meter, s, record, outcome, sleep, progress)
-            guard_from = outcome.idle[1]
+            idle, span = _idle_baseline(cap, meter, s, record, sleep, progress)
+            record.idle, outcome.idle, guard_from = idle, span, span[1]
             for i in range(s.windows):
-                result = _window(cap, meter, target, sample, count, s, record, i, guard_from, stop, progress)
+                result = _window(cap, meter, target, sample, count, s, record, idle, i, guard_from, stop,
+                                 progress)
                 cap.mark(f"window-{i}-start", result.run.host_start)
                 cap.mark(f"window-{i}-end", result.run.host_end)
                 record.windows.append(result)
@@ -238,8 +284,8 @@ def run_energy(meter: Any, target: Any, sample: Any, count: int, s: RunSettings,
             outcome.trace = cap.trace
 
 
-def _prescan(meter: Any, target: Any, sample: Any, count: int, capture: Callable[..., Any],
-             progress: Callable[[str], None]) -> str:
+def _prescan(meter: RangedMeter, target: InferenceTarget, sample: np.ndarray, count: int,
+             capture: Callable[..., AbstractContextManager[Capture]], progress: Callable[[str], None]) -> str:
     """Run the payload from the lowest ranges up, the capture raising them at each overload, until
     a run reads no overload; then hold the ranges for the peaks it saw."""
     meter.lowest_ranges()
@@ -252,11 +298,12 @@ def _prescan(meter: Any, target: Any, sample: Any, count: int, capture: Callable
     return meter.hold_ranges(scan.trace)
 
 
-def _idle_baseline(cap: Any, meter: Any, s: RunSettings, record: EnergyRun, outcome: Outcome,
-                   sleep: Callable[[float], None], progress: Callable[[str], None]) -> WindowEnergy:
+def _idle_baseline(cap: Capture, meter: PowerMeter, s: RunSettings, record: EnergyRun,
+                   sleep: Callable[[float], None],
+                   progress: Callable[[str], None]) -> tuple[WindowEnergy, tuple[float, float]]:
     """The idle baseline, one settled update into the capture, its edges apportioned with the load
-    beside it where that was steady at one level (else their worst case); measured again while
-    invalid."""
+    beside it where that was steady at one level (else their worst case), and the marks around it;
+    measured again while invalid."""
     after_s, settle, failed, measurement = -math.inf, 2, 0, 0
     lag = _lag(meter)
     problems: list[str] = []
@@ -273,13 +320,12 @@ def _idle_baseline(cap: Any, meter: Any, s: RunSettings, record: EnergyRun, outc
         before, after = trace.steady(after_s, t0), trace.steady(t1, math.inf)
         steady = before is not None and after is not None and before.agrees_with(after.level_w, after.accuracy_w)
         try:
-            idle = trace.energy(t0, t1, **({"before": before, "after": after} if steady else {}))
+            idle = trace.energy(t0, t1, before=before if steady else None, after=after if steady else None)
             problems = idle.problems
         except ValueError as e:
             problems = [str(e)]
         if not problems:
-            outcome.idle = (t0, t1)
-            return idle
+            return idle, (t0, t1)
         raised = _remedy(meter, problems, trace, t0)
         after_s, settle, failed = t1, settle + (3 if raised else 2), failed + (not raised)
         record.remeasured.append(f"idle baseline, measurement {measurement}: {'; '.join(problems)}")
@@ -287,8 +333,9 @@ def _idle_baseline(cap: Any, meter: Any, s: RunSettings, record: EnergyRun, outc
                           f"invalid in {s.attempts} measurements: {'; '.join(problems)}")
 
 
-def _window(cap: Any, meter: Any, target: Any, sample: Any, count: int, s: RunSettings, record: EnergyRun,
-            i: int, guard_from: float, stop: dict[str, Any], progress: Callable[[str], None]) -> WindowResult:
+def _window(cap: Capture, meter: PowerMeter, target: InferenceTarget, sample: np.ndarray, count: int,
+            s: RunSettings, record: EnergyRun, idle: WindowEnergy, i: int, guard_from: float,
+            stop: dict[str, Any], progress: Callable[[str], None]) -> WindowResult:
     """Energy window `i`: measured (after a guard stretch of at least one whole idle update) and
     checked; measured again while invalid."""
     settle, failed, measurement = 2, 0, 0  # updates after the last stretch: its edge update, a whole idle one
@@ -304,7 +351,7 @@ def _window(cap: Any, meter: Any, target: Any, sample: Any, count: int, s: RunSe
         cap.wait_for_updates_after(run.host_end + lag, settle)  # the trailing guard: edge update, whole idle
         # guards that stay busy once lengthened are the DUT's own (an SSH runner starting up)
         trace = cap.trace
-        result, problems = _judge(trace, run, record.idle, guard_from, worst_case_edges=measurement > 1)
+        result, problems = _judge(trace, run, idle, guard_from, worst_case_edges=measurement > 1)
         if result is not None:
             if problems:
                 record.remeasured.append(f"window {i + 1}, measurement {measurement}: counted with the edges' "
@@ -319,26 +366,25 @@ def _window(cap: Any, meter: Any, target: Any, sample: Any, count: int, s: RunSe
                           f"invalid in {measurement} measurements: {'; '.join(problems)}")
 
 
-def _board(driver: Any) -> str:
+def _board(driver: object) -> str:
     """The board (or instrument) a driver serves, for its steps."""
     return str(getattr(driver, "board", None) or getattr(driver, "name", None) or type(driver).__name__)
 
 
-def _lag(meter: Any) -> float:
+def _lag(meter: PowerMeter) -> float:
     """How long after its period an update's results may appear: an update seen later than this
     after an instant ended after it."""
-    return getattr(meter, "result_latency_s", 0.0)
+    return float(getattr(meter, "result_latency_s", 0.0))
 
 
-def _remedy(meter: Any, problems: list[str], trace: PowerTrace, t0: float) -> bool:
+def _remedy(meter: PowerMeter, problems: list[str], trace: PowerTrace, t0: float) -> bool:
     """Before measuring again: after an overload, raise the ranges the pre-scan chose (an error when
     lab.yaml fixed them, or they are at the top); whether they were raised (which is noted in
     `problems`, and blanks an update the next guard stretch must make up for)."""
-    step_up = getattr(meter, "step_up", None)
-    if step_up is None or not any("overload" in p for p in problems):
+    if not isinstance(meter, RangedMeter) or not any("overload" in p for p in problems):
         return False
     overloaded = [u for u, t in zip(trace.updates, trace.t_s) if u.overload and t0 - trace.period_s <= t]
-    raised = step_up(overloaded or list(trace.updates[-3:]))
+    raised = meter.step_up(overloaded or list(trace.updates[-3:]))
     if raised is None:
         raise InstrumentError(meter.name, "energy measurement",
                               f"a range overload on the ranges held ({meter.range_note}); nothing above them to "
@@ -385,7 +431,10 @@ def energy_of(record: EnergyRun, instrument: str, period_s: float) -> tuple[Ener
     """Energy per inference of the median window (by latency), with the idle baseline, each figure's
     uncertainty and its components, and the latency per inference of every window."""
     idle = record.idle
-    rows = []  # per window: the window, latency per inference (ms), and the figures' values
+    if idle is None:
+        raise ValueError("no idle baseline to take the dynamic energy from")
+    # per window: the window, latency per inference (ms), and the figures' values
+    rows: list[tuple[WindowResult, float, dict[str, float | None]]] = []
     for w in record.windows:
         per_inference_ms = sum(w.run.latencies_us) / w.run.count / 1000
         watts = w.power.mean_power_w
@@ -400,7 +449,7 @@ def energy_of(record: EnergyRun, instrument: str, period_s: float) -> tuple[Ener
 
     def spread(figure: str) -> float:
         """Half the range of a figure over the windows."""
-        seen = [r[2][figure] for r in rows if r[2][figure] is not None]
+        seen = [v for r in rows if (v := r[2][figure]) is not None]
         return (max(seen) - min(seen)) / 2
 
     per_w = 1 / power.duration_s
@@ -411,7 +460,7 @@ def energy_of(record: EnergyRun, instrument: str, period_s: float) -> tuple[Ener
         "dynamic_mj": _uncertainty(power, per_w * per_inf_ms, idle, per_inf_ms / idle.duration_s,
                                    spread("dynamic_mj")),
     }
-    if integrated_mj is not None:
+    if w.integrator is not None:
         figures["integrated_mj"] = _uncertainty(w.integrator, 1000 / n, spread=spread("integrated_mj"))
     reported = "integrated_mj" if integrated_mj is not None else "power_x_latency_mj"
     figures["per_inference_mj"] = figures[reported]
@@ -443,8 +492,8 @@ def _uncertainty(w: WindowEnergy, scale: float, other: WindowEnergy | None = Non
 def _kept_energy(got: _Sofar, outcome: Outcome, meter: str) -> None:
     """After a fault in the energy phase: energy from the windows that counted before it, if any did
     (a window counts only once the trace holds the updates after it)."""
-    if got.energy_run.windows and got.energy_run.idle is not None:
-        trace = outcome.trace
+    trace = outcome.trace
+    if got.energy_run.windows and got.energy_run.idle is not None and trace is not None:
         got.energy, got.window_ms = energy_of(got.energy_run, trace.instrument or meter, trace.period_s)
         got.instrument = trace.instrument or None
 
@@ -486,20 +535,24 @@ def measure(board: Board, payload: Payload, settings: RunSettings = RunSettings(
         if serial is not None and serial.reset == "rts":  # seed 000's cold start: reset to m-init-done
             phase = "cold start"
             progress("cold start: reset to m-init-done")
+            target = board.target
+            if not isinstance(target, Resettable):
+                raise UsageError(f"{board.name}: reset: rts, but its driver {type(target).__name__} "
+                                 "cannot reset the board")
             with step(board.name, phase, "reset to m-init-done"):
-                board.target.reset()
+                target.reset()
         phase = "identify"
         with step(board.name, phase):
-            got.identity = board.target.identify()
-            check_identity(board, payload, got.identity)
+            identity = got.identity = board.target.identify()
+            check_identity(board, payload, identity)
         phase = "latency"
         progress("latency: inferences timed one by one")
         with step(board.name, phase, payload.name):
-            _latency(board, payload, settings, got)
+            latency = _latency(board, payload, settings, got)
         if "power" in board.capabilities:
             phase = "energy"
             with step(board.name, phase, payload.name):
-                _energy(board, payload, settings, got, outcome, progress)
+                _energy(board, payload, settings, latency, got, outcome, progress)
         if payload.data is not None:
             phase = "accuracy"
             with step(board.name, phase, payload.name):
@@ -507,28 +560,29 @@ def measure(board: Board, payload: Payload, settings: RunSettings = RunSettings(
     except HardwareError as exc:
         if phase == "energy":
             _kept_energy(got, outcome, repr(board.power_meter))
-        if got.latency is not None:
+        if got.identity is not None and got.latency is not None:
             kept = {"failed_phase": phase, "windows_completed": len(got.runs),
                     "power_updates": len(outcome.trace) if outcome.trace is not None else 0}
-            exc.partial = _record(board, payload, got, firmware_sha256, {**(extra or {}), "partial": kept},
-                                  error=str(exc))
+            exc.partial = _record(board, payload, got.identity, got.latency, got, firmware_sha256,
+                                  {**(extra or {}), "partial": kept}, error=str(exc))
         raise
-    outcome.measurement = _record(board, payload, got, firmware_sha256, extra or {})
+    outcome.measurement = _record(board, payload, identity, latency, got, firmware_sha256, extra or {})
     return outcome
 
 
-def _record(board: Board, payload: Payload, got: _Sofar, firmware_sha256: str | None, extra: dict[str, Any],
-            error: str | None = None) -> Measurement:
-    """The Measurement of what `got` holds: whole, or partial when an `error` cut the run short."""
+def _record(board: Board, payload: Payload, identity: DutIdentity, timed: TimedRun, got: _Sofar,
+            firmware_sha256: str | None, extra: dict[str, Any], error: str | None = None) -> Measurement:
+    """The Measurement of what `got` holds (its `identity` and latency run `timed` given apart): whole,
+    or partial when an `error` cut the run short."""
     from labbench.measure.stats import latency_record
 
-    samples_ms = [u / 1000 for u in got.latency.latencies_us]
-    extras = {**got.identity.extra, **got.latency.extra}
+    samples_ms = [u / 1000 for u in timed.latencies_us]
+    extras = {**identity.extra, **timed.extra}
     latency = latency_record(samples_ms, throughput_windows_ms=got.window_ms,
                              method=f"{len(samples_ms)} inferences each timed on the device clock "
                                     f"({extras.get('latency_basis', 'per_inference')})")
     cold = {k: float(v) for k, v in extras.items() if k.startswith("cold_start") and isinstance(v, (int, float))}
-    identity, lab = got.identity, board.lab
+    lab = board.lab
     return Measurement(
         board=board.name, model=payload.name, config=payload.config, latency=latency, energy=got.energy,
         accuracy=got.accuracy, accuracy_n=got.accuracy_n, cold_start_ms=cold.pop("cold_start_ms", None),

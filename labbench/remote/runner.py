@@ -128,12 +128,14 @@ class OnnxModel:
         self.input_shape = tuple(d if isinstance(d, int) else 1 for d in inp.shape)
         self.input_dtype = np.dtype(ONNX_TYPES[inp.type])
         self.input_quant = self.output_quant = (0.0, 0)
-        self._y = None
+        self._y: np.ndarray | None = None
 
     def invoke(self, x: np.ndarray) -> None:
         self._y = self._session.run(None, {self._name: x})[0]
 
     def output(self) -> np.ndarray:
+        if self._y is None:
+            raise RuntimeError("output() before invoke()")
         return self._y
 
 
