@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 if TYPE_CHECKING:
     import numpy as np
 
-    from labbench.measure.power import PowerTrace
+    from labbench.powertrace import PowerTrace
 
 #: capability name (as used by ``@pytest.mark.requires``) -> Protocol, filled at the end of the module
 CAPABILITIES: dict[str, type] = {}
@@ -113,7 +113,7 @@ class Deployer(Protocol):
 class PowerCapture(Protocol):
     """A power capture on one channel, open while its `with` block runs.
 
-    Its `trace` is a labbench.measure.power.PowerTrace: updates, each the mean power over the period
+    Its `trace` is a labbench.powertrace.PowerTrace: updates, each the mean power over the period
     that ended at its refresh, placed on the host monotonic clock by when it can have been refreshed
     (`seen_after_s` .. `seen_by_s`). An averaging analyzer's updates are its readings (the PM1000+: one
     per 0.5 s, polled); a sampler's are its samples (numbered in `tick`, so one clock fits them all),

@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from labbench.instruments.pm1000 import Pm1000, Pm1000Capture
-from labbench.measure.power import PowerTrace
+from labbench.powertrace import PowerTrace
 from labbench.measure.run import EnergyRun, Outcome, RunSettings, energy_of, run_energy
 from labbench.sim.pm1000 import IDEAL, Pm1000Model
 from labbench.sim.powerbus import PowerBus

@@ -16,7 +16,7 @@ from netproxy import Filter, TcpProxy, free_port
 
 from labbench.errors import InstrumentError, LabConfigError, RunAborted, UsageError
 from labbench.instruments.pm1000 import Accuracy, DataStatus, Pm1000, _value_and_rounding
-from labbench.measure.power import PowerTrace
+from labbench.powertrace import PowerTrace
 from labbench.sim.pm1000 import DEFAULT_IDN, IDEAL, Pm1000Sim
 from labbench.sim.powerbus import PowerBus, PowerChannel, SquareWave
 

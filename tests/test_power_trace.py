@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from labbench.measure.power import Mark, PowerTrace, PowerUpdate, Steady, fit_update_clock
+from labbench.powertrace import Mark, PowerTrace, PowerUpdate, Steady, fit_update_clock
 from labbench.sim.powerbus import PowerChannel, SquareWave
 
 PERIOD_S = 0.5

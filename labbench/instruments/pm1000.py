@@ -10,7 +10,7 @@ A capture (`with meter.capture() as cap:`) runs the new-data idiom in a backgrou
 `:DSR?` about every `poll_interval_s` (dithered), and `:FRD?` when NDV is set. It also watches the
 instrument (Pm1000Capture says how) and fails at once, keeping what it captured, when the instrument
 stops answering or stops updating. How updates are placed on the host clock, and how energy over a
-window is computed from them, is labbench.measure.power's job.
+window is computed from them, is labbench.powertrace's job.
 
 Each update carries what bounds it: the documented accuracy of its power reading for the ranges
 the instrument held (`Accuracy`, the manual's figures), half the last digit each value was printed
@@ -42,7 +42,7 @@ import pyvisa
 from pyvisa.resources import MessageBasedResource
 
 from labbench.errors import InstrumentError, LabConfigError, UsageError
-from labbench.measure.power import IntegratorReading, Mark, PowerTrace, PowerUpdate
+from labbench.powertrace import IntegratorReading, Mark, PowerTrace, PowerUpdate
 from labbench.steps import step
 
 if TYPE_CHECKING:

@@ -49,7 +49,7 @@ from labbench.steps import step
 if TYPE_CHECKING:
     import numpy as np
 
-    from labbench.measure.power import PowerTrace, PowerUpdate, Steady, WindowEnergy
+    from labbench.powertrace import PowerTrace, PowerUpdate, Steady, WindowEnergy
     from labbench.payloads import Payload
 
 

@@ -14,7 +14,7 @@ fetches them. Its commands, each answered with a sealed line (labbench_acme.wire
 
 A capture starts the sampler and fetches every `poll_interval_s` in a background thread. Each sample
 becomes a PowerUpdate numbered by its index (`tick`), refreshed after the previous fetch was sent and
-before this one's reply arrived; labbench.measure.power fits one clock to the numbered samples, which
+before this one's reply arrived; labbench.powertrace fits one clock to the numbered samples, which
 places each on the host clock to a fraction of a sample. Each sample carries the datasheet's accuracy,
 `accuracy_pct` of reading + `accuracy_floor_w`, and half its last printed digit. Replies are checked
 before they become numbers: the seal, the first index (a skipped one means the sampler's buffer
@@ -38,7 +38,7 @@ from typing import Any, Self
 import pyvisa
 
 from labbench.errors import InstrumentError
-from labbench.measure.power import Mark, PowerTrace, PowerUpdate
+from labbench.powertrace import Mark, PowerTrace, PowerUpdate
 from labbench.steps import step
 from labbench_acme.wire import opened
 
