@@ -37,8 +37,15 @@ def commands(lab: str) -> dict[str, list[str]]:
         "labbench --help": [labbench, "--help"],
         "labbench lab check": [labbench, "lab", "check", lab],
         "pytest --version": [pytest, "--version"],
-        "pytest --markers, no labbench": [pytest, "--markers", "--noconftest", "-p", "no:labbench",
-                                          "-p", "no:labbench_gate"],
+        "pytest --markers, no labbench": [
+            pytest,
+            "--markers",
+            "--noconftest",
+            "-p",
+            "no:labbench",
+            "-p",
+            "no:labbench_gate",
+        ],
         "pytest --markers": [pytest, "--markers", "--noconftest"],
         "pytest tests_hil --list-boards": [pytest, "tests_hil", "--list-boards", "--lab", lab],
     }
@@ -46,8 +53,9 @@ def commands(lab: str) -> dict[str, list[str]]:
 
 def run(argv: list[str]) -> tuple[float, int]:
     t0 = time.perf_counter()
-    rc = subprocess.run(argv, check=False, cwd=REPO, stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL).returncode
+    rc = subprocess.run(
+        argv, check=False, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    ).returncode
     return time.perf_counter() - t0, rc
 
 

@@ -55,7 +55,9 @@ class Bench:
     settings: RunSettings
     build_dir: Path = Path("build")
     say: Callable[[str], None] = lambda line: None
-    installed: dict[str, tuple[str, InstallRecord]] = field(default_factory=dict)  # board -> (payload, record)
+    installed: dict[str, tuple[str, InstallRecord]] = field(
+        default_factory=dict
+    )  # board -> (payload, record)
     outcomes: dict[tuple[str, str], Outcome] = field(default_factory=dict)
 
     def install(self, board: Board, payload: Payload, run: StepRunner = plainly) -> InstallRecord:
@@ -65,8 +67,11 @@ class Bench:
             if why := not_deployable(board, payload):
                 raise NotDeployable(why)
             self.say(f"  {board.name}: installing {payload.name}")
-            record = run(board, f"install {payload.name}",
-                         lambda: board.install(payload.path, payload.dataset, self.build_dir))
+            record = run(
+                board,
+                f"install {payload.name}",
+                lambda: board.install(payload.path, payload.dataset, self.build_dir),
+            )
             self.installed[board.name] = (payload.name, record)
         return self.installed[board.name][1]
 
@@ -79,9 +84,17 @@ class Bench:
             record = self.install(board, payload, run)
             extra: dict[str, Any] = {"install": record.provenance()}
             self.outcomes[key] = run(
-                board, f"measure {payload.name}",
-                lambda: measure(board, payload, self.settings, firmware_sha256=record.firmware_sha256, extra=extra,
-                                progress=lambda step: self.say(f"  {board.name} / {payload.name}: {step}")))
+                board,
+                f"measure {payload.name}",
+                lambda: measure(
+                    board,
+                    payload,
+                    self.settings,
+                    firmware_sha256=record.firmware_sha256,
+                    extra=extra,
+                    progress=lambda step: self.say(f"  {board.name} / {payload.name}: {step}"),
+                ),
+            )
         return self.outcomes[key]
 
     def identify(self, board: Board, run: StepRunner = plainly) -> DutIdentity:

@@ -26,8 +26,9 @@ from labbench.yamlsource import unknown
 T = TypeVar("T")
 
 
-def _construct(group: str, name: str, capability: type[T], entry: Any, family: Any = None,
-               **context: Any) -> T:
+def _construct(
+    group: str, name: str, capability: type[T], entry: Any, family: Any = None, **context: Any
+) -> T:
     """The `name` plugin of `group` built for `entry`; it must implement `capability`. Of `context` (what
     the board knows besides the entry and family: the lab's name), `from_lab` gets the keywords it takes."""
     plugins = registered(group)
@@ -39,7 +40,9 @@ def _construct(group: str, name: str, capability: type[T], entry: Any, family: A
         context = {k: v for k, v in context.items() if k in params}
     driver = from_lab(entry, family, **context)
     if not isinstance(driver, capability):
-        raise UsageError(f"{group} entry point {name!r} ({type(driver).__name__}) is not a {capability.__name__}")
+        raise UsageError(
+            f"{group} entry point {name!r} ({type(driver).__name__}) is not a {capability.__name__}"
+        )
     return driver
 
 
@@ -75,8 +78,9 @@ class Board:
     def target(self) -> InferenceTarget:
         """The InferenceTarget: the driver the family names (by default the MLPerf Tiny DUT over serial for
         an MCU, the SSH runner for a Linux board, which keeps its files in a directory per lab)."""
-        return _construct(DRIVER_GROUP, self.family.target, InferenceTarget, self.entry, self.family,
-                          lab=self.lab.name)
+        return _construct(
+            DRIVER_GROUP, self.family.target, InferenceTarget, self.entry, self.family, lab=self.lab.name
+        )
 
     @cached_property
     def flasher(self) -> Flasher:
@@ -100,7 +104,9 @@ class Board:
         inst = self.lab.instruments[self.entry.power.instrument]
         return _construct(INSTRUMENT_GROUP, inst.kind, PowerMeter, inst)
 
-    def install(self, model: Path, dataset: Path | None = None, build_dir: Path = Path("build")) -> InstallRecord:
+    def install(
+        self, model: Path, dataset: Path | None = None, build_dir: Path = Path("build")
+    ) -> InstallRecord:
         """Put `model` on the board: flash an MCU (with the image its flasher builds around the model, if it
         builds one: an ESP32 app image) or deploy it. Each driver skips the transfer when the board already
         holds the same bytes."""
@@ -146,7 +152,9 @@ class Board:
         if e.serial:
             keys = locks.serial_keys(e.serial.url)
         else:
-            keys = locks.network_keys(e.ssh.host, e.ssh.port, f"ssh://{locks.host_text(e.ssh.host)}:{e.ssh.port}")
+            keys = locks.network_keys(
+                e.ssh.host, e.ssh.port, f"ssh://{locks.host_text(e.ssh.host)}:{e.ssh.port}"
+            )
         if e.power:
             keys += locks.instrument_keys(self.lab.instruments[e.power.instrument].resource, e.power.channel)
         return keys

@@ -9,13 +9,14 @@ answer) is an error raised before any judging, never a FAIL.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
+
 from labbench.inventory import Limit, ModelBudget
 from labbench.measure.record import Measurement
 from labbench.metrics import METRICS
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     """From least to most severe. PASS, IMPROVED and MARGINAL pass; the gate adds IMPROVED and
     REGRESSION (against a baseline) to what a budget gives."""
 
@@ -55,7 +56,9 @@ class Judgement:
         if self.measured is None:
             return f"{self.metric}: not measured (budget {budget}): {self.verdict.value}"
         ci = f" (95% CI {self.interval[0]:.4g}..{self.interval[1]:.4g}{unit})" if self.interval else ""
-        return f"{self.metric}: measured {self.measured:.4g}{unit}{ci} vs budget {budget}: {self.verdict.value}"
+        return (
+            f"{self.metric}: measured {self.measured:.4g}{unit}{ci} vs budget {budget}: {self.verdict.value}"
+        )
 
 
 def limit_text(limit: Limit, unit: str) -> str:
@@ -65,8 +68,9 @@ def limit_text(limit: Limit, unit: str) -> str:
     return f"{bound} {value:g}{f' {unit}' if unit else ''}{band}"
 
 
-def judge_value(metric: str, measured: float | None, limit: Limit,
-                interval: tuple[float, float] | None = None) -> Judgement:
+def judge_value(
+    metric: str, measured: float | None, limit: Limit, interval: tuple[float, float] | None = None
+) -> Judgement:
     if measured is None:
         return Judgement(metric, None, limit, Verdict.MISSING)
     band = limit.marginal_pct / 100
@@ -81,5 +85,9 @@ def judge_value(metric: str, measured: float | None, limit: Limit,
 
 def judge(measurement: Measurement, budget: ModelBudget) -> list[Judgement]:
     """Every metric the budget names, judged against the measurement."""
-    return [judge_value(metric, METRICS[metric].value(measurement), limit, METRICS[metric].interval_of(measurement))
-            for metric, limit in budget.limits().items()]
+    return [
+        judge_value(
+            metric, METRICS[metric].value(measurement), limit, METRICS[metric].interval_of(measurement)
+        )
+        for metric, limit in budget.limits().items()
+    ]

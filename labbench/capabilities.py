@@ -42,7 +42,9 @@ class InstallRecord:
     seconds: float
     identity: DutIdentity | None = None  # what the board said it is afterwards, when it was asked
     log: str | None = None
-    detail: dict[str, Any] = field(default_factory=dict)  # the tool's own facts: bytes, regions, files, boot log
+    detail: dict[str, Any] = field(
+        default_factory=dict
+    )  # the tool's own facts: bytes, regions, files, boot log
 
     def provenance(self) -> dict[str, str | int | float | bool]:
         """The record's scalar facts (its detail's included), for a measurement's provenance."""
@@ -75,7 +77,9 @@ class InferenceTarget(Protocol):
 
     def identify(self) -> DutIdentity: ...
 
-    def run_timed(self, sample: np.ndarray, count: int, warmup: int, *, per_inference: bool = False) -> TimedRun:
+    def run_timed(
+        self, sample: np.ndarray, count: int, warmup: int, *, per_inference: bool = False
+    ) -> TimedRun:
         """`count` inferences of `sample` after `warmup`. With `per_inference`, each inference is timed on
         its own (a latency distribution); without, they run back to back (a throughput/energy window).
         A target that always times each inference back to back may ignore the flag."""
@@ -130,8 +134,9 @@ class PowerCapture(Protocol):
 
     def __enter__(self) -> Self: ...
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool | None: ...
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None: ...
 
     def mark(self, label: str, t_s: float | None = None) -> float:
         """Record an event at `t_s` (default now) on the host monotonic clock; returns its time."""

@@ -38,8 +38,10 @@ _DTYPES = {"int8": "int8_macs_per_s", "fp32": "fp32_macs_per_s", "float32": "fp3
 _REF = re.compile(r"[A-Za-z0-9_]+")
 FAMILY_GROUP = "labbench.devices"
 #: the inference driver and the simulator of a family that names none, by kind
-KIND_DEFAULTS = {"mcu": {"target": "dut_serial", "simulator": "mcu"},
-                 "linux": {"target": "ssh", "simulator": "linux"}}
+KIND_DEFAULTS = {
+    "mcu": {"target": "dut_serial", "simulator": "mcu"},
+    "linux": {"target": "ssh", "simulator": "linux"},
+}
 
 
 class _Strict(BaseModel):
@@ -151,7 +153,9 @@ class BoardFamily(_Strict):
             problems.append(f"model {model_bytes:,} B exceeds flash {self.flash_kib:,} KiB")
         if self.ram_mib is not None:
             if model_bytes + arena_bytes > self.ram_mib * 1024 * 1024:
-                problems.append(f"model {model_bytes:,} B + arena {arena_bytes:,} B exceeds RAM {self.ram_mib:,} MiB")
+                problems.append(
+                    f"model {model_bytes:,} B + arena {arena_bytes:,} B exceeds RAM {self.ram_mib:,} MiB"
+                )
         elif self.sram_kib is not None and arena_bytes > self.sram_kib * 1024:
             problems.append(f"arena {arena_bytes:,} B exceeds SRAM {self.sram_kib:,} KiB")
         return "; ".join(problems) or None
@@ -210,8 +214,9 @@ def _load(path: Path) -> BoardFamily:
         src = Source.load(path, CatalogError)
     except CatalogError as exc:  # a YAML syntax error names the bare file; name it as the others do
         message = str(exc)
-        raise CatalogError(label + message.removeprefix(path.name) if message.startswith(f"{path.name}:")
-                           else message) from None
+        raise CatalogError(
+            label + message.removeprefix(path.name) if message.startswith(f"{path.name}:") else message
+        ) from None
     src.label = label
     if not isinstance(src.data, dict):
         raise CatalogError(src.where((), "expected a mapping of family settings"))
@@ -232,13 +237,19 @@ Problems = list[tuple[tuple, str]]
 def _layout_problems(data: dict, name: str) -> Problems:
     """The file does not name itself; power modes and the top-level figures exclude each other; the
     default mode must be one of the modes."""
-    named = [(("name",), f'unknown key; a family is named by its file name, "{name}"')] if "name" in data else []
+    named = (
+        [(("name",), f'unknown key; a family is named by its file name, "{name}"')] if "name" in data else []
+    )
     modes, default = data.get("power_modes"), data.get("default_power_mode")
     if not modes:
-        return named + ([(("default_power_mode",), "only a family with power_modes has a default")]
-                        if default else [])
-    clash = named + [((key,), "not allowed with power_modes (each mode has its own)")
-                     for key in ("power", "device_model") if key in data]
+        return named + (
+            [(("default_power_mode",), "only a family with power_modes has a default")] if default else []
+        )
+    clash = named + [
+        ((key,), "not allowed with power_modes (each mode has its own)")
+        for key in ("power", "device_model")
+        if key in data
+    ]
     if default is None:
         return clash + [(("power_modes",), "a family with power_modes needs default_power_mode")]
     if not isinstance(modes, dict) or not isinstance(default, str) or default in modes:
@@ -254,7 +265,9 @@ def _kind_problems(family: BoardFamily) -> Problems:
     else:
         needed = ("ram_mib",)
         wrong_flasher = family.flasher != "ssh"
-    problems = [((key,), f"required when kind is {family.kind}") for key in needed if getattr(family, key) is None]
+    problems = [
+        ((key,), f"required when kind is {family.kind}") for key in needed if getattr(family, key) is None
+    ]
     if wrong_flasher:
         problems.append((("flasher",), f'"{family.flasher}" cannot flash a board of kind {family.kind}'))
     return problems
@@ -264,8 +277,11 @@ def _source_problems(data: dict) -> Problems:
     """Every number names a source; every source names a number (or a null it explains) and a reference."""
     leaves = dict(_leaves(data, ()))
     sources, refs = data.get("sources", {}), data.get("references", {})
-    problems: Problems = [(loc, "no source: add it under sources:") for key, (loc, value) in leaves.items()
-                          if _is_number(value) and key not in sources]
+    problems: Problems = [
+        (loc, "no source: add it under sources:")
+        for key, (loc, value) in leaves.items()
+        if _is_number(value) and key not in sources
+    ]
     for key, citation in sources.items():
         if key not in leaves:
             numeric = [k for k, (_, v) in leaves.items() if _is_number(v)]

@@ -23,7 +23,9 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 
 def _lab_arg(parser: argparse.ArgumentParser, positional: bool = False) -> None:
     if positional:
-        parser.add_argument("lab", nargs="?", default="lab.yaml", type=Path, help="lab file (default lab.yaml)")
+        parser.add_argument(
+            "lab", nargs="?", default="lab.yaml", type=Path, help="lab file (default lab.yaml)"
+        )
     else:
         parser.add_argument("--lab", default="lab.yaml", type=Path, help="lab file (default lab.yaml)")
 
@@ -48,8 +50,15 @@ def cmd_lab_check(args: argparse.Namespace) -> int:
     for b in lab.boards.values():
         power = f"{b.power.instrument} ch{b.power.channel}" if b.power else "-"
         mode = f" [{b.power_mode}]" if b.power_mode else ""
-        _row(boards, b.name, b.family + mode, _connection(b), b.flash.tool if b.flash else "ssh deploy",
-             power, "sim" if b.simulated else "hw")
+        _row(
+            boards,
+            b.name,
+            b.family + mode,
+            _connection(b),
+            b.flash.tool if b.flash else "ssh deploy",
+            power,
+            "sim" if b.simulated else "hw",
+        )
     instruments = Table(title=f"{len(lab.instruments)} instruments")
     for col in ("instrument", "kind", "resource", "sim"):
         instruments.add_column(col)
@@ -74,8 +83,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
     lab = inventory.load(args.lab, check_files=args.action == "up")  # down and status, whatever is missing
     if args.action == "up":
         started = simlab.up(lab)
-        out.print(f"simulated lab up (pid {started['pid']}): {len(started['boards'])} boards, "
-                  f"{len(started['instruments'])} instruments; state in {started['state_dir']}", markup=False)
+        out.print(
+            f"simulated lab up (pid {started['pid']}): {len(started['boards'])} boards, "
+            f"{len(started['instruments'])} instruments; state in {started['state_dir']}",
+            markup=False,
+        )
     elif args.action == "down":
         out.print("simulated lab stopped" if simlab.down(lab) else "simulated lab was not up")
     else:
@@ -121,8 +133,10 @@ def cmd_journal_repair(args: argparse.Namespace) -> int:
             print(f"{path}: healthy, nothing to repair")
             continue
         lines = ", ".join(str(n) for n, _ in health.damaged)
-        print(f"{path}: repaired: kept {health.valid + health.partial + health.events} records, "
-              f"dropped the damaged part of line(s) {lines}; the original is in {backup}")
+        print(
+            f"{path}: repaired: kept {health.valid + health.partial + health.events} records, "
+            f"dropped the damaged part of line(s) {lines}; the original is in {backup}"
+        )
     return 0
 
 
@@ -136,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    lab = sub.add_parser("lab", help="inspect a lab inventory").add_subparsers(dest="lab_command", required=True)
+    lab = sub.add_parser("lab", help="inspect a lab inventory").add_subparsers(
+        dest="lab_command", required=True
+    )
     check = lab.add_parser("check", help="validate lab.yaml and print it")
     _lab_arg(check, positional=True)
     check.set_defaults(func=cmd_lab_check)
@@ -161,13 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     journal = sub.add_parser("journal", help="a results journal's health").add_subparsers(
-        dest="journal_command", required=True)
-    check = journal.add_parser("check", help="count a journal's records and list its damaged lines "
-                                             "(exit 0 healthy, 1 damaged)")
+        dest="journal_command", required=True
+    )
+    check = journal.add_parser(
+        "check", help="count a journal's records and list its damaged lines (exit 0 healthy, 1 damaged)"
+    )
     check.add_argument("journals", nargs="+", type=Path, metavar="JOURNAL")
     check.set_defaults(func=cmd_journal_check)
-    repair = journal.add_parser("repair", help="rewrite a journal without its damaged lines, "
-                                               "keeping a backup (JOURNAL.bak-<time>)")
+    repair = journal.add_parser(
+        "repair", help="rewrite a journal without its damaged lines, keeping a backup (JOURNAL.bak-<time>)"
+    )
     repair.add_argument("journals", nargs="+", type=Path, metavar="JOURNAL")
     repair.set_defaults(func=cmd_journal_repair)
     return parser

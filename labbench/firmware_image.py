@@ -212,7 +212,7 @@ def read_app_image(data: bytes) -> AppImage:
         raise ImageError(f"invalid magic byte {data[:1].hex() or 'none'} (nothing flashed?)")
     try:
         image = ESP32FirmwareImage(io.BytesIO(data))
-    except Exception as exc:  # noqa: BLE001 (esptool raises FatalError, struct.error, RuntimeError)
+    except Exception as exc:
         raise ImageError(f"malformed image: {exc}") from None
     if image.chip_id != ESP32ROM.IMAGE_CHIP_ID:
         raise ImageError(f"image is for chip id {image.chip_id}, not the ESP32")

@@ -50,12 +50,12 @@ from labbench import inventory, results
 from labbench.budgets import Verdict, judge_value, limit_text, worst
 from labbench.errors import LabbenchError, UsageError
 from labbench.inventory import Lab, ModelBudget
-from labbench.metrics import METRICS, Comparison as ComparisonKind
 from labbench.measure.record import Measurement, git_revision
+from labbench.metrics import METRICS
+from labbench.metrics import Comparison as ComparisonKind
 
 BASELINE_DIR = Path("reports/baselines")
 Key = tuple[str, str]  # (board, model)
-
 
 
 class IncompleteData(LabbenchError):
@@ -137,24 +137,38 @@ class GateResult:
         return {0: "PASS", 1: "FAIL", 2: "INCOMPLETE"}[self.exit_code]
 
     def as_dict(self) -> dict:
-        checks = [{**asdict(c), "verdict": c.verdict.value, "unit": c.unit, "change_pct": c.change_pct}
-                  for c in self.checks]
-        return {"status": self.status, "exit_code": self.exit_code, "baseline": self.baseline,
-                "lab": self.lab, "notes": self.notes, "incomplete": self.incomplete, "checks": checks}
+        checks = [
+            {**asdict(c), "verdict": c.verdict.value, "unit": c.unit, "change_pct": c.change_pct}
+            for c in self.checks
+        ]
+        return {
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "baseline": self.baseline,
+            "lab": self.lab,
+            "notes": self.notes,
+            "incomplete": self.incomplete,
+            "checks": checks,
+        }
 
     def markdown(self) -> str:
         """A CI job summary: status, a table per board (metric, budget, baseline, now, change, verdict)."""
-        counts = ", ".join(f"{n} {v.value}" for v in reversed(Verdict)
-                           if (n := sum(c.verdict is v for c in self.checks)))
-        sources = (f"Baseline: {f'`{self.baseline}`' if self.baseline else 'none'}. "
-                   f"Budgets: {f'`{self.lab}`' if self.lab else 'none'}. {counts or 'nothing measured'}.")
+        counts = ", ".join(
+            f"{n} {v.value}" for v in reversed(Verdict) if (n := sum(c.verdict is v for c in self.checks))
+        )
+        sources = (
+            f"Baseline: {f'`{self.baseline}`' if self.baseline else 'none'}. "
+            f"Budgets: {f'`{self.lab}`' if self.lab else 'none'}. {counts or 'nothing measured'}."
+        )
         lines = [f"## labbench gate: {self.status} (exit {self.exit_code})", "", sources, ""]
         for board in dict.fromkeys(c.board for c in self.checks):
             lines += [f"### {board}", "", _HEADER, "| --- " * 8 + "|"]
             for c in (c for c in self.checks if c.board == board):
                 verdict = c.verdict.value if c.verdict in _OK else f"**{c.verdict.value}**"
-                lines.append(f"| {c.model} | {c.metric} | {c.budget or ''} | {_value(c.baseline, c.unit)} | "
-                             f"{_value(c.now, c.unit)} | {_change(c)} | {verdict} | {c.detail} |")
+                lines.append(
+                    f"| {c.model} | {c.metric} | {c.budget or ''} | {_value(c.baseline, c.unit)} | "
+                    f"{_value(c.now, c.unit)} | {_change(c)} | {verdict} | {c.detail} |"
+                )
             lines.append("")
         problems = [f"- incomplete: {p}" for p in self.incomplete] + [f"- {n}" for n in self.notes]
         return "\n".join(lines + (["Notes:", "", *problems, ""] if problems else []))
@@ -185,8 +199,10 @@ def _change(c: Check) -> str:
 
 # --- reading journals ---------------------------------------------------------------------------
 
-def collect(journals: Iterable[str | Path], since: dt.datetime | None = None
-            ) -> tuple[dict[Key, Measurement], list[str], list[str]]:
+
+def collect(
+    journals: Iterable[str | Path], since: dt.datetime | None = None
+) -> tuple[dict[Key, Measurement], list[str], list[str]]:
     """The latest measurement per (board, model), notes, and problems making the data incomplete.
 
     A skipped line (torn or invalid: `file:line: skipped: why`) and a journal that is missing or
@@ -208,8 +224,11 @@ def collect(journals: Iterable[str | Path], since: dt.datetime | None = None
         problems += [str(w.message) for w in caught if issubclass(w.category, results.JournalWarning)]
     if since is not None:
         found = [m for m in found if _time(m) >= since]
-    notes = [f"{m.board}/{m.model}: partial record {m.id[:12]} ({m.time_utc}) not judged: {m.error}"
-             for m in found if m.status == "partial"]
+    notes = [
+        f"{m.board}/{m.model}: partial record {m.id[:12]} ({m.time_utc}) not judged: {m.error}"
+        for m in found
+        if m.status == "partial"
+    ]
     by_key: dict[Key, list[Measurement]] = {}
     for m in found:
         if m.status == "valid":  # a partial record (cut short by an infrastructure error) is never judged
@@ -217,8 +236,10 @@ def collect(journals: Iterable[str | Path], since: dt.datetime | None = None
     for (board, model), ms in by_key.items():
         ms.sort(key=_time)  # stable: equal times keep journal order
         if len(ms) > 1:
-            notes.append(f"{board}/{model}: {len(ms)} measurements in the journals; using the latest "
-                         f"({ms[-1].time_utc}, id {ms[-1].id[:12]})")
+            notes.append(
+                f"{board}/{model}: {len(ms)} measurements in the journals; using the latest "
+                f"({ms[-1].time_utc}, id {ms[-1].id[:12]})"
+            )
     return {k: ms[-1] for k, ms in by_key.items()}, notes, problems
 
 
@@ -245,9 +266,14 @@ def save_baseline(journals: Iterable[str | Path], name: str, out_dir: Path = BAS
     if problems or not latest:
         why = "; ".join(problems) or f"no measurements in {', '.join(journals)}"
         raise IncompleteData(f"baseline {name}: {why}")
-    baseline = Baseline(name=name, created_utc=dt.datetime.now(dt.UTC).isoformat(),
-                        bench_git_rev=git_revision(), journals=journals, notes=notes,
-                        measurements=[latest[k] for k in sorted(latest)])
+    baseline = Baseline(
+        name=name,
+        created_utc=dt.datetime.now(dt.UTC).isoformat(),
+        bench_git_rev=git_revision(),
+        journals=journals,
+        notes=notes,
+        measurements=[latest[k] for k in sorted(latest)],
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     path.write_text(baseline.model_dump_json(indent=1) + "\n")
@@ -261,8 +287,10 @@ def load_baseline(ref: str | Path, directory: Path = BASELINE_DIR) -> Baseline:
         path = directory / f"{ref}.json"
     if not path.is_file():
         known = sorted(p.stem for p in directory.glob("*.json")) if directory.is_dir() else []
-        raise UsageError(f"baseline {ref}: no such file, nor {path} (baselines in {directory}: "
-                         f"{', '.join(known) or 'none'})")
+        raise UsageError(
+            f"baseline {ref}: no such file, nor {path} (baselines in {directory}: "
+            f"{', '.join(known) or 'none'})"
+        )
     try:
         return Baseline.model_validate_json(path.read_text())
     except ValidationError as exc:
@@ -278,8 +306,9 @@ def _direction(worse: bool, better: bool) -> Verdict:
     return Verdict.REGRESSION if worse else Verdict.IMPROVED if better else Verdict.PASS
 
 
-def compare_latency(baseline_ms: Iterable[float], now_ms: Iterable[float],
-                    tol: Tolerance = DEFAULT_TOLERANCE) -> Comparison:
+def compare_latency(
+    baseline_ms: Iterable[float], now_ms: Iterable[float], tol: Tolerance = DEFAULT_TOLERANCE
+) -> Comparison:
     """Mann-Whitney U (two-sided) on the samples and the relative shift of the median (see module doc)."""
     import numpy as np
     from scipy import stats
@@ -290,9 +319,13 @@ def compare_latency(baseline_ms: Iterable[float], now_ms: Iterable[float],
     p = float(stats.mannwhitneyu(now, base, alternative="two-sided").pvalue)
     shift_pct = (np.median(now) / np.median(base) - 1) * 100
     real = p < tol.alpha and abs(shift_pct) >= tol.latency_pct
-    return (_direction(real and shift_pct > 0, real and shift_pct < 0),
-            (f"Mann-Whitney U p={p:.2g} over {base.size}+{now.size} samples, median {shift_pct:+.1f}% "
-             f"(a change is p<{tol.alpha:g} and >={tol.latency_pct:g}%)"))
+    return (
+        _direction(real and shift_pct > 0, real and shift_pct < 0),
+        (
+            f"Mann-Whitney U p={p:.2g} over {base.size}+{now.size} samples, median {shift_pct:+.1f}% "
+            f"(a change is p<{tol.alpha:g} and >={tol.latency_pct:g}%)"
+        ),
+    )
 
 
 def same_calibration(base: Measurement, now: Measurement) -> bool:
@@ -301,10 +334,15 @@ def same_calibration(base: Measurement, now: Measurement) -> bool:
     far as the records tell: a recalibration in between is not in them)."""
     b, n = base.energy, now.energy
     ranges = (b.voltage_range_v, b.current_range_a)
-    return (base.provenance.instrument is not None and base.provenance.instrument == now.provenance.instrument
-            and None not in ranges and ranges == (n.voltage_range_v, n.current_range_a)
-            and "per_inference_mj" in b.uncertainties and "per_inference_mj" in n.uncertainties
-            and min(b.per_inference_mj, b.active_power_w, n.active_power_w) > 0)
+    return (
+        base.provenance.instrument is not None
+        and base.provenance.instrument == now.provenance.instrument
+        and None not in ranges
+        and ranges == (n.voltage_range_v, n.current_range_a)
+        and "per_inference_mj" in b.uncertainties
+        and "per_inference_mj" in n.uncertainties
+        and min(b.per_inference_mj, b.active_power_w, n.active_power_w) > 0
+    )
 
 
 def energy_uncertainties(base: Measurement, now: Measurement) -> tuple[float, float, str]:
@@ -321,67 +359,102 @@ def energy_uncertainties(base: Measurement, now: Measurement) -> tuple[float, fl
     ub, un = b.uncertainties["per_inference_mj"], n.uncertainties["per_inference_mj"]
     time_change = (n.per_inference_mj / n.active_power_w) / (b.per_inference_mj / b.active_power_w) - 1
     residual = ub.accuracy * (abs(n.per_inference_mj / b.per_inference_mj - 1) + abs(time_change))
-    return (ub.rounding + ub.edges + ub.spread + residual, un.rounding + un.edges + un.spread,
-            "random uncertainties (same instrument and ranges)")
+    return (
+        ub.rounding + ub.edges + ub.spread + residual,
+        un.rounding + un.edges + un.spread,
+        "random uncertainties (same instrument and ranges)",
+    )
 
 
-def compare_energy(base: Measurement, now: Measurement,
-                   tol: Tolerance = DEFAULT_TOLERANCE) -> Comparison:
+def compare_energy(base: Measurement, now: Measurement, tol: Tolerance = DEFAULT_TOLERANCE) -> Comparison:
     """Non-overlap of the energy intervals (value +- uncertainty) widened by energy_pct of the baseline."""
     b, n = base.energy, now.energy
     diff = n.per_inference_mj - b.per_inference_mj
     u_base, u_now, which = energy_uncertainties(base, now)
     allowance = u_base + u_now + tol.energy_pct / 100 * b.per_inference_mj
-    return (_direction(diff > allowance, -diff > allowance),
-            (f"{diff:+.3g} mJ vs allowance {allowance:.3g} mJ ({which} {u_base:.2g} + {u_now:.2g} mJ, "
-             f"tolerance {tol.energy_pct:g}%)"))
+    return (
+        _direction(diff > allowance, -diff > allowance),
+        (
+            f"{diff:+.3g} mJ vs allowance {allowance:.3g} mJ ({which} {u_base:.2g} + {u_now:.2g} mJ, "
+            f"tolerance {tol.energy_pct:g}%)"
+        ),
+    )
 
 
-def compare_accuracy(base: Measurement, now: Measurement,
-                     tol: Tolerance = DEFAULT_TOLERANCE) -> Comparison:
+def compare_accuracy(base: Measurement, now: Measurement, tol: Tolerance = DEFAULT_TOLERANCE) -> Comparison:
     """Fisher's exact test on correct/incorrect counts at alpha, with a minimum change of accuracy_pts."""
     from scipy import stats
 
     change_pts = (now.accuracy - base.accuracy) * 100
     big = abs(change_pts) >= tol.accuracy_pts
     if not (base.accuracy_n and now.accuracy_n):
-        return (_direction(big and change_pts < 0, big and change_pts > 0),
-                f"{change_pts:+.2f} pts (no sample count: by value, tolerance {tol.accuracy_pts:g} pts)")
+        return (
+            _direction(big and change_pts < 0, big and change_pts > 0),
+            f"{change_pts:+.2f} pts (no sample count: by value, tolerance {tol.accuracy_pts:g} pts)",
+        )
     kb, kn = round(base.accuracy * base.accuracy_n), round(now.accuracy * now.accuracy_n)
     table = [[kb, base.accuracy_n - kb], [kn, now.accuracy_n - kn]]
     p = float(stats.fisher_exact(table, alternative="two-sided").pvalue)
     real = big and p < tol.alpha
-    return (_direction(real and change_pts < 0, real and change_pts > 0),
-            (f"Fisher exact p={p:.2g} ({kb}/{base.accuracy_n} vs {kn}/{now.accuracy_n}), "
-             f"{change_pts:+.2f} pts (a change is p<{tol.alpha:g} and >={tol.accuracy_pts:g} pts)"))
+    return (
+        _direction(real and change_pts < 0, real and change_pts > 0),
+        (
+            f"Fisher exact p={p:.2g} ({kb}/{base.accuracy_n} vs {kn}/{now.accuracy_n}), "
+            f"{change_pts:+.2f} pts (a change is p<{tol.alpha:g} and >={tol.accuracy_pts:g} pts)"
+        ),
+    )
 
 
-def compare_memory(base_value: float, now_value: float,
-                   tol: Tolerance = DEFAULT_TOLERANCE) -> Comparison:
+def compare_memory(base_value: float, now_value: float, tol: Tolerance = DEFAULT_TOLERANCE) -> Comparison:
     change_pct = (now_value / base_value - 1) * 100 if base_value else (math.inf if now_value else 0.0)
-    return (_direction(change_pct > tol.memory_pct, change_pct < -tol.memory_pct),
-            f"tolerance {tol.memory_pct:g}%")
+    return (
+        _direction(change_pct > tol.memory_pct, change_pct < -tol.memory_pct),
+        f"tolerance {tol.memory_pct:g}%",
+    )
 
 
 _COMPARERS: dict[ComparisonKind, Callable[[str, Measurement, Measurement, Tolerance], Comparison]] = {
-    "samples": lambda metric, base, now, tol: compare_latency(base.latency.samples_ms, now.latency.samples_ms, tol),
+    "samples": lambda metric, base, now, tol: compare_latency(
+        base.latency.samples_ms, now.latency.samples_ms, tol
+    ),
     "uncertainty": lambda metric, base, now, tol: compare_energy(base, now, tol),
     "proportion": lambda metric, base, now, tol: compare_accuracy(base, now, tol),
-    "relative": lambda metric, base, now, tol: compare_memory(METRICS[metric].value(base), METRICS[metric].value(now),
-                                                             tol),
+    "relative": lambda metric, base, now, tol: compare_memory(
+        METRICS[metric].value(base), METRICS[metric].value(now), tol
+    ),
 }
 
 
-def check_measurement(board: str, model: str, now: Measurement | None, base: Measurement | None,
-                      budget: ModelBudget | None, tol: Tolerance = DEFAULT_TOLERANCE) -> list[Check]:
+def check_measurement(
+    board: str,
+    model: str,
+    now: Measurement | None,
+    base: Measurement | None,
+    budget: ModelBudget | None,
+    tol: Tolerance = DEFAULT_TOLERANCE,
+) -> list[Check]:
     """The checks of one (board, model): every budgeted metric and every metric the baseline compares."""
     if now is None:
-        return [Check(board, model, "measurement", Verdict.MISSING,
-                      detail="in the baseline but not measured: not a pass")]
+        return [
+            Check(
+                board,
+                model,
+                "measurement",
+                Verdict.MISSING,
+                detail="in the baseline but not measured: not a pass",
+            )
+        ]
     limits = budget.limits() if budget else {}
     compared = {name: m for name, m in METRICS.items() if m.compare is not None}
-    metrics = [name for name, m in METRICS.items() if name in limits or (name in compared and (
-        m.value(now) is not None or (base is not None and m.value(base) is not None)))]
+    metrics = [
+        name
+        for name, m in METRICS.items()
+        if name in limits
+        or (
+            name in compared
+            and (m.value(now) is not None or (base is not None and m.value(base) is not None))
+        )
+    ]
     checks = []
     for metric in metrics:
         spec = METRICS[metric]
@@ -399,17 +472,32 @@ def check_measurement(board: str, model: str, now: Measurement | None, base: Mea
             verdict, detail = _COMPARERS[spec.compare](metric, base, now, tol)
             verdicts.append(verdict)
             details.append(detail)
-        checks.append(Check(board, model, metric, worst(verdicts), value, before,
-                            limit_text(limits[metric], spec.unit) if metric in limits else None,
-                            "; ".join(d for d in details if d)))
+        checks.append(
+            Check(
+                board,
+                model,
+                metric,
+                worst(verdicts),
+                value,
+                before,
+                limit_text(limits[metric], spec.unit) if metric in limits else None,
+                "; ".join(d for d in details if d),
+            )
+        )
     return checks
 
 
 def _provenance_notes(key: Key, base: Measurement, now: Measurement) -> list[str]:
     b, n = base.provenance, now.provenance
-    return [f"{key[0]}/{key[1]}: baseline {what} {x} but now {y}: the comparison may not be like for like"
-            for what, x, y in (("source", b.source, n.source), ("family", b.family, n.family),
-                               ("power mode", b.power_mode, n.power_mode)) if x != y]
+    return [
+        f"{key[0]}/{key[1]}: baseline {what} {x} but now {y}: the comparison may not be like for like"
+        for what, x, y in (
+            ("source", b.source, n.source),
+            ("family", b.family, n.family),
+            ("power mode", b.power_mode, n.power_mode),
+        )
+        if x != y
+    ]
 
 
 def _budget(lab: Lab | None, board: str, model: str) -> ModelBudget | None:
@@ -420,9 +508,14 @@ def _budget(lab: Lab | None, board: str, model: str) -> ModelBudget | None:
     return lab.budgets.get(board, {}).get(model)
 
 
-def gate(journals: Iterable[str | Path], lab: Lab | str | Path | None = None,
-         baseline: Baseline | str | Path | None = None, tolerance: Tolerance = DEFAULT_TOLERANCE,
-         boards: Iterable[str] | None = None, since: dt.datetime | None = None) -> GateResult:
+def gate(
+    journals: Iterable[str | Path],
+    lab: Lab | str | Path | None = None,
+    baseline: Baseline | str | Path | None = None,
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
+    boards: Iterable[str] | None = None,
+    since: dt.datetime | None = None,
+) -> GateResult:
     """Judge the latest measurement of every (board, model) in the journals; see the module doc.
 
     `lab` (a Lab or a lab.yaml path) supplies budgets; `baseline` (a Baseline, a path, or a name
@@ -436,8 +529,11 @@ def gate(journals: Iterable[str | Path], lab: Lab | str | Path | None = None,
     latest, notes, problems = collect(journals, since)
     before = baseline.entries() if baseline else {}
     if baseline:
-        notes.insert(0, f"baseline {baseline.name}: saved {baseline.created_utc} by bench "
-                        f"{baseline.bench_git_rev} from {', '.join(baseline.journals)}")
+        notes.insert(
+            0,
+            f"baseline {baseline.name}: saved {baseline.created_utc} by bench "
+            f"{baseline.bench_git_rev} from {', '.join(baseline.journals)}",
+        )
     if boards is not None:
         keep = set(boards)
         latest = {k: m for k, m in latest.items() if k[0] in keep}
@@ -452,5 +548,10 @@ def gate(journals: Iterable[str | Path], lab: Lab | str | Path | None = None,
             notes.append(f"{key[0]}/{key[1]}: not in baseline {baseline.name}: judged by budget only")
         if now is not None and lab is not None and _budget(lab, *key) is None:
             notes.append(f"{key[0]}/{key[1]}: no budget in {lab.path.name}")
-    return GateResult(checks, notes, problems, baseline.name if baseline else None,
-                      f"{lab.path} (sha256 {lab.sha256[:12]})" if lab else None)
+    return GateResult(
+        checks,
+        notes,
+        problems,
+        baseline.name if baseline else None,
+        f"{lab.path} (sha256 {lab.sha256[:12]})" if lab else None,
+    )

@@ -31,8 +31,10 @@ def parse_tolerance(items: list[str]) -> Tolerance:
             else:
                 values.update(dict.fromkeys(_PERCENTS, float(item.rstrip("%"))))
         except ValueError:
-            raise UsageError(f"--tolerance {item}: expected a percentage or KEY=VALUE "
-                             f"({', '.join(Tolerance.model_fields)})") from None
+            raise UsageError(
+                f"--tolerance {item}: expected a percentage or KEY=VALUE "
+                f"({', '.join(Tolerance.model_fields)})"
+            ) from None
     try:
         return Tolerance(**values)
     except ValidationError as exc:
@@ -54,8 +56,13 @@ def cmd_gate(args: argparse.Namespace) -> int:
     path = args.lab if args.lab is not None else (Path("lab.yaml") if Path("lab.yaml").is_file() else None)
     try:
         lab = inventory.load(path, check_files=True) if path is not None else None  # as `lab check` does
-        result = gate(args.journals, lab=lab, baseline=args.baseline,
-                      tolerance=parse_tolerance(args.tolerance), boards=args.board)
+        result = gate(
+            args.journals,
+            lab=lab,
+            baseline=args.baseline,
+            tolerance=parse_tolerance(args.tolerance),
+            boards=args.board,
+        )
     except (UsageError, LabConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -67,7 +74,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
 def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `baseline save` and `gate` to the `labbench` command's subparsers."""
     baseline = subparsers.add_parser("baseline", help="release baselines").add_subparsers(
-        dest="baseline_command", required=True)
+        dest="baseline_command", required=True
+    )
     save = baseline.add_parser("save", help="save the latest measurement of each board and model")
     save.add_argument("journals", nargs="+", type=Path, metavar="JOURNAL")
     save.add_argument("--name", required=True, help="baseline name: writes DIR/NAME.json")
@@ -77,9 +85,14 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     check = subparsers.add_parser("gate", help="judge journals against budgets and a baseline (exit 0/1/2)")
     check.add_argument("journals", nargs="+", type=Path, metavar="JOURNAL")
     check.add_argument("--baseline", metavar="NAME|PATH", help=f"a baseline file or a name in {BASELINE_DIR}")
-    check.add_argument("--tolerance", action="append", default=[], metavar="PCT|KEY=VALUE",
-                       help="5 sets latency, energy and memory to 5%%; or one of "
-                            f"{', '.join(Tolerance.model_fields)} (repeatable)")
+    check.add_argument(
+        "--tolerance",
+        action="append",
+        default=[],
+        metavar="PCT|KEY=VALUE",
+        help="5 sets latency, energy and memory to 5%%; or one of "
+        f"{', '.join(Tolerance.model_fields)} (repeatable)",
+    )
     check.add_argument("--lab", type=Path, help="lab.yaml with the budgets (default: ./lab.yaml if present)")
     check.add_argument("--board", action="append", metavar="NAME", help="gate only this board (repeatable)")
     check.add_argument("--markdown", type=Path, metavar="PATH", help="write the Markdown summary here too")

@@ -29,9 +29,12 @@ _RESULT = pytest.StashKey[tuple[GateResult, Path]]()
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.getgroup("labbench", "hardware-in-the-loop bench").addoption(
-        "--labbench-gate", metavar="BASELINE", default=None,
+        "--labbench-gate",
+        metavar="BASELINE",
+        default=None,
         help="after the run, gate its measurements against BASELINE (a file or a name in "
-             f"{BASELINE_DIR}) and the lab's budgets; exit 1 on a failure or regression, 2 on missing data")
+        f"{BASELINE_DIR}) and the lab's budgets; exit 1 on a failure or regression, 2 on missing data",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -62,9 +65,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     root = Path(config.rootpath)
     journal = Path(config.getoption("journal", None) or root / "reports" / "journal.jsonl")
     selected = config.getoption("board", None) or []
-    result = gate([journal], lab=config.stash[_LAB], baseline=config.stash[_BASELINE],
-                  boards=None if not selected or "all" in selected else selected,
-                  since=config.stash.get(_START, None))
+    result = gate(
+        [journal],
+        lab=config.stash[_LAB],
+        baseline=config.stash[_BASELINE],
+        boards=None if not selected or "all" in selected else selected,
+        since=config.stash.get(_START, None),
+    )
     result.write(journal.parent / "gate.md", journal.parent / "gate.json")
     config.stash[_RESULT] = result, journal.parent
     if result.exit_code and session.exitstatus == pytest.ExitCode.OK:

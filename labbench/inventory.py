@@ -63,14 +63,19 @@ _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 _SSH_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}")
 _DEVICE = re.compile(r"/dev/[A-Za-z0-9_.:+@/-]+")
 _QUERY = r"(\?[A-Za-z0-9_=&.-]*)?"
-_VISA_FORMS = ("TCPIP::host::port::SOCKET, TCPIP::host::INSTR, ASRL/dev/ttyS0::INSTR, GPIB0::12::INSTR "
-               "or USB0::0x0957::0x1798::SERIAL::INSTR")
-_VISA = [re.compile(p, re.IGNORECASE) for p in (
-    r"TCPIP\d*::(?P<host>[^:]+)(::[A-Za-z0-9_,.]+)?(::INSTR)?",
-    rf"ASRL(\d+|{_DEVICE.pattern}|COM\d+)::INSTR",
-    r"GPIB\d*::\d{1,2}(::\d{1,3})?(::INSTR)?",
-    r"USB\d*::(0x[0-9A-F]{1,4}|\d{1,5})::(0x[0-9A-F]{1,4}|\d{1,5})::[A-Za-z0-9_.-]+(::\d+)?(::(INSTR|RAW))?",
-)]
+_VISA_FORMS = (
+    "TCPIP::host::port::SOCKET, TCPIP::host::INSTR, ASRL/dev/ttyS0::INSTR, GPIB0::12::INSTR "
+    "or USB0::0x0957::0x1798::SERIAL::INSTR"
+)
+_VISA = [
+    re.compile(p, re.IGNORECASE)
+    for p in (
+        r"TCPIP\d*::(?P<host>[^:]+)(::[A-Za-z0-9_,.]+)?(::INSTR)?",
+        rf"ASRL(\d+|{_DEVICE.pattern}|COM\d+)::INSTR",
+        r"GPIB\d*::\d{1,2}(::\d{1,3})?(::INSTR)?",
+        r"USB\d*::(0x[0-9A-F]{1,4}|\d{1,5})::(0x[0-9A-F]{1,4}|\d{1,5})::[A-Za-z0-9_.-]+(::\d+)?(::(INSTR|RAW))?",
+    )
+]
 FLASH_PLACEHOLDERS = ("image", "port", "baud", "board", "python")
 
 
@@ -112,7 +117,7 @@ def serial_problem(url: str) -> str | None:
     if m:
         scheme, host, port = m.group(1), m.group(2), m.group(3)
         if port is None:
-            return f'{shown(url)} has no port: expected {scheme}://{host or "host"}:PORT'
+            return f"{shown(url)} has no port: expected {scheme}://{host or 'host'}:PORT"
         if not host:
             return f"{shown(url)} has no host: expected {scheme}://HOST:{port}"
         if host.startswith("["):  # an IPv6 address, bracketed as in any URL
@@ -128,8 +133,10 @@ def serial_problem(url: str) -> str | None:
     m = re.fullmatch(r"([A-Za-z0-9.-]+):(\d+)", url)
     if m and ("." in m.group(1) or m.group(1) == "localhost"):
         hint = f'; did you mean "rfc2217://{url}"?'
-    return ('expected a serial device or pyserial URL (rfc2217://host:port, socket://host:port), '
-            f"got {shown(url)}{hint}")
+    return (
+        "expected a serial device or pyserial URL (rfc2217://host:port, socket://host:port), "
+        f"got {shown(url)}{hint}"
+    )
 
 
 def visa_problem(resource: str) -> str | None:
@@ -175,8 +182,9 @@ def _matching(pattern: str, what: str) -> Any:
 def _user_problem(user: str) -> str | None:
     if USER_NAME.fullmatch(user):
         return None
-    return (f"{shown(user)} is not a valid user name: a letter or _, then letters, digits, ., _ or - "
-            "(at most 32)")
+    return (
+        f"{shown(user)} is not a valid user name: a letter or _, then letters, digits, ., _ or - (at most 32)"
+    )
 
 
 def _placeholder_problem(arg: str) -> str | None:
@@ -248,7 +256,8 @@ class FlashSettings(_Strict):
     tool: str
     baud: int | None = Field(None, gt=0)
     command: list[Annotated[str, Field(min_length=1), _checked(_placeholder_problem)]] | None = Field(
-        None, min_length=1)
+        None, min_length=1
+    )
     timeout_s: float = Field(120.0, gt=0)
 
 
@@ -286,8 +295,9 @@ class McuSim(_SimSettings):
     model: str | None = Field(None, min_length=1)  # the .tflite it boots with (relative: to lab.yaml's dir)
     baud: int = Field(None, gt=0)
     speed_factor: float = Field(None, gt=0)
-    vendor: Annotated[str, _matching(r"[A-Za-z0-9 _.-]{1,32}", "up to 32 letters, digits, spaces, _, . or -")
-                      ] = None  # what the DUT names itself
+    vendor: Annotated[
+        str, _matching(r"[A-Za-z0-9 _.-]{1,32}", "up to 32 letters, digits, spaces, _, . or -")
+    ] = None  # what the DUT names itself
     rx_fifo_bytes: int = Field(None, gt=0)
     tx_buffer_bytes: int = Field(None, gt=0)
     timer_start_us: int = Field(None, ge=0)
@@ -324,8 +334,9 @@ class Pm1000Sim(_SimSettings):
     seed: int | str = None
     idn: Annotated[str, _matching(r"[ -~]{1,100}", "up to 100 printable ASCII characters")] = None
     update_period_s: float = Field(None, gt=0)
-    number_format: Annotated[str, _matching(r"%[-+ 0#]?\d{0,2}(\.\d{1,2})?[eEfFgG]",
-                                            "a printf number format such as %.4E")] = None
+    number_format: Annotated[
+        str, _matching(r"%[-+ 0#]?\d{0,2}(\.\d{1,2})?[eEfFgG]", "a printf number format such as %.4E")
+    ] = None
     voltage_ranges_v: tuple[Annotated[float, Field(gt=0)], ...] = Field(None, min_length=1)
     current_ranges_a: tuple[Annotated[float, Field(gt=0)], ...] = Field(None, min_length=1)
     auto_zero_interval_s: float = Field(None, gt=0)
@@ -443,8 +454,12 @@ class _Budget(_Strict):
     def _bare_numbers(cls, data: Any) -> Any:
         """`energy_mj: 0.5` means a ceiling of 0.5 mJ; `accuracy: 0.95` a floor."""
         if isinstance(data, dict):
-            return {k: {METRICS[k].direction: v} if k in METRICS and isinstance(v, (int, float))
-                    and not isinstance(v, bool) else v for k, v in data.items()}
+            return {
+                k: {METRICS[k].direction: v}
+                if k in METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
+                else v
+                for k, v in data.items()
+            }
         return data
 
     def limits(self) -> dict[str, Limit]:
@@ -457,15 +472,26 @@ if TYPE_CHECKING:
     ModelBudget = _Budget
 else:
     ModelBudget = create_model(
-        "ModelBudget", __base__=_Budget,
+        "ModelBudget",
+        __base__=_Budget,
         **{name: ((Floor if m.direction == "min" else Ceiling) | None, None) for name, m in METRICS.items()},
     )
 
 
 class LabInfo(_Strict):
-    name: Annotated[str, _checked(lambda name: None if LAB_NAME.fullmatch(name) else (
-        "a lab name is a letter or digit, then up to 63 letters, digits, ., _ or - "
-        "(it names the lab's directory on SSH boards)"))]
+    name: Annotated[
+        str,
+        _checked(
+            lambda name: (
+                None
+                if LAB_NAME.fullmatch(name)
+                else (
+                    "a lab name is a letter or digit, then up to 63 letters, digits, ., _ or - "
+                    "(it names the lab's directory on SSH boards)"
+                )
+            )
+        ),
+    ]
     devices: Path | None = None
 
 
@@ -507,7 +533,8 @@ class Lab(BaseModel):
     @property
     def simulated(self) -> bool:
         return any(b.simulated for b in self.boards.values()) or any(
-            i.simulated for i in self.instruments.values())
+            i.simulated for i in self.instruments.values()
+        )
 
     def board(self, name: str) -> BoardEntry:
         if name not in self.boards:
@@ -539,12 +566,15 @@ def load(path: str | Path = "lab.yaml", *, check_files: bool = False) -> Lab:
             if not isinstance(entry, dict):
                 problems.append(src.where((section, name), "expected a mapping"))
             elif "name" in entry:
-                problems.append(src.where((section, name, "name"),
-                                          f"unknown key; a {kind} is named by its key"))
+                problems.append(
+                    src.where((section, name, "name"), f"unknown key; a {kind} is named by its key")
+                )
     if problems:
         raise LabConfigError("\n".join(problems))
-    named = {section: {name: {**entry, "name": name} for name, entry in getattr(raw, section).items()}
-             for section in _SECTIONS}
+    named = {
+        section: {name: {**entry, "name": name} for name, entry in getattr(raw, section).items()}
+        for section in _SECTIONS
+    }
     entries: _Named = src.validate(_Named, named)
     lab_dir = path.parent
     devices_dir = _devices_dir(lab_dir, raw.lab.devices)
@@ -560,8 +590,14 @@ def load(path: str | Path = "lab.yaml", *, check_files: bool = False) -> Lab:
         problems += _missing_keys(src, boards)
     if problems:
         raise LabConfigError("\n".join(problems))
-    lab = Lab(name=raw.lab.name, path=path, devices_dir=devices_dir, instruments=instruments,
-              boards=boards, budgets=raw.budgets)
+    lab = Lab(
+        name=raw.lab.name,
+        path=path,
+        devices_dir=devices_dir,
+        instruments=instruments,
+        boards=boards,
+        budgets=raw.budgets,
+    )
     lab._text = path.read_bytes()
     return lab
 
@@ -587,13 +623,15 @@ def _resolved(board: BoardEntry, lab_dir: Path) -> BoardEntry:
         p = p.expanduser()
         return p if p.is_absolute() else lab_dir / p
 
-    ssh = board.ssh.model_copy(update={"key": absolute(board.ssh.key),
-                                       "known_hosts": absolute(board.ssh.known_hosts)})
+    ssh = board.ssh.model_copy(
+        update={"key": absolute(board.ssh.key), "known_hosts": absolute(board.ssh.known_hosts)}
+    )
     return board.model_copy(update={"ssh": ssh})
 
 
-def _sim_settings(src: Source, section: str, entries: dict[str, Any], lab_dir: Path,
-                  check_files: bool, devices_dir: Path) -> list[str]:
+def _sim_settings(
+    src: Source, section: str, entries: dict[str, Any], lab_dir: Path, check_files: bool, devices_dir: Path
+) -> list[str]:
     """Check each `sim:` block of `section` against its simulator's settings (the `settings` model of its
     SIM_GROUP entry point); an entry that passes gets the validated values (replaced in `entries`)."""
     problems: list[str] = []
@@ -609,7 +647,7 @@ def _sim_settings(src: Source, section: str, entries: dict[str, Any], lab_dir: P
             continue
         try:
             schema = simulators[simulator].load().settings
-        except Exception as exc:  # noqa: BLE001 - a broken plugin is a problem of the lab, not a traceback
+        except Exception as exc:
             problems.append(src.where(at, f"cannot load simulator {simulator}: {exc}"))
             continue
         settings, found = src.check(schema, entry.sim.settings, at)
@@ -635,8 +673,7 @@ def _simulator(entry: BoardEntry | InstrumentEntry, devices_dir: Path) -> tuple[
     return load_family(entry.family, devices_dir).simulator, f"family {entry.family}"
 
 
-def _sim_paths(src: Source, at: tuple, settings: BaseModel, lab_dir: Path,
-               check_files: bool) -> list[str]:
+def _sim_paths(src: Source, at: tuple, settings: BaseModel, lab_dir: Path, check_files: bool) -> list[str]:
     """A model path stays inside the lab's directory unless absolute; an absolute one, or any with
     `check_files`, must be a file; with `check_files`, the simulated board's python must be executable."""
     problems = []
@@ -645,8 +682,10 @@ def _sim_paths(src: Source, at: tuple, settings: BaseModel, lab_dir: Path,
         given = Path(model).expanduser()
         resolved = (lab_dir / given).resolve()
         if not given.is_absolute() and not resolved.is_relative_to(lab_dir.resolve()):
-            message = (f'"{model}" is outside the lab\'s directory ({lab_dir}): '
-                       "give a path inside it or an absolute one")
+            message = (
+                f'"{model}" is outside the lab\'s directory ({lab_dir}): '
+                "give a path inside it or an absolute one"
+            )
             problems.append(src.where(at + ("model",), message))
         elif (given.is_absolute() or check_files) and not resolved.is_file():
             problems.append(src.where(at + ("model",), f"{resolved} does not exist or is not a file"))
@@ -665,9 +704,10 @@ def _instrument_settings(src: Source, instruments: dict[str, InstrumentEntry]) -
             continue
         try:
             schema = _keywords(kinds[inst.kind].load())
-        except Exception as exc:  # noqa: BLE001 - a broken plugin is a problem of the lab, not a traceback
-            problems.append(src.where(("instruments", name, "kind"),
-                                      f"cannot load instrument kind {inst.kind}: {exc}"))
+        except Exception as exc:
+            problems.append(
+                src.where(("instruments", name, "kind"), f"cannot load instrument kind {inst.kind}: {exc}")
+            )
             continue
         if schema is not None:
             problems += src.check(schema, inst.settings, ("instruments", name, "settings"))[1]
@@ -681,19 +721,24 @@ def _keywords(cls: type) -> type[BaseModel] | None:
         return None
     try:
         hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # noqa: BLE001 - an annotation that does not resolve here: check the names only
+    except Exception:
         hints = {}
-    fields = {n: (hints.get(n, Any), ... if p.default is p.empty else p.default) for n, p in params.items()
-              if n not in ("self", "resource", "name") and p.kind is not p.VAR_POSITIONAL}
+    fields = {
+        n: (hints.get(n, Any), ... if p.default is p.empty else p.default)
+        for n, p in params.items()
+        if n not in ("self", "resource", "name") and p.kind is not p.VAR_POSITIONAL
+    }
     config = ConfigDict(extra="forbid", allow_inf_nan=False, arbitrary_types_allowed=True)
     return create_model(f"{cls.__name__}Settings", __config__=config, **fields)
 
 
 def _missing_keys(src: Source, boards: dict[str, BoardEntry]) -> list[str]:
     """A real board's SSH key must be a file here (a simulated board's is made by `sim up`)."""
-    return [src.where(("boards", name, "ssh", "key"), f"{b.ssh.key} does not exist or is not a file")
-            for name, b in boards.items()
-            if b.ssh and b.ssh.key is not None and not b.simulated and not b.ssh.key.is_file()]
+    return [
+        src.where(("boards", name, "ssh", "key"), f"{b.ssh.key} does not exist or is not a file")
+        for name, b in boards.items()
+        if b.ssh and b.ssh.key is not None and not b.simulated and not b.ssh.key.is_file()
+    ]
 
 
 def endpoint(address: str) -> tuple[str, int] | None:
@@ -705,8 +750,13 @@ def endpoint(address: str) -> tuple[str, int] | None:
     return None
 
 
-def _cross_check(src: Source, boards: dict[str, BoardEntry], instruments: dict[str, InstrumentEntry],
-                 budgets: dict, devices_dir: Path) -> list[str]:
+def _cross_check(
+    src: Source,
+    boards: dict[str, BoardEntry],
+    instruments: dict[str, InstrumentEntry],
+    budgets: dict,
+    devices_dir: Path,
+) -> list[str]:
     from labbench.catalog import family_files, load_family
 
     problems: list[str] = []
@@ -740,8 +790,11 @@ def _cross_check(src: Source, boards: dict[str, BoardEntry], instruments: dict[s
                 link, needs = ("serial", "ssh") if board.ssh is None else ("ssh", "serial")
                 problem(f"{board.family} boards are reached by {needs}:, not {link}:", *at, link)
             if family.target not in drivers:
-                problem(f"the target of {board.family}: {unknown('driver', family.target, drivers)}",
-                        *at, "family")
+                problem(
+                    f"the target of {board.family}: {unknown('driver', family.target, drivers)}",
+                    *at,
+                    "family",
+                )
         if board.flash and board.flash.tool not in drivers:
             problem(unknown("flash tool", board.flash.tool, drivers), *at, "flash", "tool")
         if board.power and board.power.instrument not in instruments:

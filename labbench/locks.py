@@ -62,6 +62,7 @@ def lock_file(key: Key) -> Path:
 
 # --- keys --------------------------------------------------------------------------------------------
 
+
 def serial_keys(url: str) -> list[Key]:
     """The keys of a pyserial port: a device path, `COMn`, or a URL."""
     if "://" not in url:
@@ -130,8 +131,11 @@ def host_ids(host: str) -> tuple[str, ...]:
     addresses, why = _resolve(name)
     ids = sorted({_canonical(ipaddress.ip_address(address)) for address in addresses or ()})
     if not ids:
-        warnings.warn(f"labbench locks: cannot resolve host {name!r} ({why}): its locks are keyed on the name, "
-                      "so another name for the same host is not excluded", stacklevel=2)
+        warnings.warn(
+            f"labbench locks: cannot resolve host {name!r} ({why}): its locks are keyed on the name, "
+            "so another name for the same host is not excluded",
+            stacklevel=2,
+        )
         return (name,)
     return tuple(ids)
 
@@ -165,11 +169,18 @@ def _resolve(name: str) -> tuple[list[str] | None, str]:
 
 # --- taking and releasing ----------------------------------------------------------------------------
 
+
 def acquire(keys: list[Key], board: str, lab: Path | str) -> list[int]:
     """Lock every key (non-blocking, all or none) for `board` of lab file `lab`; returns the open lock
     files for `release`. BoardBusy names the first key already held and its holder."""
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "user": _user(), "lab": str(lab), "board": board,
-              "since": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "user": _user(),
+        "lab": str(lab),
+        "board": board,
+        "since": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
     fds: list[int] = []
     try:
         for key in {k.id: k for k in keys}.values():  # in the caller's order: the board's link first
@@ -181,7 +192,9 @@ def acquire(keys: list[Key], board: str, lab: Path | str) -> list[int]:
             except BlockingIOError:
                 holder = _holder(os.pread(fd, 4096, 0), key)
                 os.close(fd)
-                raise BoardBusy(f"{board}: acquire: {key.address} is held by {holder} (lock file {path})") from None
+                raise BoardBusy(
+                    f"{board}: acquire: {key.address} is held by {holder} (lock file {path})"
+                ) from None
             fds.append(fd)
             data = json.dumps({**record, "address": key.address}).encode()
             os.pwrite(fd, data, 0)  # then cut: a reader never sees an empty file
@@ -210,8 +223,10 @@ def _holder(data: bytes, key: Key) -> str:
         seen = "is empty" if not text else f"names no holder ({text[:80]!r})"
         return f"another process (its lock file {seen})"
     as_ = f", as {h['address']}" if h.get("address", key.address) != key.address else ""
-    return (f"pid {h['pid']} on host {h.get('host', '?')} (board {h.get('board', '?')} of {h.get('lab', '?')}{as_})"
-            f" since {h.get('since', '?')}")
+    return (
+        f"pid {h['pid']} on host {h.get('host', '?')} (board {h.get('board', '?')} of {h.get('lab', '?')}{as_})"
+        f" since {h.get('since', '?')}"
+    )
 
 
 def _user() -> str:

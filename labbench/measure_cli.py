@@ -34,14 +34,29 @@ if TYPE_CHECKING:
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from labbench.measure.run import RunSettings
 
-    p = sub.add_parser("measure", help="measure a model on the lab's boards (latency, energy, accuracy, memory)")
-    p.add_argument("model", help="a .tflite file, or the name of a payload of the HIL suites (e.g. digits_mlp_int8)")
-    p.add_argument("--dataset", type=Path, help="an .npz with x_test and y_test, for accuracy (a payload brings its own)")
-    p.add_argument("--board", action="append", required=True, metavar="NAME",
-                   help="board to measure on (repeatable); 'all' selects every board of the lab")
+    p = sub.add_parser(
+        "measure", help="measure a model on the lab's boards (latency, energy, accuracy, memory)"
+    )
+    p.add_argument(
+        "model", help="a .tflite file, or the name of a payload of the HIL suites (e.g. digits_mlp_int8)"
+    )
+    p.add_argument(
+        "--dataset", type=Path, help="an .npz with x_test and y_test, for accuracy (a payload brings its own)"
+    )
+    p.add_argument(
+        "--board",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="board to measure on (repeatable); 'all' selects every board of the lab",
+    )
     p.add_argument("--lab", default="lab.yaml", type=Path, help="lab file (default lab.yaml)")
-    p.add_argument("--journal", type=Path, default=Path("reports/journal.jsonl"),
-                   help="results journal to append the measurements to (default reports/journal.jsonl)")
+    p.add_argument(
+        "--journal",
+        type=Path,
+        default=Path("reports/journal.jsonl"),
+        help="results journal to append the measurements to (default reports/journal.jsonl)",
+    )
     group = p.add_argument_group("measurement settings")
     for option, name, kind, default, text in RunSettings.options():
         group.add_argument(option, dest=name, type=kind, default=default, help=text)
@@ -77,7 +92,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
     lab = inventory.load(args.lab, check_files=True)
     selected = list(lab.boards) if "all" in args.board else list(dict.fromkeys(args.board))
     if missing := [n for n in selected if n not in lab.boards]:
-        raise UsageError(f"--board {missing[0]}: no such board in {lab.path} (boards: {', '.join(lab.boards)})")
+        raise UsageError(
+            f"--board {missing[0]}: no such board in {lab.path} (boards: {', '.join(lab.boards)})"
+        )
     payload = payload_of(args.model, args.dataset)
     out = Console(stderr=True)
     journal = Journal(args.journal)
@@ -86,8 +103,10 @@ def cmd_measure(args: argparse.Namespace) -> int:
     with _sim_lab(lab, selected):
         checked = preflight.check([("journal", args.journal)], lab, selected)
         if checked.problems:
-            raise UsageError("pre-flight found problems before any board was touched:\n"
-                             + "\n".join(f"  {p}" for p in checked.problems))
+            raise UsageError(
+                "pre-flight found problems before any board was touched:\n"
+                + "\n".join(f"  {p}" for p in checked.problems)
+            )
         for name in selected:
             rows.append(_measure_one(bench, Board(lab, name), payload, journal))
     Console(width=None if sys.stdout.isatty() else 160).print(_table(payload, rows))
@@ -95,7 +114,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0 if all(status == "measured" for _, _, status in rows) else 1
 
 
-def _measure_one(bench: Bench, board: Board, payload: Payload, journal: Journal) -> tuple[str, Measurement | None, str]:
+def _measure_one(
+    bench: Bench, board: Board, payload: Payload, journal: Journal
+) -> tuple[str, Measurement | None, str]:
     """(board, its measurement or partial record, what happened), the record journalled."""
     from labbench.bench import NotDeployable
     from labbench.measure.record import Measurement
@@ -139,7 +160,16 @@ class _sim_lab:
 
 def _table(payload: Payload, rows: list[tuple[str, Measurement | None, str]]) -> Table:
     table = Table(title=Text(f"{payload.name} ({payload.info.sha256[:12]})"))
-    for column in ("board", "p50 ms", "p99 ms", "energy mJ/inf", "accuracy", "arena KiB", "cold start ms", "status"):
+    for column in (
+        "board",
+        "p50 ms",
+        "p99 ms",
+        "energy mJ/inf",
+        "accuracy",
+        "arena KiB",
+        "cold start ms",
+        "status",
+    ):
         table.add_column(column, justify="left" if column in ("board", "status") else "right")
     for name, m, status in rows:
         lat, e = (m.latency, m.energy) if m else (None, None)
@@ -154,4 +184,3 @@ def _table(payload: Payload, rows: list[tuple[str, Measurement | None, str]]) ->
             Text(status if m is None or m.status == "valid" else f"{status} (partial record journalled)"),
         )
     return table
-

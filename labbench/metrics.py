@@ -41,7 +41,11 @@ class Metric:
         if self.interval is not None and (pair := _at(record, self.interval)) is not None:
             return float(pair[0]) * self.scale, float(pair[1]) * self.scale
         value = self.value(record)
-        if self.uncertainty is not None and value is not None and (u := _at(record, self.uncertainty)) is not None:
+        if (
+            self.uncertainty is not None
+            and value is not None
+            and (u := _at(record, self.uncertainty)) is not None
+        ):
             return value - float(u) * self.scale, value + float(u) * self.scale
         return None
 
@@ -58,17 +62,54 @@ def _at(record: Any, path: str) -> Any:
     return record
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("latency_p50_ms", "p50 latency", "ms", "max", "latency.p50_ms", interval="latency.p50_ci95_ms",
-           compare="samples"),
-    Metric("latency_p90_ms", "p90 latency", "ms", "max", "latency.p90_ms"),
-    Metric("latency_p99_ms", "p99 latency", "ms", "max", "latency.p99_ms", interval="latency.p99_ci95_ms"),
-    Metric("latency_mean_ms", "mean latency", "ms", "max", "latency.mean_ms"),
-    Metric("cold_start_ms", "cold start", "ms", "max", "cold_start_ms"),
-    Metric("energy_mj", "energy per inference", "mJ", "max", "energy.per_inference_mj",
-           uncertainty="energy.uncertainty_mj", compare="uncertainty"),
-    Metric("accuracy", "top-1 accuracy", "", "min", "accuracy", compare="proportion"),
-    Metric("flash_kib", "model size", "KiB", "max", "memory.flash_bytes", scale=1 / 1024, compare="relative"),
-    Metric("arena_kib", "tensor arena", "KiB", "max", "memory.arena_bytes", scale=1 / 1024, compare="relative"),
-    Metric("peak_rss_mib", "peak RSS", "MiB", "max", "memory.peak_rss_kib", scale=1 / 1024, compare="relative"),
-)}
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric(
+            "latency_p50_ms",
+            "p50 latency",
+            "ms",
+            "max",
+            "latency.p50_ms",
+            interval="latency.p50_ci95_ms",
+            compare="samples",
+        ),
+        Metric("latency_p90_ms", "p90 latency", "ms", "max", "latency.p90_ms"),
+        Metric(
+            "latency_p99_ms", "p99 latency", "ms", "max", "latency.p99_ms", interval="latency.p99_ci95_ms"
+        ),
+        Metric("latency_mean_ms", "mean latency", "ms", "max", "latency.mean_ms"),
+        Metric("cold_start_ms", "cold start", "ms", "max", "cold_start_ms"),
+        Metric(
+            "energy_mj",
+            "energy per inference",
+            "mJ",
+            "max",
+            "energy.per_inference_mj",
+            uncertainty="energy.uncertainty_mj",
+            compare="uncertainty",
+        ),
+        Metric("accuracy", "top-1 accuracy", "", "min", "accuracy", compare="proportion"),
+        Metric(
+            "flash_kib", "model size", "KiB", "max", "memory.flash_bytes", scale=1 / 1024, compare="relative"
+        ),
+        Metric(
+            "arena_kib",
+            "tensor arena",
+            "KiB",
+            "max",
+            "memory.arena_bytes",
+            scale=1 / 1024,
+            compare="relative",
+        ),
+        Metric(
+            "peak_rss_mib",
+            "peak RSS",
+            "MiB",
+            "max",
+            "memory.peak_rss_kib",
+            scale=1 / 1024,
+            compare="relative",
+        ),
+    )
+}

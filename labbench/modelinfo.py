@@ -269,8 +269,10 @@ class MlperfModel:
         if x.dtype == self.wire_dtype:
             return np.ascontiguousarray(x).tobytes()
         if x.dtype != np.int8:
-            raise TypeError(f"{self.id} takes {self.wire_dtype.name} values (the MLPerf Tiny runner's "
-                            f"format) or int8 input tensor values, got {x.dtype}")
+            raise TypeError(
+                f"{self.id} takes {self.wire_dtype.name} values (the MLPerf Tiny runner's "
+                f"format) or int8 input tensor values, got {x.dtype}"
+            )
         if self.input == "uint8-128":
             return (x.view(np.uint8) ^ 0x80).tobytes()
         deq = np.float32(self.input_scale) * (x.astype(np.float32) - np.float32(self.input_zero_point))
@@ -306,20 +308,47 @@ def quantize_like_firmware(x, scale: float, zero_point: int) -> np.ndarray:
 
 
 #: the four MLPerf Tiny reference models, by ID (sha256 of the files in ../shared/workloads/mlperf_tiny/)
-MLPERF_TINY: dict[str, MlperfModel] = {m.id: m for m in (
-    MlperfModel("ic01", "pretrainedResnet_quant.tflite",
-                "3c002613d1b2475eb51dd78dfb85a546c8ae658dee71cf6ade43b022fe205415", "uint8-128", "outputs",
-                1.0, -128),
-    MlperfModel("kws01", "kws_ref_model.tflite",
-                "aeea436800704fce17b17292e4412630ad856e9d777c044c64ef748a880bd0ae", "int8", "outputs",
-                0.5847029089927673, 83),
-    MlperfModel("vww01", "vww_96_int8.tflite",
-                "597a384c8c2c8a1276f04702f25013b7838f2f814f1ca7c174d295b73e3d6b7b", "uint8-128", "outputs",
-                0.003921568859368563, -128),
-    MlperfModel("ad01", "ad01_int8.tflite",
-                "87cf24194ef93d1d9b11a591d805526b98008e351655d29883c825c9c106ba24", "float32", "mse",
-                0.3910152316093445, 89),
-)}
+MLPERF_TINY: dict[str, MlperfModel] = {
+    m.id: m
+    for m in (
+        MlperfModel(
+            "ic01",
+            "pretrainedResnet_quant.tflite",
+            "3c002613d1b2475eb51dd78dfb85a546c8ae658dee71cf6ade43b022fe205415",
+            "uint8-128",
+            "outputs",
+            1.0,
+            -128,
+        ),
+        MlperfModel(
+            "kws01",
+            "kws_ref_model.tflite",
+            "aeea436800704fce17b17292e4412630ad856e9d777c044c64ef748a880bd0ae",
+            "int8",
+            "outputs",
+            0.5847029089927673,
+            83,
+        ),
+        MlperfModel(
+            "vww01",
+            "vww_96_int8.tflite",
+            "597a384c8c2c8a1276f04702f25013b7838f2f814f1ca7c174d295b73e3d6b7b",
+            "uint8-128",
+            "outputs",
+            0.003921568859368563,
+            -128,
+        ),
+        MlperfModel(
+            "ad01",
+            "ad01_int8.tflite",
+            "87cf24194ef93d1d9b11a591d805526b98008e351655d29883c825c9c106ba24",
+            "float32",
+            "mse",
+            0.3910152316093445,
+            89,
+        ),
+    )
+}
 
 
 def mlperf_model(sha256: str | None = None, name: str | None = None) -> MlperfModel | None:
@@ -385,8 +414,12 @@ def _tflm_version() -> str:
     return version("tflite-micro")
 
 
-def min_arena_bytes(model: str | os.PathLike | bytes, cache: Path | None = None,
-                    cap_bytes: int = 64 << 20, timeout_s: float = 300.0) -> int:
+def min_arena_bytes(
+    model: str | os.PathLike | bytes,
+    cache: Path | None = None,
+    cap_bytes: int = 64 << 20,
+    timeout_s: float = 300.0,
+) -> int:
     """The smallest TFLite Micro arena (bytes, 16-byte steps) in which the model allocates and runs.
 
     `model` is a .tflite path or its bytes. Bisected in child processes (see `_PROBE`) and cached
@@ -410,10 +443,22 @@ def min_arena_bytes(model: str | os.PathLike | bytes, cache: Path | None = None,
     lo, hi, hi_ok = 0, min(cap_bytes, max(4096, -(-2 * info.size_bytes // step) * step)), False
     last_error = ""
     for _ in range(32):  # one child per round; a round ends early only when a probe crashes the child
-        args = [str(path), str(lo), str(hi), str(int(hi_ok)), str(len(info.inputs)), str(step),
-                str(cap_bytes)]
-        proc = subprocess.run([sys.executable, "-c", _PROBE, *args], check=False, capture_output=True,
-                              text=True, timeout=timeout_s)
+        args = [
+            str(path),
+            str(lo),
+            str(hi),
+            str(int(hi_ok)),
+            str(len(info.inputs)),
+            str(step),
+            str(cap_bytes),
+        ]
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE, *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
         pending = None
         for line in proc.stdout.split("\n"):
             word, value, why = (line.split(" ", 2) + ["", ""])[:3]
@@ -424,19 +469,24 @@ def min_arena_bytes(model: str | os.PathLike | bytes, cache: Path | None = None,
             elif word == "fail":
                 lo, pending, last_error = int(value), None, why
             elif word == "toolarge":
-                raise ModelError(f"{path.name}: TFLite Micro cannot run it in {cap_bytes} bytes "
-                                 f"of arena: {last_error}")
+                raise ModelError(
+                    f"{path.name}: TFLite Micro cannot run it in {cap_bytes} bytes of arena: {last_error}"
+                )
             elif word == "done":
                 _write_cache(cache, key, int(value))
                 return int(value)
         if pending is None:  # the child died before probing anything: TFLM cannot load the model
-            raise ModelError(f"{path.name}: TFLite Micro arena probe failed "
-                             f"(exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+            raise ModelError(
+                f"{path.name}: TFLite Micro arena probe failed "
+                f"(exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
+            )
         lo = pending  # the probe that crashed the child was too small
         if not hi_ok and lo >= hi:
             if hi >= cap_bytes:
-                raise ModelError(f"{path.name}: TFLite Micro cannot run it in {cap_bytes} bytes "
-                                 f"of arena: the probe crashed")
+                raise ModelError(
+                    f"{path.name}: TFLite Micro cannot run it in {cap_bytes} bytes "
+                    f"of arena: the probe crashed"
+                )
             hi = min(2 * hi, cap_bytes)
     raise ModelError(f"{path.name}: TFLite Micro arena probe did not converge")
 

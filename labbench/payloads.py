@@ -19,8 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
 MLPERF_TINY = REPO.parent / "shared" / "workloads" / "mlperf_tiny"
 # payload name -> MLPerf Tiny ID (labbench.modelinfo.MLPERF_TINY)
-MLPERF_PAYLOADS = {"ic01_resnet8": "ic01", "kws01_dscnn": "kws01", "vww01_mobilenet": "vww01",
-                   "ad01_autoencoder": "ad01"}
+MLPERF_PAYLOADS = {
+    "ic01_resnet8": "ic01",
+    "kws01_dscnn": "kws01",
+    "vww01_mobilenet": "vww01",
+    "ad01_autoencoder": "ad01",
+}
 
 
 @dataclass(frozen=True)
@@ -79,10 +83,16 @@ class Payload:
 def fixtures(fixtures_dir: Path = FIXTURES) -> dict[str, Payload]:
     manifest = json.loads((fixtures_dir / "manifest.json").read_text())
     datasets = manifest["datasets"]
-    return {name: Payload(name=name, path=fixtures_dir / m["file"], config=m.get("config"),
-                          dataset=fixtures_dir / datasets[m["dataset"]]["file"],
-                          dataset_sha256=datasets[m["dataset"]]["sha256"])
-            for name, m in manifest["models"].items()}
+    return {
+        name: Payload(
+            name=name,
+            path=fixtures_dir / m["file"],
+            config=m.get("config"),
+            dataset=fixtures_dir / datasets[m["dataset"]]["file"],
+            dataset_sha256=datasets[m["dataset"]]["sha256"],
+        )
+        for name, m in manifest["models"].items()
+    }
 
 
 def mlperf_tiny(directory: Path = MLPERF_TINY) -> dict[str, Payload]:
@@ -91,8 +101,11 @@ def mlperf_tiny(directory: Path = MLPERF_TINY) -> dict[str, Payload]:
     from labbench.modelinfo import MLPERF_TINY as models
 
     paths = {name: directory / models[model_id].file for name, model_id in MLPERF_PAYLOADS.items()}
-    return {name: Payload(name=name, path=path, config="mlperf tiny int8")
-            for name, path in paths.items() if path.exists()}
+    return {
+        name: Payload(name=name, path=path, config="mlperf tiny int8")
+        for name, path in paths.items()
+        if path.exists()
+    }
 
 
 def all_payloads() -> dict[str, Payload]:

@@ -114,7 +114,9 @@ class Steady:
 
     def agrees_with(self, level_w: float, accuracy_w: float) -> bool:
         """Whether another reading of a level (to `accuracy_w`) could be this load."""
-        return abs(self.level_w - level_w) <= self.accuracy_w + accuracy_w + self.spread_w + 1e-9 * abs(level_w)
+        return abs(self.level_w - level_w) <= self.accuracy_w + accuracy_w + self.spread_w + 1e-9 * abs(
+            level_w
+        )
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,10 @@ class WindowEnergy:
             out.append("a range overload")
         if self.range_change:
             out.append("a range change (" + " -> ".join(_range_text(r) for r in self.ranges) + ")")
-        out += [f"the update straddling the {edge} edge contradicts a steady load outside it"
-                for edge in self.contradicted]
+        out += [
+            f"the update straddling the {edge} edge contradicts a steady load outside it"
+            for edge in self.contradicted
+        ]
         return out
 
     @property
@@ -179,8 +183,9 @@ class UpdateClock(NamedTuple):
     regular: bool  # one regular clock fits every update (its ticks share one phase error)
 
 
-def fit_update_clock(seen_after_s: np.ndarray, seen_by_s: np.ndarray, period_s: float,
-                     ticks: np.ndarray | None = None) -> UpdateClock:
+def fit_update_clock(
+    seen_after_s: np.ndarray, seen_by_s: np.ndarray, period_s: float, ticks: np.ndarray | None = None
+) -> UpdateClock:
     """Update times, their uncertainties and the period, from the interval each refresh lies in.
 
     The updates' tick numbers are `ticks` when the instrument numbers them (a sampler: many samples
@@ -209,11 +214,18 @@ def fit_update_clock(seen_after_s: np.ndarray, seen_by_s: np.ndarray, period_s: 
     # is positive, a bound no later (earlier) than one of an earlier (later) tick adds nothing: dropped
     low = lo > np.concatenate([[-np.inf], np.maximum.accumulate(lo)[:-1]])
     high = hi < np.concatenate([np.minimum.accumulate(hi[::-1])[::-1][1:], [np.inf]])
-    a_ub = np.vstack([np.column_stack([-np.ones(low.sum()), -k[low], np.ones(low.sum())]),
-                      np.column_stack([np.ones(high.sum()), k[high], np.ones(high.sum())])])
+    a_ub = np.vstack(
+        [
+            np.column_stack([-np.ones(low.sum()), -k[low], np.ones(low.sum())]),
+            np.column_stack([np.ones(high.sum()), k[high], np.ones(high.sum())]),
+        ]
+    )
     b_ub = np.concatenate([-(lo[low] - lo[0]), hi[high] - lo[0]])
     bounds: list[tuple[float | None, float | None]] = [
-        (None, None), (0.5 * period_s, 2.0 * period_s), (0.0, None)]
+        (None, None),
+        (0.5 * period_s, 2.0 * period_s),
+        (0.0, None),
+    ]
     band = np.max(lo - k * period_s), np.min(hi - k * period_s)
     if band[0] <= band[1]:
         phase, fitted = (band[0] + band[1]) / 2, period_s
@@ -232,8 +244,9 @@ def fit_update_clock(seen_after_s: np.ndarray, seen_by_s: np.ndarray, period_s: 
     return UpdateClock(phase + k * fitted, np.full_like(mid, spread), float(fitted), True)
 
 
-def _lp_minimum(c: list[float], a_ub: np.ndarray, b_ub: np.ndarray,
-                bounds: list[tuple[float | None, float | None]]) -> tuple[float, np.ndarray] | None:
+def _lp_minimum(
+    c: list[float], a_ub: np.ndarray, b_ub: np.ndarray, bounds: list[tuple[float | None, float | None]]
+) -> tuple[float, np.ndarray] | None:
     """The minimum of c x subject to a_ub x <= b_ub within `bounds`, and where (None when linprog
     finds none)."""
     from scipy.optimize import linprog
@@ -334,7 +347,9 @@ class PowerTrace:
     def mark_time(self, label: str, occurrence: int = 0) -> float:
         times = [m.t_s for m in self.marks if m.label == label]
         if len(times) <= occurrence:
-            raise KeyError(f"mark {label!r} #{occurrence} not in trace (marks: {[m.label for m in self.marks]})")
+            raise KeyError(
+                f"mark {label!r} #{occurrence} not in trace (marks: {[m.label for m in self.marks]})"
+            )
         return times[occurrence]
 
     def between(self, start: str, end: str, method: Method = "trace") -> WindowEnergy:
@@ -375,7 +390,9 @@ class PowerTrace:
             # each increment covers the time since the previous reading; the first reading only
             # opens the record (a zero-length interval whose level is still the edge's neighbour)
             starts = np.concatenate([ends[:1], ends[:-1]])
-            energy = np.diff([ups[i].integrator_energy_j for i in idx], prepend=ups[idx[0]].integrator_energy_j)
+            energy = np.diff(
+                [ups[i].integrator_energy_j for i in idx], prepend=ups[idx[0]].integrator_energy_j
+            )
             totals_rounding = np.array([ups[i].integrator_rounding_j for i in idx])
             rounding = totals_rounding + np.concatenate([[0.0], totals_rounding[:-1]])
         elif method == "trace":
@@ -386,12 +403,28 @@ class PowerTrace:
             raise ValueError(f"unknown method {method!r}")
         sel = [ups[i] for i in idx]
         single = (ends - starts) < _CONTIGUOUS * self.period_s  # one period: the extremes describe it all
-        low = np.array([max(0.0, u.power_min_w - u.extremes_accuracy_w) if u.power_min_w is not None and s
-                        else 0.0 for u, s in zip(sel, single)])
-        high = np.array([u.power_max_w + u.extremes_accuracy_w if u.power_max_w is not None and s
-                         else np.inf for u, s in zip(sel, single)])
-        steady = np.array([s and u.power_min_w is not None and u.power_max_w is not None and not u.overload
-                           and u.power_max_w - u.power_min_w <= _steady_tolerance([u]) for u, s in zip(sel, single)])
+        low = np.array(
+            [
+                max(0.0, u.power_min_w - u.extremes_accuracy_w) if u.power_min_w is not None and s else 0.0
+                for u, s in zip(sel, single, strict=True)
+            ]
+        )
+        high = np.array(
+            [
+                u.power_max_w + u.extremes_accuracy_w if u.power_max_w is not None and s else np.inf
+                for u, s in zip(sel, single, strict=True)
+            ]
+        )
+        steady = np.array(
+            [
+                s
+                and u.power_min_w is not None
+                and u.power_max_w is not None
+                and not u.overload
+                and u.power_max_w - u.power_min_w <= _steady_tolerance([u])
+                for u, s in zip(sel, single, strict=True)
+            ]
+        )
         return _Increments(
             starts=starts, ends=ends, energy=energy, level=np.array([u.power_w for u in sel]),
             accuracy=np.array([u.power_accuracy_w for u in sel]) * (ends - starts), rounding=rounding,
@@ -400,8 +433,15 @@ class PowerTrace:
             ranges=[(u.voltage_range_v, u.current_range_a) for u in sel],
         )  # fmt: skip
 
-    def energy(self, t0_s: float, t1_s: float, method: Method = "trace", *,
-               before: Steady | None = None, after: Steady | None = None) -> WindowEnergy:
+    def energy(
+        self,
+        t0_s: float,
+        t1_s: float,
+        method: Method = "trace",
+        *,
+        before: Steady | None = None,
+        after: Steady | None = None,
+    ) -> WindowEnergy:
         """Energy drawn in [t0_s, t1_s] by the trace (power x time) or the instrument's integrator.
 
         `before` / `after`: the load outside each edge, as the caller has checked it (see the
@@ -418,27 +458,43 @@ class PowerTrace:
             raise ValueError(f"{window} reaches past the end of a partial trace ({last}): {self.fault}")
         if not len(ends) or t0_s < starts[0] or t1_s > ends[-1]:
             span = f"[{starts[0]:.3f}, {ends[-1]:.3f}]" if len(ends) else "nothing"
-            raise ValueError(f"window [{t0_s:.3f}, {t1_s:.3f}] is not covered by the trace, which covers {span}")
+            raise ValueError(
+                f"window [{t0_s:.3f}, {t1_s:.3f}] is not covered by the trace, which covers {span}"
+            )
         inside = np.flatnonzero((ends > t0_s) & (starts < t1_s))
         if method == "trace":
             for g in np.flatnonzero(starts[1:] > ends[:-1]):
                 if ends[g] < t1_s and starts[g + 1] > t0_s:
-                    raise ValueError(f"the trace has no update for [{ends[g]:.3f}, {starts[g + 1]:.3f}] "
-                                     "inside the window (missed or blanked)")
+                    raise ValueError(
+                        f"the trace has no update for [{ends[g]:.3f}, {starts[g + 1]:.3f}] "
+                        "inside the window (missed or blanked)"
+                    )
         else:
             self._check_counted(inside)
         energy_j, edges_j, accuracy_j, contradicted = _apportion(t0_s, t1_s, inside, inc, before, after)
         interior = method == "trace" and not self.clock.regular
         edges_j += _clock_terms(inside, inc, before, after, interior)
-        rounding_j = float(inc.rounding[inside].sum() if method == "trace" else self._telescoped_rounding(inside))
+        rounding_j = float(
+            inc.rounding[inside].sum() if method == "trace" else self._telescoped_rounding(inside)
+        )
         for claim, left in ((before, True), (after, False)):
             if claim is not None:  # the level of a claimed outside part carries its reading's accuracy
                 accuracy_j += claim.accuracy_w * _outside(t0_s, t1_s, inside, inc, left)
         following = inside[-1] + 1  # a flag may come one update late
         overload = bool(inc.overload[inside].any() or (following < len(ends) and inc.overload[following]))
         ranges = tuple(dict.fromkeys(r for r in (inc.ranges[i] for i in inside) if r != (None, None)))
-        return WindowEnergy(t0_s, t1_s, energy_j, method, accuracy_j, rounding_j, edges_j, overload, ranges,
-                            tuple(contradicted))
+        return WindowEnergy(
+            t0_s,
+            t1_s,
+            energy_j,
+            method,
+            accuracy_j,
+            rounding_j,
+            edges_j,
+            overload,
+            ranges,
+            tuple(contradicted),
+        )
 
     def _check_counted(self, inside: np.ndarray) -> None:
         """Refuse integrator increments that span a blanked update (the counter's elapsed time fell
@@ -453,14 +509,22 @@ class PowerTrace:
             where = f"[{t[i - 1]:.3f}, {t[i]:.3f}]"
             if a.integrator_elapsed_s is None or b.integrator_elapsed_s is None:
                 if span_s >= _CONTIGUOUS * self.period_s:
-                    raise ValueError(f"the integrator readings miss {where} and no elapsed time shows whether "
-                                     "it counted that time")
+                    raise ValueError(
+                        f"the integrator readings miss {where} and no elapsed time shows whether "
+                        "it counted that time"
+                    )
                 continue
             counted_s = b.integrator_elapsed_s - a.integrator_elapsed_s
-            slack_s = _BLANK_TOLERANCE * self.period_s + a.integrator_elapsed_rounding_s + b.integrator_elapsed_rounding_s
+            slack_s = (
+                _BLANK_TOLERANCE * self.period_s
+                + a.integrator_elapsed_rounding_s
+                + b.integrator_elapsed_rounding_s
+            )
             if counted_s < span_s - slack_s:
-                raise ValueError(f"the integrator counted {counted_s:.3f} s of {where} ({span_s:.3f} s): "
-                                 "a blanked update inside the window")
+                raise ValueError(
+                    f"the integrator counted {counted_s:.3f} s of {where} ({span_s:.3f} s): "
+                    "a blanked update inside the window"
+                )
 
     def _telescoped_rounding(self, inside: np.ndarray) -> float:
         """The integrator's increments telescope: only the readings that open and close them round."""
@@ -480,8 +544,9 @@ def _outside(t0: float, t1: float, inside: np.ndarray, inc: _Increments, left: b
     return max(0.0, t0 - float(inc.starts[i])) if left else max(0.0, float(inc.ends[i]) - t1)
 
 
-def _apportion(t0: float, t1: float, inside: np.ndarray, inc: _Increments, before: Steady | None,
-               after: Steady | None) -> tuple[float, float, float, list[str]]:
+def _apportion(
+    t0: float, t1: float, inside: np.ndarray, inc: _Increments, before: Steady | None, after: Steady | None
+) -> tuple[float, float, float, list[str]]:
     """Energy over [t0, t1], the edge uncertainty, the accuracy bound and the refuted edge claims."""
     energy_j = edges_j = accuracy_j = 0.0
     contradicted: list[str] = []
@@ -489,7 +554,10 @@ def _apportion(t0: float, t1: float, inside: np.ndarray, inc: _Increments, befor
     for i in inside:
         e, span = float(inc.energy[i]), inc.ends[i] - inc.starts[i]
         accuracy_j += inc.accuracy[i]
-        sides = [(max(0.0, t0 - inc.starts[i]), before, i - 1, "start"), (max(0.0, inc.ends[i] - t1), after, i + 1, "end")]
+        sides = [
+            (max(0.0, t0 - inc.starts[i]), before, i - 1, "start"),
+            (max(0.0, inc.ends[i] - t1), after, i + 1, "end"),
+        ]
         sides = [s for s in sides if s[0] > 0]
         if not sides:
             energy_j += e
@@ -504,9 +572,16 @@ def _apportion(t0: float, t1: float, inside: np.ndarray, inc: _Increments, befor
         if len(claims) == len(sides):
             estimate = e - sum(o * c.level_w for o, c in claims)
             claimed = sum(o * c.spread_w for o, c in claims)
-            peak = max([high if np.isfinite(high) else inc.level[i]] + [c.level_w + c.spread_w for _, c in claims])
-            slack = (inc.accuracy[i] + inc.rounding[i] + claimed + sum(o * c.accuracy_w for o, c in claims)
-                     + peak * inc.clock[i])  # the boundary's placement moves the outside part
+            peak = max(
+                [high if np.isfinite(high) else inc.level[i]] + [c.level_w + c.spread_w for _, c in claims]
+            )
+            slack = (
+                inc.accuracy[i]
+                + inc.rounding[i]
+                + claimed
+                + sum(o * c.accuracy_w for o, c in claims)
+                + peak * inc.clock[i]
+            )  # the boundary's placement moves the outside part
             if not lo - slack <= estimate <= hi + slack:
                 contradicted += [edge for _, _, _, edge in sides]
             energy_j += min(max(estimate, lo), hi)
@@ -514,19 +589,22 @@ def _apportion(t0: float, t1: float, inside: np.ndarray, inc: _Increments, befor
             continue
         # no claim: the neighbour's level when it was steady and could be this update's too, else an
         # even spread over the update
-        levels = [inc.level[j] if 0 <= j < n and inc.steady[j] and low <= inc.level[j] <= high else None
-                  for _, _, j, _ in sides]
+        levels = [
+            inc.level[j] if 0 <= j < n and inc.steady[j] and low <= inc.level[j] <= high else None
+            for _, _, j, _ in sides
+        ]
         if None in levels:
             estimate = min(max(e * in_s / span, lo), hi)
         else:
-            estimate = min(max(e - sum(o * p for (o, _, _, _), p in zip(sides, levels)), lo), hi)
+            estimate = min(max(e - sum(o * p for (o, _, _, _), p in zip(sides, levels, strict=True)), lo), hi)
         energy_j += estimate
         edges_j += max(estimate - lo, hi - estimate)
     return float(energy_j), float(edges_j), float(accuracy_j), contradicted
 
 
-def _clock_terms(inside: np.ndarray, inc: _Increments, before: Steady | None, after: Steady | None,
-                 interior: bool) -> float:
+def _clock_terms(
+    inside: np.ndarray, inc: _Increments, before: Steady | None, after: Steady | None, interior: bool
+) -> float:
     """Where the update boundaries lie: a boundary off by up to its anchoring uncertainty moves the
     power at it across an edge. For the two edges, the highest power at the outer boundary of the
     edge updates; with `interior` (power readings x durations, and no regular clock: each update's

@@ -73,8 +73,10 @@ def output_problem(what: str, path: Path, min_free: int = MIN_FREE_BYTES) -> str
     if written != len(_PROBE):
         return f"{what} {path}: short write in {directory} (disk full?)"
     if free < min_free:
-        return (f"{what} {path}: {free / 2**20:.2f} MiB free in {directory}; pre-flight asks for "
-                f"{min_free / 2**20:g} MiB")
+        return (
+            f"{what} {path}: {free / 2**20:.2f} MiB free in {directory}; pre-flight asks for "
+            f"{min_free / 2**20:g} MiB"
+        )
     return None
 
 
@@ -152,8 +154,9 @@ def board_check(lab: Lab, name: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Re
     return result
 
 
-def check(outputs: list[tuple[str, Path]], lab: Lab, boards: list[str],
-          timeout_s: float = CONNECT_TIMEOUT_S) -> Result:
+def check(
+    outputs: list[tuple[str, Path]], lab: Lab, boards: list[str], timeout_s: float = CONNECT_TIMEOUT_S
+) -> Result:
     """Every output path (what, path) and every board of `boards` (in parallel); see the module doc."""
     start = time.monotonic()
     result = Result()

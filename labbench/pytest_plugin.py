@@ -41,8 +41,8 @@ from labbench.bench import Bench, NotDeployable, StepRunner
 from labbench.board import Board
 from labbench.capabilities import CAPABILITIES, DutIdentity, InstallRecord
 from labbench.errors import LabConfigError, UsageError
-from labbench.measure.run import Outcome, RunSettings
 from labbench.measure.record import Measurement
+from labbench.measure.run import Outcome, RunSettings
 from labbench.payloads import Payload
 from labbench.results import Journal, JournalError
 
@@ -62,18 +62,35 @@ _STEP_LOGS = pytest.StashKey[steps.BoardLogFiles]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("labbench", "hardware-in-the-loop bench")
     group.addoption("--lab", type=Path, default=None, help="lab inventory (default: lab.yaml at the rootdir)")
-    group.addoption("--board", action="append", default=[], metavar="NAME",
-                    help="board to test (repeatable); 'all' selects every board of the lab")
+    group.addoption(
+        "--board",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="board to test (repeatable); 'all' selects every board of the lab",
+    )
     group.addoption("--list-boards", action="store_true", help="list the lab's boards and exit")
-    group.addoption("--journal", type=Path, default=Path("reports/journal.jsonl"),
-                    help="results journal to append measurements, attempts and quarantines to "
-                         "(default reports/journal.jsonl)")
-    group.addoption("--retries", type=int, default=1, metavar="N",
-                    help="after an infrastructure error, reset or reconnect the board and retry the step up "
-                         "to N times; a board that still fails is quarantined for the rest of the run (default 1)")
-    group.addoption("--no-preflight", action="store_true",
-                    help="skip the pre-flight checks made before any board is touched (output paths "
-                         "writable with free space, boards reachable, instruments answering *IDN?)")
+    group.addoption(
+        "--journal",
+        type=Path,
+        default=Path("reports/journal.jsonl"),
+        help="results journal to append measurements, attempts and quarantines to "
+        "(default reports/journal.jsonl)",
+    )
+    group.addoption(
+        "--retries",
+        type=int,
+        default=1,
+        metavar="N",
+        help="after an infrastructure error, reset or reconnect the board and retry the step up "
+        "to N times; a board that still fails is quarantined for the rest of the run (default 1)",
+    )
+    group.addoption(
+        "--no-preflight",
+        action="store_true",
+        help="skip the pre-flight checks made before any board is touched (output paths "
+        "writable with free space, boards reachable, instruments answering *IDN?)",
+    )
     hil = parser.getgroup("labbench-hil", "HIL measurement settings")
     for option, name, kind, default, text in RunSettings.options():
         hil.addoption(option, dest=name, type=kind, default=default, help=text)
@@ -81,11 +98,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # pre-flight on the outputs before pytest-html writes its assets
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "requires(*capabilities): skip boards lacking any of "
-                            f"the capabilities ({', '.join(CAPABILITIES)})")
-    config.addinivalue_line("markers", "budget(**limits): budget for the measurement this test records, "
-                            "e.g. latency_p99_ms=5, energy_mj=0.5, accuracy=0.95, arena_kib=8; "
-                            "tighter than and merged over lab.yaml's")
+    config.addinivalue_line(
+        "markers",
+        f"requires(*capabilities): skip boards lacking any of the capabilities ({', '.join(CAPABILITIES)})",
+    )
+    config.addinivalue_line(
+        "markers",
+        "budget(**limits): budget for the measurement this test records, "
+        "e.g. latency_p99_ms=5, energy_mj=0.5, accuracy=0.95, arena_kib=8; "
+        "tighter than and merged over lab.yaml's",
+    )
     if config.getoption("retries") < 0:
         raise pytest.UsageError(f"--retries {config.getoption('retries')}: must be 0 or more")
     try:
@@ -104,7 +126,8 @@ def pytest_configure(config: pytest.Config) -> None:
     missing = [n for n in selected if n not in lab.boards]
     if missing:
         raise pytest.UsageError(
-            f"--board {missing[0]}: no such board in {lab.path} (boards: {', '.join(lab.boards)})")
+            f"--board {missing[0]}: no such board in {lab.path} (boards: {', '.join(lab.boards)})"
+        )
     config.stash[_SELECTED] = selected
     handler = config.stash[_STEP_LOGS] = steps.BoardLogFiles(STEP_LOG_DIR)
     steps.log.addHandler(handler)
@@ -155,7 +178,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def _preflight_wanted(config: pytest.Config) -> bool:
     return bool(config.stash.get(_SELECTED, None)) and not (
-        config.getoption("no_preflight") or config.option.collectonly)
+        config.getoption("no_preflight") or config.option.collectonly
+    )
 
 
 def _preflight(config: pytest.Config, outputs: list[tuple[str, Path]], boards: list[str]) -> None:
@@ -169,7 +193,8 @@ def _preflight(config: pytest.Config, outputs: list[tuple[str, Path]], boards: l
         raise pytest.UsageError(
             f"labbench pre-flight found {len(result.problems)} problem(s) in {result.seconds:.1f} s, before "
             "any board was flashed or measured (--no-preflight skips the checks):\n"
-            + "\n".join(f"  {p}" for p in result.problems))
+            + "\n".join(f"  {p}" for p in result.problems)
+        )
     config.stash.setdefault(_PREFLIGHT, []).append(result)
 
 
@@ -201,11 +226,13 @@ def _sim_down(config: pytest.Config) -> None:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Each test using `board` runs once per selected board (unless it parametrizes `board` itself)."""
     if "board" not in metafunc.fixturenames or any(
-            "board" in _names(m.args[0]) for m in metafunc.definition.iter_markers("parametrize") if m.args):
+        "board" in _names(m.args[0]) for m in metafunc.definition.iter_markers("parametrize") if m.args
+    ):
         return
     selected = metafunc.config.stash.get(_SELECTED, [])
-    metafunc.parametrize("board", selected or [None], indirect=True, scope="session",
-                         ids=selected or ["no-board"])
+    metafunc.parametrize(
+        "board", selected or [None], indirect=True, scope="session", ids=selected or ["no-board"]
+    )
 
 
 def _names(argnames: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -293,19 +320,39 @@ class Recovery:
                             recovery = recover(board, exc)
                     except HardwareError as failed:
                         recovered, recovery = False, f"recovery failed: {failed}"
-                self._attempt(node, Event(kind="attempt", test=node.nodeid, board=board.name, step=step,
-                                          error=f"{type(exc).__name__}: {exc}", attempt=attempt,
-                                          attempts=attempts, recovery=recovery))
+                self._attempt(
+                    node,
+                    Event(
+                        kind="attempt",
+                        test=node.nodeid,
+                        board=board.name,
+                        step=step,
+                        error=f"{type(exc).__name__}: {exc}",
+                        attempt=attempt,
+                        attempts=attempts,
+                        recovery=recovery,
+                    ),
+                )
                 if not recovered:
                     self.quarantine(node, board.name, step, exc)
                     raise
                 attempt += 1
                 continue
             if attempt > 1:
-                self._attempt(node, Event(kind="attempt", test=node.nodeid, board=board.name, step=step,
-                                          attempt=attempt, attempts=attempts))
-                self.recovered.append(f"{board.name}: {step} passed at attempt {attempt} of {attempts} "
-                                      f"({node.nodeid})")
+                self._attempt(
+                    node,
+                    Event(
+                        kind="attempt",
+                        test=node.nodeid,
+                        board=board.name,
+                        step=step,
+                        attempt=attempt,
+                        attempts=attempts,
+                    ),
+                )
+                self.recovered.append(
+                    f"{board.name}: {step} passed at attempt {attempt} of {attempts} ({node.nodeid})"
+                )
             return result
 
     def quarantine(self, node: pytest.Item, board: str, step: str, exc: BaseException) -> None:
@@ -316,8 +363,11 @@ class Recovery:
         reason = f"board {board} quarantined after {type(exc).__name__}: {exc} at {node.nodeid}"
         self.quarantined[board] = reason
         error = f"{type(exc).__name__}: {exc}"
-        journal_record(node, Journal(self.journal_path),
-             Event(kind="quarantine", test=node.nodeid, board=board, step=step, error=error))
+        journal_record(
+            node,
+            Journal(self.journal_path),
+            Event(kind="quarantine", test=node.nodeid, board=board, step=step, error=error),
+        )
         node.user_properties.append(("quarantined", reason))
         add_report_html(node, extras.quarantine_html(reason))
 
@@ -326,8 +376,12 @@ class Recovery:
 
         journal_record(node, Journal(self.journal_path), event)
         outcome = event.error or "passed"
-        node.user_properties.append((f"attempt.{event.step}.{event.attempt}",
-                                     outcome + (f"; then {event.recovery}" if event.recovery else "")))
+        node.user_properties.append(
+            (
+                f"attempt.{event.step}.{event.attempt}",
+                outcome + (f"; then {event.recovery}" if event.recovery else ""),
+            )
+        )
         add_report_html(node, extras.attempt_html(event))
 
     def _keep_partial(self, node: pytest.Item, exc: Exception) -> None:
@@ -374,12 +428,17 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         for reason in recovery.quarantined.values():
             terminalreporter.write_line(reason)
     if marginal := config.stash.get(_MARGINAL_RUN, None):
-        terminalreporter.write_sep("=", "labbench: MARGINAL: passed inside a budget's guard band", yellow=True)
+        terminalreporter.write_sep(
+            "=", "labbench: MARGINAL: passed inside a budget's guard band", yellow=True
+        )
         for line in marginal:
             terminalreporter.write_line(line)
     if unjournaled := config.stash.get(_UNJOURNALED_RUN, None):
-        terminalreporter.write_sep("=", "labbench: records NOT journaled (kept in the JUnit property "
-                                        "'unjournaled' and the HTML report)", red=True)
+        terminalreporter.write_sep(
+            "=",
+            "labbench: records NOT journaled (kept in the JUnit property 'unjournaled' and the HTML report)",
+            red=True,
+        )
         for line in unjournaled:
             terminalreporter.write_line(line)
 
@@ -411,14 +470,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         for marker in item.iter_markers("requires"):
             if unknown := [c for c in marker.args if c not in CAPABILITIES]:
-                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.requires: unknown capability "
-                                        f"{unknown[0]!r} (known: {', '.join(CAPABILITIES)})")
+                raise pytest.UsageError(
+                    f"{item.nodeid}: @pytest.mark.requires: unknown capability "
+                    f"{unknown[0]!r} (known: {', '.join(CAPABILITIES)})"
+                )
         for marker in item.iter_markers("budget"):
             try:
                 inventory.ModelBudget.model_validate(marker.kwargs)
             except ValidationError as exc:
-                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-                                     for e in exc.errors())
+                problems = "; ".join(
+                    f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                    for e in exc.errors()
+                )
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.budget: {problems}") from None
 
 
@@ -454,7 +517,9 @@ class Recorder:
         from labbench.report import extras
 
         if m.status != "valid":
-            raise UsageError(f"{m.board} / {m.model}: a partial record (cut short by {m.error}) is never judged")
+            raise UsageError(
+                f"{m.board} / {m.model}: a partial record (cut short by {m.error}) is never judged"
+            )
         m = m.model_copy(update={"test": self.request.node.nodeid})
         node = self.request.node
         journal_record(node, self.journal, m)  # first, so no verdict or report failure can lose it
@@ -475,8 +540,10 @@ class Recorder:
             node.config.stash.setdefault(_MARGINAL_RUN, []).extend(f"{node.nodeid}: {j}" for j in marginal)
         failed = [j for j in judgements if j.verdict in (Verdict.FAIL, Verdict.MISSING)]
         if failed:
-            pytest.fail(f"{m.board} / {m.model}: budget not met:\n" + "\n".join(f"  {j}" for j in failed),
-                        pytrace=False)
+            pytest.fail(
+                f"{m.board} / {m.model}: budget not met:\n" + "\n".join(f"  {j}" for j in failed),
+                pytrace=False,
+            )
         return judgements
 
 
@@ -503,9 +570,12 @@ def journal_record(node: pytest.Item, journal: Journal, record: Any) -> None:
         node.config.stash.setdefault(_UNJOURNALED_RUN, []).append(f"{node.nodeid}: {exc}")
         line = dumps(record)
         node.user_properties.append(("unjournaled", line))
-        add_report_html(node, f"<p style='color:#c33'><b>not journaled</b>: {html.escape(str(exc))}; the "
-                              "record is kept here and in the JUnit property <code>unjournaled</code>:</p>"
-                              f"<details><summary>record</summary><pre>{html.escape(line)}</pre></details>")
+        add_report_html(
+            node,
+            f"<p style='color:#c33'><b>not journaled</b>: {html.escape(str(exc))}; the "
+            "record is kept here and in the JUnit property <code>unjournaled</code>:</p>"
+            f"<details><summary>record</summary><pre>{html.escape(line)}</pre></details>",
+        )
 
 
 @pytest.hookimpl(wrapper=True)
@@ -513,8 +583,12 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
     """A test whose records the journal refused is an ERROR, after its fixtures are torn down."""
     result = yield
     if errors := item.stash.get(_UNJOURNALED, None):
-        raise JournalError(errors[0].path, errors[0].what, f"{len(errors)} record(s) of this test not "
-                           "journaled, each kept in the JUnit property 'unjournaled' and the HTML report")
+        raise JournalError(
+            errors[0].path,
+            errors[0].what,
+            f"{len(errors)} record(s) of this test not "
+            "journaled, each kept in the JUnit property 'unjournaled' and the HTML report",
+        )
     return result
 
 
@@ -593,7 +667,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     parts = item.stash.get(_EXTRAS, [])
     # what setup and call added, shown with the call, or with the setup error when there is no call
     if (taken := steps.since(item.stash.get(_STEPS_FROM, steps.count()))) and (
-            report.when == "call" or (report.when == "setup" and report.failed)):
+        report.when == "call" or (report.when == "setup" and report.failed)
+    ):
         from labbench.report import extras
 
         parts = [*parts, extras.timeline_html(taken)]

@@ -33,13 +33,16 @@ from typing import Any
 MASK = "***"
 MIN_VALUE_CHARS = 6
 
-_PART = re.compile(r"(?:KEYS?|JWT|\w*(?:TOKEN|SECRETS?|PASSWORD|PASSWD|PASSPHRASE|CREDENTIALS?|APIKEY))",
-                   re.IGNORECASE)
+_PART = re.compile(
+    r"(?:KEYS?|JWT|\w*(?:TOKEN|SECRETS?|PASSWORD|PASSWD|PASSPHRASE|CREDENTIALS?|APIKEY))", re.IGNORECASE
+)
 _WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
 # scheme://userinfo@ : the userinfo runs to the last @ before the authority ends
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[\w.~%!$&'()*+,;=:@-]*@")
-_ASSIGNMENT = re.compile(r"(?<![\w.-])(?P<name>-{0,2}[A-Za-z_][\w.-]*)="
-                         r"(?P<value>\"[^\"]*\"|'[^']*'|[^\s&\"'<>;,]*)")
+_ASSIGNMENT = re.compile(
+    r"(?<![\w.-])(?P<name>-{0,2}[A-Za-z_][\w.-]*)="
+    r"(?P<value>\"[^\"]*\"|'[^']*'|[^\s&\"'<>;,]*)"
+)
 _TAG = re.compile(r"<[^>]*>")
 _ATTRIBUTE = re.compile(r"""(?P<head>[^\s"'<>/=]+\s*=\s*)(?P<value>"[^"]*"|'[^']*'|[^\s"'<>`=]+)""")
 
@@ -84,7 +87,7 @@ def redact_html(markup: str, patterns: Iterable[str] | None = None) -> str:
 
     parts, end = [], 0
     for tag in _TAG.finditer(markup):
-        parts += [_escaped(markup[end:tag.start()], rules, quote=False), _ATTRIBUTE.sub(attribute, tag[0])]
+        parts += [_escaped(markup[end : tag.start()], rules, quote=False), _ATTRIBUTE.sub(attribute, tag[0])]
         end = tag.end()
     parts.append(_escaped(markup[end:], rules, quote=False))
     return "".join(parts)
@@ -119,8 +122,12 @@ def _text(text: str, rules: _Rules) -> str:
     if rules.values is not None:
         text = rules.values.sub(MASK, text)
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
-    return _ASSIGNMENT.sub(lambda m: f"{m['name']}={MASK}"
-                           if m["value"] and is_secret(m["name"].lstrip("-"), rules.patterns) else m[0], text)
+    return _ASSIGNMENT.sub(
+        lambda m: (
+            f"{m['name']}={MASK}" if m["value"] and is_secret(m["name"].lstrip("-"), rules.patterns) else m[0]
+        ),
+        text,
+    )
 
 
 def _escaped(escaped: str, rules: _Rules, quote: bool) -> str:

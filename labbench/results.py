@@ -134,6 +134,7 @@ class Journal:
 
 # --- reading -------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Line:
     """One non-blank line of a journal: its record, or why it was skipped. A line with both is a
@@ -185,8 +186,9 @@ def _lines(data: bytes) -> Iterator[Line]:
                 record = _parse(raw[start:])
             except _Damaged:
                 continue
-            yield Line(n, record, f"torn record ({start} bytes) before a whole record, which is kept",
-                       raw[start:])
+            yield Line(
+                n, record, f"torn record ({start} bytes) before a whole record, which is kept", raw[start:]
+            )
             break
         else:
             yield Line(n, None, problem, raw)
@@ -236,6 +238,7 @@ def load(paths: str | Path | Iterable[str | Path], include_partial: bool = False
 
 # --- health and repair ---------------------------------------------------------------------------
 
+
 @dataclass
 class Health:
     """What a journal holds: whole records by kind, and its damaged lines (number, why)."""
@@ -252,8 +255,10 @@ class Health:
 
     def summary(self) -> str:
         state = "healthy" if self.healthy else "DAMAGED"
-        return (f"{self.path}: {state}: {self.valid} valid measurements, {self.partial} partial, "
-                f"{self.events} events, {len(self.damaged)} damaged lines")
+        return (
+            f"{self.path}: {state}: {self.valid} valid measurements, {self.partial} partial, "
+            f"{self.events} events, {len(self.damaged)} damaged lines"
+        )
 
 
 def _health(path: Path, lines: Iterable[Line]) -> Health:
@@ -288,8 +293,11 @@ def repair(path: str | Path) -> tuple[Health, Path | None]:
             if health.healthy:
                 return health, None
             backup = _backup(path, data)
-            _replace(path, b"".join(line.raw + b"\n" for line in lines if line.record is not None),
-                     os.fstat(fd).st_mode & 0o7777)
+            _replace(
+                path,
+                b"".join(line.raw + b"\n" for line in lines if line.record is not None),
+                os.fstat(fd).st_mode & 0o7777,
+            )
     except OSError as exc:
         raise JournalError(path, f"repair: {_seen(exc)}", "the journal is unchanged") from exc
     return health, backup
@@ -317,7 +325,7 @@ def _backup(path: Path, data: bytes) -> Path:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
     os.fsync(fd)
 
 

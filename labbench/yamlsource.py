@@ -94,8 +94,12 @@ class _Composer(Composer):
                 tag = event.ctag
                 if tag is not None and str(tag) not in _CORE_TAGS:
                     shown = str(tag).replace("tag:yaml.org,2002:", "!!")
-                    raise _Refused(mark, self._path, f'unsupported YAML tag "{shown}" (only plain strings, '
-                                                     "numbers, true/false, null, lists and mappings)")
+                    raise _Refused(
+                        mark,
+                        self._path,
+                        f'unsupported YAML tag "{shown}" (only plain strings, '
+                        "numbers, true/false, null, lists and mappings)",
+                    )
             node = super().compose_node(parent, index)
             if isinstance(node, ScalarNode) and len(node.value) > MAX_DIGITS and str(node.tag) in _NUMBERS:
                 raise _Refused(node.start_mark, self._path, f"a number with more than {MAX_DIGITS} digits")
@@ -154,8 +158,14 @@ class Source:
             raise error(f"{label}:{line}: {message}") from None
         except YAMLError as exc:
             raise error(f"{label}:1: not valid YAML: {(str(exc) or repr(exc)).splitlines()[0]}") from None
-        start = next((i for i, text_line in enumerate(text.splitlines(), 1)
-                      if text_line.strip() and not text_line.lstrip().startswith(("#", "%", "---"))), 1)
+        start = next(
+            (
+                i
+                for i, text_line in enumerate(text.splitlines(), 1)
+                if text_line.strip() and not text_line.lstrip().startswith(("#", "%", "---"))
+            ),
+            1,
+        )
         src = cls(path, data if data is not None else CommentedMap(), label, start)
         src._substitute(src.data, (), error, set())
         return src
@@ -192,8 +202,11 @@ class Source:
                         return "$"
                     ref = _REF.fullmatch(token)
                     if ref is None:
-                        problem = ("no closing }" if not token.endswith("}") else
-                                   "expected ${VAR}, ${VAR:-default} or ${VAR-default} ($$ for a literal $)")
+                        problem = (
+                            "no closing }"
+                            if not token.endswith("}")
+                            else "expected ${VAR}, ${VAR:-default} or ${VAR-default} ($$ for a literal $)"
+                        )
                         raise error(self.where(loc, f'bad substitution "${token}": {problem}'))
                     name, op, default = ref.groups()
                     current = os.environ.get(name)
@@ -250,8 +263,9 @@ class Source:
                 found.setdefault(_in_data(loc, data), []).append(message)
             return None, [self.where(tuple(at) + loc, _joined(messages)) for loc, messages in found.items()]
 
-    def validate(self, model: type[M], data: Any = None,
-                 error: type[LabConfigError] = LabConfigError, at: Loc = ()) -> M:
+    def validate(
+        self, model: type[M], data: Any = None, error: type[LabConfigError] = LabConfigError, at: Loc = ()
+    ) -> M:
         """As `check`, raising `error` with every problem, one per line."""
         result, problems = self.check(model, data, at)
         if result is None:
@@ -292,10 +306,15 @@ def _decode(raw: bytes, label: str, error: type[LabConfigError]) -> str:
         start = exc.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
         line = raw.count(b"\n", 0, start) + 1
         column = start - (raw.rfind(b"\n", 0, start) + 1) + 1
-        hint = ("it looks like UTF-16." if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
-                else "Latin-1 or Windows-1252?")
-        raise error(f"{label}:{line}: not UTF-8: byte 0x{raw[start]:02x} at column {column} ({hint} "
-                    "Save the file as UTF-8)") from None
+        hint = (
+            "it looks like UTF-16."
+            if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+            else "Latin-1 or Windows-1252?"
+        )
+        raise error(
+            f"{label}:{line}: not UTF-8: byte 0x{raw[start]:02x} at column {column} ({hint} "
+            "Save the file as UTF-8)"
+        ) from None
 
 
 def _yaml_problem(exc: MarkedYAMLError) -> str:
@@ -356,15 +375,17 @@ def _owner(node: CommentedMap, key: Any) -> CommentedMap:
 
 def _drop_misspelt_missing(errors: list[ErrorDetails]) -> list[ErrorDetails]:
     """A misspelt required key shows as unknown *and* missing; keep only the unknown key (it says both)."""
-    extras = {(tuple(e["loc"][:-1]), str(e["loc"][-1])) for e in errors
-              if e["type"] == "extra_forbidden" and e["loc"]}
+    extras = {
+        (tuple(e["loc"][:-1]), str(e["loc"][-1]))
+        for e in errors
+        if e["type"] == "extra_forbidden" and e["loc"]
+    }
 
     def misspelt(e: ErrorDetails) -> bool:
         if e["type"] != "missing" or not e["loc"]:
             return False
         parent, key = tuple(e["loc"][:-1]), str(e["loc"][-1])
-        return any(
-            p == parent and difflib.get_close_matches(key, [x], cutoff=0.6) for p, x in extras)
+        return any(p == parent and difflib.get_close_matches(key, [x], cutoff=0.6) for p, x in extras)
 
     return [e for e in errors if not misspelt(e)]
 
@@ -391,7 +412,7 @@ def suggest(word: str | int, choices: Iterable[str]) -> str:
 def unknown(kind: str, name: str, known: Iterable[str]) -> str:
     """The message for a name that is not among `known`: did-you-mean, then the known names."""
     known = sorted(known)
-    return f'unknown {kind} {shown(name)}{suggest(name, known)} (known: {", ".join(known) or "none"})'
+    return f"unknown {kind} {shown(name)}{suggest(name, known)} (known: {', '.join(known) or 'none'})"
 
 
 def shown(value: Any) -> str:
@@ -404,11 +425,20 @@ def shown(value: Any) -> str:
 
 
 _EXPECTED = {
-    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
-    "float_parsing": "a number", "float_type": "a number", "finite_number": "a finite number",
-    "bool_parsing": "true or false", "bool_type": "true or false",
-    "string_type": "a string", "dict_type": "a mapping", "model_type": "a mapping",
-    "model_attributes_type": "a mapping", "list_type": "a list", "tuple_type": "a list",
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "list_type": "a list",
+    "tuple_type": "a list",
     "path_type": "a path",
 }
 
@@ -420,7 +450,8 @@ def describe(err: ErrorDetails, model: type[BaseModel]) -> tuple[KeyPath, str]:
     if kind == "extra_forbidden":
         allowed = _fields_at(model, loc[:-1])
         return loc, f"unknown key{suggest(loc[-1], allowed)}" + (
-            f" (allowed: {', '.join(sorted(allowed))})" if allowed else "")
+            f" (allowed: {', '.join(sorted(allowed))})" if allowed else ""
+        )
     if kind == "missing":
         return loc, "required key is missing"
     if kind in _EXPECTED:
@@ -445,8 +476,11 @@ def _fields_at(model: type[BaseModel], loc: KeyPath) -> list[str]:
             return []
     if not (isinstance(current, type) and issubclass(current, BaseModel)):
         return []
-    return [n for n, f in current.model_fields.items()
-            if not (isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("from_key"))]
+    return [
+        n
+        for n, f in current.model_fields.items()
+        if not (isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("from_key"))
+    ]
 
 
 def _submodel(model: Any, part: str | int) -> Any:

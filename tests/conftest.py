@@ -16,8 +16,9 @@ MODELS = REPO / "fixtures" / "models"
 @pytest.fixture(scope="module")
 def esp32():
     """A simulated ESP32 DevKitC (boot ROM included) holding the int8 digits model."""
-    b = SimMcuBoard("esp32", family="esp32_devkitc", model_path=MODELS / "digits_mlp_int8.tflite",
-                    boot_rom=Esp32BootRom())
+    b = SimMcuBoard(
+        "esp32", family="esp32_devkitc", model_path=MODELS / "digits_mlp_int8.tflite", boot_rom=Esp32BootRom()
+    )
     b.start()
     yield b
     b.stop()

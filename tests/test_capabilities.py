@@ -87,7 +87,9 @@ def test_a_plugin_that_does_not_implement_its_capability_is_a_usage_error(monkey
     fake = EntryPoint("esptool", f"{__name__}:NotAFlasher", DRIVER_GROUP)
     real = board_module.registered
     monkeypatch.setattr(
-        board_module, "registered", lambda group: {**real(group), "esptool": fake} if group == DRIVER_GROUP else real(group)
+        board_module,
+        "registered",
+        lambda group: {**real(group), "esptool": fake} if group == DRIVER_GROUP else real(group),
     )
     with pytest.raises(UsageError, match=r"'esptool' \(NotAFlasher\) is not a Flasher"):
-        Board(lab, "esp32").flasher
+        _ = Board(lab, "esp32").flasher

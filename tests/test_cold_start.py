@@ -122,11 +122,17 @@ def test_an_install_times_its_boot_on_the_dut_clock_and_bounds_it_on_the_host(bo
     assert record.model_sha256 == ModelInfo.from_file(model).sha256
     assert cold["cold_start_basis"] == "host_and_dut"
     # the DUT's clock: from the application's start (its counter's zero) to m-init-done
-    assert within(cold["cold_start_dut_ms"], (truth.init_done_s - truth.app_s) * 1e3,
-                  cold["cold_start_dut_uncertainty_ms"])
+    assert within(
+        cold["cold_start_dut_ms"],
+        (truth.init_done_s - truth.app_s) * 1e3,
+        cold["cold_start_dut_uncertainty_ms"],
+    )
     # model_init_ms, or longer while the simulator's first load of a model takes longer in host time
-    assert within(cold["cold_start_init_ms"], (truth.init_done_s - truth.banner_s) * 1e3,
-                  cold["cold_start_dut_uncertainty_ms"])
+    assert within(
+        cold["cold_start_init_ms"],
+        (truth.init_done_s - truth.banner_s) * 1e3,
+        cold["cold_start_dut_uncertainty_ms"],
+    )
     assert cold["cold_start_init_ms"] >= sim.model_init_ms - TIMER_SLACK_S * 1e3
     assert cold["cold_start_dut_uncertainty_ms"] == TIMER_SLACK_S * 1e3
     # the host's: reset -> m-init-done, bounded by the flasher's own step, which holds the reset
@@ -154,10 +160,16 @@ def test_a_skipped_install_reports_the_dut_clock_of_the_boot_before(board_of, tm
     assert again.skipped and sim.last_boot is truth  # no reset: the same boot
     cold = again.detail
     assert cold["cold_start_basis"] == "dut_clock" and "cold_start_ms" not in cold
-    assert within(cold["cold_start_dut_ms"], (truth.init_done_s - truth.app_s) * 1e3,
-                  cold["cold_start_dut_uncertainty_ms"])
-    assert within(cold["cold_start_init_ms"], (truth.init_done_s - truth.banner_s) * 1e3,
-                  cold["cold_start_dut_uncertainty_ms"])
+    assert within(
+        cold["cold_start_dut_ms"],
+        (truth.init_done_s - truth.app_s) * 1e3,
+        cold["cold_start_dut_uncertainty_ms"],
+    )
+    assert within(
+        cold["cold_start_init_ms"],
+        (truth.init_done_s - truth.banner_s) * 1e3,
+        cold["cold_start_dut_uncertainty_ms"],
+    )
 
 
 def test_a_board_reset_through_its_port_keeps_the_cold_start_of_its_runs(board_of):
@@ -193,14 +205,23 @@ def test_the_boot_report_and_a_window_around_the_reset(tmp_path):
         window = flash(b, d)
         cold, truth = d.boot_cold_start(window), b.last_boot
         assert cold["cold_start_basis"] == "host_and_dut"
-        assert within(cold["cold_start_dut_ms"], (truth.init_done_s - truth.app_s) * 1e3,
-                      cold["cold_start_dut_uncertainty_ms"])
-        assert within(cold["cold_start_init_ms"], (truth.init_done_s - truth.banner_s) * 1e3,
-                      cold["cold_start_dut_uncertainty_ms"])
+        assert within(
+            cold["cold_start_dut_ms"],
+            (truth.init_done_s - truth.app_s) * 1e3,
+            cold["cold_start_dut_uncertainty_ms"],
+        )
+        assert within(
+            cold["cold_start_init_ms"],
+            (truth.init_done_s - truth.banner_s) * 1e3,
+            cold["cold_start_dut_uncertainty_ms"],
+        )
         assert cold["cold_start_dut_ms"] >= 65.0 - TIMER_SLACK_S * 1e3  # boot_ms + model_init_ms
         assert within(cold["cold_start_ms"], truth.cold_start_ms, cold["cold_start_uncertainty_ms"])
-        assert within(cold["cold_start_boot_ms"], (truth.banner_s - truth.reset_s) * 1e3,
-                      cold["cold_start_uncertainty_ms"])
+        assert within(
+            cold["cold_start_boot_ms"],
+            (truth.banner_s - truth.reset_s) * 1e3,
+            cold["cold_start_uncertainty_ms"],
+        )
         # the window opened just before the reset: the host interval is narrow
         assert cold["cold_start_uncertainty_ms"] < (window[1] - window[0]) * 1e3 / 2 + 10
         assert d.identify().extra["cold_start_basis"] == "host_and_dut"

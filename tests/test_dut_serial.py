@@ -752,7 +752,7 @@ def test_a_port_that_cannot_be_opened(tmp_path):
 
 def test_reset_over_a_port_without_modem_lines_times_out(dut_with):
     _, d = dut_with()
-    with pytest.raises(DutTimeout, match="reset: no boot banner within 0.5 s"):
+    with pytest.raises(DutTimeout, match=r"reset: no boot banner within 0\.5 s"):
         d.reset()
 
 
@@ -794,7 +794,7 @@ def test_a_dut_reporting_ic01_gets_the_runners_uint8_images(dut_with):
     d.classify(np.array([[0, 127, 128, 255]], np.uint8))  # the runner's own format passes as it is
     assert uploaded(dut) == bytes([0, 127, 128, 255])
     assert d.input_bytes(x) == bytes([0, 127, 128, 255])
-    with pytest.raises(TypeError, match="ic01 takes uint8 values .* or int8 input tensor values, got float"):
+    with pytest.raises(TypeError, match=r"ic01 takes uint8 values .* or int8 input tensor values, got float"):
         d.run_timed(np.zeros(4, np.float32), 1, 0)
 
 

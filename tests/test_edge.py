@@ -114,26 +114,34 @@ def test_concurrent_clients_each_get_their_own_classes(server: EdgeServer, sampl
         assert list(pool.map(work, range(4))) == [classes[w::4].tolist() for w in range(4)]
 
 
-def test_a_short_payload_is_refused_naming_the_input_the_model_needs(server: EdgeServer,
-                                                                       samples: np.ndarray) -> None:
+def test_a_short_payload_is_refused_naming_the_input_the_model_needs(
+    server: EdgeServer, samples: np.ndarray
+) -> None:
     with EdgeClient(*server.address) as client:
-        with pytest.raises(EdgeError, match=r"bad_length\): payload of 400 bytes, the model's input is "
-                                            r"float32\[1, 784\] \(3136 bytes\)") as caught:
+        with pytest.raises(
+            EdgeError,
+            match=r"bad_length\): payload of 400 bytes, the model's input is "
+            r"float32\[1, 784\] \(3136 bytes\)",
+        ) as caught:
             client.infer(samples[0][:100].tobytes())
         assert f"edge server 127.0.0.1:{server.port}" in str(caught.value)
         assert "400-byte payload, CRC-32" in str(caught.value)  # what was sent
         assert client.infer(samples[0].tobytes()).class_index >= 0  # a new connection, and the server is fine
 
 
-def test_a_bad_crc_is_refused_and_the_connection_stays_usable(server: EdgeServer, samples: np.ndarray) -> None:
+def test_a_bad_crc_is_refused_and_the_connection_stays_usable(
+    server: EdgeServer, samples: np.ndarray
+) -> None:
     payload = samples[0].tobytes()
     damaged = bytearray(request_bytes(7, payload))
     damaged[REQUEST.size + 100] ^= 0x01
     with socket.create_connection(server.address) as sock:
         (_, rid, status, cls, _, _, _), message = exchange_raw(sock, bytes(damaged))
         assert (rid, status, cls) == (7, Status.BAD_CRC, -1)
-        assert message.decode() == (f"payload CRC-32 {zlib.crc32(damaged[REQUEST.size:]):08X}, "
-                                    f"the header says {zlib.crc32(payload):08X}")
+        assert message.decode() == (
+            f"payload CRC-32 {zlib.crc32(damaged[REQUEST.size :]):08X}, "
+            f"the header says {zlib.crc32(payload):08X}"
+        )
         (_, rid, status, cls, _, _, _), _ = exchange_raw(sock, request_bytes(8, payload))
         assert (rid, status) == (8, Status.OK) and cls == run_in_process(SERVER_MODEL, samples[:1])[0][0]
     with EdgeClient(*server.address) as client, pytest.raises(EdgeError, match=r"refused \(bad_crc\)"):
@@ -141,14 +149,21 @@ def test_a_bad_crc_is_refused_and_the_connection_stays_usable(server: EdgeServer
 
 
 def test_a_wrong_magic_is_refused_and_the_reply_survives_the_close(server: EdgeServer) -> None:
-    garbage = b"GET / HTTP/1.1\r\n" + bytes(100_000)  # far more than the server reads: no reset may eat the reply
-    with EdgeClient(*server.address) as client, \
-            pytest.raises(EdgeError, match=r"refused \(bad_magic\): magic b'GET ', expected b'LBQ1'"):
+    garbage = b"GET / HTTP/1.1\r\n" + bytes(
+        100_000
+    )  # far more than the server reads: no reset may eat the reply
+    with (
+        EdgeClient(*server.address) as client,
+        pytest.raises(EdgeError, match=r"refused \(bad_magic\): magic b'GET ', expected b'LBQ1'"),
+    ):
         client.exchange(garbage, int.from_bytes(b"/ HT"))  # the "request id" the server reads and echoes
 
 
 def test_a_non_finite_input_gets_an_error_not_a_class(server: EdgeServer) -> None:
-    with EdgeClient(*server.address) as client, pytest.raises(EdgeError, match="inference_failed.*not finite"):
+    with (
+        EdgeClient(*server.address) as client,
+        pytest.raises(EdgeError, match=r"inference_failed.*not finite"),
+    ):
         client.infer(np.full(784, np.nan, dtype=np.float32).tobytes())
 
 
@@ -181,15 +196,22 @@ def _flip_class(request_id: int) -> bytes:
     return bytes(reply)
 
 
-@pytest.mark.parametrize("reply, seen", [
-    (_flip_class, r"reply CRC-32 [0-9A-F]{8}, its header says"),
-    (lambda rid: reply_bytes(rid + 1, Status.OK, 3, 0.9, 100), r"a reply to request 2"),
-    (lambda rid: b"HTTP/1.1 400 Bad Request\r\n\r\n", r"reply magic b'HTTP', expected b'LBR1'"),
-    (lambda rid: reply_bytes(rid, Status.OK)[:10], r"connection closed by the server after 10 of 27 reply bytes"),
-    (lambda rid: None, r"no answer within the 0.3 s timeout"),
-])
-def test_a_garbled_or_missing_reply_is_an_edge_error_never_a_class(reply: Callable[[int], bytes | None],
-                                                                    seen: str) -> None:
+@pytest.mark.parametrize(
+    "reply, seen",
+    [
+        (_flip_class, r"reply CRC-32 [0-9A-F]{8}, its header says"),
+        (lambda rid: reply_bytes(rid + 1, Status.OK, 3, 0.9, 100), r"a reply to request 2"),
+        (lambda rid: b"HTTP/1.1 400 Bad Request\r\n\r\n", r"reply magic b'HTTP', expected b'LBR1'"),
+        (
+            lambda rid: reply_bytes(rid, Status.OK)[:10],
+            r"connection closed by the server after 10 of 27 reply bytes",
+        ),
+        (lambda rid: None, r"no answer within the 0.3 s timeout"),
+    ],
+)
+def test_a_garbled_or_missing_reply_is_an_edge_error_never_a_class(
+    reply: Callable[[int], bytes | None], seen: str
+) -> None:
     fake = _FakeServer(reply)
     try:
         with EdgeClient("127.0.0.1", fake.server_address[1], timeout_s=0.3) as client:
@@ -235,25 +257,37 @@ def test_a_server_stopped_with_a_request_in_flight(samples: np.ndarray) -> None:
         stopping = threading.Timer(0.1, srv.stop)
         stopping.start()
         started = time.monotonic()
-        with pytest.raises(EdgeError, match=rf"edge server 127.0.0.1:{link.port}: request 2 .*closed by the server"):
+        with pytest.raises(
+            EdgeError, match=rf"edge server 127.0.0.1:{link.port}: request 2 .*closed by the server"
+        ):
             client.infer(samples[1].tobytes())
         assert time.monotonic() - started < 1.0
         stopping.join()
-    with pytest.raises(EdgeError, match=rf"edge server 127.0.0.1:{srv.port}: connect: ConnectionRefusedError"):
+    with pytest.raises(
+        EdgeError, match=rf"edge server 127.0.0.1:{srv.port}: connect: ConnectionRefusedError"
+    ):
         EdgeClient(*srv.address).infer(samples[0].tobytes())
 
 
 def test_the_command_line_serves_until_interrupted(samples: np.ndarray) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "labbench.cli", "edge-server", "--model", str(SERVER_MODEL)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "labbench.cli", "edge-server", "--model", str(SERVER_MODEL)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("edge server on 127.0.0.1:") and "float32[1, 784] (3136 bytes)" in line, line
         port = int(line.split(":")[1])
         with EdgeClient("127.0.0.1", port) as client:
-            assert client.infer(samples[0].tobytes()).class_index == run_in_process(SERVER_MODEL, samples[:1])[0][0]
+            assert (
+                client.infer(samples[0].tobytes()).class_index
+                == run_in_process(SERVER_MODEL, samples[:1])[0][0]
+            )
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0
     finally:
@@ -347,7 +381,10 @@ def test_an_upstream_that_is_down_closes_the_client(samples: np.ndarray) -> None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         nobody = s.getsockname()  # bound, not listening: connections are refused
-        with Link(nobody) as link, pytest.raises(EdgeError, match=rf"edge server 127.0.0.1:{link.port}: request 1"):
+        with (
+            Link(nobody) as link,
+            pytest.raises(EdgeError, match=rf"edge server 127.0.0.1:{link.port}: request 1"),
+        ):
             EdgeClient(*link.address, timeout_s=1.0).infer(samples[0].tobytes())
 
 
@@ -380,7 +417,10 @@ def test_wifi_reproduces_the_papers_cifar10_offload(server: EdgeServer, samples:
     """Seed 004 Table 3: 9.68 ms for a CIFAR-10 image on the Raspberry Pi, 6.95 ms of it the server's."""
     network_ms = paper_exchange_s("wifi", count=30) * 1e3
     assert network_ms + PAPER_SERVER_MS == pytest.approx(9.68, rel=0.10)
-    with Link(server.address, "wifi") as link, EdgeClient(*link.address) as client:  # the bench's own protocol
+    with (
+        Link(server.address, "wifi") as link,
+        EdgeClient(*link.address) as client,
+    ):  # the bench's own protocol
         network_ms = statistics.median(client.infer(samples[i].tobytes()).network_s for i in range(30)) * 1e3
     assert network_ms + PAPER_SERVER_MS == pytest.approx(9.68, rel=0.10)
 

@@ -39,8 +39,8 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from labbench.instruments.pm1000 import Pm1000, Pm1000Capture
-from labbench.powertrace import PowerTrace
 from labbench.measure.run import EnergyRun, Outcome, RunSettings, energy_of, run_energy
+from labbench.powertrace import PowerTrace
 from labbench.sim.pm1000 import IDEAL, Pm1000Model
 from labbench.sim.powerbus import PowerBus
 
@@ -55,8 +55,12 @@ FIXED = fidelity.FIXED
 # per property: 50 cases in the default suite, 500 in the slow one
 CASES = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MANY_CASES = settings(CASES, max_examples=500)
-EXACT = {"accuracy": dict.fromkeys(["volts_reading", "volts_range", "volts_floor_v", "amps_reading", "amps_range",
-                                    "amps_floor_a"], 0.0), "result_latency_s": 0.0}
+EXACT = {
+    "accuracy": dict.fromkeys(
+        ["volts_reading", "volts_range", "volts_floor_v", "amps_reading", "amps_range", "amps_floor_a"], 0.0
+    ),
+    "result_latency_s": 0.0,
+}
 
 
 class VirtualClock:
@@ -101,7 +105,9 @@ class VirtualLab:
         self.model = Pm1000Model(self.channel, clock=self.clock, seed=seed, **instrument)
         if accuracy == "exact":
             meter_settings = {**meter_settings, **EXACT}
-        self.meter = Pm1000("TCPIP::127.0.0.1::5025::SOCKET", name="pm", poll_interval_s=POLL_S, **meter_settings)
+        self.meter = Pm1000(
+            "TCPIP::127.0.0.1::5025::SOCKET", name="pm", poll_interval_s=POLL_S, **meter_settings
+        )
         self.meter._res = ModelResource(self.model, self.clock)  # open() keeps a resource it has
         self.meter._idn = self.meter.send("*IDN?")
         self.rng = random.Random(seed)
@@ -119,9 +125,15 @@ class VirtualLab:
         self.advance_to(self.clock.t + s)
 
     def dut(self, load: str, idle_w: float) -> fidelity.LoadDut:
-        return fidelity.LoadDut(self.channel, fidelity.LOADS[load](idle_w), idle_w, self.rng,
-                                lambda: (self.model.epoch_s, self.model.period_s), clock=self.clock,
-                                wait_until=self.advance_to)
+        return fidelity.LoadDut(
+            self.channel,
+            fidelity.LOADS[load](idle_w),
+            idle_w,
+            self.rng,
+            lambda: (self.model.epoch_s, self.model.period_s),
+            clock=self.clock,
+            wait_until=self.advance_to,
+        )
 
 
 class VirtualCapture:
@@ -201,8 +213,11 @@ def check_any_window(case: dict) -> None:
     within its stated uncertainty of the ledger, or flagged (overload, range change), or refused
     (a missed or blanked update): never silently wrong."""
     note(str(case))
-    ranges = {} if case["ranges"] == "autorange" else {
-        "voltage_range": 1, "current_range": {"0.4": 2, "1.6": 3, "6.25": 4}[case["ranges"].split()[1]]}
+    ranges = (
+        {}
+        if case["ranges"] == "autorange"
+        else {"voltage_range": 1, "current_range": {"0.4": 2, "1.6": 3, "6.25": 4}[case["ranges"].split()[1]]}
+    )
     lab = VirtualLab(case["seed"], case["accuracy"], **ranges)
     dut = lab.dut(case["load"], case["idle_w"])
     with lab.capture() as cap:
@@ -262,8 +277,17 @@ def check_bench_run(case: dict) -> None:
     dut = lab.dut(case["load"], case["idle_w"])
     settings_ = RunSettings(window_s=case["window_s"], windows=case["windows"], idle_s=case["idle_s"])
     record, outcome = EnergyRun(), Outcome()
-    run_energy(lab.meter, dut, None, max(1, round(case["window_s"] / dut.per_inference_s)), settings_, record,
-               outcome, capture=lab.capture, sleep=lab.sleep)
+    run_energy(
+        lab.meter,
+        dut,
+        None,
+        max(1, round(case["window_s"] / dut.per_inference_s)),
+        settings_,
+        record,
+        outcome,
+        capture=lab.capture,
+        sleep=lab.sleep,
+    )
     note(f"ranges {record.ranges}; re-measured {record.remeasured}")
     assert len(record.windows) == case["windows"]
     event(f"re-measured: {bool(record.remeasured)}")
@@ -274,7 +298,9 @@ def check_bench_run(case: dict) -> None:
                 assert m.valid and covered(m, truth), (m, truth, (m.energy_j - truth) / truth)
         # the journalled energy (the integrator's; each reading's noise is the instrument's own), or
         # with no instrument error at all, both
-        close = {"ideal": (w.integrator or w.trace,), "exact": (w.trace, w.integrator)}.get(case["accuracy"], ())
+        close = {"ideal": (w.integrator or w.trace,), "exact": (w.trace, w.integrator)}.get(
+            case["accuracy"], ()
+        )
         if w.run.host_end - w.run.host_start >= 10:
             event(f"a window of 10 s or more, {case['accuracy']} instrument")
             for m in filter(None, close):
@@ -283,7 +309,9 @@ def check_bench_run(case: dict) -> None:
     assert covered(idle, lab.channel.energy_j(idle.t0_s, idle.t1_s))
     energy, _ = energy_of(record, "sim", lab.meter.update_period_s)
     median = record.windows[len(record.windows) // 2]  # equal latencies: sorting keeps the order
-    per_inference_truth_mj = lab.channel.energy_j(median.run.host_start, median.run.host_end) * 1000 / median.run.count
+    per_inference_truth_mj = (
+        lab.channel.energy_j(median.run.host_start, median.run.host_end) * 1000 / median.run.count
+    )
     assert abs(energy.per_inference_mj - per_inference_truth_mj) <= energy.uncertainty_mj * (1 + 1e-9)
     u = energy.uncertainties["per_inference_mj"]
     assert energy.uncertainty_mj == pytest.approx(u.accuracy + u.rounding + u.edges + u.spread)

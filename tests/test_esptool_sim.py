@@ -128,7 +128,7 @@ def test_write_flash_with_stub_after_baud_change_boots_the_new_model(esp32, pack
     from tflite_micro import runtime
 
     interpreter = runtime.Interpreter.from_bytes((MODELS / "mnist5k_mlp_int8.tflite").read_bytes())
-    for sample, got in zip(samples, outputs):
+    for sample, got in zip(samples, outputs, strict=True):
         interpreter.set_input(sample[None, :], 0)
         interpreter.invoke()
         expected = dequantize_output(info, interpreter.get_output(0))

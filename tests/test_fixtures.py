@@ -92,7 +92,7 @@ def test_dataset_is_a_stratified_20_percent_split_in_0_1(dataset):
     for key, shape in meta["shape"].items():
         assert list(d[key].shape) == shape
     assert d["x_train"].dtype == d["x_test"].dtype == np.float32
-    assert 0 <= d["x_train"].min() and d["x_train"].max() <= 1 and d["x_test"].max() == 1
+    assert d["x_train"].min() >= 0 and d["x_train"].max() <= 1 and d["x_test"].max() == 1
     assert d["x_train"].shape[1] == np.prod(d["image_shape"]) == np.prod(meta["image_shape"])
     assert len(d["y_train"]) + len(d["y_test"]) == TOTALS[dataset]
     assert len(d["y_test"]) == meta["counts"]["test"] == math.ceil(0.2 * TOTALS[dataset])  # sklearn rounds up

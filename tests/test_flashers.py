@@ -53,7 +53,9 @@ def test_esptool_flasher_writes_verifies_identifies_then_skips_on_md5(esp32, tmp
 
     forced = flasher.flash(str(packed.image), force=True)
     assert not forced.skipped
-    assert forced.detail["bytes_written"] == packed.image.stat().st_size + firmware_image.PARTITION_TABLE_BYTES
+    assert (
+        forced.detail["bytes_written"] == packed.image.stat().st_size + firmware_image.PARTITION_TABLE_BYTES
+    )
 
 
 def test_esptool_flasher_reports_a_board_left_in_the_loader(esp32, tmp_path):
@@ -183,7 +185,12 @@ def test_standin_tools_load_the_simulated_board(mcu_lab, board_name, flasher_cla
     monkeypatch.setenv(STATE_ENV, str(simlab.state_dir(mcu_lab)))
     flasher = flasher_class.from_lab(mcu_lab.boards[board_name])
     flasher.log_dir = tmp_path
-    assert flasher.argv(tmp_path / "x")[:4] == [sys.executable, "-m", "labbench.sim.standin_tools", flasher.TOOL]
+    assert flasher.argv(tmp_path / "x")[:4] == [
+        sys.executable,
+        "-m",
+        "labbench.sim.standin_tools",
+        flasher.TOOL,
+    ]
     model = tmp_path / "mnist5k_mlp_int8.tflite"
     shutil.copy(MODELS / "mnist5k_mlp_int8.tflite", model)
 

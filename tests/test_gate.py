@@ -42,29 +42,73 @@ def latency_ms(seed: int, n: int = 200, scale: float = 1.0, jitter: float = 0.05
     return samples * scale
 
 
-def measurement(board: str = BOARD, model: str = MODEL, samples=None, energy_mj: float | None = 0.30,
-                uncertainty_mj: float = 0.01, accuracy: float | None = 0.97, accuracy_n: int | None = 1000,
-                arena_bytes: int | None = 6 * 1024, time_utc: str | None = None,
-                budget: Uncertainty | None = None, instrument: str | None = None,
-                ranges: tuple[float | None, float | None] = (None, None),
-                active_power_w: float = 0.2) -> Measurement:
+def measurement(
+    board: str = BOARD,
+    model: str = MODEL,
+    samples=None,
+    energy_mj: float | None = 0.30,
+    uncertainty_mj: float = 0.01,
+    accuracy: float | None = 0.97,
+    accuracy_n: int | None = 1000,
+    arena_bytes: int | None = 6 * 1024,
+    time_utc: str | None = None,
+    budget: Uncertainty | None = None,
+    instrument: str | None = None,
+    ranges: tuple[float | None, float | None] = (None, None),
+    active_power_w: float = 0.2,
+) -> Measurement:
     """A synthetic measurement; with a `budget`, its energy's uncertainty is that budget's total."""
     s = np.asarray(latency_ms(0) if samples is None else samples, float)
     p50, p90, p99 = (float(v) for v in np.percentile(s, [50, 90, 99]))
-    latency = Latency(samples_ms=s.tolist(), p50_ms=p50, p90_ms=p90, p99_ms=p99, mean_ms=float(s.mean()),
-                      p50_ci95_ms=(p50, p50), p99_ci95_ms=(p99, p99), method="synthetic")
-    energy = None if energy_mj is None else Energy(
-        per_inference_mj=energy_mj, power_x_latency_mj=energy_mj, integrated_mj=energy_mj,
-        uncertainty_mj=budget.total if budget else uncertainty_mj,
-        uncertainties={"per_inference_mj": budget} if budget else {}, active_power_w=active_power_w,
-        idle_power_w=0.05, dynamic_mj=energy_mj * 0.7, window_s=10.0, inferences=6000, windows=5,
-        voltage_range_v=ranges[0], current_range_a=ranges[1], method="synthetic")
+    latency = Latency(
+        samples_ms=s.tolist(),
+        p50_ms=p50,
+        p90_ms=p90,
+        p99_ms=p99,
+        mean_ms=float(s.mean()),
+        p50_ci95_ms=(p50, p50),
+        p99_ci95_ms=(p99, p99),
+        method="synthetic",
+    )
+    energy = (
+        None
+        if energy_mj is None
+        else Energy(
+            per_inference_mj=energy_mj,
+            power_x_latency_mj=energy_mj,
+            integrated_mj=energy_mj,
+            uncertainty_mj=budget.total if budget else uncertainty_mj,
+            uncertainties={"per_inference_mj": budget} if budget else {},
+            active_power_w=active_power_w,
+            idle_power_w=0.05,
+            dynamic_mj=energy_mj * 0.7,
+            window_s=10.0,
+            inferences=6000,
+            windows=5,
+            voltage_range_v=ranges[0],
+            current_range_a=ranges[1],
+            method="synthetic",
+        )
+    )
     extra = {"time_utc": time_utc} if time_utc else {}
-    return Measurement(board=board, model=model, latency=latency, energy=energy, accuracy=accuracy,
-                       accuracy_n=accuracy_n, memory=Memory(arena_bytes=arena_bytes),
-                       provenance=Provenance(board=board, family=FAMILIES[board], source="sim",
-                                             instrument=instrument, model_sha256="0" * 64,
-                                             lab_sha256="1" * 64), **extra)
+    return Measurement(
+        board=board,
+        model=model,
+        latency=latency,
+        energy=energy,
+        accuracy=accuracy,
+        accuracy_n=accuracy_n,
+        memory=Memory(arena_bytes=arena_bytes),
+        provenance=Provenance(
+            board=board,
+            family=FAMILIES[board],
+            source="sim",
+            instrument=instrument,
+            model_sha256="0" * 64,
+            lab_sha256="1" * 64,
+        ),
+        **extra,
+    )
 
 
 def journal(path: Path, *measurements: Measurement) -> Path:
@@ -86,8 +130,9 @@ def verdicts(result) -> dict[tuple[str, str], Verdict]:
 @pytest.fixture
 def lab_yaml(tmp_path: Path) -> Path:
     path = tmp_path / "lab.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        lab: {{name: t, devices: {REPO / 'devices'}}}
+    path.write_text(
+        textwrap.dedent(f"""\
+        lab: {{name: t, devices: {REPO / "devices"}}}
         boards:
           esp32:
             family: esp32_devkitc
@@ -102,7 +147,8 @@ def lab_yaml(tmp_path: Path) -> Path:
               energy_mj: 0.5
               accuracy: 0.95
               arena_kib: 8
-        """))
+        """)
+    )
     return path
 
 
@@ -110,9 +156,12 @@ def test_a_5pct_latency_regression_with_200_samples_a_side_is_detected(tmp_path)
     base = baseline_of(tmp_path, measurement(samples=latency_ms(1)))
     now = journal(tmp_path / "now.jsonl", measurement(samples=latency_ms(2, scale=1.05)))
     result = gate([now], baseline=base)
-    assert verdicts(result) == {(BOARD, "latency_p50_ms"): Verdict.REGRESSION,
-                                (BOARD, "energy_mj"): Verdict.PASS, (BOARD, "accuracy"): Verdict.PASS,
-                                (BOARD, "arena_kib"): Verdict.PASS}
+    assert verdicts(result) == {
+        (BOARD, "latency_p50_ms"): Verdict.REGRESSION,
+        (BOARD, "energy_mj"): Verdict.PASS,
+        (BOARD, "accuracy"): Verdict.PASS,
+        (BOARD, "arena_kib"): Verdict.PASS,
+    }
     assert result.exit_code == 1
     fast = journal(tmp_path / "fast.jsonl", measurement(samples=latency_ms(3, scale=0.95)))
     faster = gate([fast], baseline=base)
@@ -121,14 +170,21 @@ def test_a_5pct_latency_regression_with_200_samples_a_side_is_detected(tmp_path)
 
 @pytest.mark.parametrize("jitter", [0.02, 0.15])  # an MCU's timer-measured jitter; a Linux board's
 def test_identical_distributions_rarely_alarm_and_5pct_shifts_are_found(jitter):
-    alarms = sum(compare_latency(latency_ms(2 * s, jitter=jitter), latency_ms(2 * s + 1, jitter=jitter))[0]
-                 is not Verdict.PASS for s in range(100))
+    alarms = sum(
+        compare_latency(latency_ms(2 * s, jitter=jitter), latency_ms(2 * s + 1, jitter=jitter))[0]
+        is not Verdict.PASS
+        for s in range(100)
+    )
     print(f"jitter {jitter:.0%}: false alarms {alarms}/100 on identical distributions", end="")
     assert alarms <= 2
     if jitter < 0.1:
-        found = sum(compare_latency(latency_ms(2 * s, jitter=jitter),
-                                    latency_ms(2 * s + 1, scale=1.05, jitter=jitter))[0]
-                    is Verdict.REGRESSION for s in range(100))
+        found = sum(
+            compare_latency(
+                latency_ms(2 * s, jitter=jitter), latency_ms(2 * s + 1, scale=1.05, jitter=jitter)
+            )[0]
+            is Verdict.REGRESSION
+            for s in range(100)
+        )
         print(f"; 5% regressions found {found}/100", end="")
         assert found >= 95
     print()
@@ -195,8 +251,13 @@ def test_what_is_left_of_a_shared_calibration_error_bounds_the_simulated_pm1000s
         """Energy per inference of `watts` for `seconds`, as `meter` shows it on RANGES (ranges 1 and 2)."""
         shown_w = meter.calibration["V"][0](volts) * meter.calibration["A"][1](watts / volts)
         budget = Uncertainty(total=accuracy_mj, accuracy=accuracy_mj, rounding=0.0, edges=0.0)
-        return measurement(energy_mj=shown_w * seconds * 1000, budget=budget, instrument=UNIT, ranges=RANGES,
-                           active_power_w=shown_w)
+        return measurement(
+            energy_mj=shown_w * seconds * 1000,
+            budget=budget,
+            instrument=UNIT,
+            ranges=RANGES,
+            active_power_w=shown_w,
+        )
 
     uncovered = 0
     for seed in range(200):
@@ -273,11 +334,14 @@ def test_the_markdown_summary_has_a_table_per_board(tmp_path, lab_yaml):
     assert lines[0] == "## labbench gate: FAIL (exit 1)"
     header = "| model | metric | budget | baseline | now | change | verdict | why |"
     assert lines[lines.index("### esp32") + 2] == lines[lines.index("### nano33") + 2] == header
-    esp32 = [row.split(" | ") for row in lines[lines.index("### esp32") + 4:lines.index("### nano33") - 1]]
+    esp32 = [row.split(" | ") for row in lines[lines.index("### esp32") + 4 : lines.index("### nano33") - 1]]
     assert [(r[1], r[2], r[6]) for r in esp32] == [
-        ("latency_p50_ms", "", "**REGRESSION**"), ("latency_p99_ms", "max 2.4 ms (guard band 10%)", "PASS"),
-        ("energy_mj", "max 0.5 mJ", "PASS"), ("accuracy", "min 0.95", "PASS"),
-        ("arena_kib", "max 8 KiB", "PASS")]
+        ("latency_p50_ms", "", "**REGRESSION**"),
+        ("latency_p99_ms", "max 2.4 ms (guard band 10%)", "PASS"),
+        ("energy_mj", "max 0.5 mJ", "PASS"),
+        ("accuracy", "min 0.95", "PASS"),
+        ("arena_kib", "max 8 KiB", "PASS"),
+    ]
     p50_ms = [np.median(latency_ms(seed, scale=k)) for seed, k in ((1, 1.0), (2, 1.05))]
     change = f"{(p50_ms[1] / p50_ms[0] - 1) * 100:+.1f}%"
     assert esp32[0][3:6] == [f"{p50_ms[0]:.4g} ms", f"{p50_ms[1]:.4g} ms", change]
@@ -314,9 +378,26 @@ def test_python_m_gate_cli_writes_markdown_and_json(tmp_path):
     journal(tmp_path / "base.jsonl", measurement(samples=latency_ms(1)))
     save_baseline([tmp_path / "base.jsonl"], "v1", tmp_path / "reports/baselines")
     journal(tmp_path / "now.jsonl", measurement(samples=latency_ms(2, scale=1.05)))
-    run = subprocess.run([sys.executable, "-m", "labbench.gate_cli", "gate", "now.jsonl", "--baseline", "v1",
-                          "--json", "out/gate.json", "--markdown", "out/gate.md"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "labbench.gate_cli",
+            "gate",
+            "now.jsonl",
+            "--baseline",
+            "v1",
+            "--json",
+            "out/gate.json",
+            "--markdown",
+            "out/gate.md",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert run.returncode == 1, run.stdout + run.stderr
     assert json.loads((tmp_path / "out/gate.json").read_text())["checks"][0]["verdict"] == "REGRESSION"
     assert (tmp_path / "out/gate.md").read_text().startswith("## labbench gate: FAIL (exit 1)")
@@ -339,8 +420,11 @@ def test_measure():
 @pytest.mark.parametrize("scale, code", [(1.0, 0), (1.05, 1), (None, 2)])
 def test_pytest_option_gates_the_runs_own_measurements(tmp_path, scale, code):
     """The gate at the end of a run judges that run's records only: an earlier run's record does not count."""
-    save_baseline([journal(tmp_path / "base.jsonl", measurement(samples=latency_ms(1)))], "v1",
-                  tmp_path / "reports/baselines")
+    save_baseline(
+        [journal(tmp_path / "base.jsonl", measurement(samples=latency_ms(1)))],
+        "v1",
+        tmp_path / "reports/baselines",
+    )
     journal(tmp_path / "reports/journal.jsonl", measurement(samples=latency_ms(3)))  # from an earlier run
     if scale is None:
         (tmp_path / "test_run.py").write_text("def test_nothing():\n    pass\n")
@@ -349,9 +433,25 @@ def test_pytest_option_gates_the_runs_own_measurements(tmp_path, scale, code):
         (tmp_path / "measured.json").write_text(measured.model_dump_json())
         (tmp_path / "test_run.py").write_text(PLUGIN_TEST)
     loaded = any(ep.value == "labbench.gate_plugin" for ep in entry_points(group="pytest11"))
-    run = subprocess.run([sys.executable, "-m", "pytest", "test_run.py", "-q", "-p", "no:cacheprovider",
-                          *([] if loaded else ["-p", "labbench.gate_plugin"]), "--labbench-gate", "v1"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "test_run.py",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *([] if loaded else ["-p", "labbench.gate_plugin"]),
+            "--labbench-gate",
+            "v1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert run.returncode == code, run.stdout + run.stderr
     assert f"labbench gate: {('PASS', 'FAIL', 'INCOMPLETE')[code]} (exit {code})" in run.stdout
     assert json.loads((tmp_path / "reports/gate.json").read_text())["exit_code"] == code

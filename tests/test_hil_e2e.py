@@ -27,15 +27,31 @@ from labbench.sim.control import SimControl
 
 REPO = Path(__file__).resolve().parents[1]
 PORT_OFFSET = 10000
-QUICK = ["--window-s", "1", "--windows", "1", "--idle-s", "1", "--latency-samples", "20",
-         "--accuracy-samples", "60", "-p", "no:cacheprovider"]
+QUICK = [
+    "--window-s",
+    "1",
+    "--windows",
+    "1",
+    "--idle-s",
+    "1",
+    "--latency-samples",
+    "20",
+    "--accuracy-samples",
+    "60",
+    "-p",
+    "no:cacheprovider",
+]
 
 pytestmark = pytest.mark.slow
 
 
 def shifted_lab(text: str, budget: str = "") -> str:
-    text = re.sub(r"(127\.0\.0\.1(?:::|:))(\d{5})", lambda m: f"{m.group(1)}{int(m.group(2)) + PORT_OFFSET}", text)
-    text = re.sub(r"^(\s+port: )(\d{5})$", lambda m: f"{m.group(1)}{int(m.group(2)) + PORT_OFFSET}", text, flags=re.M)
+    text = re.sub(
+        r"(127\.0\.0\.1(?:::|:))(\d{5})", lambda m: f"{m.group(1)}{int(m.group(2)) + PORT_OFFSET}", text
+    )
+    text = re.sub(
+        r"^(\s+port: )(\d{5})$", lambda m: f"{m.group(1)}{int(m.group(2)) + PORT_OFFSET}", text, flags=re.M
+    )
     text = text.replace("model: fixtures/", f"model: {REPO}/fixtures/")
     return text.split("\nbudgets:")[0] + "\n" + budget
 
@@ -54,8 +70,20 @@ def sim_lab(tmp_path_factory):
 def run_hil(lab_dir: Path, board: str, *args: str, budget: str = "") -> subprocess.CompletedProcess:
     if budget:
         (lab_dir / "lab.yaml").write_text(shifted_lab((REPO / "lab.yaml").read_text(), budget))
-    cmd = [sys.executable, "-m", "pytest", str(REPO / "tests_hil"), "--lab", str(lab_dir / "lab.yaml"),
-           "--board", board, "--journal", str(lab_dir / f"{board}.jsonl"), *QUICK, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(REPO / "tests_hil"),
+        "--lab",
+        str(lab_dir / "lab.yaml"),
+        "--board",
+        board,
+        "--journal",
+        str(lab_dir / f"{board}.jsonl"),
+        *QUICK,
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -81,7 +109,9 @@ def test_hil_run_journals_reports_and_gates_on_budgets(sim_lab, hil_board):
     not idle and count at their worst case. The check adds no run: it is one query of the ledger."""
     board = hil_board
     html = sim_lab / f"{board}.html"
-    done = run_hil(sim_lab, board, "-k", "identify or digits_mlp_int8 and not aggressive", "--html", str(html))
+    done = run_hil(
+        sim_lab, board, "-k", "identify or digits_mlp_int8 and not aggressive", "--html", str(html)
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     df = results.load(sim_lab / f"{board}.jsonl")
     row = df[df["model"] == "digits_mlp_int8"].iloc[-1]
@@ -90,8 +120,10 @@ def test_hil_run_journals_reports_and_gates_on_budgets(sim_lab, hil_board):
     assert row["accuracy"] > 0.9 and row["latency.p50_ms"] > 0
     journaled, stated = row["energy.per_inference_mj"], row["energy.uncertainty_mj"]
     drawn = ledger_mj(sim_lab, board, row)
-    print(f"{board}: {journaled:.6g} mJ per inference, ledger {drawn:.6g} mJ: {journaled / drawn - 1:+.3%}, "
-          f"{abs(journaled - drawn) / stated:.2f} of the stated +-{stated:.3g} mJ")
+    print(
+        f"{board}: {journaled:.6g} mJ per inference, ledger {drawn:.6g} mJ: {journaled / drawn - 1:+.3%}, "
+        f"{abs(journaled - drawn) / stated:.2f} of the stated +-{stated:.3g} mJ"
+    )
     assert abs(journaled - drawn) <= stated, f"{board}: {journaled} +- {stated} mJ, but {drawn} mJ drawn"
     if board == "esp32":  # reset through RTS (lab.yaml `reset: rts`): the cold start, on both clocks
         assert row["cold_start_ms"] > row["cold_start_breakdown_ms.cold_start_init_ms"] > 0
@@ -107,9 +139,12 @@ def test_hil_run_journals_reports_and_gates_on_budgets(sim_lab, hil_board):
     red = run_hil(sim_lab, board, "-k", "identify or digits_mlp_int8 and not aggressive", "-rf", budget=tight)
     assert red.returncode == 1, red.stdout[-3000:]
     failed = [line for line in red.stdout.splitlines() if line.startswith("FAILED")]
-    assert len(failed) == 1 and f"test_inference_budget[digits_mlp_int8-{board}]" in failed[0], red.stdout[-3000:]
-    assert re.search(rf"latency_p99_ms: measured [\d.]+ ms \(95% CI .*\) vs budget max {p99 / 4:.4g} ms: FAIL",
-                     red.stdout), red.stdout[-3000:]
+    assert len(failed) == 1 and f"test_inference_budget[digits_mlp_int8-{board}]" in failed[0], red.stdout[
+        -3000:
+    ]
+    assert re.search(
+        rf"latency_p99_ms: measured [\d.]+ ms \(95% CI .*\) vs budget max {p99 / 4:.4g} ms: FAIL", red.stdout
+    ), red.stdout[-3000:]
 
 
 def test_labbench_measure_runs_a_model_file_on_a_board_without_pytest(sim_lab):
@@ -117,10 +152,31 @@ def test_labbench_measure_runs_a_model_file_on_a_board_without_pytest(sim_lab):
     stand-in command of lab.yaml), a journaled record and a table; a wrong board is a usage error."""
     journal = sim_lab / "measure.jsonl"
     model = REPO / "fixtures" / "models" / "digits_mlp_int8.tflite"
-    cmd = [sys.executable, "-m", "labbench.cli", "measure", str(model), "--dataset",
-           str(REPO / "fixtures" / "datasets" / "digits.npz"), "--board", "nano33", "--lab", str(sim_lab / "lab.yaml"),
-           "--journal", str(journal), "--window-s", "1", "--windows", "1", "--idle-s", "1",
-           "--latency-samples", "20", "--accuracy-samples", "60"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "labbench.cli",
+        "measure",
+        str(model),
+        "--dataset",
+        str(REPO / "fixtures" / "datasets" / "digits.npz"),
+        "--board",
+        "nano33",
+        "--lab",
+        str(sim_lab / "lab.yaml"),
+        "--journal",
+        str(journal),
+        "--window-s",
+        "1",
+        "--windows",
+        "1",
+        "--idle-s",
+        "1",
+        "--latency-samples",
+        "20",
+        "--accuracy-samples",
+        "60",
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     row = results.load(journal).iloc[-1]
@@ -128,15 +184,37 @@ def test_labbench_measure_runs_a_model_file_on_a_board_without_pytest(sim_lab):
     assert row["provenance.model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
     assert row["accuracy_n"] == 60 and row["energy.per_inference_mj"] > 0
     assert re.search(r"nano33 .* measured", done.stdout), done.stdout
-    wrong = subprocess.run([*cmd[:cmd.index("nano33")], "nano", *cmd[cmd.index("nano33") + 1:]], cwd=REPO,
-                           capture_output=True, text=True, timeout=60)
-    assert wrong.returncode == 2 and "--board nano: no such board" in wrong.stderr and "Traceback" not in wrong.stderr
+    wrong = subprocess.run(
+        [*cmd[: cmd.index("nano33")], "nano", *cmd[cmd.index("nano33") + 1 :]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        wrong.returncode == 2
+        and "--board nano: no such board" in wrong.stderr
+        and "Traceback" not in wrong.stderr
+    )
 
 
 def test_killed_run_leaves_a_loadable_journal(sim_lab):
     journal = sim_lab / "killed.jsonl"
-    cmd = [sys.executable, "-m", "pytest", str(REPO / "tests_hil"), "--lab", str(sim_lab / "lab.yaml"),
-           "--board", "rpi4", "--journal", str(journal), *QUICK, "-k", "inference"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(REPO / "tests_hil"),
+        "--lab",
+        str(sim_lab / "lab.yaml"),
+        "--board",
+        "rpi4",
+        "--journal",
+        str(journal),
+        *QUICK,
+        "-k",
+        "inference",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (journal.exists() and journal.read_text().count("\n") >= 2):
@@ -145,8 +223,11 @@ def test_killed_run_leaves_a_loadable_journal(sim_lab):
     proc.wait()
     df = results.load(journal)
     assert len(df) >= 2 and set(df["board"]) == {"rpi4"}
-    assert all(json.loads(line)["provenance"]["source"] == "sim" for line in journal.read_text().splitlines()
-               if line.endswith("}"))
+    assert all(
+        json.loads(line)["provenance"]["source"] == "sim"
+        for line in journal.read_text().splitlines()
+        if line.endswith("}")
+    )
 
 
 def test_slower_device_model_gates_red_for_that_board_only(tmp_path):
@@ -156,8 +237,12 @@ def test_slower_device_model_gates_red_for_that_board_only(tmp_path):
     text = shifted_lab((REPO / "lab.yaml").read_text())  # then one range up again: apart from sim_lab's
     text = re.sub(r"(127\.0\.0\.1(?:::|:))2(\d{4})", r"\g<1>3\2", text)
     text = re.sub(r"^(\s+port: )2(\d{4})$", r"\g<1>3\2", text, flags=re.M)
-    slow = re.sub(r"(^  nano33:\n(?:.*\n)*?    sim: \{model: [^,]+, baud: 921600)\}", r"\1, speed_factor: 1.3}",
-                  text, flags=re.M)
+    slow = re.sub(
+        r"(^  nano33:\n(?:.*\n)*?    sim: \{model: [^,]+, baud: 921600)\}",
+        r"\1, speed_factor: 1.3}",
+        text,
+        flags=re.M,
+    )
     assert slow != text
     journals = []
     for name, content in (("base", text), ("slow", slow)):
@@ -167,21 +252,58 @@ def test_slower_device_model_gates_red_for_that_board_only(tmp_path):
         try:
             journal = tmp_path / f"{name}.jsonl"
             done = subprocess.run(
-                [sys.executable, "-m", "pytest", str(REPO / "tests_hil"), "--lab", str(lab_path), "--board", "esp32",
-                 "--board", "nano33", "--journal", str(journal), *QUICK, "--latency-samples", "60",
-                 "-k", "inference and digits_mlp_int8 and not aggressive"],
-                cwd=REPO, capture_output=True, text=True, timeout=600)
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    str(REPO / "tests_hil"),
+                    "--lab",
+                    str(lab_path),
+                    "--board",
+                    "esp32",
+                    "--board",
+                    "nano33",
+                    "--journal",
+                    str(journal),
+                    *QUICK,
+                    "--latency-samples",
+                    "60",
+                    "-k",
+                    "inference and digits_mlp_int8 and not aggressive",
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             assert done.returncode == 0, done.stdout[-3000:]
         finally:
             simlab.down(lab)
         journals.append(journal)
     cli = [sys.executable, "-m", "labbench.cli"]
-    saved = subprocess.run([*cli, "baseline", "save", str(journals[0]), "--name", "e2e", "--dir", str(tmp_path)],
-                           capture_output=True, text=True, cwd=REPO)
+    saved = subprocess.run(
+        [*cli, "baseline", "save", str(journals[0]), "--name", "e2e", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert saved.returncode == 0, saved.stderr
-    verdict = subprocess.run([*cli, "gate", str(journals[1]), "--baseline", str(tmp_path / "e2e.json"),
-                              "--lab", str(lab_path), "--json", str(tmp_path / "gate.json")],
-                             capture_output=True, text=True, cwd=REPO)
+    verdict = subprocess.run(
+        [
+            *cli,
+            "gate",
+            str(journals[1]),
+            "--baseline",
+            str(tmp_path / "e2e.json"),
+            "--lab",
+            str(lab_path),
+            "--json",
+            str(tmp_path / "gate.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert verdict.returncode == 1, verdict.stdout + verdict.stderr
     checks = json.loads((tmp_path / "gate.json").read_text())["checks"]
     red = {(c["board"], c["metric"]) for c in checks if c["verdict"] in ("REGRESSION", "FAIL")}
@@ -198,8 +320,10 @@ def test_a_lossy_serial_line_gives_pass_or_error_never_a_wrong_number(sim_lab):
     select = ["-k", "inference and digits_mlp_int8 and not aggressive", "-rA", "--retries", "2"]
     clean = run_hil(sim_lab, "esp32", *select, "--journal", str(sim_lab / "clean.jsonl"))
     assert clean.returncode == 0, clean.stdout[-3000:]
-    faults = [control.fault_set("esp32", {"kind": "drop", "rate": 0.001, "seed": 7, "direction": direction})
-              for direction in ("to_host", "to_device")]
+    faults = [
+        control.fault_set("esp32", {"kind": "drop", "rate": 0.001, "seed": 7, "direction": direction})
+        for direction in ("to_host", "to_device")
+    ]
     try:
         lossy = run_hil(sim_lab, "esp32", *select, "--journal", str(sim_lab / "lossy.jsonl"))
         dropped = control.faults("esp32")["log"]

@@ -32,8 +32,20 @@ from labbench.sim.powerbus import PowerBus
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "fixtures" / "models" / "digits_mlp_int8.tflite"
-QUICK = ["--window-s", "1", "--windows", "2", "--idle-s", "1", "--latency-samples", "20",
-         "--accuracy-samples", "60", "-p", "no:cacheprovider"]
+QUICK = [
+    "--window-s",
+    "1",
+    "--windows",
+    "2",
+    "--idle-s",
+    "1",
+    "--latency-samples",
+    "20",
+    "--accuracy-samples",
+    "60",
+    "-p",
+    "no:cacheprovider",
+]
 
 
 class FlakyProxy(TcpProxy):
@@ -58,13 +70,16 @@ class FlakyProxy(TcpProxy):
         return until_cut, passthrough
 
 
-def test_instrument_fault_mid_energy_keeps_latency_and_completed_windows_as_a_partial_record(tmp_path, monkeypatch):
+def test_instrument_fault_mid_energy_keeps_latency_and_completed_windows_as_a_partial_record(
+    tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)  # the drivers' logs go under the working directory
     channel = PowerBus().channel("pm:1")
     sim = SimMcuBoard("nano", family="nano33_ble_sense", model_path=MODEL, bus_channel=channel)
     sim.start()
     meter = Pm1000Sim("pm", channel=channel, use_pty=False).start()
-    (tmp_path / "lab.yaml").write_text(textwrap.dedent(f"""\
+    (tmp_path / "lab.yaml").write_text(
+        textwrap.dedent(f"""\
         lab: {{name: kept-work}}
         instruments:
           pm: {{kind: pm1000, resource: "{meter.resource}"}}
@@ -73,14 +88,17 @@ def test_instrument_fault_mid_energy_keeps_latency_and_completed_windows_as_a_pa
             family: nano33_ble_sense
             serial: {{url: "{sim.url}"}}
             power: {{instrument: pm}}
-        """))
+        """)
+    )
     board = Board(inventory.load(tmp_path / "lab.yaml"), "nano")
 
     def progress(step: str) -> None:
         if step.startswith("energy window 2/"):  # the meter goes away once the first window is done
             meter.stop()
 
-    settings = RunSettings(latency_samples=20, warmup=1, window_s=0.5, windows=3, idle_s=0.5, accuracy_samples=20)
+    settings = RunSettings(
+        latency_samples=20, warmup=1, window_s=0.5, windows=3, idle_s=0.5, accuracy_samples=20
+    )
     try:
         with pytest.raises(InstrumentError) as caught:
             measure(board, fixtures()["digits_mlp_int8"], settings, progress=progress)
@@ -110,7 +128,8 @@ def test_hil_suite_quarantines_a_dead_board_recovers_a_meter_and_keeps_the_parti
     meter = Pm1000Sim("pm", channel=channel, use_pty=False).start()
     proxy = FlakyProxy((meter.host, meter.port), cut=b":FRD?", after=11)  # during the energy windows
     lab = tmp_path / "lab.yaml"
-    lab.write_text(textwrap.dedent(f"""\
+    lab.write_text(
+        textwrap.dedent(f"""\
         lab: {{name: faults}}
         instruments:
           pm: {{kind: pm1000, resource: "TCPIP::127.0.0.1::{proxy.port}::SOCKET"}}
@@ -124,15 +143,41 @@ def test_hil_suite_quarantines_a_dead_board_recovers_a_meter_and_keeps_the_parti
             serial: {{url: "{live.url}", baud: 921600, reset: rts}}
             flash: {{tool: esptool, baud: 460800}}
             power: {{instrument: pm}}
-        """))
+        """)
+    )
     journal, xml = tmp_path / "journal.jsonl", tmp_path / "junit.xml"
-    cmd = [sys.executable, "-m", "pytest", str(REPO / "tests_hil"), "--lab", str(lab), "--board", "dead",
-           "--board", "live", "--journal", str(journal), "--junitxml", str(xml), "-rs", "--no-preflight", *QUICK,
-           "-k", "identify or digits_mlp_int8 and not aggressive or power"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(REPO / "tests_hil"),
+        "--lab",
+        str(lab),
+        "--board",
+        "dead",
+        "--board",
+        "live",
+        "--journal",
+        str(journal),
+        "--junitxml",
+        str(xml),
+        "-rs",
+        "--no-preflight",
+        *QUICK,
+        "-k",
+        "identify or digits_mlp_int8 and not aggressive or power",
+    ]
     t0 = time.monotonic()
     try:
-        done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
-                              env={**os.environ, "LABBENCH_LOCK_DIR": str(tmp_path / "locks")})
+        done = subprocess.run(
+            cmd,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env={**os.environ, "LABBENCH_LOCK_DIR": str(tmp_path / "locks")},
+        )
     finally:
         proxy.close()
         meter.stop()
@@ -146,11 +191,16 @@ def test_hil_suite_quarantines_a_dead_board_recovers_a_meter_and_keeps_the_parti
         cases[case.get("name")] = (child.tag, child.get("message")) if child is not None else ("passed", "")
     assert cases["test_install_and_identify[dead]"][0] == "error", out
     assert "FlashError" in cases["test_install_and_identify[dead]"][1], out
-    for name in ("test_inference_budget[digits_mlp_int8-dead]", "test_idle_and_active_power_within_profile[dead]"):
+    for name in (
+        "test_inference_budget[digits_mlp_int8-dead]",
+        "test_idle_and_active_power_within_profile[dead]",
+    ):
         assert cases[name][0] == "skipped", out
         assert cases[name][1].startswith("board dead quarantined after FlashError: dead: "), out
     assert {cases[n][0] for n in cases if n.endswith("live]")} == {"passed"}, out
-    assert "labbench: quarantined boards" in done.stdout and "steps recovered after a retry" in done.stdout, out
+    assert "labbench: quarantined boards" in done.stdout and "steps recovered after a retry" in done.stdout, (
+        out
+    )
 
     records = [json.loads(line) for line in journal.read_text().splitlines()]
     dead_events = [(r["kind"], r.get("attempt")) for r in records if r["board"] == "dead"]

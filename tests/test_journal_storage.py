@@ -33,8 +33,12 @@ def tmpfs(path: Path, *options: str) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
     if shutil.which("mount") is None:
         pytest.skip("no mount command: cannot make a tiny or read-only file system")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options) or "defaults", "tmpfs", str(path)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join(options) or "defaults", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode:
         pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
     try:
@@ -60,6 +64,7 @@ def lines_warned(caught: list[warnings.WarningMessage]) -> list[str]:
 
 # --- writing -------------------------------------------------------------------------------------
 
+
 def test_a_full_disk_raises_naming_the_journal_and_leaves_no_torn_line(tmp_path):
     with tmpfs(tmp_path / "tiny", "size=64k") as tiny:
         journal = results.Journal(tiny / "reports" / "journal.jsonl")
@@ -82,8 +87,11 @@ def test_a_full_disk_raises_naming_the_journal_and_leaves_no_torn_line(tmp_path)
 
 def test_a_read_only_file_system_raises_naming_the_journal(tmp_path):
     with tmpfs(tmp_path / "ro", "ro", "size=64k") as ro:
-        with pytest.raises(results.JournalError, match=rf"^journal {ro}/j\.jsonl: append: "
-                                                       r"Read-only file system \(EROFS\); the record"):
+        with pytest.raises(
+            results.JournalError,
+            match=rf"^journal {ro}/j\.jsonl: append: "
+            r"Read-only file system \(EROFS\); the record",
+        ):
             results.Journal(ro / "j.jsonl").append(measurement())
         with pytest.raises(results.JournalError, match=r"append: Read-only file system \(EROFS\)"):
             results.Journal(ro / "new" / "j.jsonl").append(measurement())  # its folder cannot be made
@@ -125,13 +133,15 @@ def test_an_append_after_a_torn_tail_starts_its_own_line(tmp_path):
 
 # --- reading a damaged journal -------------------------------------------------------------------
 
+
 def torn_journal(path: Path) -> Path:
     """A journal torn in the middle (an older bench appended onto a torn line), with an invalid line
     and a torn last line: 3 whole measurements and 1 event survive."""
     whole = [results.dumps(measurement(model=f"m{i}")) for i in range(3)]
     event = results.dumps(Event(kind="quarantine", board="esp32", step="measure", error="gone"))
-    path.write_text(f"{whole[0]}\n{whole[1][:80]}{whole[1]}\n{{\"kind\": \"attempt\"}}\n{event}\n"
-                    f"{whole[2]}\n{whole[2][:120]}")
+    path.write_text(
+        f'{whole[0]}\n{whole[1][:80]}{whole[1]}\n{{"kind": "attempt"}}\n{event}\n{whole[2]}\n{whole[2][:120]}'
+    )
     return path
 
 
@@ -143,7 +153,8 @@ def test_a_torn_journal_loads_with_a_warning_naming_file_and_line(tmp_path):
     assert lines_warned(caught) == [
         f"{path}:2: skipped: torn record (80 bytes) before a whole record, which is kept",
         f"{path}:3: skipped: not a valid Event (2 errors; board: Field required)",
-        f"{path}:6: skipped: incomplete last record (run interrupted or disk full?)"]
+        f"{path}:6: skipped: incomplete last record (run interrupted or disk full?)",
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", results.JournalWarning)
         assert [e.kind for e in results.events(path)] == ["quarantine"]
@@ -170,9 +181,11 @@ def test_journal_check_and_repair_round_trip(tmp_path, capsys):
     assert cli.main(["journal", "check", str(path)]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{path}: DAMAGED: 3 valid measurements, 0 partial, 1 events, 3 damaged lines"
-    assert out[1:4] == [f"  {path}:2: torn record (80 bytes) before a whole record, which is kept",
-                        f"  {path}:3: not a valid Event (2 errors; board: Field required)",
-                        f"  {path}:6: incomplete last record (run interrupted or disk full?)"]
+    assert out[1:4] == [
+        f"  {path}:2: torn record (80 bytes) before a whole record, which is kept",
+        f"  {path}:3: not a valid Event (2 errors; board: Field required)",
+        f"  {path}:6: incomplete last record (run interrupted or disk full?)",
+    ]
     assert cli.main(["journal", "repair", str(path)]) == 0
     out = capsys.readouterr().out
     backup = Path(out.split("the original is in ")[1].strip())
@@ -195,8 +208,11 @@ def test_repair_on_a_full_disk_leaves_the_journal_as_it_was(tmp_path):
         path = torn_journal(tiny / "journal.jsonl")
         original = path.read_bytes()
         fill(tiny)
-        with pytest.raises(results.JournalError, match=rf"^journal {path}: repair: No space left on device "
-                                                       r"\(ENOSPC\); the journal is unchanged$"):
+        with pytest.raises(
+            results.JournalError,
+            match=rf"^journal {path}: repair: No space left on device "
+            r"\(ENOSPC\); the journal is unchanged$",
+        ):
             results.repair(path)
         assert path.read_bytes() == original
         assert sorted(p.name for p in tiny.iterdir()) == ["filler", "journal.jsonl"]
@@ -221,28 +237,38 @@ FILLS_THE_DISK = textwrap.dedent("""\
     """)
 
 
-def test_a_journal_write_failure_is_an_error_and_the_measurement_is_kept(pytester, sim_board, monkeypatch,
-                                                                         tmp_path):
+def test_a_journal_write_failure_is_an_error_and_the_measurement_is_kept(
+    pytester, sim_board, monkeypatch, tmp_path
+):
     monkeypatch.setenv("LABBENCH_LOCK_DIR", str(tmp_path / "locks"))
-    pytester.makefile(".yaml", lab=f"lab: {{name: full}}\nboards:\n  good:\n    family: nano33_ble_sense\n"
-                                    f"    serial: {{url: \"{sim_board.url}\"}}\n")
+    pytester.makefile(
+        ".yaml",
+        lab=f"lab: {{name: full}}\nboards:\n  good:\n    family: nano33_ble_sense\n"
+        f'    serial: {{url: "{sim_board.url}"}}\n',
+    )
     pytester.makepyfile(test_fill=FILLS_THE_DISK)
     m = measurement(board="good")
     (pytester.path / "measured.json").write_text(m.model_dump_json())
     with tmpfs(tmp_path / "disk", "size=12m") as disk:  # room for pre-flight's 10 MiB, then filled
         journal = disk / "journal.jsonl"
-        result = pytester.runpytest("--board", "good", "--journal", str(journal), "--junitxml", "junit.xml",
-                                    "--html", "report.html")
+        result = pytester.runpytest(
+            "--board", "good", "--journal", str(journal), "--junitxml", "junit.xml", "--html", "report.html"
+        )
         journal_bytes = journal.read_bytes() if journal.exists() else b""
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.assert_outcomes(passed=1, errors=1)  # the measurement was judged; the journal failure an ERROR
     enospc = f"journal {journal}: append: No space left on device (ENOSPC)"
-    result.stdout.fnmatch_lines([
-        "*ERROR at teardown of test_measure?good?*",
-        (f"*JournalError: {enospc}; 1 record(s) of this test not journaled, each kept in the JUnit property "
-         "'unjournaled' and the HTML report*"),
-        "*labbench: records NOT journaled*",
-        f"test_fill.py::test_measure?good?: {enospc}; the record was not journaled"])
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_measure?good?*",
+            (
+                f"*JournalError: {enospc}; 1 record(s) of this test not journaled, each kept in the JUnit property "
+                "'unjournaled' and the HTML report*"
+            ),
+            "*labbench: records NOT journaled*",
+            f"test_fill.py::test_measure?good?: {enospc}; the record was not journaled",
+        ]
+    )
     assert journal_bytes == b""  # nothing journaled, nothing torn
     case = next(ElementTree.parse(pytester.path / "junit.xml").getroot().iter("testcase"))
     assert case.find("error") is not None

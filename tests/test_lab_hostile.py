@@ -35,8 +35,16 @@ GOOD = REPO / "tests" / "data" / "good_labs"
 LIMIT_S = 2.0
 TIMEOUT_S = 20
 #: variables the corpus expects unset (or uses with a default)
-UNSET = ("LABBENCH_HOSTILE_UNSET", "RPI4_HOST", "LAB_HOST", "POWER_MODE", "LABBENCH_GOOD_RPI4_HOST",
-         "LABBENCH_GOOD_RPI4_PORT", "LABBENCH_GOOD_USER", "LABBENCH_GOOD_HOST")
+UNSET = (
+    "LABBENCH_HOSTILE_UNSET",
+    "RPI4_HOST",
+    "LAB_HOST",
+    "POWER_MODE",
+    "LABBENCH_GOOD_RPI4_HOST",
+    "LABBENCH_GOOD_RPI4_PORT",
+    "LABBENCH_GOOD_USER",
+    "LABBENCH_GOOD_HOST",
+)
 
 _LAB = "lab:\n  name: hostile\nboards:\n  esp32:\n    family: esp32_devkitc\n"
 _SERIAL = '    serial: {url: "rfc2217://127.0.0.1:14001", baud: 115200}\n'
@@ -45,32 +53,64 @@ _NESTED = "".join("  " * (i + 1) + f"k{i}:\n" for i in range(100)) + "  " * 101 
 
 #: name -> (file content, expected first error line without the file name)
 GENERATED: dict[str, tuple[bytes, str]] = {
-    "latin1": ((_LAB + _SERIAL).replace("hostile", "h\u00f4tel").encode("latin-1"),
-               "2: not UTF-8: byte 0xf4 at column 10 (Latin-1 or Windows-1252? Save the file as UTF-8)"),
-    "utf16": (codecs.BOM_UTF16_LE + (_LAB + _SERIAL).encode("utf-16-le"),
-              "1: not UTF-8: byte 0xff at column 1 (it looks like UTF-16. Save the file as UTF-8)"),
-    "nul_byte": ((_LAB + _SERIAL).replace("hostile", "host\0ile").encode(),
-                 "2: not valid YAML: character U+0000 is not allowed"),
-    "nested_lists": ((_LAB + _SERIAL + "    power_mode: " + "[" * 5000 + "]" * 5000 + "\n").encode(),
-                     "7: boards.esp32.power_mode: nested more than 32 levels deep"),
-    "nested_mappings": ((_LAB + _SERIAL + "budgets:\n" + _NESTED).encode(),
-                        "38: budgets.k0.k1: nested more than 32 levels deep"),
-    "nested_keys": ((_LAB + _SERIAL + "budgets:\n  " + "? " * 3000 + "x\n").encode(),
-                    "8: budgets: nested more than 32 levels deep"),
-    "many_values": ((_LAB + _SERIAL + "budgets:\n  esp32: [" + "1," * 12000 + "]\n").encode(),
-                    "8: budgets.esp32.9979: more than 10000 values"),
-    "long_key": ((_LAB + _SERIAL + "  " + "b" * 50000 + ": {}\n").encode(),
-                 "7: not valid YAML: could not find expected ':'"),
+    "latin1": (
+        (_LAB + _SERIAL).replace("hostile", "h\u00f4tel").encode("latin-1"),
+        "2: not UTF-8: byte 0xf4 at column 10 (Latin-1 or Windows-1252? Save the file as UTF-8)",
+    ),
+    "utf16": (
+        codecs.BOM_UTF16_LE + (_LAB + _SERIAL).encode("utf-16-le"),
+        "1: not UTF-8: byte 0xff at column 1 (it looks like UTF-16. Save the file as UTF-8)",
+    ),
+    "nul_byte": (
+        (_LAB + _SERIAL).replace("hostile", "host\0ile").encode(),
+        "2: not valid YAML: character U+0000 is not allowed",
+    ),
+    "nested_lists": (
+        (_LAB + _SERIAL + "    power_mode: " + "[" * 5000 + "]" * 5000 + "\n").encode(),
+        "7: boards.esp32.power_mode: nested more than 32 levels deep",
+    ),
+    "nested_mappings": (
+        (_LAB + _SERIAL + "budgets:\n" + _NESTED).encode(),
+        "38: budgets.k0.k1: nested more than 32 levels deep",
+    ),
+    "nested_keys": (
+        (_LAB + _SERIAL + "budgets:\n  " + "? " * 3000 + "x\n").encode(),
+        "8: budgets: nested more than 32 levels deep",
+    ),
+    "many_values": (
+        (_LAB + _SERIAL + "budgets:\n  esp32: [" + "1," * 12000 + "]\n").encode(),
+        "8: budgets.esp32.9979: more than 10000 values",
+    ),
+    "long_key": (
+        (_LAB + _SERIAL + "  " + "b" * 50000 + ": {}\n").encode(),
+        "7: not valid YAML: could not find expected ':'",
+    ),
 }
 #: 1 GiB (sparse): refused after reading 64 KiB
 HUGE = ("huge", "1: larger than 64 KiB, the most a file here may be")
 
 #: the cases the issue names, also run through a `pytest` process
-ISSUE_CASES = ["top_level_list", "latin1", "merge_key_value", "nested_lists", "alias_bomb",
-               "markup_board_name", "visa_host_port", "url_port_out_of_range", "negative_latency",
-               "marginal_over_100", "accuracy_percent", "shared_instrument_channel", "shell_board_name",
-               "shell_ssh_user", "sim_model_traversal", "python_tag", "missing_ssh_key", "unset_variable",
-               "unterminated_substitution"]
+ISSUE_CASES = [
+    "top_level_list",
+    "latin1",
+    "merge_key_value",
+    "nested_lists",
+    "alias_bomb",
+    "markup_board_name",
+    "visa_host_port",
+    "url_port_out_of_range",
+    "negative_latency",
+    "marginal_over_100",
+    "accuracy_percent",
+    "shared_instrument_channel",
+    "shell_board_name",
+    "shell_ssh_user",
+    "sim_model_traversal",
+    "python_tag",
+    "missing_ssh_key",
+    "unset_variable",
+    "unterminated_substitution",
+]
 #: also run with --board (the lab is loaded the same way; these check that it is)
 BOARD_CASES = ["top_level_list", "alias_bomb", "shell_ssh_user", "missing_ssh_key"]
 
@@ -88,7 +128,8 @@ def _expected(path: Path) -> str:
     assert first_line.startswith("# expect: "), f"{path.name}: no `# expect:` line"
     rest = first_line.removeprefix("# expect: ")
     return f"{path.name}:" + rest.replace("{here}", str(path.parent)).replace(
-        "{devices}", str(catalog.default_devices_dir()))
+        "{devices}", str(catalog.default_devices_dir())
+    )
 
 
 def _first_line_is(lines: list[str], expected: str) -> bool:
@@ -130,8 +171,9 @@ def home(tmp_path) -> Path:
 
 def _run(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=REPO,
-                          check=False)
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=REPO, check=False
+    )
     return done, time.perf_counter() - t0
 
 
@@ -140,8 +182,20 @@ def lab_check(path: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProc
 
 
 def pytest_door(path: Path, *options: str) -> tuple[subprocess.CompletedProcess, float]:
-    return _run([sys.executable, "-m", "pytest", str(REPO / "tests_hil"), "--lab", str(path), *options,
-                 "-p", "no:cacheprovider"], _env())
+    return _run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(REPO / "tests_hil"),
+            "--lab",
+            str(path),
+            *options,
+            "-p",
+            "no:cacheprovider",
+        ],
+        _env(),
+    )
 
 
 def test_the_corpus_is_large_enough():
@@ -159,8 +213,11 @@ def test_lab_check_refuses(bad_lab):
     assert elapsed < LIMIT_S, f"{elapsed:.2f} s"
 
 
-@pytest.mark.parametrize("bad_lab, option", [(name, "--list-boards") for name in ISSUE_CASES]
-                         + [(name, "--board=all") for name in BOARD_CASES], indirect=["bad_lab"])
+@pytest.mark.parametrize(
+    "bad_lab, option",
+    [(name, "--list-boards") for name in ISSUE_CASES] + [(name, "--board=all") for name in BOARD_CASES],
+    indirect=["bad_lab"],
+)
 def test_pytest_refuses_with_a_usage_error(bad_lab, option):
     path, expected = bad_lab
     done, elapsed = pytest_door(path, option)
@@ -177,8 +234,9 @@ def test_pytest_in_process_refuses_with_a_usage_error(bad_lab, pytester, monkeyp
     for name in UNSET:
         monkeypatch.delenv(name, raising=False)
     t0 = time.perf_counter()
-    result = pytester.runpytest_inprocess(str(REPO / "tests_hil"), "--lab", str(path), "--list-boards",
-                                          "-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess(
+        str(REPO / "tests_hil"), "--lab", str(path), "--list-boards", "-p", "no:cacheprovider"
+    )
     elapsed = time.perf_counter() - t0
     assert result.ret == pytest.ExitCode.USAGE_ERROR, result.outlines + result.errlines
     output = "\n".join(result.outlines + result.errlines)
@@ -219,8 +277,10 @@ def test_the_gate_plugin_checks_the_default_lab_as_lab_check_does(pytester):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     output = "\n".join(result.outlines + result.errlines)
     assert "INTERNALERROR" not in output and "Traceback" not in output
-    assert result.errlines[0] == (f"ERROR: lab.yaml:10: boards.pi.ssh.key: {pytester.path}/keys/no_such_key "
-                                  "does not exist or is not a file")
+    assert result.errlines[0] == (
+        f"ERROR: lab.yaml:10: boards.pi.ssh.key: {pytester.path}/keys/no_such_key "
+        "does not exist or is not a file"
+    )
 
 
 def test_pytest_checks_a_lab_named_without_a_board():
@@ -237,8 +297,20 @@ def test_unusual_labs_are_accepted(name, home):
     assert done.returncode == 0, done.stderr
     assert f"valid: {name}" in done.stdout
     assert elapsed < LIMIT_S, f"{elapsed:.2f} s"
-    listed, _ = _run([sys.executable, "-m", "pytest", str(REPO / "tests_hil"), "--lab", str(GOOD / name),
-                      "--list-boards", "-p", "no:cacheprovider"], env)
+    listed, _ = _run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(REPO / "tests_hil"),
+            "--lab",
+            str(GOOD / name),
+            "--list-boards",
+            "-p",
+            "no:cacheprovider",
+        ],
+        env,
+    )
     assert listed.returncode == 0, listed.stdout + listed.stderr
     assert f"boards in {GOOD / name}:" in listed.stdout
 
@@ -290,8 +362,11 @@ def test_sim_schemas_take_what_the_simulators_take():
 def test_sim_settings_arrive_validated(tmp_path, monkeypatch):
     monkeypatch.delenv("LABBENCH_HOSTILE_UNSET", raising=False)
     path = tmp_path / "lab.yaml"
-    path.write_text((GOOD / "simulated.yaml").read_text().replace(
-        "speed_factor: 1.5", 'speed_factor: "${LABBENCH_HOSTILE_UNSET:-2.5}"'))
+    path.write_text(
+        (GOOD / "simulated.yaml")
+        .read_text()
+        .replace("speed_factor: 1.5", 'speed_factor: "${LABBENCH_HOSTILE_UNSET:-2.5}"')
+    )
     lab = inventory.load(path)
     assert lab.boards["esp32"].sim.settings == {"speed_factor": 2.5, "vendor": "ESP32 DevKitC"}
     assert lab.boards["esp32"].sim.faults[0].rate == 0.001

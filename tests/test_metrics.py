@@ -15,12 +15,28 @@ from labbench.report.dashboard import with_metrics
 
 def record() -> Measurement:
     return Measurement(
-        board="b", model="m", latency=latency_record([1.0, 2.0, 3.0], method="test"), accuracy=0.9,
-        energy=Energy(per_inference_mj=0.5, power_x_latency_mj=0.5, integrated_mj=0.5, uncertainty_mj=0.1,
-                      active_power_w=1, idle_power_w=0.1, dynamic_mj=0.4, window_s=10, inferences=20, windows=1,
-                      method="test"),
+        board="b",
+        model="m",
+        latency=latency_record([1.0, 2.0, 3.0], method="test"),
+        accuracy=0.9,
+        energy=Energy(
+            per_inference_mj=0.5,
+            power_x_latency_mj=0.5,
+            integrated_mj=0.5,
+            uncertainty_mj=0.1,
+            active_power_w=1,
+            idle_power_w=0.1,
+            dynamic_mj=0.4,
+            window_s=10,
+            inferences=20,
+            windows=1,
+            method="test",
+        ),
         memory=Memory(flash_bytes=2048, arena_bytes=1024),
-        provenance=Provenance(board="b", family="f", source="sim", model_sha256="0" * 64, lab_sha256="0" * 64))
+        provenance=Provenance(
+            board="b", family="f", source="sim", model_sha256="0" * 64, lab_sha256="0" * 64
+        ),
+    )
 
 
 def test_every_metric_is_a_budget_field_with_its_direction():
@@ -43,17 +59,20 @@ def test_values_and_intervals_come_from_the_record_in_the_metrics_unit():
     assert lo <= 2.0 <= hi and METRICS["accuracy"].interval_of(m) is None
 
 
-@pytest.mark.parametrize("limit,measured,verdict", [
-    (Ceiling(max=2.0, marginal_pct=10), 1.7, Verdict.PASS),
-    (Ceiling(max=2.0, marginal_pct=10), 1.9, Verdict.MARGINAL),  # inside the limit, within its guard band
-    (Ceiling(max=2.0, marginal_pct=10), 2.0, Verdict.MARGINAL),
-    (Ceiling(max=2.0, marginal_pct=10), 2.01, Verdict.FAIL),  # past the limit: never marginal
-    (Ceiling(max=2.0), 2.0, Verdict.PASS),
-    (Floor(min=0.95, marginal_pct=1), 0.97, Verdict.PASS),
-    (Floor(min=0.95, marginal_pct=1), 0.955, Verdict.MARGINAL),
-    (Floor(min=0.95, marginal_pct=1), 0.949, Verdict.FAIL),
-    (Ceiling(max=2.0), None, Verdict.MISSING),
-])
+@pytest.mark.parametrize(
+    "limit,measured,verdict",
+    [
+        (Ceiling(max=2.0, marginal_pct=10), 1.7, Verdict.PASS),
+        (Ceiling(max=2.0, marginal_pct=10), 1.9, Verdict.MARGINAL),  # inside the limit, within its guard band
+        (Ceiling(max=2.0, marginal_pct=10), 2.0, Verdict.MARGINAL),
+        (Ceiling(max=2.0, marginal_pct=10), 2.01, Verdict.FAIL),  # past the limit: never marginal
+        (Ceiling(max=2.0), 2.0, Verdict.PASS),
+        (Floor(min=0.95, marginal_pct=1), 0.97, Verdict.PASS),
+        (Floor(min=0.95, marginal_pct=1), 0.955, Verdict.MARGINAL),
+        (Floor(min=0.95, marginal_pct=1), 0.949, Verdict.FAIL),
+        (Ceiling(max=2.0), None, Verdict.MISSING),
+    ],
+)
 def test_the_guard_band_lies_inside_the_limit(limit, measured, verdict):
     got = judge_value("latency_p50_ms" if limit.max else "accuracy", measured, limit)
     assert got.verdict is verdict and got.verdict.passes == (verdict in (Verdict.PASS, Verdict.MARGINAL))

@@ -108,7 +108,7 @@ AD_STRIDE = 512  # ad01's y_labels.csv: windows of 2,560 bytes every 512
 # The runner's test scripts (tests_accuracy.yaml, tests_performance.yaml): (loop count or None for
 # every file, infer N, infer W)
 SCRIPTS = {
-    "a": {model: (None, 1, 0) for model in RESULT_COUNT},
+    "a": dict.fromkeys(RESULT_COUNT, (None, 1, 0)),
     "p": {"ic01": (5, 20, 5), "kws01": (5, 70, 10), "vww01": (5, 20, 5), "ad01": (5, 1500, 10)},
 }
 
@@ -415,8 +415,12 @@ def synthetic(model_id: str) -> tuple[list[bytes], list[np.ndarray], list[int]]:
 @pytest.fixture(scope="module")
 def dut():
     """A simulated Coral Dev Board Micro (its device model is fast) at 921600 baud, and a DutSerial."""
-    b = SimMcuBoard("interop", family="coral_dev_board_micro", baud=BAUD,
-                    model_path=REPO / "fixtures" / "models" / "digits_mlp_int8.tflite")
+    b = SimMcuBoard(
+        "interop",
+        family="coral_dev_board_micro",
+        baud=BAUD,
+        model_path=REPO / "fixtures" / "models" / "digits_mlp_int8.tflite",
+    )
     b.start()
     d = DutSerial(b.url, board=b.name, baud=BAUD)
     yield b, d
@@ -464,8 +468,10 @@ def test_encoding_round_trips_through_the_firmware_conversion():
     assert ic01.encode(np.array([0, 127, 128, 255], np.uint8)) == bytes([0, 127, 128, 255])
     # vww01's th_load_tensor does `int8 -= 128` on the bytes: the same wrap as ic01's uint8 - 128
     u8 = np.arange(256, dtype=np.uint8)
-    assert np.array_equal(MLPERF_TINY["vww01"].decode(u8.tobytes(), TensorInfo("in", (256,), "int8")),
-                          (u8.view(np.int8).astype(np.int16) - 128).astype(np.int8))
+    assert np.array_equal(
+        MLPERF_TINY["vww01"].decode(u8.tobytes(), TensorInfo("in", (256,), "int8")),
+        (u8.view(np.int8).astype(np.int16) - 128).astype(np.int8),
+    )
     with pytest.raises(TypeError, match="ic01 takes uint8 values"):
         ic01.encode(np.zeros(4, np.float32))
     # QuantizeFloatToInt8: round() halves away from zero, then the zero point, then the clamp
@@ -498,8 +504,11 @@ def test_the_runners_accuracy_mode_gives_the_reference_firmwares_answers(dut, tm
     files, expected, labels = synthetic(model_id)
     runner = Runner(b.url, write_dataset(tmp_path, model_id, files, labels))
     rows = runner.run()
-    assert runner.identity == {"name": "coral_dev_board_micro", "model": model_id,
-                               "profile": "ULPMark for tinyML Firmware V0.0.1"}
+    assert runner.identity == {
+        "name": "coral_dev_board_micro",
+        "model": model_id,
+        "profile": "ULPMark for tinyML Firmware V0.0.1",
+    }
     # the exchange: name, profile, then per file db load N, 31-byte lower-case chunks, infer 1 0
     assert runner.sent[:2] == ["name", "profile"]
     load = f"db load {DATASET_BYTES[model_id]}"
@@ -510,8 +519,10 @@ def test_the_runners_accuracy_mode_gives_the_reference_firmwares_answers(dut, tm
     np.testing.assert_array_equal(got, np.concatenate(expected))
     assert got.shape[1] == RESULT_COUNT[model_id]
     # the runner's summary from the board's lines and from the reference firmware's printed ones
-    printed = [r | {"infer": parse_infer([reference_results_line(model_id, v), "m-ready"])}
-               for r, v in zip(rows, np.concatenate(expected), strict=True)]
+    printed = [
+        r | {"infer": parse_infer([reference_results_line(model_id, v), "m-ready"])}
+        for r, v in zip(rows, np.concatenate(expected), strict=True)
+    ]
     assert summarize(rows) == summarize(printed)
     if model_id == "ic01":
         assert len({int(np.argmax(e)) for e in expected}) > 1  # the images do not all land in one class
@@ -524,8 +535,9 @@ def test_the_runners_accuracy_mode_gives_the_reference_firmwares_answers(dut, tm
         windows = np.stack([x[w * 128 : w * 128 + 640] for x in features for w in range(5)])
         np.testing.assert_array_equal(d.classify(windows), np.concatenate(expected))
     elif model_id == "kws01":
-        np.testing.assert_array_equal(d.classify(np.stack([np.frombuffer(f, np.int8) for f in files])),
-                                      np.concatenate(expected))
+        np.testing.assert_array_equal(
+            d.classify(np.stack([np.frombuffer(f, np.int8) for f in files])), np.concatenate(expected)
+        )
     else:
         u8 = np.stack([np.frombuffer(f, np.uint8) for f in files])
         tensors = (u8.astype(np.int16) - 128).astype(np.int8)  # what th_load_tensor makes of them
@@ -582,8 +594,13 @@ def _host_dut(build: Path) -> Path:
     cc = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if shutil.which("make") is None or cc is None:
         pytest.skip("no make and C compiler on PATH")
-    run = subprocess.run(["make", "-C", str(CORE), "host-dut", f"BUILD={build}", f"CC={cc}"], check=False,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        ["make", "-C", str(CORE), "host-dut", f"BUILD={build}", f"CC={cc}"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     return build / "host_dut"
 

@@ -80,8 +80,10 @@ def test_io_details_agree_with_litert(path):
         pytest.skip("../shared/workloads/mlperf_tiny is absent")
     info = ModelInfo.from_file(path)
     it = Interpreter(model_path=str(path))
-    for mine, theirs in [*zip(info.inputs, it.get_input_details()),
-                         *zip(info.outputs, it.get_output_details())]:
+    for mine, theirs in [
+        *zip(info.inputs, it.get_input_details(), strict=True),
+        *zip(info.outputs, it.get_output_details(), strict=True),
+    ]:
         assert mine.shape == tuple(theirs["shape"])
         assert np.dtype(mine.dtype) == theirs["dtype"]
         scale, zero_point = theirs["quantization"]
@@ -107,8 +109,11 @@ def test_kws_counts_depthwise_and_pointwise_but_not_pooling():
     assert info.macs_by_op["FULLY_CONNECTED"] == 64 * 12
 
 
-@pytest.mark.parametrize("blob", [b"", b"TFL3", b"\x00" * 64, b"\x18\x00\x00\x00TFL3" + b"\x00" * 8],
-                         ids=["empty", "short", "zeros", "no-subgraph"])
+@pytest.mark.parametrize(
+    "blob",
+    [b"", b"TFL3", b"\x00" * 64, b"\x18\x00\x00\x00TFL3" + b"\x00" * 8],
+    ids=["empty", "short", "zeros", "no-subgraph"],
+)
 def test_not_a_model_raises_model_error(blob):
     with pytest.raises(ModelError):
         ModelInfo.from_bytes(blob, name="junk")
@@ -149,10 +154,13 @@ def test_float_models_pass_through():
 def _tflm_runs(path: Path, arena_bytes: int) -> bool:
     """Whether TFLM allocates and invokes the model in `arena_bytes`; in a child, since too small
     an arena can abort the process instead of raising."""
-    code = ("import sys; from tflite_micro import runtime; "
-            "runtime.Interpreter.from_file(sys.argv[1], arena_size=int(sys.argv[2])).invoke()")
-    proc = subprocess.run([sys.executable, "-c", code, str(path), str(arena_bytes)],
-                          capture_output=True, timeout=60)
+    code = (
+        "import sys; from tflite_micro import runtime; "
+        "runtime.Interpreter.from_file(sys.argv[1], arena_size=int(sys.argv[2])).invoke()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path), str(arena_bytes)], capture_output=True, timeout=60
+    )
     return proc.returncode == 0
 
 
@@ -183,8 +191,9 @@ def test_min_arena_above_the_cap_raises(tmp_path):
     assert not (tmp_path / "arena.json").exists()
 
 
-def _one_op_model(code: int, options_type: int, options, shapes: list, n_inputs: int,
-                  consts: dict[int, np.ndarray]) -> bytes:
+def _one_op_model(
+    code: int, options_type: int, options, shapes: list, n_inputs: int, consts: dict[int, np.ndarray]
+) -> bytes:
     """A float model with one operator: tensors of `shapes`, the first `n_inputs` feed the op, the
     last is its output; tensors listed in `consts` hold constant data."""
     import flatbuffers
@@ -230,8 +239,14 @@ def test_batch_matmul_macs(adj_x):
     opts = schema.BatchMatMulOptionsT()
     opts.adjX = adj_x
     a = (2, 7, 5) if adj_x else (2, 5, 7)  # m=5, k=7
-    blob = _one_op_model(schema.BuiltinOperator.BATCH_MATMUL, schema.BuiltinOptions.BatchMatMulOptions,
-                         opts, [a, (2, 7, 3), (2, 5, 3)], 2, {})
+    blob = _one_op_model(
+        schema.BuiltinOperator.BATCH_MATMUL,
+        schema.BuiltinOptions.BatchMatMulOptions,
+        opts,
+        [a, (2, 7, 3), (2, 5, 3)],
+        2,
+        {},
+    )
     _runs_on_litert(blob)
     assert ModelInfo.from_bytes(blob).macs == 2 * 5 * 3 * 7
 
@@ -243,9 +258,14 @@ def test_transpose_conv_macs():
     opts.padding, opts.strideH, opts.strideW = schema.Padding.SAME, 2, 2
     out_shape = np.array([1, 8, 8, 6], np.int32)
     weights = np.zeros((6, 3, 3, 4), np.float32)  # [out_c, kh, kw, in_c]
-    blob = _one_op_model(schema.BuiltinOperator.TRANSPOSE_CONV, schema.BuiltinOptions.TransposeConvOptions,
-                         opts, [(4,), (6, 3, 3, 4), (1, 4, 4, 4), (1, 8, 8, 6)], 3,
-                         {0: out_shape, 1: weights})
+    blob = _one_op_model(
+        schema.BuiltinOperator.TRANSPOSE_CONV,
+        schema.BuiltinOptions.TransposeConvOptions,
+        opts,
+        [(4,), (6, 3, 3, 4), (1, 4, 4, 4), (1, 8, 8, 6)],
+        3,
+        {0: out_shape, 1: weights},
+    )
     _runs_on_litert(blob)
     info = ModelInfo.from_bytes(blob)
     assert info.macs == (4 * 4 * 4) * 3 * 3 * 6

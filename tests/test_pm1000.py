@@ -246,7 +246,11 @@ def test_healthy_capture_on_a_loaded_host_never_trips(meter: Pm1000) -> None:
 
 
 def test_unopenable_resources_name_the_resource() -> None:
-    for resource in (f"TCPIP::127.0.0.1::{free_port()}::SOCKET", "ASRL/dev/no-such-port::INSTR", "TCPIP::bogus"):
+    for resource in (
+        f"TCPIP::127.0.0.1::{free_port()}::SOCKET",
+        "ASRL/dev/no-such-port::INSTR",
+        "TCPIP::bogus",
+    ):
         with pytest.raises(InstrumentError, match=f"open {resource}"):
             Pm1000(resource, name=NAME, timeout_s=0.5).identity()
 
@@ -321,14 +325,18 @@ def test_ranges_from_a_pre_scan(sim: Pm1000Sim, channel: PowerChannel) -> None:
         with meter.capture(step_up=True) as scan:
             scan.wait_for_updates_after(time.monotonic(), 2)
         first = scan.trace.updates[0]
-        assert first.overload and first.current_range_a == 0.1 and scan.trace.updates[-1].current_range_a == 0.4
+        assert (
+            first.overload and first.current_range_a == 0.1 and scan.trace.updates[-1].current_range_a == 0.4
+        )
         note = meter.hold_ranges(scan.trace)
         assert (meter.held_range("VLT"), meter.held_range("AMP")) == (10.0, 1.6)
         assert meter.send(":RNG:AMP?") == "3" and "peaks 5 V, 0.4 A" in note
         assert meter.step_up(scan.trace.updates[-1:]) == "current range 6.25 A"
         assert meter.send(":RNG:AMP?") == "4" and "after an overload" in meter.range_note
     fixed = Pm1000(sim.resource, current_range=2, voltage_range=1)
-    assert fixed.ranges_from_lab and fixed.step_up(scan.trace.updates) is None and fixed.range_note == "lab.yaml"
+    assert (
+        fixed.ranges_from_lab and fixed.step_up(scan.trace.updates) is None and fixed.range_note == "lab.yaml"
+    )
 
 
 def test_each_update_carries_its_accuracy_rounding_and_extremes(meter: Pm1000, channel: PowerChannel) -> None:
@@ -395,7 +403,9 @@ def test_manual_literal_cr_terminator(channel: PowerChannel) -> None:
 
 
 def test_from_lab_reads_the_inventory_settings(sim: Pm1000Sim) -> None:
-    entry = SimpleNamespace(name="pm1000_esp32", resource=sim.resource, settings={"timeout_s": 0.5, "current_range": 3})
+    entry = SimpleNamespace(
+        name="pm1000_esp32", resource=sim.resource, settings={"timeout_s": 0.5, "current_range": 3}
+    )
     meter = Pm1000.from_lab(entry)
     assert (meter.name, meter.timeout_s, meter.current_range) == ("pm1000_esp32", 0.5, 3)
     assert meter.identity() == DEFAULT_IDN
@@ -404,8 +414,13 @@ def test_from_lab_reads_the_inventory_settings(sim: Pm1000Sim) -> None:
         Pm1000.from_lab(SimpleNamespace(name="x", resource=sim.resource, settings={"poll_rate": 3}))
     with pytest.raises(LabConfigError, match="unknown result"):
         Pm1000.from_lab(SimpleNamespace(name="x", resource=sim.resource, settings={"results": ["W", "kWh"]}))
-    calibrated = Pm1000.from_lab(SimpleNamespace(name="x", resource=sim.resource,
-                                                 settings={"accuracy": {"amps_floor_a": 1e-4}, "range_headroom": 1.5}))
+    calibrated = Pm1000.from_lab(
+        SimpleNamespace(
+            name="x",
+            resource=sim.resource,
+            settings={"accuracy": {"amps_floor_a": 1e-4}, "range_headroom": 1.5},
+        )
+    )
     assert calibrated.accuracy == Accuracy(amps_floor_a=1e-4) and calibrated.range_headroom == 1.5
     with pytest.raises(LabConfigError, match="unknown accuracy figure"):
         Pm1000.from_lab(SimpleNamespace(name="x", resource=sim.resource, settings={"accuracy": {"amps": 1}}))

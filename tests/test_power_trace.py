@@ -90,16 +90,19 @@ def test_result_latency_widens_the_anchoring(channel: PowerChannel) -> None:
     """Results that appear up to 30 ms after their period: the fitted ends move back, the ticks stay
     within the anchoring uncertainty of the true ends."""
     late = synthetic_trace(channel, phase_s=0.11, n=20)
-    shifted = tuple(PowerUpdate(u.seen_after_s + 0.03, u.seen_by_s + 0.03, u.voltage_v, u.current_a, u.power_w)
-                    for u in late.updates)
+    shifted = tuple(
+        PowerUpdate(u.seen_after_s + 0.03, u.seen_by_s + 0.03, u.voltage_v, u.current_a, u.power_w)
+        for u in late.updates
+    )
     trace = PowerTrace(PERIOD_S, shifted, latency_s=0.03)
     true_ends = 0.11 + PERIOD_S * np.arange(1, 21)
     assert trace.clock.regular and np.all(np.abs(trace.t_s - true_ends) <= trace.t_uncertainty_s + 1e-12)
 
 
 @pytest.mark.parametrize("t0, t1", [(2.13, 7.87), (2.0, 8.0), (3.41, 3.62), (2.49, 12.01)])
-def test_edges_take_the_steady_neighbour_and_state_their_worst_case(channel: PowerChannel, t0: float,
-                                                                     t1: float) -> None:
+def test_edges_take_the_steady_neighbour_and_state_their_worst_case(
+    channel: PowerChannel, t0: float, t1: float
+) -> None:
     truth = workload(channel, t0, t1)
     trace = synthetic_trace(channel, phase_s=0.0371, n=30)
     for method in ("trace", "integrator"):
@@ -191,18 +194,29 @@ def test_a_blanked_update_is_refused_never_counted_short(channel: PowerChannel) 
     with pytest.raises(ValueError, match=r"counted 0\.500 s of .* a blanked update inside the window"):
         trace.energy(1.1, 8.9, method="integrator")
     assert trace.energy(5.0, 8.9, method="integrator").valid  # after it, windows measure as usual
-    bare = PowerTrace(PERIOD_S, tuple(PowerUpdate(u.seen_after_s, u.seen_by_s, 5.0, 0.16, u.power_w,
-                                                  integrator_energy_j=u.integrator_energy_j) for u in trace.updates))
+    bare = PowerTrace(
+        PERIOD_S,
+        tuple(
+            PowerUpdate(
+                u.seen_after_s, u.seen_by_s, 5.0, 0.16, u.power_w, integrator_energy_j=u.integrator_energy_j
+            )
+            for u in trace.updates
+        ),
+    )
     with pytest.raises(ValueError, match="no elapsed time shows"):
         bare.energy(1.1, 8.9, method="integrator")  # a gap the counter cannot vouch for
 
 
 def test_marks_overload_and_range_changes(channel: PowerChannel) -> None:
     marks = (Mark("infer-start", 2.3), Mark("infer-end", 6.6), Mark("infer-start", 7.0))
-    trace = synthetic_trace(channel, phase_s=0.0, n=20, overload=(9,), marks=marks, ranges={k: 6.25 for k in (18, 19)})
+    trace = synthetic_trace(
+        channel, phase_s=0.0, n=20, overload=(9,), marks=marks, ranges=dict.fromkeys((18, 19), 6.25)
+    )
     assert trace.mark_time("infer-start", 1) == 7.0
     w = trace.between("infer-start", "infer-end")
-    assert (w.t0_s, w.t1_s) == (2.3, 6.6) and w.overload and not w.valid and w.problems == ["a range overload"]
+    assert (
+        (w.t0_s, w.t1_s) == (2.3, 6.6) and w.overload and not w.valid and w.problems == ["a range overload"]
+    )
     assert not trace.energy(5.0, 8.0).overload
     assert trace.energy(3.1, 3.9).overload  # the flag may come an update late
     changed = trace.energy(8.0, 9.6)
@@ -213,7 +227,9 @@ def test_marks_overload_and_range_changes(channel: PowerChannel) -> None:
 
 def test_integrator_needs_readings(channel: PowerChannel) -> None:
     trace = synthetic_trace(channel, phase_s=0.0, n=5)
-    bare = PowerTrace(PERIOD_S, tuple(PowerUpdate(u.seen_after_s, u.seen_by_s, 5.0, 0.16, 0.8) for u in trace.updates))
+    bare = PowerTrace(
+        PERIOD_S, tuple(PowerUpdate(u.seen_after_s, u.seen_by_s, 5.0, 0.16, 0.8) for u in trace.updates)
+    )
     with pytest.raises(ValueError, match="integrator readings"):
         bare.energy(1.0, 2.0, method="integrator")
     assert bare.covers[1] == pytest.approx(trace.covers[1])

@@ -52,12 +52,20 @@ def silent_port():
 
 def lab_yaml(directory: Path, url: str, resource: str | None = None) -> Path:
     """A lab of one MCU board at `url`, measured by a PM1000+ at `resource` when given."""
-    instruments = (f"instruments:\n  meter:\n    kind: pm1000\n    resource: \"{resource}\"\n"
-                   "    settings: {timeout_s: 0.5}\n") if resource else ""
+    instruments = (
+        (
+            f'instruments:\n  meter:\n    kind: pm1000\n    resource: "{resource}"\n'
+            "    settings: {timeout_s: 0.5}\n"
+        )
+        if resource
+        else ""
+    )
     power = "    power: {instrument: meter}\n" if resource else ""
     path = directory / "lab.yaml"
-    path.write_text(f"lab: {{name: preflight}}\n{instruments}boards:\n  good:\n    family: nano33_ble_sense\n"
-                    f"    serial: {{url: \"{url}\"}}\n{power}")
+    path.write_text(
+        f"lab: {{name: preflight}}\n{instruments}boards:\n  good:\n    family: nano33_ble_sense\n"
+        f'    serial: {{url: "{url}"}}\n{power}'
+    )
     return path
 
 
@@ -68,6 +76,7 @@ def lock_dir(monkeypatch, tmp_path):
 
 # --- the checks ----------------------------------------------------------------------------------
 
+
 def test_outputs_writable_with_free_space(tmp_path):
     assert preflight.output_problem("journal", tmp_path / "reports" / "journal.jsonl") is None
     assert (tmp_path / "reports").is_dir() and list((tmp_path / "reports").iterdir()) == []  # probe removed
@@ -77,24 +86,29 @@ def test_outputs_writable_with_free_space(tmp_path):
 def test_a_full_tiny_or_read_only_file_system_is_a_problem(tmp_path):
     with tmpfs(tmp_path / "tiny", "size=64k") as tiny:
         assert preflight.output_problem("journal", tiny / "j.jsonl") == (
-            f"journal {tiny}/j.jsonl: 0.06 MiB free in {tiny}; pre-flight asks for 10 MiB")
+            f"journal {tiny}/j.jsonl: 0.06 MiB free in {tiny}; pre-flight asks for 10 MiB"
+        )
         fill(tiny)
         assert preflight.output_problem("journal", tiny / "j.jsonl") == (
-            f"journal {tiny}/j.jsonl: cannot write in {tiny}: No space left on device (ENOSPC)")
+            f"journal {tiny}/j.jsonl: cannot write in {tiny}: No space left on device (ENOSPC)"
+        )
         assert sorted(p.name for p in tiny.iterdir()) == ["filler"]
     with tmpfs(tmp_path / "ro", "ro") as ro:
         assert preflight.output_problem("--junitxml", ro / "out" / "junit.xml") == (
-            f"--junitxml {ro}/out/junit.xml: cannot write in {ro}/out: Read-only file system (EROFS)")
+            f"--junitxml {ro}/out/junit.xml: cannot write in {ro}/out: Read-only file system (EROFS)"
+        )
 
 
 def test_links_refused_missing_or_not_checked():
     port = free_port()
-    entry = inventory.BoardEntry.model_validate({"name": "b", "family": "nano33_ble_sense",
-                                                 "serial": {"url": f"rfc2217://127.0.0.1:{port}"}})
+    entry = inventory.BoardEntry.model_validate(
+        {"name": "b", "family": "nano33_ble_sense", "serial": {"url": f"rfc2217://127.0.0.1:{port}"}}
+    )
     refused = f"no TCP connection to 127.0.0.1:{port} within 3 s: Connection refused (ECONNREFUSED)"
     assert preflight.link_problem(entry) == f"serial rfc2217://127.0.0.1:{port}: {refused}"
-    ssh = inventory.BoardEntry.model_validate({"name": "p", "family": "rpi4b",
-                                               "ssh": {"host": "127.0.0.1", "port": port, "user": "lab"}})
+    ssh = inventory.BoardEntry.model_validate(
+        {"name": "p", "family": "rpi4b", "ssh": {"host": "127.0.0.1", "port": port, "user": "lab"}}
+    )
     assert preflight.link_problem(ssh) == f"ssh: {refused}"
     missing = entry.model_copy(update={"serial": entry.serial.model_copy(update={"url": "/dev/ttyNOSUCH9"})})
     assert preflight.link_problem(missing) == "serial /dev/ttyNOSUCH9: no such device (unplugged?)"
@@ -129,6 +143,7 @@ def test_a_busy_board_is_not_probed(tmp_path):
 
 # --- pytest runs ---------------------------------------------------------------------------------
 
+
 def run(pytester, *args: str):
     start = time.monotonic()
     result = pytester.runpytest("--board", "good", *args)
@@ -142,10 +157,15 @@ def test_run_with_its_journal_on_a_full_disk_stops_at_preflight(pytester, sim_bo
         fill(tiny)
         result, seconds = run(pytester, "--journal", str(tiny / "journal.jsonl"))
     assert result.ret == pytest.ExitCode.USAGE_ERROR and seconds < 10
-    result.stderr.fnmatch_lines([
-        ("ERROR: labbench pre-flight found 1 problem(s) in *s, before any board was flashed or measured "
-         "(--no-preflight skips the checks):"),
-        f"  journal {tiny}/journal.jsonl: cannot write in {tiny}: No space left on device (ENOSPC)"])
+    result.stderr.fnmatch_lines(
+        [
+            (
+                "ERROR: labbench pre-flight found 1 problem(s) in *s, before any board was flashed or measured "
+                "(--no-preflight skips the checks):"
+            ),
+            f"  journal {tiny}/journal.jsonl: cannot write in {tiny}: No space left on device (ENOSPC)",
+        ]
+    )
     assert not (pytester.path / "touched").exists()
 
 
@@ -153,13 +173,25 @@ def test_run_with_its_reports_in_a_read_only_folder_stops_at_preflight(pytester,
     lab_yaml(pytester.path, sim_board.url)
     pytester.makepyfile(test_hil=TOUCHES)
     with tmpfs(tmp_path / "ro", "ro") as ro:
-        result, seconds = run(pytester, "--journal", f"{ro}/journal.jsonl", "--html", f"{ro}/run.html",
-                              "--junitxml", f"{ro}/junit.xml")
+        result, seconds = run(
+            pytester,
+            "--journal",
+            f"{ro}/journal.jsonl",
+            "--html",
+            f"{ro}/run.html",
+            "--junitxml",
+            f"{ro}/junit.xml",
+        )
     assert result.ret == pytest.ExitCode.USAGE_ERROR and seconds < 10
     erofs = f"cannot write in {ro}: Read-only file system (EROFS)"
-    result.stderr.fnmatch_lines(["ERROR: labbench pre-flight found 3 problem(s) in *",
-                                 f"  journal {ro}/journal.jsonl: {erofs}", f"  --html {ro}/run.html: {erofs}",
-                                 f"  --junitxml {ro}/junit.xml: {erofs}"])
+    result.stderr.fnmatch_lines(
+        [
+            "ERROR: labbench pre-flight found 3 problem(s) in *",
+            f"  journal {ro}/journal.jsonl: {erofs}",
+            f"  --html {ro}/run.html: {erofs}",
+            f"  --junitxml {ro}/junit.xml: {erofs}",
+        ]
+    )
     assert not (pytester.path / "touched").exists()
 
 
@@ -169,12 +201,19 @@ def test_run_with_an_unreachable_board_and_instrument_stops_at_preflight(pyteste
     pytester.makepyfile(test_hil=TOUCHES)
     result, seconds = run(pytester, "--journal", "j.jsonl")
     assert result.ret == pytest.ExitCode.USAGE_ERROR and seconds < 10
-    result.stderr.fnmatch_lines([
-        "ERROR: labbench pre-flight found 2 problem(s) in *",
-        (f"  board good: serial rfc2217://127.0.0.1:{board_port}: no TCP connection to "
-         f"127.0.0.1:{board_port} within 3 s: Connection refused (ECONNREFUSED)"),
-        (f"  board good: instrument meter (TCPIP::127.0.0.1::{meter_port}::SOCKET): no TCP connection to "
-         f"127.0.0.1:{meter_port} within 3 s: Connection refused (ECONNREFUSED)")])
+    result.stderr.fnmatch_lines(
+        [
+            "ERROR: labbench pre-flight found 2 problem(s) in *",
+            (
+                f"  board good: serial rfc2217://127.0.0.1:{board_port}: no TCP connection to "
+                f"127.0.0.1:{board_port} within 3 s: Connection refused (ECONNREFUSED)"
+            ),
+            (
+                f"  board good: instrument meter (TCPIP::127.0.0.1::{meter_port}::SOCKET): no TCP connection to "
+                f"127.0.0.1:{meter_port} within 3 s: Connection refused (ECONNREFUSED)"
+            ),
+        ]
+    )
     assert not (pytester.path / "touched").exists() and not (pytester.path / "j.jsonl").exists()
     skipped = pytester.runpytest("--board", "good", "--journal", "j.jsonl", "--no-preflight")
     assert "pre-flight" not in skipped.stderr.str()
@@ -187,5 +226,7 @@ def test_run_on_a_healthy_lab_passes_preflight_and_says_so(pytester, sim_board, 
     pytester.makepyfile(test_hil=TOUCHES)
     result, _ = run(pytester, "--journal", "j.jsonl")
     result.assert_outcomes(passed=1)
-    passed = "labbench pre-flight passed in *s: journal writable; good reachable; meter answers ?IDN?: Voltech*"
+    passed = (
+        "labbench pre-flight passed in *s: journal writable; good reachable; meter answers ?IDN?: Voltech*"
+    )
     result.stdout.fnmatch_lines([passed])

@@ -13,12 +13,43 @@ from labbench.measure.record import Event
 from labbench.redact import MASK, is_secret, redact_env, redact_html, redact_text
 from labbench.report import dashboard
 
-SECRET = ["API_KEY", "GITHUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "CI_JOB_TOKEN", "SSH_KEY_PASSPHRASE",
-          "CI_JOB_JWT_V2", "DB_PASSWORD", "MYSQL_PASSWD", "NPMTOKEN", "apiKey", "private_token",
-          "access-token", "GOOGLE_APPLICATION_CREDENTIALS", "CLIENT_SECRETS", "SIGNING_KEYS", "x.api_key"]
-PUBLIC = ["KEYBOARD", "MONKEY_PATCH", "KEYRING_BACKEND", "TOKENIZERS_PARALLELISM", "MAX_TOKENS", "SECRETARY",
-          "PWD", "OLDPWD", "PATH", "HOME", "CI_REPOSITORY_URL", "CI_REGISTRY_USER", "GITLAB_USER_EMAIL",
-          "SSH_AUTH_SOCK", "Python", "Packages", "PASSED_COUNT"]
+SECRET = [
+    "API_KEY",
+    "GITHUB_TOKEN",
+    "AWS_SECRET_ACCESS_KEY",
+    "CI_JOB_TOKEN",
+    "SSH_KEY_PASSPHRASE",
+    "CI_JOB_JWT_V2",
+    "DB_PASSWORD",
+    "MYSQL_PASSWD",
+    "NPMTOKEN",
+    "apiKey",
+    "private_token",
+    "access-token",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "CLIENT_SECRETS",
+    "SIGNING_KEYS",
+    "x.api_key",
+]
+PUBLIC = [
+    "KEYBOARD",
+    "MONKEY_PATCH",
+    "KEYRING_BACKEND",
+    "TOKENIZERS_PARALLELISM",
+    "MAX_TOKENS",
+    "SECRETARY",
+    "PWD",
+    "OLDPWD",
+    "PATH",
+    "HOME",
+    "CI_REPOSITORY_URL",
+    "CI_REGISTRY_USER",
+    "GITLAB_USER_EMAIL",
+    "SSH_AUTH_SOCK",
+    "Python",
+    "Packages",
+    "PASSED_COUNT",
+]
 
 
 @pytest.mark.parametrize("name", SECRET)
@@ -41,29 +72,51 @@ def test_extra_patterns_from_the_argument_or_the_environment(monkeypatch):
 
 
 def test_environment_table():
-    env = {"GITHUB_TOKEN": "ghp_abc", "CI_JOB_TOKEN": "", "HOME": "/root", "CI_JOB_ID": 7,
-           "CI_REPOSITORY_URL": "https://gitlab-ci-token:glcbt-64_secret@gitlab.example.com/lab/bench.git",
-           "Packages": {"pytest": "9.2.0", "DEPLOY_KEY": "k"}, "Args": ["--x", "https://tok@h/p"]}
+    env = {
+        "GITHUB_TOKEN": "ghp_abc",
+        "CI_JOB_TOKEN": "",
+        "HOME": "/root",
+        "CI_JOB_ID": 7,
+        "CI_REPOSITORY_URL": "https://gitlab-ci-token:glcbt-64_secret@gitlab.example.com/lab/bench.git",
+        "Packages": {"pytest": "9.2.0", "DEPLOY_KEY": "k"},
+        "Args": ["--x", "https://tok@h/p"],
+    }
     assert redact_env(env, []) == {
-        "GITHUB_TOKEN": MASK, "CI_JOB_TOKEN": MASK, "HOME": "/root", "CI_JOB_ID": 7,
+        "GITHUB_TOKEN": MASK,
+        "CI_JOB_TOKEN": MASK,
+        "HOME": "/root",
+        "CI_JOB_ID": 7,
         "CI_REPOSITORY_URL": "https://***@gitlab.example.com/lab/bench.git",
-        "Packages": {"pytest": "9.2.0", "DEPLOY_KEY": MASK}, "Args": ["--x", "https://***@h/p"]}
+        "Packages": {"pytest": "9.2.0", "DEPLOY_KEY": MASK},
+        "Args": ["--x", "https://***@h/p"],
+    }
 
 
-@pytest.mark.parametrize(("text", "redacted"), [
-    ("clone https://oauth2:glpat-XyZ@gitlab.com/a/b.git failed",
-     "clone https://***@gitlab.com/a/b.git failed"),
-    ("https://ghp_tok@github.com/o/r", "https://***@github.com/o/r"),
-    ("git+ssh://git@github.com/o/r.git", "git+ssh://***@github.com/o/r.git"),
-    ("GET https://api.example.com/v4/jobs?private_token=abc123&scope=x",
-     "GET https://api.example.com/v4/jobs?private_token=***&scope=x"),
-    ("env GITHUB_TOKEN=ghp_1 AWS_REGION=eu-west-1 tool --api-key=k1 --baud=921600",
-     "env GITHUB_TOKEN=*** AWS_REGION=eu-west-1 tool --api-key=*** --baud=921600"),
-    ("rfc2217://127.0.0.1:14001 mail me@example.com at https://example.com/a@b",
-     "rfc2217://127.0.0.1:14001 mail me@example.com at https://example.com/a@b"),
-    ("export GITHUB_TOKEN='ghp 1' DB_PASSWORD=\"p w\" x", "export GITHUB_TOKEN=*** DB_PASSWORD=*** x"),
-    ("KEYBOARD=us TOKEN= accuracy=0.95", "KEYBOARD=us TOKEN= accuracy=0.95"),
-])
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        (
+            "clone https://oauth2:glpat-XyZ@gitlab.com/a/b.git failed",
+            "clone https://***@gitlab.com/a/b.git failed",
+        ),
+        ("https://ghp_tok@github.com/o/r", "https://***@github.com/o/r"),
+        ("git+ssh://git@github.com/o/r.git", "git+ssh://***@github.com/o/r.git"),
+        (
+            "GET https://api.example.com/v4/jobs?private_token=abc123&scope=x",
+            "GET https://api.example.com/v4/jobs?private_token=***&scope=x",
+        ),
+        (
+            "env GITHUB_TOKEN=ghp_1 AWS_REGION=eu-west-1 tool --api-key=k1 --baud=921600",
+            "env GITHUB_TOKEN=*** AWS_REGION=eu-west-1 tool --api-key=*** --baud=921600",
+        ),
+        (
+            "rfc2217://127.0.0.1:14001 mail me@example.com at https://example.com/a@b",
+            "rfc2217://127.0.0.1:14001 mail me@example.com at https://example.com/a@b",
+        ),
+        ("export GITHUB_TOKEN='ghp 1' DB_PASSWORD=\"p w\" x", "export GITHUB_TOKEN=*** DB_PASSWORD=*** x"),
+        ("KEYBOARD=us TOKEN= accuracy=0.95", "KEYBOARD=us TOKEN= accuracy=0.95"),
+    ],
+)
 def test_redact_text(text, redacted):
     assert redact_text(text, []) == redacted
 
@@ -104,24 +157,38 @@ def test_secret_environment_values_are_masked_wherever_they_appear(monkeypatch):
     assert redact_env({"CMD": ["curl", "-H", "Bearer tok-3141"]}, []) == {"CMD": ["curl", "-H", "Bearer ***"]}
 
 
-@pytest.mark.parametrize(("markup", "redacted"), [
-    ("<td>export DB_PASSWORD=&quot;p w&quot; x</td>", "<td>export DB_PASSWORD=*** x</td>"),
-    ("<a href='https://u:p@h/x?private_token=abc&amp;y=1'>clone https://u:p@h</a>",
-     "<a href='https://***@h/x?private_token=***&amp;y=1'>clone https://***@h</a>"),
-    ('<p title="API_KEY=k1">a &lt;b&gt; &amp; c</p>', '<p title="API_KEY=***">a &lt;b&gt; &amp; c</p>'),
-    ("<img alt='x' src='data:image/png;base64,AAAA/9Key=='><img src=data:image/png;base64,AB/apiKey==>",
-     "<img alt='x' src='data:image/png;base64,AAAA/9Key=='><img src=data:image/png;base64,AB/apiKey==>"),
-    ("<style>td>th{color:#c33}</style><td style='color:#c33'>a'b\"c</td>",
-     "<style>td>th{color:#c33}</style><td style='color:#c33'>a'b\"c</td>"),
-])
+@pytest.mark.parametrize(
+    ("markup", "redacted"),
+    [
+        ("<td>export DB_PASSWORD=&quot;p w&quot; x</td>", "<td>export DB_PASSWORD=*** x</td>"),
+        (
+            "<a href='https://u:p@h/x?private_token=abc&amp;y=1'>clone https://u:p@h</a>",
+            "<a href='https://***@h/x?private_token=***&amp;y=1'>clone https://***@h</a>",
+        ),
+        ('<p title="API_KEY=k1">a &lt;b&gt; &amp; c</p>', '<p title="API_KEY=***">a &lt;b&gt; &amp; c</p>'),
+        (
+            "<img alt='x' src='data:image/png;base64,AAAA/9Key=='><img src=data:image/png;base64,AB/apiKey==>",
+            "<img alt='x' src='data:image/png;base64,AAAA/9Key=='><img src=data:image/png;base64,AB/apiKey==>",
+        ),
+        (
+            "<style>td>th{color:#c33}</style><td style='color:#c33'>a'b\"c</td>",
+            "<style>td>th{color:#c33}</style><td style='color:#c33'>a'b\"c</td>",
+        ),
+    ],
+)
 def test_redact_html(markup, redacted):
     assert redact_html(markup, []) == redacted
 
 
 def test_the_dashboard_masks_journals_written_before_redaction(tmp_path):
     path = tmp_path / "old.jsonl"
-    event = Event(kind="quarantine", board="pi", step="deploy", test="t.py::test_x[pi]",
-                  error="SshError: pi: deploy: git clone https://ci:s3cr3t@git.example/lab.git failed")
+    event = Event(
+        kind="quarantine",
+        board="pi",
+        step="deploy",
+        test="t.py::test_x[pi]",
+        error="SshError: pi: deploy: git clone https://ci:s3cr3t@git.example/lab.git failed",
+    )
     path.write_text(event.model_dump_json() + "\n")
     text = dashboard.build([path], tmp_path / "index.html").read_text()
     assert "s3cr3t" not in text and "git clone https://***@git.example/lab.git failed" in text

@@ -62,21 +62,37 @@ def log(injector, fault_id: int) -> list[dict]:
 
 
 def test_a_spec_is_checked_against_the_link_it_is_set_on():
-    assert parse({"kind": "corrupt", "pattern": "m-lap-us-", "nth": 3, "offset": 9}, "serial", "esp32").xor is None
+    assert (
+        parse({"kind": "corrupt", "pattern": "m-lap-us-", "nth": 3, "offset": 9}, "serial", "esp32").xor
+        is None
+    )
     assert parse({"kind": "stall", "direction": "to_device", "duration_s": 2}, "ssh", "pi").duration_s == 2
     bad = [
-        ("serial", {"kind": "throttle", "bytes_per_s": 10},
-         'kind: a serial board has no "throttle" fault (its faults: drop, corrupt, garbage, silence, reset)'),
+        (
+            "serial",
+            {"kind": "throttle", "bytes_per_s": 10},
+            'kind: a serial board has no "throttle" fault (its faults: drop, corrupt, garbage, silence, reset)',
+        ),
         ("serial", {"kind": "drop"}, "a drop fault needs rate: or pattern:"),
         ("serial", {"kind": "drop", "rate": 0.1, "pattern": "x"}, "rate: give rate: or pattern:, not both"),
         ("serial", {"kind": "drop", "rate": 0.1, "nth": 2}, "nth: applies only with pattern:"),
-        ("serial", {"kind": "silence", "direction": "both"},
-         "direction: a serial fault acts on one direction: to_host or to_device"),
+        (
+            "serial",
+            {"kind": "silence", "direction": "both"},
+            "direction: a serial fault acts on one direction: to_host or to_device",
+        ),
         ("serial", {"kind": "reset"}, "pattern: required key is missing"),
-        ("instrument", {"kind": "silence", "rate": 0.5},
-         "rate: does not apply to a silence fault of an instrument (it takes: duration_s, nth, pattern)"),
+        (
+            "instrument",
+            {"kind": "silence", "rate": 0.5},
+            "rate: does not apply to a silence fault of an instrument (it takes: duration_s, nth, pattern)",
+        ),
         ("ssh", {"kind": "throttle"}, "bytes_per_s: required key is missing"),
-        ("ssh", {"kind": "disconnect", "after_bytes": 1, "after_s": 1}, "after_s: give after_bytes: or after_s:, not both"),
+        (
+            "ssh",
+            {"kind": "disconnect", "after_bytes": 1, "after_s": 1},
+            "after_s: give after_bytes: or after_s:, not both",
+        ),
         ("ssh", {"kind": "stall", "rate": 2}, "rate: input should be less than or equal to 1, got 2"),
         ("ssh", {"kind": "stall", "durations": 2}, 'durations: unknown key; did you mean "duration_s"?'),
     ]
@@ -131,7 +147,9 @@ def write_lab(directory: Path, text: str) -> Path:
 
 
 def test_lab_yaml_faults_load_typed_and_the_rest_of_sim_passes_through(tmp_path):
-    lab = inventory.load(write_lab(tmp_path, lab_text(meter=15025, esp32=14001, model=DIGITS, pi=12201, user="pi")))
+    lab = inventory.load(
+        write_lab(tmp_path, lab_text(meter=15025, esp32=14001, model=DIGITS, pi=12201, user="pi"))
+    )
     esp32 = lab.boards["esp32"].sim
     assert esp32.faults == [Fault(kind="drop", pattern="m-name-dut-[", offset=12, length=3)]
     assert esp32.settings == {"model": str(DIGITS), "baud": 921600}
@@ -142,27 +160,40 @@ def test_lab_yaml_faults_load_typed_and_the_rest_of_sim_passes_through(tmp_path)
 def test_lab_yaml_fault_errors_name_the_line_and_key(tmp_path):
     base = lab_text(meter=15025, esp32=14001, model=DIGITS, pi=12201, user="pi")
     wrong_types = base.replace('pattern: "m-name-dut-["', "pattern: 7\n          rate: 2").replace(
-        "sim: {}", "sim: {faults: [{kind: stal}]}")
+        "sim: {}", "sim: {faults: [{kind: stal}]}"
+    )
     with pytest.raises(LabConfigError) as err:
         inventory.load(write_lab(tmp_path, wrong_types))
     assert str(err.value).splitlines() == [
         "lab.yaml:22: boards.esp32.sim.faults.0.rate: input should be less than or equal to 1, got 2",
         "lab.yaml:21: boards.esp32.sim.faults.0.pattern: expected a string, got 7",
-        ("lab.yaml:28: boards.pi.sim.faults.0.kind: expected 'drop', 'corrupt', 'garbage', 'silence', 'reset', "
-        "'disconnect', 'throttle' or 'stall', got \"stal\""),
+        (
+            "lab.yaml:28: boards.pi.sim.faults.0.kind: expected 'drop', 'corrupt', 'garbage', 'silence', 'reset', "
+            "'disconnect', 'throttle' or 'stall', got \"stal\""
+        ),
     ]
-    wrong_link = base.replace("kind: drop", "kind: throttle").replace(
-        "{kind: silence, pattern: \":FRD?\", nth: 1000}", "{kind: silence, pattern: \":FRD?\", offset: 2}").replace(
-        "sim: {}", "sim: {faults: [{kind: stall, after_bytes: 10, after_s: 1}]}")
+    wrong_link = (
+        base.replace("kind: drop", "kind: throttle")
+        .replace(
+            '{kind: silence, pattern: ":FRD?", nth: 1000}', '{kind: silence, pattern: ":FRD?", offset: 2}'
+        )
+        .replace("sim: {}", "sim: {faults: [{kind: stall, after_bytes: 10, after_s: 1}]}")
+    )
     with pytest.raises(LabConfigError) as err:
         inventory.load(write_lab(tmp_path, wrong_link))
     assert str(err.value).splitlines() == [
-        ("lab.yaml:10: instruments.meter.sim.faults.0.offset: does not apply to a silence fault of an instrument "
-        "(it takes: duration_s, nth, pattern)"),
-        ('lab.yaml:20: boards.esp32.sim.faults.0.kind: a serial board has no "throttle" fault '
-        "(its faults: drop, corrupt, garbage, silence, reset)"),
-        ("lab.yaml:27: boards.pi.sim.faults.0.after_s: does not apply to a stall fault of an SSH board "
-        "(it takes: after_bytes, direction, duration_s)"),
+        (
+            "lab.yaml:10: instruments.meter.sim.faults.0.offset: does not apply to a silence fault of an instrument "
+            "(it takes: duration_s, nth, pattern)"
+        ),
+        (
+            'lab.yaml:20: boards.esp32.sim.faults.0.kind: a serial board has no "throttle" fault '
+            "(its faults: drop, corrupt, garbage, silence, reset)"
+        ),
+        (
+            "lab.yaml:27: boards.pi.sim.faults.0.after_s: does not apply to a stall fault of an SSH board "
+            "(it takes: after_bytes, direction, duration_s)"
+        ),
     ]
 
 
@@ -201,7 +232,9 @@ def dut(mcu):
     d.close()
 
 
-def ask(port: serial.SerialBase, command: bytes, until: bytes = b"m-ready\r\n", timeout_s: float = 2.0) -> bytes:
+def ask(
+    port: serial.SerialBase, command: bytes, until: bytes = b"m-ready\r\n", timeout_s: float = 2.0
+) -> bytes:
     port.write(command)
     buf, deadline = b"", time.monotonic() + timeout_s
     while not buf.endswith(until) and time.monotonic() < deadline:
@@ -212,8 +245,11 @@ def ask(port: serial.SerialBase, command: bytes, until: bytes = b"m-ready\r\n", 
 def test_drop_the_nth_occurrence_removes_exactly_those_bytes(mcu, port):
     fid = mcu.uart.faults.add(Fault(kind="drop", pattern="m-name-dut-[", nth=2, offset=12, length=3))
     replies = [ask(port, b"name%") for _ in range(3)]
-    assert replies == [NAME_LINE + b"m-ready\r\n", b"m-name-dut-[32_devkitc]\r\nm-ready\r\n",
-                       NAME_LINE + b"m-ready\r\n"]
+    assert replies == [
+        NAME_LINE + b"m-ready\r\n",
+        b"m-name-dut-[32_devkitc]\r\nm-ready\r\n",
+        NAME_LINE + b"m-ready\r\n",
+    ]
     assert [e["byte"] for e in log(mcu.uart.faults, fid)] == ["e", "s", "p"]
     assert mcu.uart.faults.report()["faults"][0]["spent"]
 
@@ -258,8 +294,10 @@ def test_a_changed_digit_is_never_recorded_as_a_valid_number(mcu, dut):
     x = digits(1)[0]
     dut.identify()  # as a session starts (it turns on the reply CRC where the firmware offers it)
     clean = dut.run_timed(x, 50, 0)
-    for fault in (Fault(kind="corrupt", pattern="m-lap-us-", nth=3, offset=13, xor=1),  # the window's end
-                  Fault(kind="corrupt", pattern="m-results-[", offset=14, xor=1)):
+    for fault in (
+        Fault(kind="corrupt", pattern="m-lap-us-", nth=3, offset=13, xor=1),  # the window's end
+        Fault(kind="corrupt", pattern="m-results-[", offset=14, xor=1),
+    ):
         fid = mcu.uart.faults.add(fault)
         try:
             run = dut.run_timed(x, 50, 0)
@@ -301,7 +339,11 @@ def test_reset_mid_command_prints_the_boot_banner_and_keeps_the_rows_done(mcu, d
 def test_reset_on_what_the_dut_prints_hits_mid_inference(mcu, port):
     mcu.uart.faults.add(Fault(kind="reset", direction="to_host", pattern="m-warmup-done", delay_s=0.01))
     banner = b"m-timestamp-mode-performance\r\nm-lap-us-0\r\nm-init-done\r\nm-ready\r\n"
-    got = ask(port, b"db load 64%") + ask(port, b"db " + b"00" * 32 + b"%") + ask(port, b"db " + b"00" * 32 + b"%")
+    got = (
+        ask(port, b"db load 64%")
+        + ask(port, b"db " + b"00" * 32 + b"%")
+        + ask(port, b"db " + b"00" * 32 + b"%")
+    )
     assert got.endswith(b"m-load-done\r\nm-ready\r\n")
     reply = ask(port, b"infer 100000 1%", until=banner)  # minutes of inferences, had it not reset
     assert reply.startswith(b"m-warmup-start-1\r\nm-warmup-done") and reply.endswith(banner)
@@ -340,7 +382,7 @@ def test_instrument_silence_is_a_typed_timeout_and_leaves_no_stale_reply(pm):
     sim, meter = pm
     meter.configure(["W", "V", "A"])
     fid = sim.faults.add(Fault(kind="silence"))
-    with pytest.raises(InstrumentError, match="timeout|no reply"):
+    with pytest.raises(InstrumentError, match=r"timeout|no reply"):
         meter.read_results()
     assert log(sim.faults, fid)[0]["command"] == ":FRD?"
     sim.faults.clear()
@@ -383,8 +425,15 @@ def test_instrument_disconnect_is_a_typed_error_and_a_new_connection_works(pm):
 @pytest.fixture(scope="module")
 def pi(tmp_path_factory):
     root = tmp_path_factory.mktemp("pi")
-    sshd = SimLinuxBoard("pi", "127.0.0.1", free_port(), load_family("rpi4b"), PowerBus().channel("pi:1"),
-                         key=root / "keys" / "id_ed25519", state_dir=root / "pi")
+    sshd = SimLinuxBoard(
+        "pi",
+        "127.0.0.1",
+        free_port(),
+        load_family("rpi4b"),
+        PowerBus().channel("pi:1"),
+        key=root / "keys" / "id_ed25519",
+        state_dir=root / "pi",
+    )
     board = ProxiedLinuxBoard(sshd, "127.0.0.1", free_port(), root / "known_hosts")
     board.start()
     yield board
@@ -399,9 +448,19 @@ def proxy(pi):
 
 def ssh(pi: ProxiedLinuxBoard, remote_dir: str = "labbench/faults", **options) -> SshBoard:
     """The bench's driver at the address clients use (the proxy's), with the lab's known_hosts."""
-    return SshBoard("pi", pi.proxy.host, pi.proxy.port, pi.board.user, pi.board.key, pi.known_hosts,
-                    command_timeout_s=2, ssh_config=None, remote_dir=remote_dir,
-                    log_path=pi.known_hosts.parent / "pi-ssh.log", **options)
+    return SshBoard(
+        "pi",
+        pi.proxy.host,
+        pi.proxy.port,
+        pi.board.user,
+        pi.board.key,
+        pi.known_hosts,
+        command_timeout_s=2,
+        ssh_config=None,
+        remote_dir=remote_dir,
+        log_path=pi.known_hosts.parent / "pi-ssh.log",
+        **options,
+    )
 
 
 def test_ssh_drop_mid_command_is_a_remote_error_and_the_next_command_reconnects(pi, proxy):
@@ -420,8 +479,9 @@ def test_ssh_drop_mid_run_keeps_the_completed_inferences(pi, proxy):
     board = ssh(pi)
     board.deploy(DIGITS)
     proxy.add(Fault(kind="disconnect", direction="to_host", after_bytes=60_000))
-    with pytest.raises(RemoteRunError, match=r"broke off after \d+ of 5000 inferences completed: connection lost"
-                       ) as err:
+    with pytest.raises(
+        RemoteRunError, match=r"broke off after \d+ of 5000 inferences completed: connection lost"
+    ) as err:
         board.run_timed(digits(1)[0], 5000, 0)
     assert type(err.value) is RemoteRunError and 0 < err.value.completed < 5000
     assert len(err.value.partial.latencies_us) == err.value.completed  # every inference that arrived
@@ -438,7 +498,9 @@ def test_slow_sftp_takes_its_time_and_arrives_whole(pi, proxy):
     record = board.deploy(MNIST)
     elapsed = time.monotonic() - t0
     assert elapsed >= MNIST.stat().st_size / 50_000
-    assert board.remote_sha256([record.detail["files"]["model"]["remote"]]) == [record.detail["files"]["model"]["sha256"]]
+    assert board.remote_sha256([record.detail["files"]["model"]["remote"]]) == [
+        record.detail["files"]["model"]["sha256"]
+    ]
     board.close()
 
 
@@ -447,8 +509,11 @@ def test_stalled_sftp_is_a_remote_error_within_the_stall_timeout(pi, proxy):
     board.connect()
     fid = proxy.add(Fault(kind="stall", direction="to_device", after_bytes=4000))
     t0 = time.monotonic()
-    with pytest.raises(RemoteError, match=r"^pi: deploy: upload of runner.py to \S+/labbench/stalled/runner.py: "
-                                          r"no progress for 1 s \(\d+ of \d+ bytes sent\)") as err:
+    with pytest.raises(
+        RemoteError,
+        match=r"^pi: deploy: upload of runner.py to \S+/labbench/stalled/runner.py: "
+        r"no progress for 1 s \(\d+ of \d+ bytes sent\)",
+    ) as err:
         board.deploy(MNIST)
     [stalled] = log(proxy, fid)
     assert stalled["until"] is None and 1.0 <= time.monotonic() - stalled["t"] < 2.0
@@ -456,8 +521,12 @@ def test_stalled_sftp_is_a_remote_error_within_the_stall_timeout(pi, proxy):
     proxy.clear()
     record = board.deploy(MNIST)  # reconnects; the broken upload never looked deployed
     assert not record.detail["files"]["runner"]["skipped"]
-    assert board.remote_sha256([record.detail["files"]["model"]["remote"]]) == [record.detail["files"]["model"]["sha256"]]
-    timed = ssh(pi, "labbench/stalled-1s", transfer_stall_s=3.0)  # a stall shorter than the bound is waited out
+    assert board.remote_sha256([record.detail["files"]["model"]["remote"]]) == [
+        record.detail["files"]["model"]["sha256"]
+    ]
+    timed = ssh(
+        pi, "labbench/stalled-1s", transfer_stall_s=3.0
+    )  # a stall shorter than the bound is waited out
     timed.connect()
     proxy.add(Fault(kind="stall", direction="to_device", duration_s=1.0))
     t0 = time.monotonic()
@@ -485,8 +554,11 @@ def test_lab_yaml_faults_are_armed_when_the_lab_starts(lab):
     control = SimControl(simlab.state_dir(lab))
     armed = control.faults()
     assert [f["spec"] for f in armed["boards.esp32"]["faults"]] == [
-        {"kind": "drop", "pattern": "m-name-dut-[", "offset": 12, "length": 3}]
-    assert armed["instruments.meter"]["faults"][0]["spec"]["nth"] == 1000 and armed["boards.pi"]["faults"] == []
+        {"kind": "drop", "pattern": "m-name-dut-[", "offset": 12, "length": 3}
+    ]
+    assert (
+        armed["instruments.meter"]["faults"][0]["spec"]["nth"] == 1000 and armed["boards.pi"]["faults"] == []
+    )
     with serial.serial_for_url(lab.boards["esp32"].serial.url, baudrate=BAUD, timeout=0.05) as port:
         assert ask(port, b"name%") == b"m-name-dut-[32_devkitc]\r\nm-ready\r\n"
     assert [e["byte"] for e in control.faults("esp32")["log"]] == ["e", "s", "p"]

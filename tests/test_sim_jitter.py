@@ -30,7 +30,9 @@ N = 300  # per-inference samples: the spread is estimated within sqrt(1 / 2N) = 
 
 
 def nominal_us(board: SimMcuBoard) -> float:
-    return board.family.device_model.inference_us(ModelInfo.from_file(DIGITS).macs, "int8") * board.speed_factor
+    return (
+        board.family.device_model.inference_us(ModelInfo.from_file(DIGITS).macs, "int8") * board.speed_factor
+    )
 
 
 class Bench:
@@ -38,8 +40,9 @@ class Bench:
 
     def __init__(self, name: str, **settings):
         self.channel = PowerBus().channel(f"{name}:1")
-        self.board = SimMcuBoard(name, family=FAMILY, model_path=DIGITS, baud=BAUD, bus_channel=self.channel,
-                                 **settings)
+        self.board = SimMcuBoard(
+            name, family=FAMILY, model_path=DIGITS, baud=BAUD, bus_channel=self.channel, **settings
+        )
         self.board.start()
         self.dut = DutSerial(self.board.url, board=name, baud=BAUD)
 
@@ -87,7 +90,11 @@ def test_outliers_hit_the_configured_share_by_the_configured_amount(bench):
 
 def test_default_timing_is_jittered_with_a_mean_on_the_device_model(bench):
     b = bench("defaults")
-    assert (b.board.jitter_pct, b.board.outlier_rate, b.board.outlier_pct) == (JITTER_PCT, OUTLIER_RATE, OUTLIER_PCT)
+    assert (b.board.jitter_pct, b.board.outlier_rate, b.board.outlier_pct) == (
+        JITTER_PCT,
+        OUTLIER_RATE,
+        OUTLIER_PCT,
+    )
     lat = b.latencies_us(100)
     assert len(set(lat)) > 10
     assert lat.mean() == pytest.approx(nominal_us(b.board) * (1 + OUTLIER_RATE * OUTLIER_PCT / 100), rel=0.01)
@@ -125,10 +132,14 @@ def test_noisy_power_over_a_jittered_window_matches_the_dut_time_and_keeps_the_b
     b.dut.upload(SAMPLE)
     entries = len(b.channel._segments)
     run = b.dut.run_timed(np.zeros(64, np.int8), int(0.4e6 / nominal_us(b.board)), 5)
-    assert len(b.channel._segments) - entries <= 6  # upload, idle, active, idle: not one per inference or cell
+    assert (
+        len(b.channel._segments) - entries <= 6
+    )  # upload, idle, active, idle: not one per inference or cell
     busy_s = run.extra["busy_us"] / 1e6
     slack = 2 * run.extra["clock_uncertainty_s"] + 1e-4
-    noise = POWER_NOISE_PCT / 100 / math.sqrt(busy_s / b.board.power_noise.period_s)  # of a mean over the cells
+    noise = (
+        POWER_NOISE_PCT / 100 / math.sqrt(busy_s / b.board.power_noise.period_s)
+    )  # of a mean over the cells
     truth = b.channel.energy_j(run.host_start, run.host_end)
     allowed = 4 * noise * power.active_w * busy_s + 2 * slack * 1.2 * power.active_w
     assert abs(truth - power.active_w * busy_s) <= allowed
@@ -179,7 +190,12 @@ boards:
     sim = SimLab(lab, tmp_path)
     coral, _ = sim._board(lab.boards["coral"])
     assert (coral.seed, coral.jitter_pct, coral.outlier_rate, coral.outlier_pct, coral.power_noise.pct) == (
-        3, 0.5, 0.01, 15, 1)
+        3,
+        0.5,
+        0.01,
+        15,
+        1,
+    )
     pi, _ = sim._board(lab.boards["pi"])
     assert pi.board.power_noise.pct == 4
     lab_yaml.write_text(lab_yaml.read_text().replace("jitter_pct: 0.5", "jitter_pct: 50"))
@@ -192,8 +208,16 @@ def test_a_linux_board_posts_noisy_levels(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     channel = PowerBus().channel("pm_pi:1")
-    sim = SimLinuxBoard("pi", "127.0.0.1", port, load_family("rpi4b"), channel, key=tmp_path / "id_ed25519",
-                        known_hosts=tmp_path / "known_hosts", state_dir=tmp_path / "state")
+    sim = SimLinuxBoard(
+        "pi",
+        "127.0.0.1",
+        port,
+        load_family("rpi4b"),
+        channel,
+        key=tmp_path / "id_ed25519",
+        known_hosts=tmp_path / "known_hosts",
+        state_dir=tmp_path / "state",
+    )
     sim.start()
     try:
         time.sleep(1.3)
@@ -206,4 +230,6 @@ def test_a_linux_board_posts_noisy_levels(tmp_path):
     cells = 1.0 / sim.power_noise.period_s
     assert sim.power_noise.pct == POWER_NOISE_PCT and len(levels) >= cells - 1
     assert float(share @ rel) == pytest.approx(0.0, abs=4 * POWER_NOISE_PCT / 100 / math.sqrt(cells))
-    assert math.sqrt(float(share @ rel**2)) == pytest.approx(POWER_NOISE_PCT / 100, rel=4 / math.sqrt(2 * cells))
+    assert math.sqrt(float(share @ rel**2)) == pytest.approx(
+        POWER_NOISE_PCT / 100, rel=4 / math.sqrt(2 * cells)
+    )

@@ -29,14 +29,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_board(tmp_path: Path, bus: PowerBus, name: str = "rpi4", family: str = "rpi4b",
-                power_mode: str | None = None, power_noise_pct: float = 0.0) -> SimLinuxBoard:
+def start_board(
+    tmp_path: Path,
+    bus: PowerBus,
+    name: str = "rpi4",
+    family: str = "rpi4b",
+    power_mode: str | None = None,
+    power_noise_pct: float = 0.0,
+) -> SimLinuxBoard:
     """A board posting exact power levels unless given `power_noise_pct` (tests/test_sim_jitter.py covers
     the noise)."""
-    sim = SimLinuxBoard(name, "127.0.0.1", free_port(), load_family(family), bus.channel(f"pm_{name}:1"),
-                        key=tmp_path / "keys" / "id_ed25519", known_hosts=tmp_path / "known_hosts",
-                        power_mode=power_mode, state_dir=tmp_path / "state" / name,
-                        power_noise_pct=power_noise_pct)
+    sim = SimLinuxBoard(
+        name,
+        "127.0.0.1",
+        free_port(),
+        load_family(family),
+        bus.channel(f"pm_{name}:1"),
+        key=tmp_path / "keys" / "id_ed25519",
+        known_hosts=tmp_path / "known_hosts",
+        power_mode=power_mode,
+        state_dir=tmp_path / "state" / name,
+        power_noise_pct=power_noise_pct,
+    )
     sim.start()
     return sim
 
@@ -60,9 +74,23 @@ def noisy_rpi(tmp_path):
 
 def openssh(sim: SimLinuxBoard, *args: str, tool: str = "ssh") -> subprocess.CompletedProcess:
     port = ["-p", str(sim.port)] if tool == "ssh" else ["-P", str(sim.port)]
-    return subprocess.run([tool, *port, "-i", str(sim.key), "-o", f"UserKnownHostsFile={sim.known_hosts}",
-                           "-o", "BatchMode=yes", *args], check=False, capture_output=True, text=True,
-                          timeout=30)
+    return subprocess.run(
+        [
+            tool,
+            *port,
+            "-i",
+            str(sim.key),
+            "-o",
+            f"UserKnownHostsFile={sim.known_hosts}",
+            "-o",
+            "BatchMode=yes",
+            *args,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_plain_ssh_and_scp_work_with_the_lab_key_and_strict_host_keys(rpi, tmp_path):
@@ -97,9 +125,17 @@ def test_a_state_directory_with_spaces_quotes_and_percent_signs_works(tmp_path):
     """Its path reaches sshd_config, passwd and the python3 wrapper quoted: nothing in it is run."""
     bus = PowerBus()
     odd = tmp_path / "lab #1 %h 'q' \"dq\" $(touch pwned) \\ end"
-    sim = SimLinuxBoard("rpi4", "127.0.0.1", free_port(), load_family("rpi4b"), bus.channel("pm:1"),
-                        key=tmp_path / "keys" / "id_ed25519", known_hosts=tmp_path / "known_hosts",
-                        state_dir=odd / "state", power_noise_pct=0.0)
+    sim = SimLinuxBoard(
+        "rpi4",
+        "127.0.0.1",
+        free_port(),
+        load_family("rpi4b"),
+        bus.channel("pm:1"),
+        key=tmp_path / "keys" / "id_ed25519",
+        known_hosts=tmp_path / "known_hosts",
+        state_dir=odd / "state",
+        power_noise_pct=0.0,
+    )
     sim.start()
     try:
         where = openssh(sim, f"{sim.user}@127.0.0.1", 'pwd; command -v python3; python3 -c "print(6 * 7)"')
@@ -110,28 +146,42 @@ def test_a_state_directory_with_spaces_quotes_and_percent_signs_works(tmp_path):
     assert not list(tmp_path.rglob("pwned")) and not Path("pwned").exists()
 
 
-@pytest.mark.parametrize(("options", "refused"), [
-    ({"name": "esp32; touch /tmp/x"}, "not a board name"),
-    ({"host": "127.0.0.1\nListenAddress 0.0.0.0"}, "is not a host name or address"),
-    ({"user": "pi\nAllowUsers root"}, "is not a valid user name"),
-    ({"user": "root$(touch /tmp/x)"}, "is not a valid user name"),
-    ({"state_dir": "lab:v2/state"}, "has a ':' or a control character"),
-    ({"state_dir": "lab\nHostKey /x/state"}, "has a ':' or a control character"),
-])
-def test_values_that_cannot_be_written_safely_are_refused_before_anything_is_created(tmp_path, monkeypatch,
-                                                                                      options, refused):
+@pytest.mark.parametrize(
+    ("options", "refused"),
+    [
+        ({"name": "esp32; touch /tmp/x"}, "not a board name"),
+        ({"host": "127.0.0.1\nListenAddress 0.0.0.0"}, "is not a host name or address"),
+        ({"user": "pi\nAllowUsers root"}, "is not a valid user name"),
+        ({"user": "root$(touch /tmp/x)"}, "is not a valid user name"),
+        ({"state_dir": "lab:v2/state"}, "has a ':' or a control character"),
+        ({"state_dir": "lab\nHostKey /x/state"}, "has a ':' or a control character"),
+    ],
+)
+def test_values_that_cannot_be_written_safely_are_refused_before_anything_is_created(
+    tmp_path, monkeypatch, options, refused
+):
     monkeypatch.chdir(tmp_path)
     given = {"name": "rpi4", "host": "127.0.0.1", "state_dir": tmp_path / "state", **options}
     with pytest.raises(SimBoardError, match=re.escape(refused)):
-        SimLinuxBoard(port=free_port(), family=load_family("rpi4b"), bus_channel=PowerBus().channel("pm:1"),
-                      key=tmp_path / "id_ed25519", **given)
+        SimLinuxBoard(
+            port=free_port(),
+            family=load_family("rpi4b"),
+            bus_channel=PowerBus().channel("pm:1"),
+            key=tmp_path / "id_ed25519",
+            **given,
+        )
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(("value", "quoted"), [
-    ("/tmp/a b", '"/tmp/a b"'), ('say "hi"', r'"say \"hi\""'), ("back\\slash", r'"back\\slash"'),
-    ("PATH=/x:/y", '"PATH=/x:/y"'),
-])
+@pytest.mark.parametrize(
+    ("value", "quoted"),
+    [
+        ("/tmp/a b", '"/tmp/a b"'),
+        ('say "hi"', r'"say \"hi\""'),
+        ("back\\slash", r'"back\\slash"'),
+        ("PATH=/x:/y", '"PATH=/x:/y"'),
+    ],
+)
 def test_sshd_quote(value, quoted):
     assert sshd_quote(value) == quoted
 
@@ -164,9 +214,16 @@ def test_a_port_in_use_is_an_error_with_sshds_own_words(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        sim = SimLinuxBoard("rpi4", "127.0.0.1", port, load_family("rpi4b"), PowerBus().channel("pm:1"),
-                            key=tmp_path / "id_ed25519", known_hosts=tmp_path / "known_hosts",
-                            state_dir=tmp_path / "state")
+        sim = SimLinuxBoard(
+            "rpi4",
+            "127.0.0.1",
+            port,
+            load_family("rpi4b"),
+            PowerBus().channel("pm:1"),
+            key=tmp_path / "id_ed25519",
+            known_hosts=tmp_path / "known_hosts",
+            state_dir=tmp_path / "state",
+        )
         in_use = rf"^rpi4: start sshd on 127.0.0.1:{port}: .*Address already in use"
         with pytest.raises(SimBoardError, match=in_use):
             sim.start()
@@ -184,8 +241,9 @@ def test_power_is_idle_plus_active_share_of_the_cpu_time_of_the_sshd_tree(rpi):
     time.sleep(0.6)
     assert channel.mean_power_w(t0, time.monotonic()) == pytest.approx(idle_w, abs=0.02 * (active_w - idle_w))
 
-    busy = ("import os,time\nt=time.monotonic()\nwhile time.monotonic()-t<1.2: pass\n"
-            "print(sum(os.times()[:4]))")
+    busy = (
+        "import os,time\nt=time.monotonic()\nwhile time.monotonic()-t<1.2: pass\nprint(sum(os.times()[:4]))"
+    )
     t0 = time.monotonic()
     out = openssh(sim, f"{sim.user}@127.0.0.1", "python3", "-c", f"'{busy}'")
     deadline = time.monotonic() + 10
@@ -202,8 +260,10 @@ def test_power_is_idle_plus_active_share_of_the_cpu_time_of_the_sshd_tree(rpi):
 
 def test_jetson_power_follows_its_power_mode(tmp_path):
     bus = PowerBus()
-    sims = [start_board(tmp_path / mode, bus, name=f"jetson{mode}", family="jetson_orin_nano",
-                        power_mode=mode) for mode in ("7W", "15W")]
+    sims = [
+        start_board(tmp_path / mode, bus, name=f"jetson{mode}", family="jetson_orin_nano", power_mode=mode)
+        for mode in ("7W", "15W")
+    ]
     try:
         time.sleep(0.3)
         now = time.monotonic()

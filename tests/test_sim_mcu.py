@@ -358,8 +358,12 @@ def test_infer_defaults_to_one_inference_after_ten_warmups(raw):
 def test_help_lists_the_commands(raw):
     _, _, ask = raw
     lines = ask(b"help%")
-    assert lines[0] == "ULPMark for tinyML Firmware V0.0.1" and any(l.startswith("infer N") for l in lines)
-    assert any(l.startswith("crc32 on|off") for l in lines) and any(l.startswith("boot ") for l in lines)
+    assert lines[0] == "ULPMark for tinyML Firmware V0.0.1" and any(
+        line.startswith("infer N") for line in lines
+    )
+    assert any(line.startswith("crc32 on|off") for line in lines) and any(
+        line.startswith("boot ") for line in lines
+    )
 
 
 def test_boot_reports_the_stamps_of_the_banner_and_m_init_done(raw):
@@ -386,7 +390,7 @@ def test_a_board_without_the_extensions_answers_as_the_reference():
         while buf.count(b"m-ready") < 3 and time.monotonic() < deadline:
             buf += port.read(max(1, port.in_waiting))
         lines = buf.decode().split("\r\n")
-        assert not any(l.startswith("m-ext-") for l in lines)
+        assert not any(line.startswith("m-ext-") for line in lines)
         assert "e-[Unknown command: boot]" in lines and "e-[Unknown command: crc32]" in lines
     finally:
         port.close()
@@ -415,7 +419,7 @@ def test_a_client_at_the_wrong_baud_sees_garbage():
     b = start(name="baud")
     d = DutSerial(b.url, board=b.name, baud=9600, timeout_s=0.5)
     try:
-        with pytest.raises(DutTimeout, match="baud: name: no reply within 0.5 s"):
+        with pytest.raises(DutTimeout, match=r"baud: name: no reply within 0\.5 s"):
             d.identify()
     finally:
         d.close()

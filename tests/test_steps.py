@@ -18,14 +18,22 @@ def test_steps_are_timed_nested_and_keep_their_error():
         with pytest.raises(ValueError), steps.step("esp32", "identify"):
             raise ValueError("garbled banner")
     install, identify = steps.since(mark)
-    assert (install.name, install.detail, install.depth, install.status) == ("install", "digits.tflite", 0, "ok")
-    assert install.duration_s >= 0.02 and install.start_s <= identify.start_s <= identify.end_s <= install.end_s
+    assert (install.name, install.detail, install.depth, install.status) == (
+        "install",
+        "digits.tflite",
+        0,
+        "ok",
+    )
+    assert (
+        install.duration_s >= 0.02 and install.start_s <= identify.start_s <= identify.end_s <= install.end_s
+    )
     assert (identify.depth, identify.status, identify.error) == (1, "error", "ValueError: garbled banner")
     assert str(identify).startswith("esp32: identify: error in ")
 
 
 def test_depth_is_per_thread():
     mark = steps.count()
+
     def other() -> None:
         with steps.step("b", "other"):
             pass
@@ -62,6 +70,6 @@ def test_board_log_files_hold_each_boards_steps(tmp_path):
         steps.log.removeHandler(handler)
         handler.close()
     esp32 = (tmp_path / "esp32-steps.log").read_text().splitlines()
-    assert [line.split(" ", 2)[1:] for line in esp32][0] == ["INFO", "esp32: flash with esptool app.bin"]
+    assert next(line.split(" ", 2)[1:] for line in esp32) == ["INFO", "esp32: flash with esptool app.bin"]
     assert "esp32: flash with esptool app.bin: ok in " in esp32[1]
     assert "WARNING rpi4: connect: error in " in (tmp_path / "rpi4-steps.log").read_text()

@@ -290,9 +290,12 @@ TABLE4 = {
 }
 # Table 3: one offload over Wi-Fi (LPI, EPI); remote accuracy from §4.1 (ViT-H/14, ConvNeXt).
 OFFLOAD = {
-    ("CIFAR-10", "Coral Micro"): (10.37, 14.61), ("CIFAR-10", "Raspberry Pi"): (9.68, 27.67),
-    ("CIFAR-10", "Jetson Orin"): (8.20, 55.91), ("ImageNet-1K", "Coral Micro"): (84.41, 145.13),
-    ("ImageNet-1K", "Raspberry Pi"): (28.74, 112.01), ("ImageNet-1K", "Jetson Orin"): (16.45, 124.93),
+    ("CIFAR-10", "Coral Micro"): (10.37, 14.61),
+    ("CIFAR-10", "Raspberry Pi"): (9.68, 27.67),
+    ("CIFAR-10", "Jetson Orin"): (8.20, 55.91),
+    ("ImageNet-1K", "Coral Micro"): (84.41, 145.13),
+    ("ImageNet-1K", "Raspberry Pi"): (28.74, 112.01),
+    ("ImageNet-1K", "Jetson Orin"): (16.45, 124.93),
 }
 REMOTE = {"CIFAR-10": ("ViT-H/14", 98.77), "ImageNet-1K": ("ConvNeXt", 86.58)}
 SOTA = {"CIFAR-10": 0.995, "ImageNet-1K": 0.90}  # §3.3; the paper's requirements: 90 % and 80 %
@@ -328,8 +331,9 @@ def paper_figures(acc_pct: float, lpi_ms: float, epi_mj: float, offloaded: float
 def paper_candidates(dataset: str, device: str) -> dict[Strategy, StrategyFigures]:
     local = LOCAL[dataset]
     c = {
-        Strategy(StrategyKind.ON_DEVICE_SMALL if m == local else StrategyKind.ON_DEVICE_LARGE, m):
-            paper_figures(*fig, offloaded=0.0)
+        Strategy(
+            StrategyKind.ON_DEVICE_SMALL if m == local else StrategyKind.ON_DEVICE_LARGE, m
+        ): paper_figures(*fig, offloaded=0.0)
         for (ds, dev, m), fig in TABLE4.items()
         if (ds, dev) == (dataset, device)
     }

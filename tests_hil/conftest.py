@@ -32,8 +32,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "payload" in metafunc.fixturenames:
         found = payloads()
         names = getattr(metafunc.function, "payloads", None) or list(found)
-        metafunc.parametrize("payload", [found[n] for n in names if n in found], ids=lambda p: p.name,
-                             scope="session")
+        metafunc.parametrize(
+            "payload", [found[n] for n in names if n in found], ids=lambda p: p.name, scope="session"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -49,14 +50,17 @@ def outcome(board: Board, payload: Payload, bench: HilBench, request: pytest.Fix
 
 
 @pytest.fixture
-def default_outcome(board: Board, default_payload: Payload, bench: HilBench, request: pytest.FixtureRequest) -> Outcome:
+def default_outcome(
+    board: Board, default_payload: Payload, bench: HilBench, request: pytest.FixtureRequest
+) -> Outcome:
     """(board, the default payload) installed and measured, in setup."""
     return bench.measure(request.node, board, default_payload)
 
 
 @pytest.fixture
-def installed(board: Board, default_payload: Payload, bench: HilBench,
-              request: pytest.FixtureRequest) -> tuple[InstallRecord, DutIdentity]:
+def installed(
+    board: Board, default_payload: Payload, bench: HilBench, request: pytest.FixtureRequest
+) -> tuple[InstallRecord, DutIdentity]:
     """The default payload installed, with its install record and what the board then says it is."""
     record = bench.install(request.node, board, default_payload)
     return record, bench.identify(request.node, board)

@@ -30,8 +30,10 @@ def configs(board, bench, request):
 
     payloads = fixtures()
     outcomes = [bench.measure(request.node, board, payloads[name]).measurement for name in CONFIGS]
-    return outcomes, [whole_split_accuracy(request.node, board, bench, payloads[name], m)
-                      for name, m in zip(CONFIGS, outcomes)]
+    return outcomes, [
+        whole_split_accuracy(request.node, board, bench, payloads[name], m)
+        for name, m in zip(CONFIGS, outcomes, strict=True)
+    ]
 
 
 @pytest.mark.requires("inference")
@@ -44,5 +46,8 @@ def test_int8_on_the_frontier(board, configs, request):
     from labbench.pytest_plugin import add_report_html
 
     add_report_html(request.node, png_html(png, "frontier"))
-    rows = ", ".join(f"{m.config}: acc {a:.4f} p50 {l:.4g} ms {k:.1f} KiB" for m, a, l, k in zip(outcomes, acc, lat, mem))
+    rows = ", ".join(
+        f"{m.config}: acc {a:.4f} p50 {p50:.4g} ms {k:.1f} KiB"
+        for m, a, p50, k in zip(outcomes, acc, lat, mem, strict=True)
+    )
     assert on[CONFIGS.index("digits_mlp_int8")], f"{board.name}: INT8 is dominated: {rows}"

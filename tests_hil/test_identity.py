@@ -7,4 +7,5 @@ def test_install_and_identify(board, default_payload, installed):
     assert len(record.firmware_sha256) == 64, record  # what runs the model: the image, or the runner
     assert identity.model_sha256 == default_payload.info.sha256, (
         f"{board.name} reports model {identity.model_sha256}, expected {default_payload.name} "
-        f"{default_payload.info.sha256} after install {record}")
+        f"{default_payload.info.sha256} after install {record}"
+    )

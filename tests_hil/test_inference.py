@@ -22,11 +22,27 @@ def test_inference_budget(board, payload, outcome, recorder):
     parts = []
     if outcome.trace is not None and len(outcome.trace):
         t = outcome.trace
-        parts.append(png_html(plots.power_trace(t.t_s, t.power_w, outcome.windows, f"{board.name}: {payload.name}",
-                                                idle_w=m.energy.idle_power_w if m.energy else None), "power trace"))
+        parts.append(
+            png_html(
+                plots.power_trace(
+                    t.t_s,
+                    t.power_w,
+                    outcome.windows,
+                    f"{board.name}: {payload.name}",
+                    idle_w=m.energy.idle_power_w if m.energy else None,
+                ),
+                "power trace",
+            )
+        )
     lat = m.latency
-    parts.append(png_html(plots.latency_histogram(lat.samples_ms, f"{board.name}: {payload.name}",
-                                                  {"p50": lat.p50_ms, "p99": lat.p99_ms}), "latency"))
+    parts.append(
+        png_html(
+            plots.latency_histogram(
+                lat.samples_ms, f"{board.name}: {payload.name}", {"p50": lat.p50_ms, "p99": lat.p99_ms}
+            ),
+            "latency",
+        )
+    )
     recorder.record(m, parts)
     if m.accuracy is not None and payload.name in MANIFEST:
         # the board must compute what the model computes: the host's TFLM accuracy on the test split,
@@ -35,4 +51,5 @@ def test_inference_budget(board, payload, outcome, recorder):
         allowed = 3 * math.sqrt(expected * (1 - expected) / m.accuracy_n) + 1 / m.accuracy_n
         assert abs(m.accuracy - expected) <= allowed, (
             f"{board.name}: accuracy {m.accuracy:.4f} on {m.accuracy_n} samples; host TFLM {expected:.4f} "
-            f"on the whole split (allowed difference {allowed:.4f})")
+            f"on the whole split (allowed difference {allowed:.4f})"
+        )

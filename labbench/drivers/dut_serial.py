@@ -568,7 +568,7 @@ class DutSerial:
                     inflight_bytes -= len(head.wire)
                     if inflight:
                         since = max(t, inflight[0].sent_s)
-                    got = [l for l, _ in head.lines]
+                    got = [text for text, _ in head.lines]
                     if head.expect is not None and head.error is None and tuple(got) != head.expect:
                         head.error = self._fail(
                             DutProtocolError,
@@ -748,7 +748,7 @@ class DutSerial:
                 DutProtocolError,
                 reply.text,
                 f"expected one m-lap-us-N stamp (is the firmware in energy mode?), got "
-                f"{[l for l, _ in reply.lines]!r}",
+                f"{[text for text, _ in reply.lines]!r}",
             )
         line, received = reply.lines[0]
         stamp = self._stamp(reply.text, line)
@@ -787,7 +787,7 @@ class DutSerial:
                 raise self._fail(
                     DutProtocolError,
                     "name",
-                    f"no m-name-...-[...] line: {[l for l, _ in name_reply.lines]!r}",
+                    f"no m-name-...-[...] line: {[text for text, _ in name_reply.lines]!r}",
                 )
             except DutTimeout:
                 raise
@@ -801,7 +801,7 @@ class DutSerial:
             raise self._fail(
                 DutProtocolError,
                 "profile",
-                f"no m-profile-[...] and m-model-[...] lines: {[l for l, _ in profile_reply.lines]!r}",
+                f"no m-profile-[...] and m-model-[...] lines: {[text for text, _ in profile_reply.lines]!r}",
             )
         extra = {
             key.replace("-", "_"): _number(value)
@@ -853,7 +853,7 @@ class DutSerial:
             raise self._fail(
                 DutProtocolError,
                 "results",
-                f"expected one m-results line, got {[l for l, _ in reply.lines]!r}",
+                f"expected one m-results line, got {[text for text, _ in reply.lines]!r}",
             )
         return self._results("results", reply.lines[0][0])
 
@@ -962,7 +962,7 @@ class DutSerial:
                 DutProtocolError,
                 "boot",
                 f"expected one m-boot-us-[B,D] line (B, D < 2^32, no leading zeros), got "
-                f"{[l for l, _ in reply.lines]!r}",
+                f"{[text for text, _ in reply.lines]!r}",
             )
         banner_us, done_us = int(m.group(1)), int(m.group(2))
         result: dict[str, float | str] = {

@@ -323,7 +323,9 @@ def _read_boot_log(port: serial.SerialBase, wait_s: float, app_baud: int) -> str
     out = bytearray()
     deadline = time.monotonic() + wait_s
     port.timeout = 0.05
-    while time.monotonic() < deadline and not re.search(rb"waiting for download|ELF file SHA256:[^\n]*\n", out):
+    while time.monotonic() < deadline and not re.search(
+        rb"waiting for download|ELF file SHA256:[^\n]*\n", out
+    ):
         out += port.read(4096)
     if b"waiting for download" in out:
         return out.decode("latin-1")

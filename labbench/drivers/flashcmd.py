@@ -108,7 +108,7 @@ class CommandFlasher:
         if expected and not force:
             try:
                 current = self._identify()
-            except Exception:  # noqa: BLE001 (not answering as a DUT, whatever the cause: flash it)
+            except Exception:
                 current = None
             if current is not None and current.model_sha256 == expected:
                 return done(True, round(time.monotonic() - t0, 3), current, detail={"image": str(path)})
@@ -152,7 +152,7 @@ class CommandFlasher:
         try:
             with step(self.board, "identify after flashing"):
                 identity = self._identify()
-        except Exception as exc:  # noqa: BLE001 (DutProtocolError or any other: the board is no DUT)
+        except Exception as exc:
             raise FlashError(
                 self.board, f"identify the DUT after {self.TOOL}", str(exc), log=str(log_path)
             ) from None

@@ -86,7 +86,9 @@ DEPLOYMENT_FILE = "deployment.json"
 EXPECTED_SLACK_S = 5.0  # a record is due within max(2 x expected, expected + 5 s)
 CLOCK_SLACK_S = 0.001  # float rounding of host and board stamps
 _TAG = re.compile(rb"(.*) \*([0-9A-F]{8})", re.DOTALL)
-_TIMED = re.compile(rb'\{"type":"inference","i":(0|[1-9][0-9]*),"t_ns":(0|[1-9][0-9]*),"latency_ns":(0|[1-9][0-9]*)\}')
+_TIMED = re.compile(
+    rb'\{"type":"inference","i":(0|[1-9][0-9]*),"t_ns":(0|[1-9][0-9]*),"latency_ns":(0|[1-9][0-9]*)\}'
+)
 
 _T = TypeVar("_T")
 
@@ -106,8 +108,16 @@ class RemoteRunError(RemoteError):
     """A remote run broke off: `completed` of `expected` inferences came back, kept in `partial`
     (a TimedRun for run_timed, the output rows for classify)."""
 
-    def __init__(self, target: str, action: str, seen: str, completed: int, expected: int, partial: object,
-                 log: str | None = None):
+    def __init__(
+        self,
+        target: str,
+        action: str,
+        seen: str,
+        completed: int,
+        expected: int,
+        partial: object,
+        log: str | None = None,
+    ):
         super().__init__(target, action, seen, log)
         self.completed, self.expected, self.partial = completed, expected, partial
 
@@ -175,13 +185,33 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "text": (lambda v: type(v) is str, "a string"),
     "list": (lambda v: type(v) is list, "a list"),
 }
-_START = {"protocol": "int", "t0_ns": "int", "t_ns": "int", "count": "int", "warmup": "int", "outputs": "positive",
-          "model_sha256": "text", "input_sha256": "text", "runtime": "text", "runtime_version": "text",
-          "load_ms": "ms", "cold_start_ms": "ms", "first_latency_ns": "positive"}
+_START = {
+    "protocol": "int",
+    "t0_ns": "int",
+    "t_ns": "int",
+    "count": "int",
+    "warmup": "int",
+    "outputs": "positive",
+    "model_sha256": "text",
+    "input_sha256": "text",
+    "runtime": "text",
+    "runtime_version": "text",
+    "load_ms": "ms",
+    "cold_start_ms": "ms",
+    "first_latency_ns": "positive",
+}
 _INFERENCE = {"i": "int", "t_ns": "int", "latency_ns": "int"}
 _END = {"count": "int", "t_ns": "int", "peak_rss_kib": "int"}
-_INFO = {"protocol": "int", "hostname": "text", "board_model": "text", "machine": "text", "python": "text",
-         "runtime": "text", "runtime_version": "text", "model_sha256": "text"}
+_INFO = {
+    "protocol": "int",
+    "hostname": "text",
+    "board_model": "text",
+    "machine": "text",
+    "python": "text",
+    "runtime": "text",
+    "runtime_version": "text",
+    "model_sha256": "text",
+}
 _OUTPUT = {"output": "list"}
 
 
@@ -218,8 +248,16 @@ def _values(values: list[Any], n: int, what: str) -> None:
 class _Records:
     """A runner's stream, checked record by record as it arrives (see the module docstring)."""
 
-    def __init__(self, want: _Want, sent_s: float, tolerance: float, overhead_s: float,
-                 min_bytes_per_s: float, prior_s: float | None, bytes_sent: int):
+    def __init__(
+        self,
+        want: _Want,
+        sent_s: float,
+        tolerance: float,
+        overhead_s: float,
+        min_bytes_per_s: float,
+        prior_s: float | None,
+        bytes_sent: int,
+    ):
         self.want, self.sent_s, self.tolerance = want, sent_s, tolerance
         self.overhead_s, self.min_bytes_per_s, self.prior_s = overhead_s, min_bytes_per_s, prior_s
         self.start: dict[str, Any] | None = None
@@ -256,8 +294,13 @@ class _Records:
 
     def _start(self, r: dict[str, Any], arrived: float) -> None:
         w = self.want
-        wanted = {"protocol": PROTOCOL, "model_sha256": w.model_sha256, "input_sha256": w.input_sha256,
-                  "count": w.count, "warmup": w.warmup} | ({"outputs": w.outputs} if w.outputs else {})
+        wanted = {
+            "protocol": PROTOCOL,
+            "model_sha256": w.model_sha256,
+            "input_sha256": w.input_sha256,
+            "count": w.count,
+            "warmup": w.warmup,
+        } | ({"outputs": w.outputs} if w.outputs else {})
         for key, value in wanted.items():
             if r[key] != value:
                 raise _Mismatch(f"the start record: {key} {value!r}", _show(r[key]))
@@ -267,8 +310,9 @@ class _Records:
         self._start_ns, self._first_latency_ns, self._outputs = r["t_ns"], r["first_latency_ns"], r["outputs"]
         self._clock(r["t_ns"] + r["first_latency_ns"], arrived, "the start record's first inference")
 
-    def _inference(self, i: int, t_ns: int, latency_ns: int, arrived: float,
-                   output: list[Any] | None = None) -> None:
+    def _inference(
+        self, i: int, t_ns: int, latency_ns: int, arrived: float, output: list[Any] | None = None
+    ) -> None:
         n = len(self.t_ns)
         if n == self.want.count:
             raise _Mismatch(f"the end record after {n} inferences", f"inference {i}")
@@ -277,8 +321,10 @@ class _Records:
         if latency_ns <= 0:
             raise _Mismatch(f"inference {i}: latency_ns > 0", str(latency_ns))
         if t_ns - latency_ns < self._prev_ns:
-            raise _Mismatch(f"inference {i} to start at or after the stamp before it ({self._prev_ns} ns)",
-                            f"t_ns {t_ns} - latency_ns {latency_ns} = {t_ns - latency_ns}")
+            raise _Mismatch(
+                f"inference {i} to start at or after the stamp before it ({self._prev_ns} ns)",
+                f"t_ns {t_ns} - latency_ns {latency_ns} = {t_ns - latency_ns}",
+            )
         self._clock(t_ns, arrived, f"inference {i}")
         if output is not None:
             _values(output, self._outputs, f"inference {i}")
@@ -298,8 +344,11 @@ class _Records:
         host_s, board_s = arrived - self.sent_s, (r["t_ns"] - self._t0_ns) / 1e9
         allowed_s = board_s * (1 + self.tolerance) + self.overhead_s + self.bytes / self.min_bytes_per_s
         if host_s > allowed_s:
-            raise _Mismatch(f"the command to take at most {allowed_s:.3f} s of host time (the board's "
-                            f"{board_s:.3f} s + the link's overhead for {self.bytes} bytes)", f"{host_s:.3f} s")
+            raise _Mismatch(
+                f"the command to take at most {allowed_s:.3f} s of host time (the board's "
+                f"{board_s:.3f} s + the link's overhead for {self.bytes} bytes)",
+                f"{host_s:.3f} s",
+            )
         self.end = r
 
     def _clock(self, t_ns: int, arrived: float, what: str) -> None:
@@ -307,9 +356,11 @@ class _Records:
         the command."""
         board_s, host_s = (t_ns - self._t0_ns) / 1e9, arrived - self.sent_s
         if board_s > host_s * (1 + self.tolerance) + CLOCK_SLACK_S:
-            raise _Mismatch(f"{what} at most {host_s:.6f} s after the runner's first stamp (the host's "
-                            f"time since it sent the command, x (1 + tolerance) + {CLOCK_SLACK_S:g} s)",
-                            f"{board_s:.6f} s on the board's clock")
+            raise _Mismatch(
+                f"{what} at most {host_s:.6f} s after the runner's first stamp (the host's "
+                f"time since it sent the command, x (1 + tolerance) + {CLOCK_SLACK_S:g} s)",
+                f"{board_s:.6f} s on the board's clock",
+            )
         self.offset_s = min(self.offset_s, arrived - t_ns / 1e9)
 
     def per_inference_s(self) -> float:
@@ -334,20 +385,46 @@ class _Records:
 class SshBoard(SshConnection):
     """A Linux board reached over SSH: Deployer and InferenceTarget (see the module docstring)."""
 
-    def __init__(self, board: str, host: str, port: int | None = None, user: str | None = None,
-                 key: Path | None = None, known_hosts: Path | None = None, trust_on_first_use: bool = False,
-                 connect_timeout_s: float = 10.0, command_timeout_s: float = 120.0,
-                 power_mode: str | None = None, remote_dir: str = "labbench/default",
-                 python: str = "python3", ssh_config: Path | None = Path("~/.ssh/config"),
-                 family: str | None = None, log_path: str | Path | None = None,
-                 transfer_stall_s: float = 15.0, transfer_timeout_s: float = 600.0,
-                 clock_tolerance_ppm: float = 1000.0, link_overhead_s: float = 10.0,
-                 link_min_bytes_per_s: float = 10_000.0):
+    def __init__(
+        self,
+        board: str,
+        host: str,
+        port: int | None = None,
+        user: str | None = None,
+        key: Path | None = None,
+        known_hosts: Path | None = None,
+        trust_on_first_use: bool = False,
+        connect_timeout_s: float = 10.0,
+        command_timeout_s: float = 120.0,
+        power_mode: str | None = None,
+        remote_dir: str = "labbench/default",
+        python: str = "python3",
+        ssh_config: Path | None = Path("~/.ssh/config"),
+        family: str | None = None,
+        log_path: str | Path | None = None,
+        transfer_stall_s: float = 15.0,
+        transfer_timeout_s: float = 600.0,
+        clock_tolerance_ppm: float = 1000.0,
+        link_overhead_s: float = 10.0,
+        link_min_bytes_per_s: float = 10_000.0,
+    ):
         """`clock_tolerance_ppm` bounds how far the board's and the host's clocks may disagree in rate
         (NTP slews CLOCK_MONOTONIC by up to 500 ppm)."""
-        super().__init__(board, host, port, user, key, known_hosts, trust_on_first_use, connect_timeout_s,
-                         command_timeout_s, ssh_config=ssh_config, log_path=log_path,
-                         transfer_stall_s=transfer_stall_s, transfer_timeout_s=transfer_timeout_s)
+        super().__init__(
+            board,
+            host,
+            port,
+            user,
+            key,
+            known_hosts,
+            trust_on_first_use,
+            connect_timeout_s,
+            command_timeout_s,
+            ssh_config=ssh_config,
+            log_path=log_path,
+            transfer_stall_s=transfer_stall_s,
+            transfer_timeout_s=transfer_timeout_s,
+        )
         self.family, self.power_mode = family, power_mode
         self.remote_dir, self.python = remote_dir, python
         self.clock_tolerance = clock_tolerance_ppm * 1e-6
@@ -357,18 +434,35 @@ class SshBoard(SshConnection):
         self._per_inference_s: dict[str, float] = {}  # by mode, from the last complete run of this deployment
 
     @classmethod
-    def from_lab(cls, entry: BoardEntry, family: BoardFamily | None = None, *, lab: str = "default",
-                 log_dir: str | Path | None = None) -> SshBoard:
+    def from_lab(
+        cls,
+        entry: BoardEntry,
+        family: BoardFamily | None = None,
+        *,
+        lab: str = "default",
+        log_dir: str | Path | None = None,
+    ) -> SshBoard:
         """From a lab.yaml board entry (`entry.ssh`, `entry.power_mode`); files go to ~/labbench/<lab>/
         on the board, the log to `log_dir`/<board>-ssh.log (default reports/logs/)."""
         s = entry.ssh
         if s is None:
             raise UsageError(f"board {entry.name} has no ssh: link in lab.yaml")
         log_path = Path(log_dir) / f"{entry.name}-ssh.log" if log_dir is not None else None
-        return cls(entry.name, s.host, s.port, s.user, s.key, s.known_hosts, s.trust_on_first_use,
-                   s.connect_timeout_s, s.command_timeout_s, power_mode=entry.power_mode,
-                   remote_dir=posixpath.join("labbench", lab),
-                   family=family.name if family is not None else entry.family, log_path=log_path)
+        return cls(
+            entry.name,
+            s.host,
+            s.port,
+            s.user,
+            s.key,
+            s.known_hosts,
+            s.trust_on_first_use,
+            s.connect_timeout_s,
+            s.command_timeout_s,
+            power_mode=entry.power_mode,
+            remote_dir=posixpath.join("labbench", lab),
+            family=family.name if family is not None else entry.family,
+            log_path=log_path,
+        )
 
     def __repr__(self) -> str:
         return f"SshBoard({self.board!r}, {self.user}@{self.host}:{self.port})"
@@ -390,29 +484,46 @@ class SshBoard(SshConnection):
         subdir = {"runner": "", "model": "models", "dataset": "datasets"}
         remote = {role: posixpath.join(self.lab_dir, subdir[role], p.name) for role, p in local.items()}
         wanted = {role: sha256_file(p) for role, p in local.items()}
-        present = dict(zip(remote, self.remote_sha256(list(remote.values()))))
+        present = dict(zip(remote, self.remote_sha256(list(remote.values())), strict=True))
         files: dict[str, dict[str, Any]] = {}
         with self.sftp("deploy") as (sftp, dog):
             for role, path in local.items():
                 skipped = present[role] == wanted[role]
                 if not skipped:
                     self.upload(sftp, dog, path, remote[role])
-                files[role] = {"local": str(path), "remote": remote[role], "sha256": wanted[role],
-                               "bytes": path.stat().st_size, "skipped": skipped}
+                files[role] = {
+                    "local": str(path),
+                    "remote": remote[role],
+                    "sha256": wanted[role],
+                    "bytes": path.stat().st_size,
+                    "skipped": skipped,
+                }
             record: dict[str, Any] = {
-                "board": self.board, "host": f"{self.user}@{self.host}:{self.port}", "dir": self.lab_dir,
-                "model": Path(model).stem, "outputs": _output_length(Path(model)), "files": files,
-                "skipped": all(f["skipped"] for f in files.values()), "deployed_at": time.time(),
-                "seconds": round(time.monotonic() - t0, 3)}
+                "board": self.board,
+                "host": f"{self.user}@{self.host}:{self.port}",
+                "dir": self.lab_dir,
+                "model": Path(model).stem,
+                "outputs": _output_length(Path(model)),
+                "files": files,
+                "skipped": all(f["skipped"] for f in files.values()),
+                "deployed_at": time.time(),
+                "seconds": round(time.monotonic() - t0, 3),
+            }
             dog.task(f"write of {DEPLOYMENT_FILE}", None)
             with sftp.open(posixpath.join(self.lab_dir, DEPLOYMENT_FILE), "w") as f:
                 f.write(json.dumps(record, indent=1))
         self._deployment = record
         self._datasets = self._dataset_arrays(local.get("dataset"), remote.get("dataset"))
         self._per_inference_s = {}
-        return InstallRecord(self.board, "ssh", firmware_sha256=wanted["runner"], model_sha256=wanted["model"],
-                             skipped=record["skipped"], seconds=record["seconds"],
-                             detail={k: v for k, v in record.items() if k not in ("board", "skipped", "seconds")})
+        return InstallRecord(
+            self.board,
+            "ssh",
+            firmware_sha256=wanted["runner"],
+            model_sha256=wanted["model"],
+            skipped=record["skipped"],
+            seconds=record["seconds"],
+            detail={k: v for k, v in record.items() if k not in ("board", "skipped", "seconds")},
+        )
 
     @staticmethod
     def _dataset_arrays(local: Path | None, remote: str | None) -> dict[str, tuple[str, str]]:
@@ -427,12 +538,15 @@ class SshBoard(SshConnection):
         """What was last deployed (read back from the board when this process has not deployed)."""
         if self._deployment is None:
             try:
-                with self.sftp("read deployment") as (sftp, _), sftp.open(
-                        posixpath.join(self.lab_dir, DEPLOYMENT_FILE)) as f:
+                with (
+                    self.sftp("read deployment") as (sftp, _),
+                    sftp.open(posixpath.join(self.lab_dir, DEPLOYMENT_FILE)) as f,
+                ):
                     self._deployment = json.loads(f.read())
             except FileNotFoundError:
-                raise self.error("find deployed model",
-                                  f"nothing deployed in {self.lab_dir}; deploy a model first") from None
+                raise self.error(
+                    "find deployed model", f"nothing deployed in {self.lab_dir}; deploy a model first"
+                ) from None
             self._datasets = {}
         return self._deployment
 
@@ -446,56 +560,101 @@ class SshBoard(SshConnection):
         argv = self._runner_argv("info")
         result = self.execute(argv)
         if result.exit_status != 0:
-            raise self.error("identify", f"runner exit status {result.exit_status}: "
-                              f"{result.stderr.decode(errors='replace').strip()[-500:]}")
+            raise self.error(
+                "identify",
+                f"runner exit status {result.exit_status}: "
+                f"{result.stderr.decode(errors='replace').strip()[-500:]}",
+            )
         try:
             info = _record(result.stdout.rstrip(b"\n").rpartition(b"\n")[2], "info", _INFO, "the info record")
             if info["protocol"] != PROTOCOL:
                 raise _Mismatch(f"the info record: protocol {PROTOCOL}", str(info["protocol"]))
         except _Mismatch as m:
             raise self.error("identify", f"expected {m.expected}, saw {m.seen}") from None
-        return DutIdentity(name=info["hostname"], model=self.deployment()["model"],
-                           model_sha256=info["model_sha256"], firmware=f"runner protocol {info['protocol']}",
-                           extra={k: info[k] for k in ("board_model", "machine", "python", "runtime",
-                                                       "runtime_version")}
-                           | {"board": self.board, "family": self.family, "power_mode": self.power_mode})
+        return DutIdentity(
+            name=info["hostname"],
+            model=self.deployment()["model"],
+            model_sha256=info["model_sha256"],
+            firmware=f"runner protocol {info['protocol']}",
+            extra={k: info[k] for k in ("board_model", "machine", "python", "runtime", "runtime_version")}
+            | {"board": self.board, "family": self.family, "power_mode": self.power_mode},
+        )
 
     def _extras(self, start: dict[str, Any] | None, end: dict[str, Any] | None) -> dict[str, Any]:
         start, end = start or {}, end or {}
-        return {"board": self.board, "family": self.family, "power_mode": self.power_mode,
-                "model": self.deployment()["model"], "model_sha256": start.get("model_sha256"),
-                "runtime": start.get("runtime"), "runtime_version": start.get("runtime_version"),
-                "cold_start_ms": start.get("cold_start_ms"), "load_ms": start.get("load_ms"),
-                "peak_rss_kib": end.get("peak_rss_kib")}
+        return {
+            "board": self.board,
+            "family": self.family,
+            "power_mode": self.power_mode,
+            "model": self.deployment()["model"],
+            "model_sha256": start.get("model_sha256"),
+            "runtime": start.get("runtime"),
+            "runtime_version": start.get("runtime_version"),
+            "cold_start_ms": start.get("cold_start_ms"),
+            "load_ms": start.get("load_ms"),
+            "peak_rss_kib": end.get("peak_rss_kib"),
+        }
 
     def _want(self, mode: str, count: int, warmup: int, inputs: np.ndarray) -> _Want:
         deployed = self.deployment()
-        return _Want(mode, count, warmup, _array_digest(inputs), deployed["files"]["model"]["sha256"],
-                     deployed.get("outputs"))
+        return _Want(
+            mode,
+            count,
+            warmup,
+            _array_digest(inputs),
+            deployed["files"]["model"]["sha256"],
+            deployed.get("outputs"),
+        )
 
     def _bound(self, records: _Records) -> tuple[float, str]:
         """How long the runner may be silent now, and what that bound is (see Timeouts)."""
         due = records.due_s()
         if due is None:
-            return self.command_timeout_s, f"no start record within {self.command_timeout_s:g} s (command timeout)"
+            return (
+                self.command_timeout_s,
+                f"no start record within {self.command_timeout_s:g} s (command timeout)",
+            )
         limit = max(2 * due, due + EXPECTED_SLACK_S)
-        return limit, (f"no record for {limit:.3g} s (the next was due {due:.3g} s after the last; "
-                       f"bound max(2 x due, due + {EXPECTED_SLACK_S:g} s))")
+        return limit, (
+            f"no record for {limit:.3g} s (the next was due {due:.3g} s after the last; "
+            f"bound max(2 x due, due + {EXPECTED_SLACK_S:g} s))"
+        )
 
-    def _run(self, action: str, argv: list[str], stdin: bytes | None, want: _Want,
-             stop: threading.Event | None, build: Callable[[_Records], _T]) -> _T:
+    def _run(
+        self,
+        action: str,
+        argv: list[str],
+        stdin: bytes | None,
+        want: _Want,
+        stop: threading.Event | None,
+        build: Callable[[_Records], _T],
+    ) -> _T:
         """Run the runner, checking its records as they come; anything short of a complete, consistent
         run is an error carrying `build(records)` of the inferences that passed."""
         with step(self.board, action, f"{want.count} inferences"):
             return self._checked_run(action, argv, stdin, want, stop, build)
 
-    def _checked_run(self, action: str, argv: list[str], stdin: bytes | None, want: _Want,
-                     stop: threading.Event | None, build: Callable[[_Records], _T]) -> _T:
+    def _checked_run(
+        self,
+        action: str,
+        argv: list[str],
+        stdin: bytes | None,
+        want: _Want,
+        stop: threading.Event | None,
+        build: Callable[[_Records], _T],
+    ) -> _T:
         if stop is not None and stop.is_set():
             raise self.fail(RunAborted(self.board, action, "stopped before it was sent", str(self.log_path)))
         stream = self.stream(shlex.join(argv), stdin, action, stop)
-        records = _Records(want, stream.sent_s, self.clock_tolerance, self.link_overhead_s,
-                           self.link_min_bytes_per_s, self._per_inference_s.get(want.mode), len(stdin or b""))
+        records = _Records(
+            want,
+            stream.sent_s,
+            self.clock_tolerance,
+            self.link_overhead_s,
+            self.link_min_bytes_per_s,
+            self._per_inference_s.get(want.mode),
+            len(stdin or b""),
+        )
         stream.limit = lambda: self._bound(records)
         mismatch = None
         lines = iter(stream)
@@ -508,31 +667,60 @@ class SshBoard(SshConnection):
             lines.close()
         n, partial = len(records.t_ns), build(records)
         if stream.stopped:
-            aborted = RunAborted(self.board, action, f"stopped from outside after {n} of {want.count} inferences",
-                                 str(self.log_path))
+            aborted = RunAborted(
+                self.board,
+                action,
+                f"stopped from outside after {n} of {want.count} inferences",
+                str(self.log_path),
+            )
             aborted.partial = partial
             raise self.fail(aborted)
         cls: type[RemoteRunError]
         if mismatch is not None:
-            cls, why = RemoteStreamError, f"line {records.lines}: expected {mismatch.expected}, saw {mismatch.seen}"
+            cls, why = (
+                RemoteStreamError,
+                f"line {records.lines}: expected {mismatch.expected}, saw {mismatch.seen}",
+            )
         elif stream.stalled:
             cls, why = RemoteTimeout, stream.stalled
         elif stream.lost or stream.exit_status != 0:
             cls, why = RemoteRunError, stream.why()
         elif stream.tail:
-            cls, why = RemoteStreamError, f"line {records.lines + 1}: expected a whole line, saw {_show(stream.tail)}"
+            cls, why = (
+                RemoteStreamError,
+                f"line {records.lines + 1}: expected a whole line, saw {_show(stream.tail)}",
+            )
         elif records.end is None:
-            cls, why = RemoteStreamError, f"expected the end record, saw the end of the output (line {records.lines})"
+            cls, why = (
+                RemoteStreamError,
+                f"expected the end record, saw the end of the output (line {records.lines})",
+            )
         else:
             self._per_inference_s[want.mode] = records.per_inference_s()
             self.event("exit status 0")
             self.flush_log()
             return partial
-        raise self.fail(cls(self.board, action, f"broke off after {n} of {want.count} inferences completed: {why}",
-                             completed=n, expected=want.count, partial=partial, log=str(self.log_path)))
+        raise self.fail(
+            cls(
+                self.board,
+                action,
+                f"broke off after {n} of {want.count} inferences completed: {why}",
+                completed=n,
+                expected=want.count,
+                partial=partial,
+                log=str(self.log_path),
+            )
+        )
 
-    def run_timed(self, sample: np.ndarray, count: int, warmup: int, *, per_inference: bool = False,
-                  stop: threading.Event | None = None) -> TimedRun:
+    def run_timed(
+        self,
+        sample: np.ndarray,
+        count: int,
+        warmup: int,
+        *,
+        per_inference: bool = False,
+        stop: threading.Event | None = None,
+    ) -> TimedRun:
         """`count` back-to-back inferences of `sample` after `warmup`, each timed on the board
         (so `per_inference` changes nothing here). `stop` ends the run early (RunAborted)."""
         if count < 1 or warmup < 0:
@@ -548,12 +736,23 @@ class SshBoard(SshConnection):
                 host_start = host_end = time.monotonic()
             end = records.end
             outputs = np.asarray(end["output"], dtype=np.float32) if end else None
-            return TimedRun(latencies_us, host_start, host_end, outputs,
-                            extra=self._extras(records.start, end) | {"warmup": warmup})
+            return TimedRun(
+                latencies_us,
+                host_start,
+                host_end,
+                outputs,
+                extra=self._extras(records.start, end) | {"warmup": warmup},
+            )
 
         argv = self._runner_argv("timed", "--count", str(count), "--warmup", str(warmup))
-        return self._run(f"run {count} timed inferences", argv, _npy(sample),
-                         self._want("timed", count, warmup, sample), stop, build)
+        return self._run(
+            f"run {count} timed inferences",
+            argv,
+            _npy(sample),
+            self._want("timed", count, warmup, sample),
+            stop,
+            build,
+        )
 
     def classify(self, samples: np.ndarray, *, stop: threading.Event | None = None) -> np.ndarray:
         """One row of float32 scores per sample; samples the board already holds are not sent again.
@@ -569,5 +768,11 @@ class SshBoard(SshConnection):
         def build(records: _Records) -> np.ndarray:
             return np.asarray(records.outputs, dtype=np.float32)
 
-        return self._run(f"classify {len(samples)} samples", argv, None if held else _npy(samples),
-                         self._want("classify", len(samples), 0, samples), stop, build)
+        return self._run(
+            f"classify {len(samples)} samples",
+            argv,
+            None if held else _npy(samples),
+            self._want("classify", len(samples), 0, samples),
+            stop,
+            build,
+        )

@@ -86,10 +86,14 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         if not self.trust:
-            raise self.owner.error(f"verify host key of {hostname}", (
-                f"unknown host key {key.get_name()} {key.fingerprint} (not in {self.known_hosts}). "
-                f"If that is the board's key, trust it with: {self.owner.keyscan_command(key)} "
-                f"(or set trust_on_first_use: true for this board in lab.yaml)"))
+            raise self.owner.error(
+                f"verify host key of {hostname}",
+                (
+                    f"unknown host key {key.get_name()} {key.fingerprint} (not in {self.known_hosts}). "
+                    f"If that is the board's key, trust it with: {self.owner.keyscan_command(key)} "
+                    f"(or set trust_on_first_use: true for this board in lab.yaml)"
+                ),
+            )
         self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
         with open(self.known_hosts, "a") as f:
             f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
@@ -175,8 +179,14 @@ class Stream:
     what the bound is); afterwards `exit_status` (None when none came) and `why()` say how it ended.
     """
 
-    def __init__(self, chan: paramiko.Channel, sent_s: float, limit: Bound, log: LogLines,
-                 stop: threading.Event | None = None):
+    def __init__(
+        self,
+        chan: paramiko.Channel,
+        sent_s: float,
+        limit: Bound,
+        log: LogLines,
+        stop: threading.Event | None = None,
+    ):
         self.chan, self.sent_s, self.limit, self.log, self.stop = chan, sent_s, limit, log, stop
         self.stderr = bytearray()
         self.stalled: str | None = None  # the bound that ran out
@@ -234,7 +244,7 @@ class Stream:
             self.log("<-", lines[:room], t)
             self._logged += min(room, len(lines))
         if len(lines) > room:
-            later = lines[max(room, 0):]
+            later = lines[max(room, 0) :]
             self._unlogged += len(later)
             self._last_lines.extend((line, t) for line in later)
 
@@ -267,11 +277,22 @@ class Stream:
 class SshConnection:
     """An SSH connection to `board`, opened at the first call (see the module docstring)."""
 
-    def __init__(self, board: str, host: str, port: int | None = None, user: str | None = None,
-                 key: Path | None = None, known_hosts: Path | None = None, trust_on_first_use: bool = False,
-                 connect_timeout_s: float = 10.0, command_timeout_s: float = 120.0,
-                 ssh_config: Path | None = Path("~/.ssh/config"), log_path: str | Path | None = None,
-                 transfer_stall_s: float = 15.0, transfer_timeout_s: float = 600.0):
+    def __init__(
+        self,
+        board: str,
+        host: str,
+        port: int | None = None,
+        user: str | None = None,
+        key: Path | None = None,
+        known_hosts: Path | None = None,
+        trust_on_first_use: bool = False,
+        connect_timeout_s: float = 10.0,
+        command_timeout_s: float = 120.0,
+        ssh_config: Path | None = Path("~/.ssh/config"),
+        log_path: str | Path | None = None,
+        transfer_stall_s: float = 15.0,
+        transfer_timeout_s: float = 600.0,
+    ):
         self.board = board
         self.connect_timeout_s, self.command_timeout_s = connect_timeout_s, command_timeout_s
         self.transfer_stall_s, self.transfer_timeout_s = transfer_stall_s, transfer_timeout_s
@@ -297,8 +318,10 @@ class SshConnection:
         return dict(paramiko.SSHConfig.from_path(str(Path(path).expanduser())).lookup(host))
 
     def keyscan_command(self, key: paramiko.PKey) -> str:
-        return (f"ssh-keyscan -p {self.port} -t {_keyscan_type(key)} {shlex.quote(self.host)} "
-                f">> {shlex.quote(str(self.known_hosts))}")
+        return (
+            f"ssh-keyscan -p {self.port} -t {_keyscan_type(key)} {shlex.quote(self.host)} "
+            f">> {shlex.quote(str(self.known_hosts))}"
+        )
 
     # ------------------------------------------------------------------ log and errors
 
@@ -318,8 +341,12 @@ class SshConnection:
 
     def log_lines(self, mark: str, lines: Sequence[bytes | str], t: float) -> None:
         """Lines that came back (bytes, logged as their repr) or notes about them (str), arrived at `t`."""
-        self._logfile().write("".join(f"{t:.6f} {mark} {line!r}\n" if isinstance(line, bytes)
-                                      else f"{t:.6f} {mark} {line}\n" for line in lines))
+        self._logfile().write(
+            "".join(
+                f"{t:.6f} {mark} {line!r}\n" if isinstance(line, bytes) else f"{t:.6f} {mark} {line}\n"
+                for line in lines
+            )
+        )
 
     def flush_log(self) -> None:
         self._logfile().flush()
@@ -354,21 +381,32 @@ class SshConnection:
         client.set_missing_host_key_policy(_HostKeyPolicy(self, self.known_hosts, self.trust_on_first_use))
         t = self.connect_timeout_s
         try:  # key_filename: paramiko takes a list of files too, where its stubs say str
-            client.connect(self.host, self.port, self.user,
-                           key_filename=self.keys or None,  # type: ignore[arg-type]
-                           timeout=t, banner_timeout=t, auth_timeout=t, channel_timeout=t,
-                           sock=paramiko.ProxyCommand(self.proxy_command) if self.proxy_command else None)
+            client.connect(
+                self.host,
+                self.port,
+                self.user,
+                key_filename=self.keys or None,  # type: ignore[arg-type]
+                timeout=t,
+                banner_timeout=t,
+                auth_timeout=t,
+                channel_timeout=t,
+                sock=paramiko.ProxyCommand(self.proxy_command) if self.proxy_command else None,
+            )
             transport = _transport(client)
         except paramiko.BadHostKeyException as exc:
             client.close()
             known = f"[{self.host}]:{self.port}" if self.port != 22 else self.host
-            raise self.error(where, (
-                f"HOST KEY CHANGED: {self.known_hosts} has {exc.expected_key.get_name()} "
-                f"{exc.expected_key.fingerprint}, the board offered "
-                f"{exc.key.get_name()} {exc.key.fingerprint}. "
-                f"If the board was reinstalled, forget the old key with: ssh-keygen -f "
-                f"{shlex.quote(str(self.known_hosts))} -R {shlex.quote(known)} and trust the new one with: "
-                f"{self.keyscan_command(exc.key)}")) from None
+            raise self.error(
+                where,
+                (
+                    f"HOST KEY CHANGED: {self.known_hosts} has {exc.expected_key.get_name()} "
+                    f"{exc.expected_key.fingerprint}, the board offered "
+                    f"{exc.key.get_name()} {exc.key.fingerprint}. "
+                    f"If the board was reinstalled, forget the old key with: ssh-keygen -f "
+                    f"{shlex.quote(str(self.known_hosts))} -R {shlex.quote(known)} and trust the new one with: "
+                    f"{self.keyscan_command(exc.key)}"
+                ),
+            ) from None
         except RemoteError:
             client.close()
             raise
@@ -414,6 +452,7 @@ class SshConnection:
     def _channel(self, action: str) -> paramiko.Channel:
         """A new session. A connection found dead (a dropped link, a rebooted board) is re-established
         once: the transport may not have noticed yet."""
+
         def open_session() -> paramiko.Channel:
             return _transport(self.connect()).open_session(timeout=self.connect_timeout_s)
 
@@ -443,8 +482,14 @@ class SshConnection:
 
     # ------------------------------------------------------------------ commands
 
-    def stream(self, command: str, stdin: bytes | None, action: str, stop: threading.Event | None = None,
-               limit: Bound | None = None) -> Stream:
+    def stream(
+        self,
+        command: str,
+        stdin: bytes | None,
+        action: str,
+        stop: threading.Event | None = None,
+        limit: Bound | None = None,
+    ) -> Stream:
         """Start `command`, send it `stdin` (then EOF), and return its output stream."""
         chan = self._channel(action)
         self.event(command + (f"  < {len(stdin)} bytes" if stdin is not None else ""), "->")
@@ -455,7 +500,7 @@ class SshConnection:
                 dog.task("its input", len(stdin))
                 try:
                     for pos in range(0, len(stdin), _CHUNK):
-                        chan.sendall(stdin[pos:pos + _CHUNK])
+                        chan.sendall(stdin[pos : pos + _CHUNK])
                         dog.sent(min(pos + _CHUNK, len(stdin)))
                     chan.shutdown_write()
                 except OSError:
@@ -482,12 +527,15 @@ class SshConnection:
     def remote_sha256(self, paths: list[str]) -> list[str | None]:
         """sha256 of each remote file (None where it is missing), in one round trip."""
         loop = " ".join(shlex.quote(p) for p in paths)
-        result = self.shell(f'for f in {loop}; do sha256sum 2>/dev/null < "$f" || echo -; done', None,
-                            "hash deployed files")
+        result = self.shell(
+            f'for f in {loop}; do sha256sum 2>/dev/null < "$f" || echo -; done', None, "hash deployed files"
+        )
         digests = [line.split()[0].decode() for line in result.stdout.splitlines() if line.strip()]
         if result.exit_status != 0 or len(digests) != len(paths):
-            raise self.error("hash deployed files", f"sha256sum gave {result.stdout!r} "
-                             f"{result.stderr.decode(errors='replace').strip()}")
+            raise self.error(
+                "hash deployed files",
+                f"sha256sum gave {result.stdout!r} {result.stderr.decode(errors='replace').strip()}",
+            )
         return [None if d == "-" else d for d in digests]
 
     # ------------------------------------------------------------------ files

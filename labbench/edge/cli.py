@@ -18,8 +18,11 @@ def cmd_edge_server(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     host, port = server.address
-    print(f"edge server on {host}:{port}: {args.model.name}, input {server.model.describe_input()} "
-          "(Ctrl-C stops it)", flush=True)
+    print(
+        f"edge server on {host}:{port}: {args.model.name}, input {server.model.describe_input()} "
+        "(Ctrl-C stops it)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -30,7 +33,9 @@ def cmd_edge_server(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("edge-server", help="serve remote inference over TCP with a .tflite model (until Ctrl-C)")
+    p = sub.add_parser(
+        "edge-server", help="serve remote inference over TCP with a .tflite model (until Ctrl-C)"
+    )
     p.add_argument("--model", required=True, type=Path, help="the server's model (.tflite ending in SOFTMAX)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port to listen on (default 0: a free one)")

@@ -99,8 +99,9 @@ class EdgeClient:
     def _connection(self, deadline: float) -> socket.socket:
         if self._sock is None:
             try:
-                self._sock = socket.create_connection((self.host, self.port),
-                                                      timeout=max(deadline - time.monotonic(), 1e-6))
+                self._sock = socket.create_connection(
+                    (self.host, self.port), timeout=max(deadline - time.monotonic(), 1e-6)
+                )
             except OSError as exc:
                 raise EdgeError(self.target, "connect", _seen(exc, self.timeout_s)) from exc
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -113,8 +114,11 @@ class EdgeClient:
             sock.settimeout(max(deadline - time.monotonic(), 1e-6))
             chunk = sock.recv(size - len(data))
             if not chunk:
-                raise EdgeError(self.target, action, f"connection closed by the server after {len(data)} of "
-                                                     f"{size} reply bytes")
+                raise EdgeError(
+                    self.target,
+                    action,
+                    f"connection closed by the server after {len(data)} of {size} reply bytes",
+                )
             data += chunk
         return bytes(data)
 
@@ -130,7 +134,7 @@ def _describe(request: bytes, request_id: int) -> str:
 def _problem(head: bytes, message: bytes, request_id: int) -> str | None:
     """What is wrong with a reply (its magic already checked), or None for a good answer."""
     (stated,) = CRC32.unpack_from(head, REPLY_HEAD.size)
-    if (crc := zlib.crc32(head[:REPLY_HEAD.size] + message)) != stated:
+    if (crc := zlib.crc32(head[: REPLY_HEAD.size] + message)) != stated:
         return f"reply CRC-32 {crc:08X}, its header says {stated:08X}"
     _, echoed, status, class_index, probability, _, _ = REPLY_HEAD.unpack_from(head)
     if echoed != request_id:

@@ -113,13 +113,19 @@ def _symmetric(shape: Shape, source: str) -> LinkProfile:
 
 
 PRESETS: dict[str, LinkProfile] = {
-    "wifi": _symmetric(Shape(latency_s=1.15e-3, bandwidth_bps=56.4e6),
-                       "seed 004 Table 3 and §4.1 (Raspberry Pi 4B, CIFAR-10 and ImageNet-1K offloads)"),
-    "ble": _symmetric(Shape(latency_s=30e-3, bandwidth_bps=210e3),
-                      "seed 004 §4.2.1 (Raspberry Pi 4B, CIFAR-10 image over BLE: 177.13 ms); "
-                      "Linux's 30 ms minimum LE connection interval"),
-    "ethernet": _symmetric(Shape(latency_s=0.1e-3, bandwidth_bps=941e6),
-                           "seed 004 Table 2 (Gigabit Ethernet); TCP goodput of 1000BASE-T, assumed LAN latency"),
+    "wifi": _symmetric(
+        Shape(latency_s=1.15e-3, bandwidth_bps=56.4e6),
+        "seed 004 Table 3 and §4.1 (Raspberry Pi 4B, CIFAR-10 and ImageNet-1K offloads)",
+    ),
+    "ble": _symmetric(
+        Shape(latency_s=30e-3, bandwidth_bps=210e3),
+        "seed 004 §4.2.1 (Raspberry Pi 4B, CIFAR-10 image over BLE: 177.13 ms); "
+        "Linux's 30 ms minimum LE connection interval",
+    ),
+    "ethernet": _symmetric(
+        Shape(latency_s=0.1e-3, bandwidth_bps=941e6),
+        "seed 004 Table 2 (Gigabit Ethernet); TCP goodput of 1000BASE-T, assumed LAN latency",
+    ),
 }
 
 
@@ -153,8 +159,15 @@ class _Pipe:
     """One direction of one connection: a reader thread schedules each segment, a writer thread delivers
     it when due."""
 
-    def __init__(self, link: Link, direction: Direction, src: socket.socket, dst: socket.socket,
-                 rng: random.Random, on_done: Callable[[], None]):
+    def __init__(
+        self,
+        link: Link,
+        direction: Direction,
+        src: socket.socket,
+        dst: socket.socket,
+        rng: random.Random,
+        on_done: Callable[[], None],
+    ):
         self._link, self.direction, self._src, self._dst = link, direction, src, dst
         self._rng, self._on_done = rng, on_done
         self._due: queue.SimpleQueue[tuple[float, bytes] | None] = queue.SimpleQueue()
@@ -191,7 +204,7 @@ class _Pipe:
         with suppress(OSError):
             while data := self._src.recv(READ_BYTES):
                 for i in range(0, len(data), MSS_BYTES):
-                    segment = data[i:i + MSS_BYTES]
+                    segment = data[i : i + MSS_BYTES]
                     self._due.put((self._schedule(len(segment)), segment))
         self._due.put(None)
 
@@ -218,8 +231,9 @@ class _Pipe:
 
 
 class _Connection:
-    def __init__(self, link: Link, client: socket.socket, upstream: socket.socket, number: int,
-                 seed: int | None):
+    def __init__(
+        self, link: Link, client: socket.socket, upstream: socket.socket, number: int, seed: int | None
+    ):
         self.client_address: tuple[str, int] = client.getpeername()[:2]
         self.opened_s = time.monotonic()
         self._sockets = (client, upstream)
@@ -238,7 +252,9 @@ class _Connection:
     def stats(self) -> ConnectionStats:
         with self._lock:
             still_open = self._open > 0
-        return ConnectionStats(self.client_address, self.opened_s, self.up.stats(), self.down.stats(), still_open)
+        return ConnectionStats(
+            self.client_address, self.opened_s, self.up.stats(), self.down.stats(), still_open
+        )
 
     def _pipe_done(self) -> None:
         with self._lock:
@@ -253,8 +269,15 @@ class Link:
     """A shaping TCP proxy on host:port (0 picks a free port) to `upstream`; `close()` or a `with` block
     ends it. `seed` makes the losses reproducible."""
 
-    def __init__(self, upstream: tuple[str, int], profile: LinkProfile | str = UNSHAPED, *,
-                 host: str = "127.0.0.1", port: int = 0, seed: int | None = None):
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        profile: LinkProfile | str = UNSHAPED,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        seed: int | None = None,
+    ):
         self.upstream, self.seed = upstream, seed
         self.profile = preset(profile) if isinstance(profile, str) else profile
         self._listener = socket.create_server((host, port))
@@ -276,7 +299,8 @@ class Link:
         profile = self.profile
         up, down = (
             Shape.model_validate({**shape.model_dump(), **changes}) if direction in (name, "both") else shape
-            for name, shape in (("up", profile.up), ("down", profile.down)))
+            for name, shape in (("up", profile.up), ("down", profile.down))
+        )
         self.profile = profile.model_copy(update={"up": up, "down": down, "source": "set at run time"})
 
     def connections(self) -> list[ConnectionStats]:

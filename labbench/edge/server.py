@@ -77,11 +77,19 @@ def request_bytes(request_id: int, payload: bytes) -> bytes:
     return REQUEST.pack(REQUEST_MAGIC, request_id, len(payload), zlib.crc32(payload)) + payload
 
 
-def reply_bytes(request_id: int, status: Status, class_index: int = -1, top1_probability: float = math.nan,
-                server_us: int = 0, message: str = "") -> bytes:
+def reply_bytes(
+    request_id: int,
+    status: Status,
+    class_index: int = -1,
+    top1_probability: float = math.nan,
+    server_us: int = 0,
+    message: str = "",
+) -> bytes:
     """A whole reply: header (with its CRC) and message."""
     text = message.encode()[:0xFFFF]
-    head = REPLY_HEAD.pack(REPLY_MAGIC, request_id, status, class_index, top1_probability, server_us, len(text))
+    head = REPLY_HEAD.pack(
+        REPLY_MAGIC, request_id, status, class_index, top1_probability, server_us, len(text)
+    )
     return head + CRC32.pack(zlib.crc32(head + text)) + text
 
 
@@ -91,11 +99,15 @@ class EdgeModel:
     def __init__(self, path: str | Path):
         self.info = ModelInfo.from_file(path)
         if len(self.info.inputs) != 1 or len(self.info.outputs) != 1:
-            raise ModelError(f"{path}: an edge model has one input and one output, not "
-                             f"{len(self.info.inputs)} and {len(self.info.outputs)}")
+            raise ModelError(
+                f"{path}: an edge model has one input and one output, not "
+                f"{len(self.info.inputs)} and {len(self.info.outputs)}"
+            )
         if not self.info.ops or self.info.ops[-1] != "SOFTMAX":
-            raise ModelError(f"{path}: an edge model ends in SOFTMAX (its output is a probability); "
-                             f"this one ends in {self.info.ops[-1] if self.info.ops else 'nothing'}")
+            raise ModelError(
+                f"{path}: an edge model ends in SOFTMAX (its output is a probability); "
+                f"this one ends in {self.info.ops[-1] if self.info.ops else 'nothing'}"
+            )
         self.input: TensorInfo = self.info.inputs[0]
         self._output = self.info.outputs[0]
         self._interpreter = Interpreter(model_path=str(path))
@@ -167,21 +179,32 @@ class _Handler(socketserver.StreamRequestHandler):
         if magic != REQUEST_MAGIC:
             return self._refuse(request_id, Status.BAD_MAGIC, f"magic {magic!r}, expected {REQUEST_MAGIC!r}")
         if length != model.input_bytes:
-            return self._refuse(request_id, Status.BAD_LENGTH,
-                                f"payload of {length} bytes, the model's input is {model.describe_input()}")
+            return self._refuse(
+                request_id,
+                Status.BAD_LENGTH,
+                f"payload of {length} bytes, the model's input is {model.describe_input()}",
+            )
         payload = self.rfile.read(length)
         if len(payload) < length:
             return False  # closed by the client mid-payload
         received = time.perf_counter_ns()
         if zlib.crc32(payload) != crc:
-            self.wfile.write(reply_bytes(request_id, Status.BAD_CRC, message=(
-                f"payload CRC-32 {zlib.crc32(payload):08X}, the header says {crc:08X}")))
+            self.wfile.write(
+                reply_bytes(
+                    request_id,
+                    Status.BAD_CRC,
+                    message=(f"payload CRC-32 {zlib.crc32(payload):08X}, the header says {crc:08X}"),
+                )
+            )
             return True
         try:
             class_index, probability = model.classify(payload)
         except ValueError as exc:
-            self.wfile.write(reply_bytes(request_id, Status.INFERENCE_FAILED, server_us=_us_since(received),
-                                         message=str(exc)))
+            self.wfile.write(
+                reply_bytes(
+                    request_id, Status.INFERENCE_FAILED, server_us=_us_since(received), message=str(exc)
+                )
+            )
             return True
         self.wfile.write(reply_bytes(request_id, Status.OK, class_index, probability, _us_since(received)))
         return True
@@ -229,8 +252,9 @@ class EdgeServer:
 
     def start(self) -> Self:
         self._serving.set()  # before the thread runs: a stop() right after start() still stops it
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,),
-                                        name=f"edge-server:{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.1,), name=f"edge-server:{self.port}", daemon=True
+        )
         self._thread.start()
         return self
 

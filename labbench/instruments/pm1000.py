@@ -163,24 +163,37 @@ class Pm1000:
             raise ValueError(f"{name}: unknown result(s) {unknown}; known: {sorted(RESULTS)}")
         known = {f.name for f in fields(Accuracy)}
         if set(accuracy or {}) - known:
-            raise ValueError(f"{name}: unknown accuracy figure(s) {sorted(set(accuracy or {}) - known)}; "
-                             f"known: {sorted(known)}")
+            raise ValueError(
+                f"{name}: unknown accuracy figure(s) {sorted(set(accuracy or {}) - known)}; "
+                f"known: {sorted(known)}"
+            )
         if range_headroom < 1:
             raise ValueError(f"{name}: range_headroom must be at least 1, got {range_headroom}")
         self.resource, self.name = resource, name
         self.read_termination, self.write_termination = read_termination, write_termination
-        self.ack_set_commands = resource.upper().startswith("TCPIP") if ack_set_commands is None else ack_set_commands
-        self.timeout_s, self.update_period_s, self.poll_interval_s = timeout_s, update_period_s, poll_interval_s
+        self.ack_set_commands = (
+            resource.upper().startswith("TCPIP") if ack_set_commands is None else ack_set_commands
+        )
+        self.timeout_s, self.update_period_s, self.poll_interval_s = (
+            timeout_s,
+            update_period_s,
+            poll_interval_s,
+        )
         self.baud_rate = baud_rate
         self.results = tuple(results)
         self.voltage_range, self.current_range, self.auto_zero = voltage_range, current_range, auto_zero
         self.integrator = integrator
         self.accuracy = Accuracy(**(accuracy or {}))
-        self.range_tables = {"VLT": tuple(map(float, voltage_ranges_v)), "AMP": tuple(map(float, current_ranges_a))}
+        self.range_tables = {
+            "VLT": tuple(map(float, voltage_ranges_v)),
+            "AMP": tuple(map(float, current_ranges_a)),
+        }
         self.range_headroom = range_headroom
         self.result_latency_s = result_latency_s
         self._ranges: dict[str, int | str] = {"VLT": voltage_range, "AMP": current_range}  # as configured
-        self.range_note = "lab.yaml" if self.ranges_from_lab else "autorange"  # why the ranges are what they are
+        self.range_note = (
+            "lab.yaml" if self.ranges_from_lab else "autorange"
+        )  # why the ranges are what they are
         self._res: MessageBasedResource | None = None
         self._res_timeout_ms = 0  # the resource's read timeout as last set
         self._io = threading.Lock()
@@ -193,10 +206,14 @@ class Pm1000:
         """From an inventory InstrumentEntry: its resource, name and `settings` (the keywords above);
         `family` is part of the common driver signature (unused)."""
         settings = dict(getattr(entry, "settings", None) or {})
-        known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "resource", "name")]
+        known = [
+            p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "resource", "name")
+        ]
         unknown = sorted(set(settings) - set(known))
         if unknown:
-            raise LabConfigError(f"instruments.{entry.name}.settings: unknown key(s) {unknown}; known: {known}")
+            raise LabConfigError(
+                f"instruments.{entry.name}.settings: unknown key(s) {unknown}; known: {known}"
+            )
         try:
             return cls(entry.resource, name=entry.name, **settings)
         except (TypeError, ValueError) as e:
@@ -220,8 +237,9 @@ class Pm1000:
             raise InstrumentError(self.name, f"open {self.resource}", _seen(e)) from e
         if not isinstance(res, MessageBasedResource):
             res.close()
-            raise InstrumentError(self.name, f"open {self.resource}",
-                                  f"not a message-based resource ({type(res).__name__})")
+            raise InstrumentError(
+                self.name, f"open {self.resource}", f"not a message-based resource ({type(res).__name__})"
+            )
         self._res, self._res_timeout_ms = res, kwargs["timeout"]
         try:
             self._idn = self._query("*IDN?")
@@ -322,13 +340,18 @@ class Pm1000:
             raise InstrumentError(self.name, "pre-scan", "no reading to choose the ranges from")
         peak_v = max(u.voltage_v for u in ups)
         peak_a = max(u.current_peak_a if u.current_peak_a is not None else u.current_a for u in ups)
-        for which, setting, peak in (("VLT", self.voltage_range, peak_v), ("AMP", self.current_range, peak_a)):
+        for which, setting, peak in (
+            ("VLT", self.voltage_range, peak_v),
+            ("AMP", self.current_range, peak_a),
+        ):
             if setting == "auto":
                 held = self._ranges[which]
                 self._set_range(which, max(self._fitting(which, peak), 0 if held == "auto" else int(held)))
-        self.range_note = (f"pre-scan: peaks {peak_v:.4g} V, {peak_a:.4g} A, held with x{self.range_headroom:g} "
-                           f"headroom" + ("" if self.voltage_range == self.current_range == "auto" else
-                                          "; lab.yaml fixes the other"))
+        self.range_note = (
+            f"pre-scan: peaks {peak_v:.4g} V, {peak_a:.4g} A, held with x{self.range_headroom:g} "
+            f"headroom"
+            + ("" if self.voltage_range == self.current_range == "auto" else "; lab.yaml fixes the other")
+        )
         return self.range_note
 
     def step_up(self, overloaded: Sequence[PowerUpdate]) -> str | None:
@@ -339,14 +362,24 @@ class Pm1000:
             number = self._ranges[which]
             if setting != "auto" or number == "auto" or int(number) >= len(self.range_tables[which]):
                 continue
-            peak = max((u.voltage_v if which == "VLT" else
-                        u.current_peak_a if u.current_peak_a is not None else u.current_a) for u in overloaded)
+            peak = max(
+                (
+                    u.voltage_v
+                    if which == "VLT"
+                    else u.current_peak_a
+                    if u.current_peak_a is not None
+                    else u.current_a
+                )
+                for u in overloaded
+            )
             if which == "VLT" and peak * self.range_headroom <= self.range_tables[which][int(number) - 1]:
                 continue  # the voltage held: the current overloaded
             new = max(int(number) + 1, self._fitting(which, peak))
             self._set_range(which, new)
-            raised.append(f"{'voltage' if which == 'VLT' else 'current'} range {self.range_tables[which][new - 1]:g} "
-                          f"{'V' if which == 'VLT' else 'A'}")
+            raised.append(
+                f"{'voltage' if which == 'VLT' else 'current'} range {self.range_tables[which][new - 1]:g} "
+                f"{'V' if which == 'VLT' else 'A'}"
+            )
         if not raised:
             return None
         self.range_note += f"; raised to the {' and '.join(raised)} after an overload"
@@ -378,7 +411,10 @@ class Pm1000:
         r = self._parse(self._query(":FRD?", self.poll_timeout_s))
         value = {k: v for k, (v, _) in r.items()}
         v, w = value["V"], value["W"]
-        v_range, a_range = self._reported_range("VLT", value.get("Vrng")), self._reported_range("AMP", value.get("Arng"))
+        v_range, a_range = (
+            self._reported_range("VLT", value.get("Vrng")),
+            self._reported_range("AMP", value.get("Arng")),
+        )
         # an unknown range (autoranging, not reported) is taken at the top: the accuracy's worst case
         acc_v, acc_a = v_range or self.range_tables["VLT"][-1], a_range or self.range_tables["AMP"][-1]
         extremes: dict[str, float | None] = {"min": None, "max": None}
@@ -494,8 +530,10 @@ class Pm1000:
         tokens = [v for v in reply.replace(" ", "").split(",") if v]
         names = self._selected or ()
         if len(tokens) != len(names):
-            raise InstrumentError(self.name, ":FRD?", f"{len(tokens)} values for {len(names)} results {names}: {reply!r}")
-        return dict(zip(names, map(_value_and_rounding, tokens)))
+            raise InstrumentError(
+                self.name, ":FRD?", f"{len(tokens)} values for {len(names)} results {names}: {reply!r}"
+            )
+        return dict(zip(names, map(_value_and_rounding, tokens), strict=True))
 
 
 class Pm1000Capture:
@@ -589,7 +627,9 @@ class Pm1000Capture:
         """Drain, start polling and watching, and wait for the first update."""
         drained_at = self.begin()
         for target, args, role in ((self._poll, (drained_at,), "poll"), (self._watch, (), "watch")):
-            thread = threading.Thread(target=target, args=args, name=f"{self.meter.name}-capture-{role}", daemon=True)
+            thread = threading.Thread(
+                target=target, args=args, name=f"{self.meter.name}-capture-{role}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
         self._wait_for(lambda: len(self._updates) >= 1)
@@ -634,8 +674,9 @@ class Pm1000Capture:
                 m.step_up([update])
         return sent
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         failed_before = self.failed.is_set()
         with step(self.meter.name, "capture stop", f"{len(self._updates)} updates"):
             if exc_type is None:

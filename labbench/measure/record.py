@@ -149,8 +149,14 @@ def git_revision() -> str:
     """The bench's git revision (with `-dirty` when the tree has changes), or `unknown` outside git."""
     here = Path(__file__).resolve().parent
     try:
-        rev = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=here,
-                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return rev or "unknown"

@@ -49,8 +49,8 @@ from labbench.steps import step
 if TYPE_CHECKING:
     import numpy as np
 
-    from labbench.powertrace import PowerTrace, PowerUpdate, Steady, WindowEnergy
     from labbench.payloads import Payload
+    from labbench.powertrace import PowerTrace, PowerUpdate, Steady, WindowEnergy
 
 
 class Capture(Protocol):
@@ -98,16 +98,23 @@ def _setting(default: Any, help: str) -> Any:
 class RunSettings:
     """How a board is measured; each field is a command-line option of both front doors (`options`)."""
 
-    latency_samples: int = _setting(200, "individually timed inferences for the latency distribution, at most "
-                                         "(fewer when they would take longer than --latency-budget-s)")
+    latency_samples: int = _setting(
+        200,
+        "individually timed inferences for the latency distribution, at most "
+        "(fewer when they would take longer than --latency-budget-s)",
+    )
     latency_budget_s: float = _setting(10.0, "seconds the timed inferences may take")
     warmup: int = _setting(10, "inferences run before any timed one")
     window_s: float = _setting(10.0, "minimum length of an energy window (MLPerf Tiny: shorter is invalid)")
     windows: int = _setting(5, "energy windows per model, the median taken (MLPerf Tiny's 5)")
     idle_s: float = _setting(3.0, "idle baseline length")
     accuracy_samples: int | None = _setting(400, "test-split samples for accuracy")
-    prescan_s: float = _setting(1.5, "back-to-back inferences that find the peaks the analyzer's ranges must hold")
-    attempts: int = _setting(3, "invalid measurements of a window (or the idle baseline) before it is an error")
+    prescan_s: float = _setting(
+        1.5, "back-to-back inferences that find the peaks the analyzer's ranges must hold"
+    )
+    attempts: int = _setting(
+        3, "invalid measurements of a window (or the idle baseline) before it is an error"
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -120,9 +127,16 @@ class RunSettings:
     def options() -> list[tuple[str, str, type, Any, str]]:
         """(option, field, type, default, help) for each setting: `--window-s` for `window_s`."""
         types = {"int": int, "float": float, "int | None": int}
-        return [(f"--{f.name.replace('_', '-')}", f.name, types[str(f.type)], f.default,
-                 f"{f.metadata['help']} (default {f.default:g}{' s' if f.name.endswith('_s') else ''})")
-                for f in fields(RunSettings)]
+        return [
+            (
+                f"--{f.name.replace('_', '-')}",
+                f.name,
+                types[str(f.type)],
+                f.default,
+                f"{f.metadata['help']} (default {f.default:g}{' s' if f.name.endswith('_s') else ''})",
+            )
+            for f in fields(RunSettings)
+        ]
 
     @classmethod
     def from_options(cls, get: Callable[[str], Any]) -> RunSettings:
@@ -192,8 +206,12 @@ class PayloadMismatch(HardwareError):
 
 def check_identity(board: Board, payload: Payload, identity: DutIdentity) -> None:
     if identity.model_sha256 and identity.model_sha256 != payload.info.sha256:
-        raise PayloadMismatch(board.name, "identify", f"runs model sha256 {identity.model_sha256[:12]}, "
-                              f"expected {payload.name} ({payload.info.sha256[:12]})")
+        raise PayloadMismatch(
+            board.name,
+            "identify",
+            f"runs model sha256 {identity.model_sha256[:12]}, "
+            f"expected {payload.name} ({payload.info.sha256[:12]})",
+        )
 
 
 def _latency(board: Board, payload: Payload, s: RunSettings, got: _Sofar) -> TimedRun:
@@ -205,7 +223,9 @@ def _latency(board: Board, payload: Payload, s: RunSettings, got: _Sofar) -> Tim
     sample = payload.timing_input()
     try:
         probe = board.target.run_timed(sample, 3, s.warmup, per_inference=True)
-        per_s = max((probe.host_end - probe.host_start) / probe.count, float(np.median(probe.latencies_us)) / 1e6)
+        per_s = max(
+            (probe.host_end - probe.host_start) / probe.count, float(np.median(probe.latencies_us)) / 1e6
+        )
         n = int(min(s.latency_samples, max(10, math.ceil(s.latency_budget_s / max(per_s, 1e-9)))))
         latency = got.latency = board.target.run_timed(sample, n, 0, per_inference=True)
     except HardwareError as exc:
@@ -234,34 +254,61 @@ def _stop_when(target: InferenceTarget, cap: object) -> dict[str, Any]:
     return {"stop": failed}
 
 
-def _energy(board: Board, payload: Payload, s: RunSettings, latency: TimedRun, got: _Sofar, outcome: Outcome,
-            progress: Callable[[str], None]) -> None:
+def _energy(
+    board: Board,
+    payload: Payload,
+    s: RunSettings,
+    latency: TimedRun,
+    got: _Sofar,
+    outcome: Outcome,
+    progress: Callable[[str], None],
+) -> None:
     """Energy windows of `payload` under a power capture; accepted windows, the trace and the idle
     baseline are kept in `got` and `outcome` as they come, so a fault keeps them."""
     latency_ms = sum(latency.latencies_us) / latency.count / 1000
     sample = payload.timing_input()
     count = _window_count(board, sample, s, latency_ms)
     meter = board.power_meter
-    run_energy(meter, board.target, sample, count, s, got.energy_run, outcome, progress=progress,
-               capture=lambda **kw: meter.capture(board.power_channel, **kw), accepted=got.runs.append)
+    run_energy(
+        meter,
+        board.target,
+        sample,
+        count,
+        s,
+        got.energy_run,
+        outcome,
+        progress=progress,
+        capture=lambda **kw: meter.capture(board.power_channel, **kw),
+        accepted=got.runs.append,
+    )
     instrument = outcome.trace.instrument if outcome.trace is not None else ""
     got.energy, got.window_ms = energy_of(got.energy_run, instrument or repr(meter), meter.update_period_s)
     got.instrument = meter.identity()
 
 
-def run_energy(meter: PowerMeter, target: InferenceTarget, sample: np.ndarray, count: int, s: RunSettings,
-               record: EnergyRun, outcome: Outcome, *,
-               capture: Callable[..., AbstractContextManager[Capture]] | None = None,
-               sleep: Callable[[float], None] = time.sleep, progress: Callable[[str], None] = lambda step: None,
-               accepted: Callable[[TimedRun], None] = lambda run: None) -> None:
+def run_energy(
+    meter: PowerMeter,
+    target: InferenceTarget,
+    sample: np.ndarray,
+    count: int,
+    s: RunSettings,
+    record: EnergyRun,
+    outcome: Outcome,
+    *,
+    capture: Callable[..., AbstractContextManager[Capture]] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    progress: Callable[[str], None] = lambda step: None,
+    accepted: Callable[[TimedRun], None] = lambda run: None,
+) -> None:
     """Step 3 of the module docstring: pre-scan, idle baseline and checked windows of `count`
     inferences of `sample` on `target`, measured by `meter` through `capture()` (default
     `meter.capture`; the pre-scan's takes `step_up=True`); `sleep` waits. Fills `record` and
     `outcome` as it goes (`accepted` hears each window that counts)."""
     capture = capture or meter.capture
     if isinstance(meter, RangedMeter) and not meter.ranges_from_lab:
-        record.ranges = _prescan(meter, target, sample, max(1, math.ceil(count * s.prescan_s / s.window_s)),
-                                 capture, progress)
+        record.ranges = _prescan(
+            meter, target, sample, max(1, math.ceil(count * s.prescan_s / s.window_s)), capture, progress
+        )
     else:
         record.ranges = getattr(meter, "range_note", None)
     cap = None
@@ -271,8 +318,9 @@ def run_energy(meter: PowerMeter, target: InferenceTarget, sample: np.ndarray, c
             idle, span = _idle_baseline(cap, meter, s, record, sleep, progress)
             record.idle, outcome.idle, guard_from = idle, span, span[1]
             for i in range(s.windows):
-                result = _window(cap, meter, target, sample, count, s, record, idle, i, guard_from, stop,
-                                 progress)
+                result = _window(
+                    cap, meter, target, sample, count, s, record, idle, i, guard_from, stop, progress
+                )
                 cap.mark(f"window-{i}-start", result.run.host_start)
                 cap.mark(f"window-{i}-end", result.run.host_end)
                 record.windows.append(result)
@@ -284,8 +332,14 @@ def run_energy(meter: PowerMeter, target: InferenceTarget, sample: np.ndarray, c
             outcome.trace = cap.trace
 
 
-def _prescan(meter: RangedMeter, target: InferenceTarget, sample: np.ndarray, count: int,
-             capture: Callable[..., AbstractContextManager[Capture]], progress: Callable[[str], None]) -> str:
+def _prescan(
+    meter: RangedMeter,
+    target: InferenceTarget,
+    sample: np.ndarray,
+    count: int,
+    capture: Callable[..., AbstractContextManager[Capture]],
+    progress: Callable[[str], None],
+) -> str:
     """Run the payload from the lowest ranges up, the capture raising them at each overload, until
     a run reads no overload; then hold the ranges for the peaks it saw."""
     meter.lowest_ranges()
@@ -298,9 +352,14 @@ def _prescan(meter: RangedMeter, target: InferenceTarget, sample: np.ndarray, co
     return meter.hold_ranges(scan.trace)
 
 
-def _idle_baseline(cap: Capture, meter: PowerMeter, s: RunSettings, record: EnergyRun,
-                   sleep: Callable[[float], None],
-                   progress: Callable[[str], None]) -> tuple[WindowEnergy, tuple[float, float]]:
+def _idle_baseline(
+    cap: Capture,
+    meter: PowerMeter,
+    s: RunSettings,
+    record: EnergyRun,
+    sleep: Callable[[float], None],
+    progress: Callable[[str], None],
+) -> tuple[WindowEnergy, tuple[float, float]]:
     """The idle baseline, one settled update into the capture, its edges apportioned with the load
     beside it where that was steady at one level (else their worst case), and the marks around it;
     measured again while invalid."""
@@ -318,7 +377,9 @@ def _idle_baseline(cap: Capture, meter: PowerMeter, s: RunSettings, record: Ener
         cap.wait_for_updates_after(t1 + lag, 2)
         trace = cap.trace
         before, after = trace.steady(after_s, t0), trace.steady(t1, math.inf)
-        steady = before is not None and after is not None and before.agrees_with(after.level_w, after.accuracy_w)
+        steady = (
+            before is not None and after is not None and before.agrees_with(after.level_w, after.accuracy_w)
+        )
         try:
             idle = trace.energy(t0, t1, before=before if steady else None, after=after if steady else None)
             problems = idle.problems
@@ -329,13 +390,27 @@ def _idle_baseline(cap: Capture, meter: PowerMeter, s: RunSettings, record: Ener
         raised = _remedy(meter, problems, trace, t0)
         after_s, settle, failed = t1, settle + (3 if raised else 2), failed + (not raised)
         record.remeasured.append(f"idle baseline, measurement {measurement}: {'; '.join(problems)}")
-    raise InstrumentError(getattr(meter, "name", "power meter"), "idle baseline",
-                          f"invalid in {s.attempts} measurements: {'; '.join(problems)}")
+    raise InstrumentError(
+        getattr(meter, "name", "power meter"),
+        "idle baseline",
+        f"invalid in {s.attempts} measurements: {'; '.join(problems)}",
+    )
 
 
-def _window(cap: Capture, meter: PowerMeter, target: InferenceTarget, sample: np.ndarray, count: int,
-            s: RunSettings, record: EnergyRun, idle: WindowEnergy, i: int, guard_from: float,
-            stop: dict[str, Any], progress: Callable[[str], None]) -> WindowResult:
+def _window(
+    cap: Capture,
+    meter: PowerMeter,
+    target: InferenceTarget,
+    sample: np.ndarray,
+    count: int,
+    s: RunSettings,
+    record: EnergyRun,
+    idle: WindowEnergy,
+    i: int,
+    guard_from: float,
+    stop: dict[str, Any],
+    progress: Callable[[str], None],
+) -> WindowResult:
     """Energy window `i`: measured (after a guard stretch of at least one whole idle update) and
     checked; measured again while invalid."""
     settle, failed, measurement = 2, 0, 0  # updates after the last stretch: its edge update, a whole idle one
@@ -344,9 +419,15 @@ def _window(cap: Capture, meter: PowerMeter, target: InferenceTarget, sample: np
     while failed < s.attempts:  # a measurement after which the ranges were raised does not count
         measurement += 1
         cap.wait_for_updates_after(guard_from + lag, settle)
-        progress(f"energy window {i + 1}/{s.windows}: {count} inferences"
-                 + (f" (measurement {measurement})" if measurement > 1 else ""))
-        with step(_board(target), f"energy window {i + 1}/{s.windows}", f"{count} inferences, measurement {measurement}"):
+        progress(
+            f"energy window {i + 1}/{s.windows}: {count} inferences"
+            + (f" (measurement {measurement})" if measurement > 1 else "")
+        )
+        with step(
+            _board(target),
+            f"energy window {i + 1}/{s.windows}",
+            f"{count} inferences, measurement {measurement}",
+        ):
             run = target.run_timed(sample, count, 0, **stop)
         cap.wait_for_updates_after(run.host_end + lag, settle)  # the trailing guard: edge update, whole idle
         # guards that stay busy once lengthened are the DUT's own (an SSH runner starting up)
@@ -354,16 +435,21 @@ def _window(cap: Capture, meter: PowerMeter, target: InferenceTarget, sample: np
         result, problems = _judge(trace, run, idle, guard_from, worst_case_edges=measurement > 1)
         if result is not None:
             if problems:
-                record.remeasured.append(f"window {i + 1}, measurement {measurement}: counted with the edges' "
-                                         f"worst case: {'; '.join(problems)}")
+                record.remeasured.append(
+                    f"window {i + 1}, measurement {measurement}: counted with the edges' "
+                    f"worst case: {'; '.join(problems)}"
+                )
             return result
         raised = _remedy(meter, problems, trace, run.host_start)
         cap.mark(f"window-{i}-invalid-{measurement}-start", run.host_start)
         cap.mark(f"window-{i}-invalid-{measurement}-end", run.host_end)
         record.remeasured.append(f"window {i + 1}, measurement {measurement}: {'; '.join(problems)}")
         guard_from, settle, failed = run.host_end, settle + (3 if raised else 2), failed + (not raised)
-    raise InstrumentError(getattr(meter, "name", "power meter"), f"energy window {i + 1}/{s.windows}",
-                          f"invalid in {measurement} measurements: {'; '.join(problems)}")
+    raise InstrumentError(
+        getattr(meter, "name", "power meter"),
+        f"energy window {i + 1}/{s.windows}",
+        f"invalid in {measurement} measurements: {'; '.join(problems)}",
+    )
 
 
 def _board(driver: object) -> str:
@@ -383,31 +469,42 @@ def _remedy(meter: PowerMeter, problems: list[str], trace: PowerTrace, t0: float
     `problems`, and blanks an update the next guard stretch must make up for)."""
     if not isinstance(meter, RangedMeter) or not any("overload" in p for p in problems):
         return False
-    overloaded = [u for u, t in zip(trace.updates, trace.t_s) if u.overload and t0 - trace.period_s <= t]
+    overloaded = [
+        u for u, t in zip(trace.updates, trace.t_s, strict=True) if u.overload and t0 - trace.period_s <= t
+    ]
     raised = meter.step_up(overloaded or list(trace.updates[-3:]))
     if raised is None:
-        raise InstrumentError(meter.name, "energy measurement",
-                              f"a range overload on the ranges held ({meter.range_note}); nothing above them to "
-                              f"use: fix larger ranges in lab.yaml (settings current_range, voltage_range)")
+        raise InstrumentError(
+            meter.name,
+            "energy measurement",
+            f"a range overload on the ranges held ({meter.range_note}); nothing above them to "
+            f"use: fix larger ranges in lab.yaml (settings current_range, voltage_range)",
+        )
     problems.append(f"ranges raised: {raised}")
     return True
 
 
-def _judge(trace: PowerTrace, run: TimedRun, idle: WindowEnergy, guard_from: float,
-           worst_case_edges: bool) -> tuple[WindowResult | None, list[str]]:
+def _judge(
+    trace: PowerTrace, run: TimedRun, idle: WindowEnergy, guard_from: float, worst_case_edges: bool
+) -> tuple[WindowResult | None, list[str]]:
     """A window's result and its problems. The guard stretches beside it (from `guard_from` to the
     run, and after the run to the end of the trace) must be steady at the idle level for the edge
     updates to be apportioned with that level; a window with other problems never counts; one
     whose guards are the only problem counts with the edges' worst case when `worst_case_edges`."""
     t0, t1 = run.host_start, run.host_end
     guards: list[str] = []
-    sides: dict[str, Steady | None] = {"before": trace.steady(guard_from, t0), "after": trace.steady(t1, math.inf)}
+    sides: dict[str, Steady | None] = {
+        "before": trace.steady(guard_from, t0),
+        "after": trace.steady(t1, math.inf),
+    }
     for side, steady in sides.items():
         if steady is None:
             guards.append(f"the guard stretch {side} it was not steady")
         elif not steady.agrees_with(idle.mean_power_w, idle.power_uncertainty_w):
-            guards.append(f"the guard stretch {side} it drew {steady.level_w:.4g} W, not idle "
-                          f"({idle.mean_power_w:.4g} W)")
+            guards.append(
+                f"the guard stretch {side} it drew {steady.level_w:.4g} W, not idle "
+                f"({idle.mean_power_w:.4g} W)"
+            )
     claims = {} if guards else sides
     measured: dict[str, WindowEnergy | None] = {}
     problems: list[str] = []
@@ -438,10 +535,18 @@ def energy_of(record: EnergyRun, instrument: str, period_s: float) -> tuple[Ener
     for w in record.windows:
         per_inference_ms = sum(w.run.latencies_us) / w.run.count / 1000
         watts = w.power.mean_power_w
-        rows.append((w, per_inference_ms, {
-            "active_power_w": watts, "power_x_latency_mj": watts * per_inference_ms,
-            "integrated_mj": w.integrator.energy_j * 1000 / w.run.count if w.integrator else None,
-            "dynamic_mj": (watts - idle.mean_power_w) * per_inference_ms}))
+        rows.append(
+            (
+                w,
+                per_inference_ms,
+                {
+                    "active_power_w": watts,
+                    "power_x_latency_mj": watts * per_inference_ms,
+                    "integrated_mj": w.integrator.energy_j * 1000 / w.run.count if w.integrator else None,
+                    "dynamic_mj": (watts - idle.mean_power_w) * per_inference_ms,
+                },
+            )
+        )
     # the median window by latency, as MLPerf Tiny takes the median throughput
     w, per_inf_ms, values = sorted(rows, key=lambda r: r[1])[len(rows) // 2]
     power, n = w.power, w.run.count
@@ -457,35 +562,60 @@ def energy_of(record: EnergyRun, instrument: str, period_s: float) -> tuple[Ener
         "active_power_w": _uncertainty(power, per_w, spread=spread("active_power_w")),
         "idle_power_w": _uncertainty(idle, 1 / idle.duration_s),
         "power_x_latency_mj": _uncertainty(power, per_w * per_inf_ms, spread=spread("power_x_latency_mj")),
-        "dynamic_mj": _uncertainty(power, per_w * per_inf_ms, idle, per_inf_ms / idle.duration_s,
-                                   spread("dynamic_mj")),
+        "dynamic_mj": _uncertainty(
+            power, per_w * per_inf_ms, idle, per_inf_ms / idle.duration_s, spread("dynamic_mj")
+        ),
     }
     if w.integrator is not None:
         figures["integrated_mj"] = _uncertainty(w.integrator, 1000 / n, spread=spread("integrated_mj"))
     reported = "integrated_mj" if integrated_mj is not None else "power_x_latency_mj"
     figures["per_inference_mj"] = figures[reported]
     v_range, a_range = (w.integrator or power).ranges[0] if (w.integrator or power).ranges else (None, None)
-    edges = ("edges apportioned with verified idle guards" if all(r[0].guarded for r in rows)
-             else "edges at their worst case where the guards beside a window were not idle")
+    edges = (
+        "edges apportioned with verified idle guards"
+        if all(r[0].guarded for r in rows)
+        else "edges at their worst case where the guards beside a window were not idle"
+    )
     energy = Energy(
         per_inference_mj=integrated_mj if integrated_mj is not None else power_x_latency,
-        power_x_latency_mj=power_x_latency, integrated_mj=integrated_mj,
-        uncertainty_mj=figures["per_inference_mj"].total, uncertainties=figures,
-        active_power_w=power.mean_power_w, idle_power_w=idle.mean_power_w, dynamic_mj=values["dynamic_mj"],
-        window_s=power.duration_s, inferences=n, windows=len(rows), window_host_s=(w.run.host_start, w.run.host_end),
-        voltage_range_v=v_range, current_range_a=a_range, ranges=record.ranges, remeasured=list(record.remeasured),
-        method=("median of windows; integrator energy / count" if integrated_mj is not None
-                else f"median of windows; average power ({power.method} method) x latency per inference")
-        + f"; {edges}; instrument {instrument}, update period {period_s:g} s")
+        power_x_latency_mj=power_x_latency,
+        integrated_mj=integrated_mj,
+        uncertainty_mj=figures["per_inference_mj"].total,
+        uncertainties=figures,
+        active_power_w=power.mean_power_w,
+        idle_power_w=idle.mean_power_w,
+        dynamic_mj=values["dynamic_mj"],
+        window_s=power.duration_s,
+        inferences=n,
+        windows=len(rows),
+        window_host_s=(w.run.host_start, w.run.host_end),
+        voltage_range_v=v_range,
+        current_range_a=a_range,
+        ranges=record.ranges,
+        remeasured=list(record.remeasured),
+        method=(
+            "median of windows; integrator energy / count"
+            if integrated_mj is not None
+            else f"median of windows; average power ({power.method} method) x latency per inference"
+        )
+        + f"; {edges}; instrument {instrument}, update period {period_s:g} s",
+    )
     return energy, [r[1] for r in rows]
 
 
-def _uncertainty(w: WindowEnergy, scale: float, other: WindowEnergy | None = None, other_scale: float = 0.0,
-                 spread: float = 0.0) -> Uncertainty:
+def _uncertainty(
+    w: WindowEnergy,
+    scale: float,
+    other: WindowEnergy | None = None,
+    other_scale: float = 0.0,
+    spread: float = 0.0,
+) -> Uncertainty:
     """A figure's uncertainty from the window(s) it derives from (each component scaled to the
     figure's unit), plus the spread between windows."""
-    parts = {k: getattr(w, f"{k}_j") * scale + (getattr(other, f"{k}_j") * other_scale if other else 0.0)
-             for k in ("accuracy", "rounding", "edges")}
+    parts = {
+        k: getattr(w, f"{k}_j") * scale + (getattr(other, f"{k}_j") * other_scale if other else 0.0)
+        for k in ("accuracy", "rounding", "edges")
+    }
     return Uncertainty(total=sum(parts.values()) + spread, spread=spread, **parts)
 
 
@@ -498,8 +628,9 @@ def _kept_energy(got: _Sofar, outcome: Outcome, meter: str) -> None:
         got.instrument = trace.instrument or None
 
 
-def _accuracy(board: Board, payload: Payload, s: RunSettings, got: _Sofar,
-              progress: Callable[[str], None]) -> None:
+def _accuracy(
+    board: Board, payload: Payload, s: RunSettings, got: _Sofar, progress: Callable[[str], None]
+) -> None:
     """Top-1 accuracy over the test split; a run cut short keeps the accuracy of the rows it returned."""
     import numpy as np
 
@@ -510,7 +641,7 @@ def _accuracy(board: Board, payload: Payload, s: RunSettings, got: _Sofar,
     except HardwareError as exc:
         rows = np.asarray(exc.partial) if exc.partial is not None else np.empty((0,))
         if rows.ndim and len(rows):
-            got.accuracy, got.accuracy_n = _top1(rows, y[:len(rows)]), len(rows)
+            got.accuracy, got.accuracy_n = _top1(rows, y[: len(rows)]), len(rows)
         raise
     got.accuracy, got.accuracy_n = _top1(outputs, y), len(y)
 
@@ -521,9 +652,15 @@ def _top1(outputs: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.argmax(outputs.reshape(len(y), -1), axis=1) == y))
 
 
-def measure(board: Board, payload: Payload, settings: RunSettings = RunSettings(), *,
-            firmware_sha256: str | None = None, extra: dict[str, Any] | None = None,
-            progress: Callable[[str], None] = lambda step: None) -> Outcome:
+def measure(
+    board: Board,
+    payload: Payload,
+    settings: RunSettings = RunSettings(),
+    *,
+    firmware_sha256: str | None = None,
+    extra: dict[str, Any] | None = None,
+    progress: Callable[[str], None] = lambda step: None,
+) -> Outcome:
     """Measure `payload` on `board` (already flashed or deployed); `progress` hears each step.
 
     On a HardwareError after latency samples were taken, what was measured (latency samples, the
@@ -537,8 +674,9 @@ def measure(board: Board, payload: Payload, settings: RunSettings = RunSettings(
             progress("cold start: reset to m-init-done")
             target = board.target
             if not isinstance(target, Resettable):
-                raise UsageError(f"{board.name}: reset: rts, but its driver {type(target).__name__} "
-                                 "cannot reset the board")
+                raise UsageError(
+                    f"{board.name}: reset: rts, but its driver {type(target).__name__} cannot reset the board"
+                )
             with step(board.name, phase, "reset to m-init-done"):
                 target.reset()
         phase = "identify"
@@ -561,40 +699,84 @@ def measure(board: Board, payload: Payload, settings: RunSettings = RunSettings(
         if phase == "energy":
             _kept_energy(got, outcome, repr(board.power_meter))
         if got.identity is not None and got.latency is not None:
-            kept = {"failed_phase": phase, "windows_completed": len(got.runs),
-                    "power_updates": len(outcome.trace) if outcome.trace is not None else 0}
-            exc.partial = _record(board, payload, got.identity, got.latency, got, firmware_sha256,
-                                  {**(extra or {}), "partial": kept}, error=str(exc))
+            kept = {
+                "failed_phase": phase,
+                "windows_completed": len(got.runs),
+                "power_updates": len(outcome.trace) if outcome.trace is not None else 0,
+            }
+            exc.partial = _record(
+                board,
+                payload,
+                got.identity,
+                got.latency,
+                got,
+                firmware_sha256,
+                {**(extra or {}), "partial": kept},
+                error=str(exc),
+            )
         raise
     outcome.measurement = _record(board, payload, identity, latency, got, firmware_sha256, extra or {})
     return outcome
 
 
-def _record(board: Board, payload: Payload, identity: DutIdentity, timed: TimedRun, got: _Sofar,
-            firmware_sha256: str | None, extra: dict[str, Any], error: str | None = None) -> Measurement:
+def _record(
+    board: Board,
+    payload: Payload,
+    identity: DutIdentity,
+    timed: TimedRun,
+    got: _Sofar,
+    firmware_sha256: str | None,
+    extra: dict[str, Any],
+    error: str | None = None,
+) -> Measurement:
     """The Measurement of what `got` holds (its `identity` and latency run `timed` given apart): whole,
     or partial when an `error` cut the run short."""
     from labbench.measure.stats import latency_record
 
     samples_ms = [u / 1000 for u in timed.latencies_us]
     extras = {**identity.extra, **timed.extra}
-    latency = latency_record(samples_ms, throughput_windows_ms=got.window_ms,
-                             method=f"{len(samples_ms)} inferences each timed on the device clock "
-                                    f"({extras.get('latency_basis', 'per_inference')})")
-    cold = {k: float(v) for k, v in extras.items() if k.startswith("cold_start") and isinstance(v, (int, float))}
+    latency = latency_record(
+        samples_ms,
+        throughput_windows_ms=got.window_ms,
+        method=f"{len(samples_ms)} inferences each timed on the device clock "
+        f"({extras.get('latency_basis', 'per_inference')})",
+    )
+    cold = {
+        k: float(v) for k, v in extras.items() if k.startswith("cold_start") and isinstance(v, (int, float))
+    }
     lab = board.lab
     return Measurement(
-        board=board.name, model=payload.name, config=payload.config, latency=latency, energy=got.energy,
-        accuracy=got.accuracy, accuracy_n=got.accuracy_n, cold_start_ms=cold.pop("cold_start_ms", None),
-        cold_start_breakdown_ms=cold, runtime=extras.get("runtime"),
-        memory=Memory(flash_bytes=payload.info.size_bytes, arena_bytes=_int(extras.get("arena_bytes")),
-                      peak_rss_kib=_int(extras.get("peak_rss_kib"))),
-        provenance=Provenance(board=board.name, family=board.family.name,
-                              source="sim" if board.simulated else "hw", power_mode=board.entry.power_mode,
-                              model_sha256=payload.info.sha256, firmware_sha256=firmware_sha256,
-                              dataset_sha256=payload.dataset_sha256, instrument=got.instrument,
-                              dut=f"{identity.name} / {identity.firmware or ''}", lab_sha256=lab.sha256),
-        extra=extra, status="valid" if error is None else "partial", error=error)
+        board=board.name,
+        model=payload.name,
+        config=payload.config,
+        latency=latency,
+        energy=got.energy,
+        accuracy=got.accuracy,
+        accuracy_n=got.accuracy_n,
+        cold_start_ms=cold.pop("cold_start_ms", None),
+        cold_start_breakdown_ms=cold,
+        runtime=extras.get("runtime"),
+        memory=Memory(
+            flash_bytes=payload.info.size_bytes,
+            arena_bytes=_int(extras.get("arena_bytes")),
+            peak_rss_kib=_int(extras.get("peak_rss_kib")),
+        ),
+        provenance=Provenance(
+            board=board.name,
+            family=board.family.name,
+            source="sim" if board.simulated else "hw",
+            power_mode=board.entry.power_mode,
+            model_sha256=payload.info.sha256,
+            firmware_sha256=firmware_sha256,
+            dataset_sha256=payload.dataset_sha256,
+            instrument=got.instrument,
+            dut=f"{identity.name} / {identity.firmware or ''}",
+            lab_sha256=lab.sha256,
+        ),
+        extra=extra,
+        status="valid" if error is None else "partial",
+        error=error,
+    )
 
 
 def _int(value: Any) -> int | None:

@@ -58,7 +58,7 @@ def emit_line(body: bytes) -> None:
     the board."""
     line = b"%s *%08X\n" % (body, zlib.crc32(body))
     while line:
-        line = line[os.write(_out, line):]
+        line = line[os.write(_out, line) :]
 
 
 def emit(record: dict) -> None:
@@ -110,9 +110,15 @@ class TfliteModel:
         return self._it.get_tensor(self._out["index"])
 
 
-ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
-              "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int32)": "int32",
-              "tensor(int64)": "int64"}
+ONNX_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+}
 
 
 class OnnxModel:
@@ -190,11 +196,24 @@ def cold_start(path: str, inputs: np.ndarray, first: np.ndarray, count: int, war
     t1 = time.perf_counter_ns()
     model.invoke(prepare(model, first))
     t2 = time.perf_counter_ns()
-    emit({"type": "start", "protocol": PROTOCOL, "t0_ns": T0_NS, "t_ns": t1, "count": count, "warmup": warmup,
-          "outputs": len(scores(model, model.output())), "model_sha256": sha256(path),
-          "input_sha256": input_sha256(inputs), "runtime": model.runtime,
-          "runtime_version": model.runtime_version, "load_ms": (t1 - t0) / 1e6,
-          "cold_start_ms": (t2 - t0) / 1e6, "first_latency_ns": t2 - t1})
+    emit(
+        {
+            "type": "start",
+            "protocol": PROTOCOL,
+            "t0_ns": T0_NS,
+            "t_ns": t1,
+            "count": count,
+            "warmup": warmup,
+            "outputs": len(scores(model, model.output())),
+            "model_sha256": sha256(path),
+            "input_sha256": input_sha256(inputs),
+            "runtime": model.runtime,
+            "runtime_version": model.runtime_version,
+            "load_ms": (t1 - t0) / 1e6,
+            "cold_start_ms": (t2 - t0) / 1e6,
+            "first_latency_ns": t2 - t1,
+        }
+    )
     return model, t2, t2 - t1
 
 
@@ -207,30 +226,65 @@ def timed(path: str, sample: np.ndarray, count: int, warmup: int) -> None:
         t0 = time.perf_counter_ns()
         model.invoke(x)
         t1 = time.perf_counter_ns()
-        emit_line(b'{"type":"inference","i":%d,"t_ns":%d,"latency_ns":%d}' % (i, t1, t1 - t0))  # json costs more
-    emit({"type": "end", "count": count, "t_ns": time.perf_counter_ns(), "peak_rss_kib": peak_rss_kib(),
-          "output": scores(model, model.output())})
+        emit_line(
+            b'{"type":"inference","i":%d,"t_ns":%d,"latency_ns":%d}' % (i, t1, t1 - t0)
+        )  # json costs more
+    emit(
+        {
+            "type": "end",
+            "count": count,
+            "t_ns": time.perf_counter_ns(),
+            "peak_rss_kib": peak_rss_kib(),
+            "output": scores(model, model.output()),
+        }
+    )
 
 
 def classify(path: str, samples: np.ndarray) -> None:
     model, first_end_ns, first_ns = cold_start(path, samples, samples[0], len(samples), 0)
-    emit({"type": "inference", "i": 0, "t_ns": first_end_ns, "latency_ns": first_ns,
-          "output": scores(model, model.output())})
+    emit(
+        {
+            "type": "inference",
+            "i": 0,
+            "t_ns": first_end_ns,
+            "latency_ns": first_ns,
+            "output": scores(model, model.output()),
+        }
+    )
     for i in range(1, len(samples)):
         x = prepare(model, samples[i])
         t0 = time.perf_counter_ns()
         model.invoke(x)
         t1 = time.perf_counter_ns()
-        emit({"type": "inference", "i": i, "t_ns": t1, "latency_ns": t1 - t0,
-              "output": scores(model, model.output())})
-    emit({"type": "end", "count": len(samples), "t_ns": time.perf_counter_ns(), "peak_rss_kib": peak_rss_kib()})
+        emit(
+            {
+                "type": "inference",
+                "i": i,
+                "t_ns": t1,
+                "latency_ns": t1 - t0,
+                "output": scores(model, model.output()),
+            }
+        )
+    emit(
+        {"type": "end", "count": len(samples), "t_ns": time.perf_counter_ns(), "peak_rss_kib": peak_rss_kib()}
+    )
 
 
 def info(path: str) -> None:
     model = load(path)
-    emit({"type": "info", "protocol": PROTOCOL, "hostname": platform.node(), "board_model": board_model(),
-          "machine": platform.machine(), "python": platform.python_version(), "runtime": model.runtime,
-          "runtime_version": model.runtime_version, "model_sha256": sha256(path)})
+    emit(
+        {
+            "type": "info",
+            "protocol": PROTOCOL,
+            "hostname": platform.node(),
+            "board_model": board_model(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "runtime": model.runtime,
+            "runtime_version": model.runtime_version,
+            "model_sha256": sha256(path),
+        }
+    )
 
 
 def stdin_array() -> np.ndarray:

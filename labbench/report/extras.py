@@ -22,33 +22,73 @@ def measurement_table(m: Measurement) -> str:
         rows.append(("PARTIAL: never judged", m.error or "", kept))
     if m.latency:
         lat = m.latency
-        rows += [("latency p50", f"{lat.p50_ms:.4g} ms", f"95% CI {lat.p50_ci95_ms[0]:.4g}..{lat.p50_ci95_ms[1]:.4g} ms; {lat.method}"),
-                 ("latency p90", f"{lat.p90_ms:.4g} ms", f"{len(lat.samples_ms)} samples"),
-                 ("latency p99", f"{lat.p99_ms:.4g} ms", f"95% CI {lat.p99_ci95_ms[0]:.4g}..{lat.p99_ci95_ms[1]:.4g} ms"),
-                 ("latency mean", f"{lat.mean_ms:.4g} ms", "")]
+        rows += [
+            (
+                "latency p50",
+                f"{lat.p50_ms:.4g} ms",
+                f"95% CI {lat.p50_ci95_ms[0]:.4g}..{lat.p50_ci95_ms[1]:.4g} ms; {lat.method}",
+            ),
+            ("latency p90", f"{lat.p90_ms:.4g} ms", f"{len(lat.samples_ms)} samples"),
+            (
+                "latency p99",
+                f"{lat.p99_ms:.4g} ms",
+                f"95% CI {lat.p99_ci95_ms[0]:.4g}..{lat.p99_ci95_ms[1]:.4g} ms",
+            ),
+            ("latency mean", f"{lat.mean_ms:.4g} ms", ""),
+        ]
         if lat.median_window_ms is not None:
-            rows.append(("latency (MLPerf: 1000/median throughput)", f"{lat.median_window_ms:.4g} ms",
-                         f"{len(lat.throughput_windows_ms)} windows"))
+            rows.append(
+                (
+                    "latency (MLPerf: 1000/median throughput)",
+                    f"{lat.median_window_ms:.4g} ms",
+                    f"{len(lat.throughput_windows_ms)} windows",
+                )
+            )
     if m.energy:
         e = m.energy
         u = e.uncertainties
-        rows += [("energy per inference", _pm(e.per_inference_mj, e.uncertainty_mj, "mJ"),
-                  _how(u.get("per_inference_mj"), "mJ", e.method)),
-                 ("  power x latency", _pm(e.power_x_latency_mj, _total(u, "power_x_latency_mj"), "mJ"),
-                  _how(u.get("power_x_latency_mj"), "mJ", "")),
-                 ("  integrated / count", "-" if e.integrated_mj is None else
-                  _pm(e.integrated_mj, _total(u, "integrated_mj"), "mJ"),
-                  _how(u.get("integrated_mj"), "mJ",
-                       f"{e.inferences} inferences over {e.window_s:.3g} s x {e.windows} windows")),
-                 ("  dynamic (above idle)", _pm(e.dynamic_mj, _total(u, "dynamic_mj"), "mJ"),
-                  _how(u.get("dynamic_mj"), "mJ", "")),
-                 ("  active power", _pm(e.active_power_w, _total(u, "active_power_w"), "W"),
-                  _how(u.get("active_power_w"), "W", "")),
-                 ("  idle power", _pm(e.idle_power_w, _total(u, "idle_power_w"), "W"),
-                  _how(u.get("idle_power_w"), "W", ""))]
+        rows += [
+            (
+                "energy per inference",
+                _pm(e.per_inference_mj, e.uncertainty_mj, "mJ"),
+                _how(u.get("per_inference_mj"), "mJ", e.method),
+            ),
+            (
+                "  power x latency",
+                _pm(e.power_x_latency_mj, _total(u, "power_x_latency_mj"), "mJ"),
+                _how(u.get("power_x_latency_mj"), "mJ", ""),
+            ),
+            (
+                "  integrated / count",
+                "-" if e.integrated_mj is None else _pm(e.integrated_mj, _total(u, "integrated_mj"), "mJ"),
+                _how(
+                    u.get("integrated_mj"),
+                    "mJ",
+                    f"{e.inferences} inferences over {e.window_s:.3g} s x {e.windows} windows",
+                ),
+            ),
+            (
+                "  dynamic (above idle)",
+                _pm(e.dynamic_mj, _total(u, "dynamic_mj"), "mJ"),
+                _how(u.get("dynamic_mj"), "mJ", ""),
+            ),
+            (
+                "  active power",
+                _pm(e.active_power_w, _total(u, "active_power_w"), "W"),
+                _how(u.get("active_power_w"), "W", ""),
+            ),
+            (
+                "  idle power",
+                _pm(e.idle_power_w, _total(u, "idle_power_w"), "W"),
+                _how(u.get("idle_power_w"), "W", ""),
+            ),
+        ]
         if e.current_range_a is not None or e.ranges:
-            held = " / ".join(f"{v:g} {unit}" for v, unit in ((e.voltage_range_v, "V"), (e.current_range_a, "A"))
-                              if v is not None)
+            held = " / ".join(
+                f"{v:g} {unit}"
+                for v, unit in ((e.voltage_range_v, "V"), (e.current_range_a, "A"))
+                if v is not None
+            )
             rows.append(("  analyzer ranges held", held or "-", e.ranges or ""))
         for note in e.remeasured:
             rows.append(("  re-measured", "", note))
@@ -58,18 +98,32 @@ def measurement_table(m: Measurement) -> str:
         parts = ", ".join(f"{k} {v:.3g} ms" for k, v in m.cold_start_breakdown_ms.items())
         rows.append(("cold start", f"{m.cold_start_ms:.4g} ms", parts))
     mem = m.memory
-    for label, value, unit in (("model in flash", mem.flash_bytes, "B"), ("TFLM arena", mem.arena_bytes, "B"),
-                               ("peak RSS", mem.peak_rss_kib, "KiB")):
+    for label, value, unit in (
+        ("model in flash", mem.flash_bytes, "B"),
+        ("TFLM arena", mem.arena_bytes, "B"),
+        ("peak RSS", mem.peak_rss_kib, "KiB"),
+    ):
         if value is not None:
             rows.append((label, f"{value:,} {unit}", ""))
     p = m.provenance
-    rows.append(("provenance", f"{p.source} / {p.board} ({p.family})",
-                 (f"model {p.model_sha256[:12]}, firmware {(p.firmware_sha256 or '-')[:12]}, "
-                  f"instrument {p.instrument or '-'}, bench {p.bench_git_rev}, lab {p.lab_sha256[:12]}")))
-    body = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
-                   for a, b, c in rows)
-    return (f"<h4>{html.escape(m.board)} / {html.escape(m.model)}</h4><table class='labbench'>"
-            f"<tr><th>quantity</th><th>value</th><th>how</th></tr>{body}</table>")
+    rows.append(
+        (
+            "provenance",
+            f"{p.source} / {p.board} ({p.family})",
+            (
+                f"model {p.model_sha256[:12]}, firmware {(p.firmware_sha256 or '-')[:12]}, "
+                f"instrument {p.instrument or '-'}, bench {p.bench_git_rev}, lab {p.lab_sha256[:12]}"
+            ),
+        )
+    )
+    body = "".join(
+        f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
+        for a, b, c in rows
+    )
+    return (
+        f"<h4>{html.escape(m.board)} / {html.escape(m.model)}</h4><table class='labbench'>"
+        f"<tr><th>quantity</th><th>value</th><th>how</th></tr>{body}</table>"
+    )
 
 
 def _pm(value: float, uncertainty: float | None, unit: str) -> str:
@@ -91,8 +145,11 @@ def _how(u: Uncertainty | None, unit: str, method: str) -> str:
 
 
 def verdict_table(judgements: list[Judgement]) -> str:
-    rows = "".join(f"<tr><td style='color:{_COLOURS[j.verdict]}'><b>{j.verdict.value}</b></td>"
-                   f"<td>{html.escape(str(j))}</td></tr>" for j in judgements)
+    rows = "".join(
+        f"<tr><td style='color:{_COLOURS[j.verdict]}'><b>{j.verdict.value}</b></td>"
+        f"<td>{html.escape(str(j))}</td></tr>"
+        for j in judgements
+    )
     return f"<table class='labbench'><tr><th>verdict</th><th>budget</th></tr>{rows}</table>"
 
 
@@ -100,9 +157,11 @@ def attempt_html(e: Event) -> str:
     """One attempt at a board step: its error and the recovery made, or that it passed."""
     colour, outcome = ("#c33", e.error) if e.error else ("#2a7", "passed")
     then = f"; then {e.recovery}" if e.recovery else ""
-    return (f"<p class='labbench-attempt'>{html.escape(e.board)} / {html.escape(e.step)}: attempt "
-            f"{e.attempt} of {e.attempts}: <span style='color:{colour}'>{html.escape(outcome or '')}</span>"
-            f"{html.escape(then)}</p>")
+    return (
+        f"<p class='labbench-attempt'>{html.escape(e.board)} / {html.escape(e.step)}: attempt "
+        f"{e.attempt} of {e.attempts}: <span style='color:{colour}'>{html.escape(outcome or '')}</span>"
+        f"{html.escape(then)}</p>"
+    )
 
 
 def timeline_html(taken: list[Step]) -> str:
@@ -114,10 +173,13 @@ def timeline_html(taken: list[Step]) -> str:
         f"<td>{html.escape(s.board)}</td><td style='padding-left:{0.3 + 1.2 * s.depth:.1f}em'>"
         f"{html.escape(s.name)} <small>{html.escape(s.detail)}</small></td>"
         f"<td style='color:{colours[s.status]}'>{s.status}{': ' + html.escape(s.error) if s.error else ''}</td></tr>"
-        for s in taken)
-    return ("<details class='labbench-timeline'><summary>steps (host monotonic clock, s)</summary>"
-            "<table class='labbench'><tr><th>at</th><th>took</th><th>board</th><th>step</th><th>outcome</th></tr>"
-            f"{rows}</table></details>")
+        for s in taken
+    )
+    return (
+        "<details class='labbench-timeline'><summary>steps (host monotonic clock, s)</summary>"
+        "<table class='labbench'><tr><th>at</th><th>took</th><th>board</th><th>step</th><th>outcome</th></tr>"
+        f"{rows}</table></details>"
+    )
 
 
 def quarantine_html(reason: str) -> str:

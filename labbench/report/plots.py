@@ -4,13 +4,13 @@ and the accuracy / latency / memory frontier."""
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def _png(fig: plt.Figure) -> bytes:
@@ -20,8 +20,13 @@ def _png(fig: plt.Figure) -> bytes:
     return buf.getvalue()
 
 
-def power_trace(t_s: Sequence[float], power_w: Sequence[float], windows: Sequence[tuple[float, float]],
-                title: str, idle_w: float | None = None) -> bytes:
+def power_trace(
+    t_s: Sequence[float],
+    power_w: Sequence[float],
+    windows: Sequence[tuple[float, float]],
+    title: str,
+    idle_w: float | None = None,
+) -> bytes:
     """Each instrument update as a step over the period it averages; measurement windows shaded."""
     fig, ax = plt.subplots(figsize=(8, 3))
     t = np.asarray(t_s, dtype=float)
@@ -29,7 +34,13 @@ def power_trace(t_s: Sequence[float], power_w: Sequence[float], windows: Sequenc
     if t.size:
         ax.step(t - origin, power_w, where="pre", color="tab:blue", label="power (per update)")
     for i, (a, b) in enumerate(windows):
-        ax.axvspan(a - origin, b - origin, color="tab:orange", alpha=0.2, label="inference window" if i == 0 else None)
+        ax.axvspan(
+            a - origin,
+            b - origin,
+            color="tab:orange",
+            alpha=0.2,
+            label="inference window" if i == 0 else None,
+        )
     if idle_w is not None:
         ax.axhline(idle_w, color="grey", linestyle="--", linewidth=1, label=f"idle {idle_w:.3g} W")
     ax.set_xlabel("time (s, host monotonic clock)")
@@ -51,8 +62,9 @@ def latency_histogram(samples_ms: Sequence[float], title: str, marks: dict[str, 
     return _png(fig)
 
 
-def pareto_mask(accuracy: Sequence[float], latency_ms: Sequence[float],
-                memory_kib: Sequence[float] | None = None) -> np.ndarray:
+def pareto_mask(
+    accuracy: Sequence[float], latency_ms: Sequence[float], memory_kib: Sequence[float] | None = None
+) -> np.ndarray:
     """True for points no other point beats: at least as accurate, as fast (and, given memory, as
     small) and strictly better in one. Seed 000's frontier is accuracy / latency / memory."""
     acc, lat = np.asarray(accuracy, float), np.asarray(latency_ms, float)
@@ -65,8 +77,13 @@ def pareto_mask(accuracy: Sequence[float], latency_ms: Sequence[float],
     return mask
 
 
-def frontier(labels: Sequence[str], accuracy: Sequence[float], latency_ms: Sequence[float],
-             memory_kib: Sequence[float], title: str) -> bytes:
+def frontier(
+    labels: Sequence[str],
+    accuracy: Sequence[float],
+    latency_ms: Sequence[float],
+    memory_kib: Sequence[float],
+    title: str,
+) -> bytes:
     """Accuracy vs latency, point size by memory, the accuracy/latency/memory frontier highlighted."""
     acc, lat, mem = (np.asarray(v, float) for v in (accuracy, latency_ms, memory_kib))
     on = pareto_mask(acc, lat, mem)
@@ -76,7 +93,7 @@ def frontier(labels: Sequence[str], accuracy: Sequence[float], latency_ms: Seque
     ax.scatter(lat[on], acc[on], s=sizes[on], color="tab:red", alpha=0.8, label="Pareto frontier")
     order = np.argsort(lat[on])
     ax.plot(lat[on][order], acc[on][order], color="tab:red", linewidth=1)
-    for label, x, y, m in zip(labels, lat, acc, mem):
+    for label, x, y, m in zip(labels, lat, acc, mem, strict=True):
         ax.annotate(f"{label}\n{m:.1f} KiB", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("latency p50 (ms)")
     ax.set_ylabel("top-1 accuracy")

@@ -38,7 +38,7 @@ class ControlServer:
                     try:
                         request = json.loads(line)
                         reply = {"ok": True, "result": handlers[request.pop("op")](**request)}
-                    except Exception as exc:  # noqa: BLE001 - reported to the caller, who raises SimControlError
+                    except Exception as exc:
                         reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                     self.wfile.write(json.dumps(reply).encode() + b"\n")
 

@@ -34,7 +34,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from esptool.loader import ESPLoader, StubFlasher
@@ -438,7 +438,7 @@ class Esp32Loader:
             self._reading = None
             self._send(slip(self.flash.md5(r.offset, r.length)))
 
-    _HANDLERS = {
+    _HANDLERS: ClassVar[dict[int, Callable[..., None]]] = {
         CMD["SYNC"]: _sync,
         CMD["READ_REG"]: _read_reg,
         CMD["WRITE_REG"]: _write_reg,
@@ -460,8 +460,8 @@ class Esp32Loader:
         CMD["ERASE_REGION"]: _erase_region,
         CMD["READ_FLASH"]: _read_flash,
     }  # GET_SECURITY_INFO is absent: the ESP32 ROM does not implement it
-    _STUB_ONLY = {CMD["ERASE_FLASH"], CMD["ERASE_REGION"], CMD["READ_FLASH"]}
-    _ROM_ONLY = {CMD["READ_FLASH_SLOW"]}
+    _STUB_ONLY: ClassVar[set[int]] = {CMD["ERASE_FLASH"], CMD["ERASE_REGION"], CMD["READ_FLASH"]}
+    _ROM_ONLY: ClassVar[set[int]] = {CMD["READ_FLASH_SLOW"]}
 
 
 # ---------------------------------------------------------------------------------------------

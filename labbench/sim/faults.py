@@ -120,7 +120,9 @@ def check(fault: Fault, link: Link) -> list[tuple[tuple[str, ...], str]]:
     """What is wrong with `fault` on a target reached by `link`: (key path in the fault, message) pairs."""
     kinds = KINDS[link]
     if fault.kind not in kinds:
-        return [(("kind",), f'{_LINK_NAMES[link]} has no "{fault.kind}" fault (its faults: {", ".join(kinds)})')]
+        return [
+            (("kind",), f'{_LINK_NAMES[link]} has no "{fault.kind}" fault (its faults: {", ".join(kinds)})')
+        ]
     allowed = kinds[fault.kind]
     given = fault.model_fields_set - {"kind"}
     takes = f"does not apply to a {fault.kind} fault of {_LINK_NAMES[link]} (it takes: {', '.join(sorted(allowed))})"
@@ -130,7 +132,9 @@ def check(fault: Fault, link: Link) -> list[tuple[tuple[str, ...], str]]:
     if link == "serial" and fault.direction == "both":
         problems.append((("direction",), "a serial fault acts on one direction: to_host or to_device"))
     if fault.pattern is None:
-        problems += [((key,), "applies only with pattern:") for key in sorted(given & {"nth", "offset", "length"})]
+        problems += [
+            ((key,), "applies only with pattern:") for key in sorted(given & {"nth", "offset", "length"})
+        ]
         if fault.kind == "reset":
             problems.append((("pattern",), "required key is missing"))
     if "rate" in allowed and "pattern" in allowed:
@@ -192,8 +196,15 @@ class _Armed:
         self.timers: list[threading.Timer] = []
 
     def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "spec": self.fault.spec(), "direction": self.direction, "armed": self.armed_t,
-                "position": self.position, "injected": self.injected, "spent": self.done}
+        return {
+            "id": self.id,
+            "spec": self.fault.spec(),
+            "direction": self.direction,
+            "armed": self.armed_t,
+            "position": self.position,
+            "injected": self.injected,
+            "spent": self.done,
+        }
 
 
 class Injector:
@@ -237,8 +248,12 @@ class Injector:
     def report(self) -> dict[str, Any]:
         """The armed faults and the log of injections (oldest first)."""
         with self._lock:
-            return {"target": self.name, "link": self.link, "faults": [a.describe() for a in self._armed],
-                    "log": list(self._log)}
+            return {
+                "target": self.name,
+                "link": self.link,
+                "faults": [a.describe() for a in self._armed],
+                "log": list(self._log),
+            }
 
     def _active(self) -> list[_Armed]:
         return [a for a in self._armed if not a.done]
@@ -333,7 +348,7 @@ class SerialFaults(Injector):
         with self._lock:
             pos, tail = self._pos[direction], self._tail[direction]
             self._pos[direction] = pos + len(data)
-            self._tail[direction] = (tail + data)[-self.TAIL:]
+            self._tail[direction] = (tail + data)[-self.TAIL :]
             active = [a for a in self._active() if a.direction == direction]
             if not active:
                 return data

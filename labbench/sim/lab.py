@@ -38,7 +38,6 @@ from labbench.yamlsource import unknown
 
 if TYPE_CHECKING:  # they load where used: validating lab.yaml loads this module, for its simulators' settings
     from labbench.sim.linux import SimLinuxBoard
-    from labbench.sim.powerbus import PowerBus
 
 STATE_FILE = "state.json"
 
@@ -138,8 +137,14 @@ class McuSimulator:
         settings = dict(part.settings)
         if "model" in settings:
             settings["model_path"] = part.lab_dir / settings.pop("model")
-        mcu = SimMcuBoard(name=part.name, host=part.host, port=part.port, family=part.family,
-                          bus_channel=part.channel, **settings)
+        mcu = SimMcuBoard(
+            name=part.name,
+            host=part.host,
+            port=part.port,
+            family=part.family,
+            bus_channel=part.channel,
+            **settings,
+        )
         mcu.uart.faults.reset = mcu.reset
         return mcu, mcu.uart.faults
 
@@ -156,9 +161,18 @@ class LinuxSimulator:
         board = part.entry
         assert isinstance(board, inventory.BoardEntry) and board.ssh is not None and part.family is not None
         ssh = board.ssh
-        sshd = SimLinuxBoard(name=part.name, host=part.host, port=_free_port(part.host), family=part.family,
-                             bus_channel=part.channel, user=ssh.user, key=ssh.key,
-                             power_mode=board.power_mode, state_dir=part.state_dir, **part.settings)
+        sshd = SimLinuxBoard(
+            name=part.name,
+            host=part.host,
+            port=_free_port(part.host),
+            family=part.family,
+            bus_channel=part.channel,
+            user=ssh.user,
+            key=ssh.key,
+            power_mode=board.power_mode,
+            state_dir=part.state_dir,
+            **part.settings,
+        )
         proxied = ProxiedLinuxBoard(sshd, part.host, part.port, ssh.known_hosts)
         return proxied, proxied.proxy
 
@@ -182,8 +196,9 @@ class SimLab:
             if board.simulated:
                 self._start(f"boards.{name}", board.sim, *self._board(board))
 
-    def _start(self, key: str, sim: inventory.SimBlock, component: Running,
-               injector: Injector | None) -> None:
+    def _start(
+        self, key: str, sim: inventory.SimBlock, component: Running, injector: Injector | None
+    ) -> None:
         if injector is not None:
             for fault in sim.faults:
                 injector.add(fault)
@@ -208,17 +223,31 @@ class SimLab:
             host, port = endpoint(board.serial.url) or _no_endpoint(board.name, board.serial.url)
         return _simulator(family.simulator).build(self._part(board, family, host, port, channel))
 
-    def _part(self, entry: inventory.BoardEntry | inventory.InstrumentEntry,
-              family: catalog.BoardFamily | None, host: str, port: int, channel: str) -> SimPart:
-        return SimPart(entry=entry, family=family, host=host, port=port, settings=dict(entry.sim.settings),
-                       bus=self.bus, channel=self.bus.channel(channel), lab_dir=self.lab.dir,
-                       state_dir=self.dir / entry.name)
+    def _part(
+        self,
+        entry: inventory.BoardEntry | inventory.InstrumentEntry,
+        family: catalog.BoardFamily | None,
+        host: str,
+        port: int,
+        channel: str,
+    ) -> SimPart:
+        return SimPart(
+            entry=entry,
+            family=family,
+            host=host,
+            port=port,
+            settings=dict(entry.sim.settings),
+            bus=self.bus,
+            channel=self.bus.channel(channel),
+            lab_dir=self.lab.dir,
+            state_dir=self.dir / entry.name,
+        )
 
     def stop(self) -> None:
         for component in reversed(list(self.components.values())):
             try:
                 component.stop()
-            except Exception as exc:  # noqa: BLE001 - keep stopping the others; the log says which failed
+            except Exception as exc:
                 print(f"stopping {component!r}: {exc}", file=sys.stderr)
         self.components.clear()
 
@@ -253,8 +282,11 @@ class SimLab:
         keys = [k for k in self.injectors if target in (k, k.split(".", 1)[1])]
         if len(keys) != 1:
             names = {k.split(".", 1)[1] for k in self.injectors}
-            raise UsageError(f"{target} is ambiguous: say {' or '.join(keys)}" if keys else
-                             unknown("simulated board or instrument", target, names))
+            raise UsageError(
+                f"{target} is ambiguous: say {' or '.join(keys)}"
+                if keys
+                else unknown("simulated board or instrument", target, names)
+            )
         return self.injectors[keys[0]]
 
 
@@ -276,21 +308,32 @@ def serve(lab_path: Path, directory: Path) -> None:
     lab = inventory.load(lab_path)
     sim = SimLab(lab, directory)
     stopped = threading.Event()
-    control = ControlServer(directory / SOCKET_NAME, {
-        "ping": lambda: "pong",
-        "ledger": sim.ledger,
-        "load_firmware": sim.load_firmware,
-        "fault_set": sim.fault_set,
-        "fault_clear": sim.fault_clear,
-        "faults": sim.faults,
-        "shutdown": stopped.set,
-    })
+    control = ControlServer(
+        directory / SOCKET_NAME,
+        {
+            "ping": lambda: "pong",
+            "ledger": sim.ledger,
+            "load_firmware": sim.load_firmware,
+            "fault_set": sim.fault_set,
+            "fault_clear": sim.fault_clear,
+            "faults": sim.faults,
+            "shutdown": stopped.set,
+        },
+    )
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     try:
         sim.start()
         control.start()
-        _write_state(directory, {"pid": os.getpid(), "lab": str(lab.path), "lab_sha256": lab.sha256,
-                                 "children": sim.child_pids(), "started": time.time()})
+        _write_state(
+            directory,
+            {
+                "pid": os.getpid(),
+                "lab": str(lab.path),
+                "lab_sha256": lab.sha256,
+                "children": sim.child_pids(),
+                "started": time.time(),
+            },
+        )
         stopped.wait()
     finally:
         sim.stop()
@@ -352,8 +395,10 @@ def _check_free(lab: Lab) -> None:
             try:
                 s.bind((host, port))
             except OSError as exc:
-                raise SimLabError(f"cannot start the simulated lab: {host}:{port} ({owner} in "
-                                  f"{lab.path.name}) is already in use ({exc.strerror})") from None
+                raise SimLabError(
+                    f"cannot start the simulated lab: {host}:{port} ({owner} in "
+                    f"{lab.path.name}) is already in use ({exc.strerror})"
+                ) from None
 
 
 def up(lab: Lab, timeout_s: float = 90.0) -> dict:
@@ -368,15 +413,22 @@ def up(lab: Lab, timeout_s: float = 90.0) -> dict:
     (directory / STATE_FILE).unlink(missing_ok=True)
     log = directory / "sim.log"
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "labbench.sim.lab", str(lab.path), str(directory)],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=lab.dir)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "labbench.sim.lab", str(lab.path), str(directory)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=lab.dir,
+        )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-            raise SimLabError(f"simulated lab exited while starting (code {proc.returncode}); "
-                              f"log {log}:\n" + "\n".join(tail))
+            raise SimLabError(
+                f"simulated lab exited while starting (code {proc.returncode}); "
+                f"log {log}:\n" + "\n".join(tail)
+            )
         if (directory / STATE_FILE).exists() and _running_state(lab):
             return status(lab)
         time.sleep(0.1)
@@ -422,12 +474,24 @@ def status(lab: Lab) -> dict | None:
     boards: dict[str, Any] = {}
     for name, b in lab.boards.items():
         if b.simulated:
-            boards[name] = {"serial": b.serial.url} if b.serial else {"ssh": {
-                "host": b.ssh.host, "port": b.ssh.port, "user": b.ssh.user,
-                "key": str(b.ssh.key) if b.ssh.key else None}}
-    return {"pid": state["pid"], "state_dir": str(state_dir(lab)),
-            "instruments": {n: {"resource": i.resource} for n, i in lab.instruments.items() if i.simulated},
-            "boards": boards}
+            boards[name] = (
+                {"serial": b.serial.url}
+                if b.serial
+                else {
+                    "ssh": {
+                        "host": b.ssh.host,
+                        "port": b.ssh.port,
+                        "user": b.ssh.user,
+                        "key": str(b.ssh.key) if b.ssh.key else None,
+                    }
+                }
+            )
+    return {
+        "pid": state["pid"],
+        "state_dir": str(state_dir(lab)),
+        "instruments": {n: {"resource": i.resource} for n, i in lab.instruments.items() if i.simulated},
+        "boards": boards,
+    }
 
 
 if __name__ == "__main__":

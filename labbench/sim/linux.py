@@ -60,8 +60,12 @@ from labbench.inventory import NAME, USER_NAME, host_problem
 from labbench.sim.powerbus import POWER_NOISE_PCT, LevelNoise, derive_seed
 
 SSHD = "/usr/sbin/sshd"
-NSS_WRAPPER_GLOBS = ("/usr/lib/*/libnss_wrapper.so*", "/usr/lib/libnss_wrapper.so*",
-                     "/usr/lib64/libnss_wrapper.so*", "/usr/local/lib/libnss_wrapper.so*")
+NSS_WRAPPER_GLOBS = (
+    "/usr/lib/*/libnss_wrapper.so*",
+    "/usr/lib/libnss_wrapper.so*",
+    "/usr/lib64/libnss_wrapper.so*",
+    "/usr/local/lib/libnss_wrapper.so*",
+)
 PRIVSEP_DIR = Path("/run/sshd")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -96,12 +100,27 @@ def ensure_client_key(key: Path) -> str:
     with _locked(key.parent):
         if not key.exists():
             key.parent.chmod(0o700)
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "labbench simulated lab",
-                            "-f", str(key)], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    "labbench simulated lab",
+                    "-f",
+                    str(key),
+                ],
+                check=True,
+                capture_output=True,
+            )
         pub = key.with_name(key.name + ".pub")
         if not pub.exists():
-            pub.write_bytes(subprocess.run(["ssh-keygen", "-y", "-f", str(key)], check=True,
-                                           capture_output=True).stdout)
+            pub.write_bytes(
+                subprocess.run(["ssh-keygen", "-y", "-f", str(key)], check=True, capture_output=True).stdout
+            )
         return pub.read_text().strip()
 
 
@@ -127,7 +146,7 @@ def cpu_times_s(root: int) -> tuple[float, list[int]]:
             text = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue  # exited while listing
-        fields = text[text.rfind(")") + 2:].split()
+        fields = text[text.rfind(")") + 2 :].split()
         stats[int(entry)] = (int(fields[1]), sum(int(v) for v in fields[11:15]) / _CLK_TCK)
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in stats.items():
@@ -142,11 +161,23 @@ def cpu_times_s(root: int) -> tuple[float, list[int]]:
 class SimLinuxBoard:
     """One simulated Linux board: its own sshd on host:port, and its power on a bus channel."""
 
-    def __init__(self, name: str, host: str, port: int, family: Any, bus_channel: Any,
-                 user: str | None = None, key: Path | None = None, known_hosts: Path | None = None,
-                 power_mode: str | None = None, state_dir: Path | None = None, python: str = sys.executable,
-                 sample_period_s: float = 0.1, seed: int | str | None = None,
-                 power_noise_pct: float = POWER_NOISE_PCT):
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        family: Any,
+        bus_channel: Any,
+        user: str | None = None,
+        key: Path | None = None,
+        known_hosts: Path | None = None,
+        power_mode: str | None = None,
+        state_dir: Path | None = None,
+        python: str = sys.executable,
+        sample_period_s: float = 0.1,
+        seed: int | str | None = None,
+        power_noise_pct: float = POWER_NOISE_PCT,
+    ):
         if not NAME.fullmatch(name):  # it names the state directory and is written into passwd
             raise SimBoardError(repr(name), "create the board", "not a board name (letters, digits, _ or -)")
         if problem := host_problem(host, ssh=True):
@@ -198,9 +229,14 @@ class SimLinuxBoard:
         try:
             env = self._prepare(etc)
             with open(self.state_dir / "sshd.log", "wb") as log:
-                self._proc = subprocess.Popen([SSHD, "-D", "-f", str(etc / "sshd_config"), "-e"], env=env,
-                                              stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                              start_new_session=True)
+                self._proc = subprocess.Popen(
+                    [SSHD, "-D", "-f", str(etc / "sshd_config"), "-e"],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                )
             self._wait_listening()
         except BaseException:
             self._halt()  # state_dir stays, with sshd.log, until the next start or stop
@@ -219,21 +255,39 @@ class SimLinuxBoard:
         if not os.access(SSHD, os.X_OK):
             raise SimBoardError(self.name, "start sshd", f"no {SSHD} (install Debian's openssh-server)")
         host_key = etc / "ssh_host_ed25519_key"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{self.name} (simulated)",
-                        "-f", str(host_key)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                f"{self.name} (simulated)",
+                "-f",
+                str(host_key),
+            ],
+            check=True,
+            capture_output=True,
+        )
         authorized = ensure_client_key(self.key) if self.key else ""
         (etc / "authorized_keys").write_text(authorized + "\n")
         self._write_accounts(etc)
         python3 = self.state_dir / "bin" / "python3"
-        python3.write_text(f"#!/bin/sh\nexec {shlex.quote(self.python)} \"$@\"\n")
+        python3.write_text(f'#!/bin/sh\nexec {shlex.quote(self.python)} "$@"\n')
         python3.chmod(0o755)
         (etc / "sshd_config").write_text(self._config(etc))
         if self.known_hosts:
             public = (etc / "ssh_host_ed25519_key.pub").read_text().split()
             name = known_hosts_name(self.host, self.port)
             set_known_host(self.known_hosts, name, f"{name} {public[0]} {public[1]}")
-        return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LD_PRELOAD": nss_wrapper,
-                "NSS_WRAPPER_PASSWD": str(etc / "passwd"), "NSS_WRAPPER_GROUP": str(etc / "group")}
+        return {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "LD_PRELOAD": nss_wrapper,
+            "NSS_WRAPPER_PASSWD": str(etc / "passwd"),
+            "NSS_WRAPPER_GROUP": str(etc / "group"),
+        }
 
     def _write_accounts(self, etc: Path) -> None:
         """passwd/group as sshd sees them: the board's account (the invoking uid, our home) and, when
@@ -255,28 +309,30 @@ class SimLinuxBoard:
         path = f"{self.state_dir / 'bin'}:/usr/local/bin:/usr/bin:/bin"
         family = _CONTROL.sub(" ", self.family.display_name)  # in a comment: a line break would end it
         authorized = str(etc / "authorized_keys").replace("%", "%%")  # sshd expands %h, %u there
-        return "\n".join([
-            f"# {self.name}: simulated {family} (labbench)",
-            f"Port {int(self.port)}",
-            f"ListenAddress {sshd_quote(self.host)}",
-            f"HostKey {sshd_quote(etc / 'ssh_host_ed25519_key')}",
-            f"PidFile {sshd_quote(self.state_dir / 'sshd.pid')}",
-            f"AuthorizedKeysFile {sshd_quote(authorized)}",
-            f"AllowUsers {sshd_quote(self.user)}",
-            "PermitRootLogin prohibit-password",
-            "PubkeyAuthentication yes",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "UsePAM no",
-            "StrictModes no",  # the state directory may sit under a world-writable /tmp
-            "UseDNS no",
-            "PrintMotd no",
-            "PrintLastLog no",
-            "X11Forwarding no",
-            f"SetEnv {sshd_quote(f'PATH={path}')}",
-            "Subsystem sftp internal-sftp",
-            "",
-        ])
+        return "\n".join(
+            [
+                f"# {self.name}: simulated {family} (labbench)",
+                f"Port {int(self.port)}",
+                f"ListenAddress {sshd_quote(self.host)}",
+                f"HostKey {sshd_quote(etc / 'ssh_host_ed25519_key')}",
+                f"PidFile {sshd_quote(self.state_dir / 'sshd.pid')}",
+                f"AuthorizedKeysFile {sshd_quote(authorized)}",
+                f"AllowUsers {sshd_quote(self.user)}",
+                "PermitRootLogin prohibit-password",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "UsePAM no",
+                "StrictModes no",  # the state directory may sit under a world-writable /tmp
+                "UseDNS no",
+                "PrintMotd no",
+                "PrintLastLog no",
+                "X11Forwarding no",
+                f"SetEnv {sshd_quote(f'PATH={path}')}",
+                "Subsystem sftp internal-sftp",
+                "",
+            ]
+        )
 
     def _wait_listening(self, timeout_s: float = 10.0) -> None:
         log = self.state_dir / "sshd.log"
@@ -286,12 +342,19 @@ class SimLinuxBoard:
             if "Server listening on" in text:
                 return
             if self._proc.poll() is not None:
-                raise SimBoardError(self.name, f"start sshd on {self.host}:{self.port}",
-                                    f"exited with status {self._proc.returncode}: {text.strip()[-600:]}",
-                                    str(log))
+                raise SimBoardError(
+                    self.name,
+                    f"start sshd on {self.host}:{self.port}",
+                    f"exited with status {self._proc.returncode}: {text.strip()[-600:]}",
+                    str(log),
+                )
             time.sleep(0.02)
-        raise SimBoardError(self.name, f"start sshd on {self.host}:{self.port}",
-                            f"not listening after {timeout_s:g} s", str(log))
+        raise SimBoardError(
+            self.name,
+            f"start sshd on {self.host}:{self.port}",
+            f"not listening after {timeout_s:g} s",
+            str(log),
+        )
 
     # ------------------------------------------------------------------ power
 
@@ -361,9 +424,12 @@ def _checked_state_dir(board: str, path: Path) -> Path:
     """`path`, refused when it cannot be written into passwd (a home) and PATH: a `:` or a control
     character."""
     if ":" in str(path) or _CONTROL.search(str(path)):
-        raise SimBoardError(board, "create its state directory",
-                            f"{str(path)!r} has a ':' or a control character, which passwd and PATH cannot "
-                            "hold: put the lab in a directory without them")
+        raise SimBoardError(
+            board,
+            "create its state directory",
+            f"{str(path)!r} has a ':' or a control character, which passwd and PATH cannot "
+            "hold: put the lab in a directory without them",
+        )
     return path
 
 
