@@ -27,7 +27,8 @@ from labbench.sim.control import SimControl
 
 REPO = Path(__file__).resolve().parents[1]
 PORT_OFFSET = 10000
-QUICK = [
+# short windows: the plumbing, not MLPerf-length numbers (the same options for pytest and labbench measure)
+SETTINGS = [
     "--window-s",
     "1",
     "--windows",
@@ -38,9 +39,8 @@ QUICK = [
     "20",
     "--accuracy-samples",
     "60",
-    "-p",
-    "no:cacheprovider",
 ]
+QUICK = [*SETTINGS, "-p", "no:cacheprovider"]
 
 pytestmark = pytest.mark.slow
 
@@ -166,16 +166,7 @@ def test_labbench_measure_runs_a_model_file_on_a_board_without_pytest(sim_lab):
         str(sim_lab / "lab.yaml"),
         "--journal",
         str(journal),
-        "--window-s",
-        "1",
-        "--windows",
-        "1",
-        "--idle-s",
-        "1",
-        "--latency-samples",
-        "20",
-        "--accuracy-samples",
-        "60",
+        *SETTINGS,
     ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

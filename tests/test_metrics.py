@@ -4,39 +4,18 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from test_results import measurement
 
 from labbench.budgets import Verdict, judge_value, worst
 from labbench.inventory import Ceiling, Floor, ModelBudget
-from labbench.measure.record import Energy, Measurement, Memory, Provenance
-from labbench.measure.stats import latency_record
+from labbench.measure.record import Measurement
 from labbench.metrics import METRICS
 from labbench.report.dashboard import with_metrics
 
 
 def record() -> Measurement:
-    return Measurement(
-        board="b",
-        model="m",
-        latency=latency_record([1.0, 2.0, 3.0], method="test"),
-        accuracy=0.9,
-        energy=Energy(
-            per_inference_mj=0.5,
-            power_x_latency_mj=0.5,
-            integrated_mj=0.5,
-            uncertainty_mj=0.1,
-            active_power_w=1,
-            idle_power_w=0.1,
-            dynamic_mj=0.4,
-            window_s=10,
-            inferences=20,
-            windows=1,
-            method="test",
-        ),
-        memory=Memory(flash_bytes=2048, arena_bytes=1024),
-        provenance=Provenance(
-            board="b", family="f", source="sim", model_sha256="0" * 64, lab_sha256="0" * 64
-        ),
-    )
+    """A measurement of 2 KiB of model and 2256 B of arena, 0.5 +- 0.01 mJ per inference."""
+    return measurement(p50=2.0, accuracy=0.9, energy_mj=0.5, flash=2048)
 
 
 def test_every_metric_is_a_budget_field_with_its_direction():
@@ -51,12 +30,16 @@ def test_every_metric_is_a_budget_field_with_its_direction():
 def test_values_and_intervals_come_from_the_record_in_the_metrics_unit():
     m = record()
     values = {name: spec.value(m) for name, spec in METRICS.items()}
-    assert values["latency_p50_ms"] == 2.0 and values["energy_mj"] == 0.5 and values["accuracy"] == 0.9
-    assert values["flash_kib"] == 2.0 and values["arena_kib"] == 1.0
+    assert (
+        values["latency_p50_ms"] == m.latency.p50_ms
+        and values["energy_mj"] == 0.5
+        and values["accuracy"] == 0.9
+    )
+    assert values["flash_kib"] == 2.0 and values["arena_kib"] == 2256 / 1024
     assert values["peak_rss_mib"] is None and values["cold_start_ms"] is None
-    assert METRICS["energy_mj"].interval_of(m) == pytest.approx((0.4, 0.6))
+    assert METRICS["energy_mj"].interval_of(m) == pytest.approx((0.49, 0.51))
     lo, hi = METRICS["latency_p50_ms"].interval_of(m)
-    assert lo <= 2.0 <= hi and METRICS["accuracy"].interval_of(m) is None
+    assert lo <= m.latency.p50_ms <= hi and METRICS["accuracy"].interval_of(m) is None
 
 
 @pytest.mark.parametrize(
