@@ -252,9 +252,10 @@ class Esp32Loader:
         self._send(slip(struct.pack("<BBHI", 1, op, len(payload), value) + payload))
 
     def _frame(self, frame: bytes) -> None:
-        if self._reading is not None and len(frame) == 4:  # READ_FLASH acknowledgement
-            self._reading.acked = struct.unpack("<I", frame)[0]
-            self._read_acked()
+        reading = self._reading
+        if reading is not None and len(frame) == 4:  # READ_FLASH acknowledgement
+            reading.acked = struct.unpack("<I", frame)[0]
+            self._read_acked(reading)
             return
         if len(frame) < 8 or frame[0] != 0:
             return
@@ -339,8 +340,9 @@ class Esp32Loader:
         self._reply(op)
         if no_entry:
             return
-        text_start, text = self._stubs.get(entry, (None, b""))
-        if text and self._ram.get(text_start) == text:
+        text_start, text = self._stubs.get(entry, (0, b""))
+        loaded = self._ram.get(text_start)
+        if text and loaded is not None and bytes(loaded) == text:
             self.stub = True
             self._send(slip(b"OHAI"))
         else:  # some other RAM program: the sim cannot run it; the chip is silent until reset
@@ -428,17 +430,17 @@ class Esp32Loader:
     def send_read_packet(self) -> None:
         """The next READ_FLASH packet; the caller interleaves these with the host's acknowledgements."""
         r = self._reading
+        assert r is not None, "no READ_FLASH transfer (send only while read_pending)"
         chunk = self.flash.read(r.offset + r.sent, min(r.packet_bytes, r.length - r.sent))
         r.sent += len(chunk)
         self._send(slip(chunk))
 
-    def _read_acked(self) -> None:
-        r = self._reading
+    def _read_acked(self, r: _Reading) -> None:
         if r.acked >= r.length:
             self._reading = None
             self._send(slip(self.flash.md5(r.offset, r.length)))
 
-    _HANDLERS: ClassVar[dict[int, Callable[..., None]]] = {
+    _HANDLERS: ClassVar[dict[int, Callable[..., tuple[int, bytes] | None]]] = {
         CMD["SYNC"]: _sync,
         CMD["READ_REG"]: _read_reg,
         CMD["WRITE_REG"]: _write_reg,

@@ -46,14 +46,14 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import count
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from labbench.errors import LabConfigError, UsageError
-from labbench.yamlsource import describe
+from labbench.yamlsource import KeyPath, describe
 
 Link = Literal["serial", "instrument", "ssh"]
 LOG_LIMIT = 10_000
@@ -126,7 +126,7 @@ def check(fault: Fault, link: Link) -> list[tuple[tuple[str, ...], str]]:
     allowed = kinds[fault.kind]
     given = fault.model_fields_set - {"kind"}
     takes = f"does not apply to a {fault.kind} fault of {_LINK_NAMES[link]} (it takes: {', '.join(sorted(allowed))})"
-    problems = [((key,), takes) for key in sorted(given - allowed)]
+    problems: list[tuple[tuple[str, ...], str]] = [((key,), takes) for key in sorted(given - allowed)]
     if problems:
         return problems
     if link == "serial" and fault.direction == "both":
@@ -163,6 +163,7 @@ def _is_latin1(text: str) -> bool:
 
 def parse(spec: Any, link: Link, target: str) -> Fault:
     """A fault from a control-socket request; FaultSpecError naming the target and each bad key."""
+    problems: Sequence[tuple[KeyPath, str]]
     try:
         fault = Fault.model_validate(spec)
     except ValidationError as exc:
@@ -191,9 +192,15 @@ class _Armed:
         self.hit: tuple[int, int] | None = None  # stream span of the n-th occurrence
         self.position: int | None = None  # the direction's byte count when armed (serial, ssh)
         self.next_at = 0  # the next byte a rate fault hits
-        self.since: float | int | None = None  # where (serial: position) or when a silence/stall began
+        self.since: float | None = None  # where (serial: position) or when a silence/stall began
         self.until = math.inf  # when a silence/stall ends
         self.timers: list[threading.Timer] = []
+
+    @property
+    def way(self) -> str:
+        """`direction` of a fault on a serial line or an SSH proxy, which always has one."""
+        assert self.direction is not None, f"fault {self.id} has no direction"
+        return self.direction
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -260,7 +267,7 @@ class Injector:
 
     def _record(self, armed: _Armed, **detail: Any) -> None:
         armed.injected += 1
-        entry = {"t": time.monotonic(), "fault": armed.id, "kind": armed.fault.kind}
+        entry: dict[str, Any] = {"t": time.monotonic(), "fault": armed.id, "kind": armed.fault.kind}
         if armed.direction:
             entry["direction"] = armed.direction
         self._log.append(entry | detail)
@@ -305,12 +312,12 @@ class _Edits:
         self.xors: dict[int, tuple[_Armed, int]] = {}
         self.inserts: dict[int, list[tuple[_Armed, bytes]]] = {}
         self.resets: dict[int, list[_Armed]] = {}
-        self.silence: tuple[int, _Armed] | None = None
+        self.silence: tuple[float, _Armed] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.drops or self.xors or self.inserts or self.resets or self.silence)
 
-    def silence_from(self, q: int, armed: _Armed) -> None:
+    def silence_from(self, q: float, armed: _Armed) -> None:
         if self.silence is None or q < self.silence[0]:
             self.silence = (q, armed)
 
@@ -337,9 +344,9 @@ class SerialFaults(Injector):
         return fault.direction or ("to_device" if fault.kind == "reset" else "to_host")
 
     def _arm(self, a: _Armed) -> None:
-        a.position = self._pos[a.direction]
+        a.position = self._pos[a.way]
         if a.fault.rate is not None and a.fault.kind in ("drop", "corrupt"):
-            a.next_at = a.position + self._gap(a)
+            a.next_at = a.position + self._gap(a, a.fault.rate)
         if a.fault.kind == "silence" and a.fault.pattern is None:
             self._begin_silence(a, a.position)
 
@@ -357,14 +364,13 @@ class SerialFaults(Injector):
                 self._plan(a, pos, tail, data, edits)
             return self._apply(pos, data, edits, arrival) if edits else data
 
-    def _gap(self, a: _Armed) -> int:
+    def _gap(self, a: _Armed, rate: float) -> int:
         """Bytes skipped before the next one a rate fault hits (geometric: one draw per hit)."""
-        rate = a.fault.rate
         return 0 if rate >= 1 else int(math.log(1.0 - a.rng.random()) / math.log(1.0 - rate))
 
-    def _occurrence(self, a: _Armed, pos: int, tail: bytes, data: bytes) -> None:
-        """Count the pattern's occurrences that end in this chunk; note the span of the n-th."""
-        pattern = a.fault.pattern.encode("latin-1")
+    def _occurrence(self, a: _Armed, text: str, pos: int, tail: bytes, data: bytes) -> None:
+        """Count the occurrences of the pattern `text` that end in this chunk; note the span of the n-th."""
+        pattern = text.encode("latin-1")
         buf, base = tail + data, pos - len(tail)
         i = buf.find(pattern)
         while i >= 0 and a.hit is None:
@@ -374,23 +380,27 @@ class SerialFaults(Injector):
                     a.hit = (base + i, base + i + len(pattern))
             i = buf.find(pattern, i + 1)
 
-    def _begin_silence(self, a: _Armed, position: int) -> None:
+    def _begin_silence(self, a: _Armed, position: float) -> None:
         a.since = position
         a.until = time.monotonic() + (a.fault.duration_s or math.inf)
 
     def _plan(self, a: _Armed, pos: int, tail: bytes, data: bytes, edits: _Edits) -> None:
         f, end = a.fault, pos + len(data)
         if f.pattern is not None and a.hit is None:
-            self._occurrence(a, pos, tail, data)
+            self._occurrence(a, f.pattern, pos, tail, data)
             if a.hit is None:
                 return
+        # Past here a fault with a pattern: has found its occurrence (check() gives every fault
+        # without rate: a pattern:, except a silence, which then began when it was armed).
+        hits: Iterable[int]
         if f.kind in ("drop", "corrupt"):
             if f.rate is not None:
                 hits = []
                 while a.next_at < end:
                     hits.append(a.next_at)
-                    a.next_at += 1 + self._gap(a)
+                    a.next_at += 1 + self._gap(a, f.rate)
             else:
+                assert a.hit is not None
                 first = a.hit[0] + f.offset
                 hits = range(max(first, pos), min(first + f.length, end))
                 a.done = first + f.length <= end
@@ -403,19 +413,24 @@ class SerialFaults(Injector):
             if f.rate is not None:
                 ends = [pos + i for i, b in enumerate(data) if b == 0x0A and a.rng.random() < f.rate]
             else:
+                assert a.hit is not None
                 i = data.find(b"\n", max(a.hit[1] - 1 - pos, 0))
                 ends = [pos + i] if i >= 0 else []
                 a.done = bool(ends)
             for q in ends:
                 edits.inserts.setdefault(q, []).append((a, self._garbage(a)))
         elif f.kind == "silence":
-            if a.since is None:
-                self._begin_silence(a, a.hit[1])
+            since = a.since
+            if since is None:
+                assert a.hit is not None
+                since = a.hit[1]
+                self._begin_silence(a, since)
             if time.monotonic() >= a.until:
                 a.done = True
-            elif a.since < end:
-                edits.silence_from(max(a.since, pos), a)
+            elif since < end:
+                edits.silence_from(max(since, pos), a)
         elif f.kind == "reset":
+            assert a.hit is not None
             edits.resets.setdefault(max(a.hit[1] - 1, pos), []).append(a)
             a.done = True
 
@@ -432,6 +447,7 @@ class SerialFaults(Injector):
             for a in edits.resets.get(q, ()):
                 at = arrival(len(out)) + a.fault.delay_s
                 self._record(a, at=q, reset_at=at)
+                assert self.reset is not None  # add() arms a reset fault only with a reset line wired
                 self._after(a, at - time.monotonic(), self.reset)
             if q >= silent_from:
                 continue
@@ -478,7 +494,7 @@ class InstrumentFaults(Injector):
 
     def command(self, line: str, transport: str) -> Literal["reply", "silent", "disconnect"]:
         """What becomes of one command line arriving over `transport` ("tcp" or "serial")."""
-        verdict = "reply"
+        verdict: Literal["reply", "silent", "disconnect"] = "reply"
         with self._lock:
             for a in self._active():
                 f = a.fault
@@ -550,7 +566,7 @@ class FaultProxy(Injector):
         return sum(n for d, n in self._passed.items() if direction in (d, "both"))
 
     def _arm(self, a: _Armed) -> None:
-        a.position = self._count(a.direction)
+        a.position = self._count(a.way)
         if a.fault.kind == "stall" and not a.fault.after_bytes:
             self._begin_stall(a)
 
@@ -565,14 +581,14 @@ class FaultProxy(Injector):
     def _begin_stall(self, a: _Armed) -> None:
         a.since = time.monotonic()
         a.until = a.since + (a.fault.duration_s or math.inf)
-        self._record(a, at=self._count(a.direction), until=None if a.until == math.inf else a.until)
+        self._record(a, at=self._count(a.way), until=None if a.until == math.inf else a.until)
 
     def _disconnect(self, a: _Armed) -> None:
         with self._lock:
             if a.done:
                 return
             a.done = True
-            self._record(a, at=self._count(a.direction), connections=len(self._pairs))
+            self._record(a, at=self._count(a.way), connections=len(self._pairs))
             for pair in list(self._pairs):
                 pair.close()
             self._cv.notify_all()
@@ -588,7 +604,8 @@ class FaultProxy(Injector):
                 for a in self._active():
                     if a.direction not in (direction, "both"):
                         continue
-                    f, passed = a.fault, self._count(a.direction) - a.position
+                    assert a.position is not None  # set by _arm()
+                    f, passed = a.fault, self._count(a.way) - a.position
                     if f.kind == "disconnect" and f.after_bytes is not None:
                         if passed >= f.after_bytes:
                             self._disconnect(a)
@@ -598,16 +615,18 @@ class FaultProxy(Injector):
                         if a.since is None and passed >= (f.after_bytes or 0):
                             self._begin_stall(a)
                         if a.since is None:
-                            n = min(n, f.after_bytes - passed)
+                            n = min(n, (f.after_bytes or 0) - passed)
                         elif time.monotonic() < a.until:
                             wait_s = min(_POLL_S, a.until - time.monotonic())
                         else:
                             a.done = True
                     elif f.kind == "throttle":
                         if not a.injected:
-                            self._record(a, at=self._count(a.direction))
-                        rate = min(rate, f.bytes_per_s)
-                        n = min(n, max(1, int(f.bytes_per_s * THROTTLE_SLICE_S)))
+                            self._record(a, at=self._count(a.way))
+                        bytes_per_s = f.bytes_per_s
+                        assert bytes_per_s is not None  # check() requires it of a throttle
+                        rate = min(rate, bytes_per_s)
+                        n = min(n, max(1, int(bytes_per_s * THROTTLE_SLICE_S)))
                 if wait_s is None:
                     self._passed[direction] += n
                     return n, n / rate
@@ -641,8 +660,10 @@ class FaultProxy(Injector):
 
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
+            listener = self._listener
+            assert listener is not None  # start() opens it before it starts this loop
             try:
-                client, _ = self._listener.accept()
+                client, _ = listener.accept()
             except TimeoutError:
                 continue
             except OSError:

@@ -190,10 +190,10 @@ class SimLab:
 
     def start(self) -> None:
         for name, inst in self.lab.instruments.items():
-            if inst.simulated:
+            if inst.sim is not None:
                 self._start(f"instruments.{name}", inst.sim, *self._instrument(inst))
         for name, board in self.lab.boards.items():
-            if board.simulated:
+            if board.sim is not None:
                 self._start(f"boards.{name}", board.sim, *self._board(board))
 
     def _start(
@@ -220,6 +220,7 @@ class SimLab:
         if board.ssh is not None:
             host, port = board.ssh.host, board.ssh.port
         else:
+            assert board.serial is not None  # a board has exactly one of serial: and ssh:
             host, port = endpoint(board.serial.url) or _no_endpoint(board.name, board.serial.url)
         return _simulator(family.simulator).build(self._part(board, family, host, port, channel))
 
@@ -231,6 +232,7 @@ class SimLab:
         port: int,
         channel: str,
     ) -> SimPart:
+        assert entry.sim is not None  # only simulated entries are built
         return SimPart(
             entry=entry,
             family=family,
@@ -384,8 +386,14 @@ def _addresses(lab: Lab) -> list[tuple[str, tuple[str, int]]]:
     found = [(f"instruments.{n}", endpoint(i.resource)) for n, i in lab.instruments.items() if i.simulated]
     for n, b in lab.boards.items():
         if b.simulated:
-            found.append((f"boards.{n}", endpoint(b.serial.url) if b.serial else (b.ssh.host, b.ssh.port)))
+            found.append((f"boards.{n}", endpoint(b.serial.url) if b.serial else _ssh_address(b)))
     return [(owner, addr) for owner, addr in found if addr]
+
+
+def _ssh_address(board: inventory.BoardEntry) -> tuple[str, int]:
+    """host, port of a board without a serial link (a board has exactly one of serial: and ssh:)."""
+    assert board.ssh is not None
+    return board.ssh.host, board.ssh.port
 
 
 def _check_free(lab: Lab) -> None:
@@ -405,8 +413,9 @@ def up(lab: Lab, timeout_s: float = 90.0) -> dict:
     """Start the simulated lab unless it is already up; returns its status. Idempotent."""
     if not lab.simulated:
         raise SimLabError(f"{lab.path.name}: nothing to simulate (no sim: blocks)")
-    if _running_state(lab):
-        return status(lab)
+    state = _running_state(lab)
+    if state is not None:
+        return _report(lab, state)
     _check_free(lab)
     directory = state_dir(lab)
     directory.mkdir(parents=True, exist_ok=True)
@@ -429,8 +438,8 @@ def up(lab: Lab, timeout_s: float = 90.0) -> dict:
                 f"simulated lab exited while starting (code {proc.returncode}); "
                 f"log {log}:\n" + "\n".join(tail)
             )
-        if (directory / STATE_FILE).exists() and _running_state(lab):
-            return status(lab)
+        if (directory / STATE_FILE).exists() and (state := _running_state(lab)) is not None:
+            return _report(lab, state)
         time.sleep(0.1)
     proc.kill()
     raise SimLabError(f"simulated lab did not come up within {timeout_s:.0f} s; log {log}")
@@ -471,13 +480,19 @@ def status(lab: Lab) -> dict | None:
     state = _running_state(lab)
     if state is None:
         return None
+    return _report(lab, state)
+
+
+def _report(lab: Lab, state: dict) -> dict:
+    """`status` of the lab whose daemon wrote `state`."""
     boards: dict[str, Any] = {}
     for name, b in lab.boards.items():
         if b.simulated:
-            boards[name] = (
-                {"serial": b.serial.url}
-                if b.serial
-                else {
+            if b.serial:
+                boards[name] = {"serial": b.serial.url}
+            else:
+                assert b.ssh is not None  # a board has exactly one of serial: and ssh:
+                boards[name] = {
                     "ssh": {
                         "host": b.ssh.host,
                         "port": b.ssh.port,
@@ -485,7 +500,6 @@ def status(lab: Lab) -> dict | None:
                         "key": str(b.ssh.key) if b.ssh.key else None,
                     }
                 }
-            )
     return {
         "pid": state["pid"],
         "state_dir": str(state_dir(lab)),

@@ -161,7 +161,8 @@ class LineServer:
                 if not data:
                     return
                 *lines, buf = _LINE_END.split(buf + data)
-                out, reply = bytearray(), b""
+                out = bytearray()
+                reply: bytes | None = b""
                 for line in lines:
                     reply = self._respond(line, "tcp")
                     if reply is None:

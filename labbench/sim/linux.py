@@ -202,7 +202,19 @@ class SimLinuxBoard:
 
     @property
     def home(self) -> Path:
-        return self.state_dir / "home"
+        return self._state_dir / "home"
+
+    @property
+    def _state_dir(self) -> Path:
+        """`state_dir`, which start() creates when it was not given."""
+        assert self.state_dir is not None, f"{self.name}: no state directory before start()"
+        return self.state_dir
+
+    @property
+    def _sshd(self) -> subprocess.Popen:
+        """The sshd listener, from start() until stop()."""
+        assert self._proc is not None, f"{self.name}: sshd is not running"
+        return self._proc
 
     def pids(self) -> list[int]:
         """The sshd listener (the root of every process the board runs)."""
@@ -210,9 +222,10 @@ class SimLinuxBoard:
 
     def session_pids(self) -> list[int]:
         """The sshd processes serving connections right now (children of the listener's tree)."""
-        if not self.pids():
+        listener = self.pids()
+        if not listener:
             return []
-        _, tree = cpu_times_s(self._proc.pid)
+        _, tree = cpu_times_s(listener[0])
         return [p for p in tree[1:] if _comm(p) == "sshd"]
 
     # ------------------------------------------------------------------ start
@@ -274,7 +287,7 @@ class SimLinuxBoard:
         authorized = ensure_client_key(self.key) if self.key else ""
         (etc / "authorized_keys").write_text(authorized + "\n")
         self._write_accounts(etc)
-        python3 = self.state_dir / "bin" / "python3"
+        python3 = self._state_dir / "bin" / "python3"
         python3.write_text(f'#!/bin/sh\nexec {shlex.quote(self.python)} "$@"\n')
         python3.chmod(0o755)
         (etc / "sshd_config").write_text(self._config(etc))
@@ -306,7 +319,7 @@ class SimLinuxBoard:
         (etc / "group").write_text("\n".join(group) + "\n")
 
     def _config(self, etc: Path) -> str:
-        path = f"{self.state_dir / 'bin'}:/usr/local/bin:/usr/bin:/bin"
+        path = f"{self._state_dir / 'bin'}:/usr/local/bin:/usr/bin:/bin"
         family = _CONTROL.sub(" ", self.family.display_name)  # in a comment: a line break would end it
         authorized = str(etc / "authorized_keys").replace("%", "%%")  # sshd expands %h, %u there
         return "\n".join(
@@ -315,7 +328,7 @@ class SimLinuxBoard:
                 f"Port {int(self.port)}",
                 f"ListenAddress {sshd_quote(self.host)}",
                 f"HostKey {sshd_quote(etc / 'ssh_host_ed25519_key')}",
-                f"PidFile {sshd_quote(self.state_dir / 'sshd.pid')}",
+                f"PidFile {sshd_quote(self._state_dir / 'sshd.pid')}",
                 f"AuthorizedKeysFile {sshd_quote(authorized)}",
                 f"AllowUsers {sshd_quote(self.user)}",
                 "PermitRootLogin prohibit-password",
@@ -335,17 +348,17 @@ class SimLinuxBoard:
         )
 
     def _wait_listening(self, timeout_s: float = 10.0) -> None:
-        log = self.state_dir / "sshd.log"
+        log = self._state_dir / "sshd.log"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             text = log.read_text(errors="replace")
             if "Server listening on" in text:
                 return
-            if self._proc.poll() is not None:
+            if self._sshd.poll() is not None:
                 raise SimBoardError(
                     self.name,
                     f"start sshd on {self.host}:{self.port}",
-                    f"exited with status {self._proc.returncode}: {text.strip()[-600:]}",
+                    f"exited with status {self._sshd.returncode}: {text.strip()[-600:]}",
                     str(log),
                 )
             time.sleep(0.02)
@@ -360,10 +373,10 @@ class SimLinuxBoard:
 
     def _sample(self) -> None:
         idle_w, active_w = self.power.idle_w, self.power.active_w
-        prev_cpu_s, _ = cpu_times_s(self._proc.pid)
+        prev_cpu_s, _ = cpu_times_s(self._sshd.pid)
         prev_t, carry_s = time.monotonic(), 0.0
         while not self._stopping.wait(self.sample_period_s):
-            cpu_s, tree = cpu_times_s(self._proc.pid)
+            cpu_s, tree = cpu_times_s(self._sshd.pid)
             t = time.monotonic()
             if not tree:
                 return

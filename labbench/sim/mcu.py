@@ -587,9 +587,13 @@ class SimMcuBoard:
 
             boot_rom = Esp32BootRom()
         self.boot_rom = boot_rom
+        # the catalog requires flash_kib and serial_baud of an MCU family
+        assert self.family.flash_kib is not None
         self.flash = FlashStore(self.family.flash_kib * 1024)
         self.reset_line = ResetLine()
-        self.app_baud = baud or self.family.serial_baud  # the DUT firmware's UART rate
+        app_baud = baud or self.family.serial_baud
+        assert app_baud is not None
+        self.app_baud = app_baud  # the DUT firmware's UART rate
         self.uart = SimUart(
             name,
             host,

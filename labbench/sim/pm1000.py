@@ -52,7 +52,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 from pyvisa import rname
 
@@ -184,7 +184,10 @@ _REGISTERS: dict[str, tuple[float, frozenset | tuple]] = {
     "SCL:VLT": (1.0, (0.0001, 100000.0)),
     "SCL:AMP": (1.0, (0.0001, 100000.0)),
 }
-_COMMS_REGISTERS = {"COM:RS2:BAUD": (9600, frozenset({9600, 19200, 38400})), "COM:IEE:ADDR": (5, (1, 30))}
+_COMMS_REGISTERS: dict[str, tuple[float, frozenset | tuple]] = {
+    "COM:RS2:BAUD": (9600, frozenset({9600, 19200, 38400})),
+    "COM:IEE:ADDR": (5, (1, 30)),
+}
 # switches: command -> (register read back by "<register>?", value)
 _SWITCHES = {
     "BLK:ENB": ("BLK", 1), "BLK:DIS": ("BLK", 0),
@@ -398,11 +401,15 @@ class Pm1000Model:
         if query and arg:
             raise _Refused(ESR_CME)
         if base in _MODES:
-            return self._set_mode(_MODES[base]) if not query else _fail()
+            if query:
+                _fail()
+            self._set_mode(_MODES[base])
+            return None
         if base == "MOD":
             return str(self._mode) if query else _fail()
         if base.startswith(("SEL:", "SCL:VCF", "SCL:ACF")) and not query:
-            return self._select(base.split(":", 1)[1], arg)
+            self._select(base.split(":", 1)[1], arg)
+            return None
         if base in _REGISTERS or base in _COMMS_REGISTERS:
             return self._register(base, arg, query)
         if base in _SWITCHES and not query:
@@ -422,9 +429,9 @@ class Pm1000Model:
     def _commands(self) -> dict[str, Callable[[str], str | None]]:
         return {
             "*IDN?": lambda a: self.idn,
-            "*RST": lambda a: _no_arg(a) or self._reset(),
-            "DVC": lambda a: _no_arg(a) or self._reset(),
-            "*CLS": lambda a: _no_arg(a) or self._clear_status(),
+            "*RST": _no_arg_then(self._reset),
+            "DVC": _no_arg_then(self._reset),
+            "*CLS": _no_arg_then(self._clear_status),
             "*ESR?": lambda a: str(self._read_clear("_esr", 0xFF)),
             "*ESE": lambda a: self._set_int("_ese", a, 0, 255),
             "*ESE?": lambda a: str(self._ese),
@@ -436,15 +443,15 @@ class Pm1000Model:
             "FRF?": lambda a: ", ".join(_QUANTITIES[c][0] for c in self._selection),
             "RNG:VLT:FIX": lambda a: self._fix_range("V", a),
             "RNG:AMP:FIX": lambda a: self._fix_range("A", a),
-            "RNG:VLT:AUT": lambda a: _no_arg(a) or self._auto.update(V=True),
-            "RNG:AMP:AUT": lambda a: _no_arg(a) or self._auto.update(A=True),
+            "RNG:VLT:AUT": _no_arg_then(lambda: self._auto.update(V=True)),
+            "RNG:AMP:AUT": _no_arg_then(lambda: self._auto.update(A=True)),
             "RNG:VLT?": lambda a: str(self._range["V"]),
             "RNG:AMP?": lambda a: str(self._range["A"]),
             "RNG:VLT:AUT?": lambda a: str(int(self._auto["V"])),
             "RNG:AMP:AUT?": lambda a: str(int(self._auto["A"])),
-            "INT:MAN:RUN": lambda a: _no_arg(a) or self._integrator_run(),
-            "INT:MAN:STOP": lambda a: _no_arg(a) or self._integrator_stop(),
-            "INT:RESET": lambda a: _no_arg(a) or self._integrator_reset(),
+            "INT:MAN:RUN": _no_arg_then(self._integrator_run),
+            "INT:MAN:STOP": _no_arg_then(self._integrator_stop),
+            "INT:RESET": _no_arg_then(self._integrator_reset),
         }
 
     def _clear_status(self) -> None:
@@ -520,13 +527,23 @@ class Pm1000Model:
         self._totals = dict.fromkeys(self._totals, 0.0)
 
 
-def _fail() -> None:
+def _fail() -> NoReturn:
     raise _Refused(ESR_CME)
 
 
 def _no_arg(arg: str) -> None:
     if arg:
         raise _Refused(ESR_CME)
+
+
+def _no_arg_then(action: Callable[[], object]) -> Callable[[str], None]:
+    """A handler for a command that takes no parameter: `action`, no reply."""
+
+    def handler(arg: str) -> None:
+        _no_arg(arg)
+        action()
+
+    return handler
 
 
 def _number(arg: str, allowed: frozenset | tuple) -> float:
@@ -619,7 +636,7 @@ class Pm1000Sim:
     def running(self) -> bool:
         return self._server.running
 
-    def start(self) -> Pm1000Sim:
+    def start(self) -> Self:
         if self.running:
             return self
         self._server.start()

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 import numpy as np
 
@@ -42,8 +42,15 @@ NOISE_PERIOD_S = 0.01
 class Pattern(Protocol):
     """A load shape on absolute time. `occupancy` says how long it spends at each power level."""
 
-    start: float | None  # absolute start (host monotonic s); None: when it is played
-    duration_s: float | None  # None: until something else is posted
+    @property
+    def start(self) -> float | None:
+        """Absolute start (host monotonic s); None: when it is played."""
+        ...
+
+    @property
+    def duration_s(self) -> float | None:
+        """How long it lasts; None: until something else is posted."""
+        ...
 
     def occupancy(self, t0: float, t1: float) -> dict[float, float]:
         """Seconds spent at each power level (W) within [t0, t1], exactly."""
@@ -335,6 +342,12 @@ class PowerChannel:
         return levels
 
 
+class _ChannelSettings(TypedDict):
+    voltage_v: float
+    retention_s: float
+    clock: Callable[[], float]
+
+
 class PowerBus:
     """Named power channels ("<instrument>:<channel>"), created on first use."""
 
@@ -345,7 +358,11 @@ class PowerBus:
         retention_s: float = DEFAULT_RETENTION_S,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self._defaults = {"voltage_v": voltage_v, "retention_s": retention_s, "clock": clock}
+        self._defaults: _ChannelSettings = {
+            "voltage_v": voltage_v,
+            "retention_s": retention_s,
+            "clock": clock,
+        }
         self._channels: dict[str, PowerChannel] = {}
         self._lock = threading.Lock()
 

@@ -223,8 +223,10 @@ class SimUart:
 
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
+            listener = self._listener
+            assert listener is not None  # start() opens it before it starts this loop
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except TimeoutError:
                 continue
             except OSError:
@@ -235,7 +237,9 @@ class SimUart:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(0.2)
         line, conn = _LinePort(self), _Connection(sock)
-        manager = PortManager(line, conn)  # sends the server's side of the negotiation
+        # sends the server's side of the negotiation; types-pyserial says both are Serial, but
+        # PortManager only uses the port's settings and lines, and the connection's write()
+        manager = PortManager(line, conn)  # type: ignore[arg-type]
         with self._tx_cv:
             self._line, self._conn, self._manager = line, conn, manager
         try:
@@ -367,6 +371,7 @@ class SimUart:
                     out += self._pop(arrived)
                     wake = None if j is None else self._arrival(j - arrived)
                 else:
+                    assert size is not None  # read() gives a size when there is no terminator
                     out += self._pop(min(arrived, size - len(out)))
                     wake = self._arrival(size - len(out) - 1) if len(out) < size else None
                 if size is not None and len(out) >= size:
