@@ -12,7 +12,7 @@ import time
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Self, cast
 
 from labbench import catalog, locks
 from labbench.capabilities import Deployer, Flasher, ImageBuilder, InferenceTarget, InstallRecord, PowerMeter
@@ -23,14 +23,13 @@ from labbench.steps import count as steps_count
 from labbench.steps import since as steps_since
 from labbench.yamlsource import unknown
 
-T = TypeVar("T")
-
 
 def _construct(
-    group: str, name: str, capability: type[T], entry: Any, family: Any = None, **context: Any
-) -> T:
-    """The `name` plugin of `group` built for `entry`; it must implement `capability`. Of `context` (what
-    the board knows besides the entry and family: the lab's name), `from_lab` gets the keywords it takes."""
+    group: str, name: str, capability: type[Any], entry: Any, family: Any = None, **context: Any
+) -> object:
+    """The `name` plugin of `group` built for `entry`; it must implement `capability` (a capability
+    Protocol: the callers cast to it, which this check makes safe). Of `context` (what the board
+    knows besides the entry and family: the lab's name), `from_lab` gets the keywords it takes."""
     plugins = registered(group)
     if name not in plugins:
         raise UsageError(unknown(group.split(".")[-1].rstrip("s"), name, plugins))
@@ -78,15 +77,17 @@ class Board:
     def target(self) -> InferenceTarget:
         """The InferenceTarget: the driver the family names (by default the MLPerf Tiny DUT over serial for
         an MCU, the SSH runner for a Linux board, which keeps its files in a directory per lab)."""
-        return _construct(
+        target = _construct(
             DRIVER_GROUP, self.family.target, InferenceTarget, self.entry, self.family, lab=self.lab.name
         )
+        return cast(InferenceTarget, target)
 
     @cached_property
     def flasher(self) -> Flasher:
-        if "flash" not in self.capabilities:
+        flash = self.entry.flash
+        if "flash" not in self.capabilities or flash is None:
             raise UsageError(f"{self.name}: has no flash: settings in {self.lab.path.name}")
-        return _construct(DRIVER_GROUP, self.entry.flash.tool, Flasher, self.entry, self.family)
+        return cast(Flasher, _construct(DRIVER_GROUP, flash.tool, Flasher, self.entry, self.family))
 
     @property
     def deployer(self) -> Deployer:
@@ -102,7 +103,7 @@ class Board:
         if self.entry.power is None:
             raise UsageError(f"{self.name}: has no power: link in {self.lab.path.name}")
         inst = self.lab.instruments[self.entry.power.instrument]
-        return _construct(INSTRUMENT_GROUP, inst.kind, PowerMeter, inst)
+        return cast(PowerMeter, _construct(INSTRUMENT_GROUP, inst.kind, PowerMeter, inst))
 
     def install(
         self, model: Path, dataset: Path | None = None, build_dir: Path = Path("build")
@@ -143,6 +144,8 @@ class Board:
 
     @property
     def power_channel(self) -> int:
+        if self.entry.power is None:
+            raise UsageError(f"{self.name}: has no power: link in {self.lab.path.name}")
         return self.entry.power.channel
 
     def lock_keys(self) -> list[locks.Key]:
@@ -152,6 +155,7 @@ class Board:
         if e.serial:
             keys = locks.serial_keys(e.serial.url)
         else:
+            assert e.ssh is not None  # lab.yaml gives a board exactly one of serial: and ssh:
             keys = locks.network_keys(
                 e.ssh.host, e.ssh.port, f"ssh://{locks.host_text(e.ssh.host)}:{e.ssh.port}"
             )
@@ -159,7 +163,7 @@ class Board:
             keys += locks.instrument_keys(self.lab.instruments[e.power.instrument].resource, e.power.channel)
         return keys
 
-    def acquire(self) -> Board:
+    def acquire(self) -> Self:
         """Lock everything the board is attached to (non-blocking, all or none): BoardBusy names the
         holder. A board already acquired keeps its locks."""
         if not self._locks:

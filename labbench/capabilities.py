@@ -181,4 +181,34 @@ class PowerMeter(Protocol):
     def capture(self, channel: int | str = 1) -> PowerCapture: ...
 
 
+@runtime_checkable
+class Closable(Protocol):
+    """A driver holding a connection it lets go of (a serial port, an SSH session); the next use
+    opens it again."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Reconnectable(Protocol):
+    """A target that connects again after a fault (an SSH board)."""
+
+    def connect(self) -> object: ...
+
+
+@runtime_checkable
+class Resettable(Protocol):
+    """A target that can reset the board into its model (a cold start)."""
+
+    def reset(self) -> object: ...
+
+
+@runtime_checkable
+class Resyncable(Protocol):
+    """A target that brings its link back in step without a reset (a serial DUT whose port cannot
+    reset the board)."""
+
+    def resync(self) -> object: ...
+
+
 CAPABILITIES.update(flash=Flasher, deploy=Deployer, inference=InferenceTarget, power=PowerMeter)

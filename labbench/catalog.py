@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numbers
 import re
+from collections.abc import Iterator
 from importlib import resources
 from importlib.abc import Traversable
 from importlib.metadata import entry_points
@@ -31,7 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from labbench.errors import CatalogError
-from labbench.yamlsource import Source, plain, unknown
+from labbench.yamlsource import KeyPath, Source, plain, unknown
 
 #: accepted `dtype` names for DeviceModel.inference_us -> the throughput field they use
 _DTYPES = {"int8": "int8_macs_per_s", "fp32": "fp32_macs_per_s", "float32": "fp32_macs_per_s"}
@@ -75,7 +76,7 @@ class DeviceModel(_Strict):
         """Latency of one inference of a model with `macs` multiply-accumulates, in µs."""
         if dtype not in _DTYPES:
             raise CatalogError(f'unknown dtype "{dtype}" (known: {", ".join(_DTYPES)})')
-        rate = getattr(self, _DTYPES[dtype])
+        rate: float | None = getattr(self, _DTYPES[dtype])
         if rate is None:
             raise CatalogError(f"no {dtype} throughput in the catalog for this device (no published figure)")
         return self.overhead_us + macs / rate * 1e6
@@ -169,7 +170,10 @@ class BoardFamily(_Strict):
 
 def default_devices_dir() -> Path:
     """The catalog shipped with the package (labbench.devices: devices/ of the checkout when editable)."""
-    return Path(resources.files("labbench.devices"))
+    files = resources.files("labbench.devices")
+    if not isinstance(files, Path):  # a zip, or a namespace package over several directories
+        raise CatalogError(f"the package's board catalog is not a directory: {files}")
+    return files
 
 
 def family_files(devices_dir: str | Path | None = None) -> dict[str, Traversable]:
@@ -231,13 +235,13 @@ def _load(path: Path) -> BoardFamily:
     return family
 
 
-Problems = list[tuple[tuple, str]]
+Problems = list[tuple[KeyPath, str]]
 
 
-def _layout_problems(data: dict, name: str) -> Problems:
+def _layout_problems(data: dict[str, Any], name: str) -> Problems:
     """The file does not name itself; power modes and the top-level figures exclude each other; the
     default mode must be one of the modes."""
-    named = (
+    named: Problems = (
         [(("name",), f'unknown key; a family is named by its file name, "{name}"')] if "name" in data else []
     )
     modes, default = data.get("power_modes"), data.get("default_power_mode")
@@ -245,7 +249,7 @@ def _layout_problems(data: dict, name: str) -> Problems:
         return named + (
             [(("default_power_mode",), "only a family with power_modes has a default")] if default else []
         )
-    clash = named + [
+    clash: Problems = named + [
         ((key,), "not allowed with power_modes (each mode has its own)")
         for key in ("power", "device_model")
         if key in data
@@ -260,12 +264,12 @@ def _layout_problems(data: dict, name: str) -> Problems:
 def _kind_problems(family: BoardFamily) -> Problems:
     """What an MCU or a Linux board must declare, and which flashers fit each."""
     if family.kind == "mcu":
-        needed = ("sram_kib", "flash_kib", "serial_baud")
+        needed: tuple[str, ...] = ("sram_kib", "flash_kib", "serial_baud")
         wrong_flasher = family.flasher == "ssh"
     else:
         needed = ("ram_mib",)
         wrong_flasher = family.flasher != "ssh"
-    problems = [
+    problems: Problems = [
         ((key,), f"required when kind is {family.kind}") for key in needed if getattr(family, key) is None
     ]
     if wrong_flasher:
@@ -273,7 +277,7 @@ def _kind_problems(family: BoardFamily) -> Problems:
     return problems
 
 
-def _source_problems(data: dict) -> Problems:
+def _source_problems(data: dict[str, Any]) -> Problems:
     """Every number names a source; every source names a number (or a null it explains) and a reference."""
     leaves = dict(_leaves(data, ()))
     sources, refs = data.get("sources", {}), data.get("references", {})
@@ -292,7 +296,7 @@ def _source_problems(data: dict) -> Problems:
     return problems
 
 
-def _leaves(node: Any, loc: tuple):
+def _leaves(node: Any, loc: KeyPath) -> Iterator[tuple[str, tuple[KeyPath, Any]]]:
     """(dotted key, (key path, value)) for every scalar outside references: and sources:."""
     if isinstance(node, dict):
         for key, value in node.items():

@@ -22,6 +22,8 @@ class UsageError(LabbenchError):
 class HardwareError(LabbenchError):
     """Infrastructure failure talking to a board or instrument (never a budget failure)."""
 
+    transcript: list[str]  # the DUT's last lines, where a serial DUT's driver raised it (DutSerial)
+
     def __init__(self, target: str, action: str, seen: str, log: str | None = None):
         self.target, self.action, self.seen, self.log = target, action, seen, log
         self.partial: object = None  # what was measured before the fault, kept but never judged

@@ -43,6 +43,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -50,7 +51,7 @@ from labbench import inventory, results
 from labbench.budgets import Verdict, judge_value, limit_text, worst
 from labbench.errors import LabbenchError, UsageError
 from labbench.inventory import Lab, ModelBudget
-from labbench.measure.record import Measurement, git_revision
+from labbench.measure.record import Energy, Measurement, git_revision
 from labbench.metrics import METRICS
 from labbench.metrics import Comparison as ComparisonKind
 
@@ -136,7 +137,7 @@ class GateResult:
     def status(self) -> str:
         return {0: "PASS", 1: "FAIL", 2: "INCOMPLETE"}[self.exit_code]
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         checks = [
             {**asdict(c), "verdict": c.verdict.value, "unit": c.unit, "change_pct": c.change_pct}
             for c in self.checks
@@ -261,16 +262,16 @@ def save_baseline(journals: Iterable[str | Path], name: str, out_dir: Path = BAS
     """
     if not _NAME.match(name):
         raise UsageError(f"baseline name {name!r}: use letters, digits, '.', '_' and '-'")
-    journals = [str(p) for p in journals]
-    latest, notes, problems = collect(journals)
+    paths = [str(p) for p in journals]
+    latest, notes, problems = collect(paths)
     if problems or not latest:
-        why = "; ".join(problems) or f"no measurements in {', '.join(journals)}"
+        why = "; ".join(problems) or f"no measurements in {', '.join(paths)}"
         raise IncompleteData(f"baseline {name}: {why}")
     baseline = Baseline(
         name=name,
         created_utc=dt.datetime.now(dt.UTC).isoformat(),
         bench_git_rev=git_revision(),
-        journals=journals,
+        journals=paths,
         notes=notes,
         measurements=[latest[k] for k in sorted(latest)],
     )
@@ -328,11 +329,40 @@ def compare_latency(
     )
 
 
+def _energy(m: Measurement) -> Energy:
+    """The energy of `m`, which the caller compares: it has one."""
+    if m.energy is None:
+        raise ValueError(f"{m.board} / {m.model}: no energy measured")
+    return m.energy
+
+
+def _accuracy(m: Measurement) -> float:
+    """The accuracy of `m`, which the caller compares: it has one."""
+    if m.accuracy is None:
+        raise ValueError(f"{m.board} / {m.model}: no accuracy measured")
+    return m.accuracy
+
+
+def _latency_ms(m: Measurement) -> list[float]:
+    """The latency samples of `m`, which the caller compares: it has them."""
+    if m.latency is None:
+        raise ValueError(f"{m.board} / {m.model}: no latency measured")
+    return m.latency.samples_ms
+
+
+def _measured(metric: str, m: Measurement) -> float:
+    """`metric` on `m`, which the caller compares: it was measured."""
+    value = METRICS[metric].value(m)
+    if value is None:
+        raise ValueError(f"{m.board} / {m.model}: {metric} not measured")
+    return value
+
+
 def same_calibration(base: Measurement, now: Measurement) -> bool:
     """Whether both energies were measured by one instrument (its *IDN? reply) holding the same ranges,
     with their uncertainty budgets journaled: then they share the instrument's calibration error (as
     far as the records tell: a recalibration in between is not in them)."""
-    b, n = base.energy, now.energy
+    b, n = _energy(base), _energy(now)
     ranges = (b.voltage_range_v, b.current_range_a)
     return (
         base.provenance.instrument is not None
@@ -353,7 +383,7 @@ def energy_uncertainties(base: Measurement, now: Measurement) -> tuple[float, fl
     is gain x energy + offset power x time per inference (energy / power), at most the baseline's
     accuracy bound, so it changes between the two by at most that bound times the relative changes
     of energy and of time per inference."""
-    b, n = base.energy, now.energy
+    b, n = _energy(base), _energy(now)
     if not same_calibration(base, now):
         return b.uncertainty_mj, n.uncertainty_mj, "uncertainties"
     ub, un = b.uncertainties["per_inference_mj"], n.uncertainties["per_inference_mj"]
@@ -368,7 +398,7 @@ def energy_uncertainties(base: Measurement, now: Measurement) -> tuple[float, fl
 
 def compare_energy(base: Measurement, now: Measurement, tol: Tolerance = DEFAULT_TOLERANCE) -> Comparison:
     """Non-overlap of the energy intervals (value +- uncertainty) widened by energy_pct of the baseline."""
-    b, n = base.energy, now.energy
+    b, n = _energy(base), _energy(now)
     diff = n.per_inference_mj - b.per_inference_mj
     u_base, u_now, which = energy_uncertainties(base, now)
     allowance = u_base + u_now + tol.energy_pct / 100 * b.per_inference_mj
@@ -383,17 +413,19 @@ def compare_energy(base: Measurement, now: Measurement, tol: Tolerance = DEFAULT
 
 def compare_accuracy(base: Measurement, now: Measurement, tol: Tolerance = DEFAULT_TOLERANCE) -> Comparison:
     """Fisher's exact test on correct/incorrect counts at alpha, with a minimum change of accuracy_pts."""
+    import numpy as np
     from scipy import stats
 
-    change_pts = (now.accuracy - base.accuracy) * 100
+    base_accuracy, now_accuracy = _accuracy(base), _accuracy(now)
+    change_pts = (now_accuracy - base_accuracy) * 100
     big = abs(change_pts) >= tol.accuracy_pts
     if not (base.accuracy_n and now.accuracy_n):
         return (
             _direction(big and change_pts < 0, big and change_pts > 0),
             f"{change_pts:+.2f} pts (no sample count: by value, tolerance {tol.accuracy_pts:g} pts)",
         )
-    kb, kn = round(base.accuracy * base.accuracy_n), round(now.accuracy * now.accuracy_n)
-    table = [[kb, base.accuracy_n - kb], [kn, now.accuracy_n - kn]]
+    kb, kn = round(base_accuracy * base.accuracy_n), round(now_accuracy * now.accuracy_n)
+    table = np.array([[kb, base.accuracy_n - kb], [kn, now.accuracy_n - kn]])
     p = float(stats.fisher_exact(table, alternative="two-sided").pvalue)
     real = big and p < tol.alpha
     return (
@@ -414,13 +446,11 @@ def compare_memory(base_value: float, now_value: float, tol: Tolerance = DEFAULT
 
 
 _COMPARERS: dict[ComparisonKind, Callable[[str, Measurement, Measurement, Tolerance], Comparison]] = {
-    "samples": lambda metric, base, now, tol: compare_latency(
-        base.latency.samples_ms, now.latency.samples_ms, tol
-    ),
+    "samples": lambda metric, base, now, tol: compare_latency(_latency_ms(base), _latency_ms(now), tol),
     "uncertainty": lambda metric, base, now, tol: compare_energy(base, now, tol),
     "proportion": lambda metric, base, now, tol: compare_accuracy(base, now, tol),
     "relative": lambda metric, base, now, tol: compare_memory(
-        METRICS[metric].value(base), METRICS[metric].value(now), tol
+        _measured(metric, base), _measured(metric, now), tol
     ),
 }
 

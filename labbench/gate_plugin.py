@@ -78,7 +78,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         session.exitstatus = result.exit_code
 
 
-def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     if _RESULT not in config.stash:
         return
     result, where = config.stash[_RESULT]

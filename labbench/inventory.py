@@ -27,7 +27,7 @@ import typing
 from functools import cached_property
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -43,9 +43,9 @@ from pydantic import (
 
 from labbench.errors import LabConfigError, UsageError
 from labbench.metrics import METRICS
-from labbench.sim.faults import Fault
+from labbench.sim.faults import Fault, Link
 from labbench.sim.faults import check as check_fault
-from labbench.yamlsource import Source, shown, unknown
+from labbench.yamlsource import KeyPath, Source, shown, unknown
 
 DRIVER_GROUP = "labbench.drivers"
 INSTRUMENT_GROUP = "labbench.instruments"
@@ -284,68 +284,87 @@ class SimBlock(BaseModel):
 
 
 class _SimSettings(_Strict):
-    """The keywords a simulator takes from lab.yaml (tests/test_lab_hostile.py keeps them in step)."""
+    """The keywords a simulator takes from lab.yaml (tests/test_lab_hostile.py keeps them in step).
+
+    A setting left out is None here and not passed on (`model_dump(exclude_unset=True)`): the
+    simulator uses its own default. A setting given is passed on as it is, so it may not be null,
+    except those in `_nullable`."""
+
+    _nullable: ClassVar[frozenset[str]] = frozenset()
 
     faults: list[Any] = []  # validated by SimBlock
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _given(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.field_name not in cls._nullable:
+            raise ValueError("a setting given needs a value (leave it out for the simulator's default)")
+        return value
 
 
 class McuSim(_SimSettings):
     """Settings of a simulated MCU board (labbench.sim.mcu.SimMcuBoard)."""
 
+    _nullable = frozenset({"model"})
     model: str | None = Field(None, min_length=1)  # the .tflite it boots with (relative: to lab.yaml's dir)
-    baud: int = Field(None, gt=0)
-    speed_factor: float = Field(None, gt=0)
-    vendor: Annotated[
-        str, _matching(r"[A-Za-z0-9 _.-]{1,32}", "up to 32 letters, digits, spaces, _, . or -")
-    ] = None  # what the DUT names itself
-    rx_fifo_bytes: int = Field(None, gt=0)
-    tx_buffer_bytes: int = Field(None, gt=0)
-    timer_start_us: int = Field(None, ge=0)
-    strap_delay_s: float = Field(None, ge=0)
-    reply_crc: bool = None
-    boot_report: bool = None  # answers `boot%` (the m-ext-[boot] extension)
-    boot_ms: float = Field(None, ge=0)
-    model_init_ms: float = Field(None, ge=0)
-    seed: int | str = None  # of its latency jitter and power noise (default: the board's name)
+    baud: int | None = Field(None, gt=0)
+    speed_factor: float | None = Field(None, gt=0)
+    vendor: (
+        Annotated[str, _matching(r"[A-Za-z0-9 _.-]{1,32}", "up to 32 letters, digits, spaces, _, . or -")]
+        | None
+    ) = None  # what the DUT names itself
+    rx_fifo_bytes: int | None = Field(None, gt=0)
+    tx_buffer_bytes: int | None = Field(None, gt=0)
+    timer_start_us: int | None = Field(None, ge=0)
+    strap_delay_s: float | None = Field(None, ge=0)
+    reply_crc: bool | None = None
+    boot_report: bool | None = None  # answers `boot%` (the m-ext-[boot] extension)
+    boot_ms: float | None = Field(None, ge=0)
+    model_init_ms: float | None = Field(None, ge=0)
+    seed: int | str | None = None  # of its latency jitter and power noise (default: the board's name)
     # wider spreads would trip the bench's check that a window lasts at least half the time per inference
     # seen before (labbench.drivers.dut_serial WINDOW_MIN_FRACTION)
-    jitter_pct: float = Field(None, ge=0, le=10)
-    outlier_rate: float = Field(None, ge=0, le=1)
-    outlier_pct: float = Field(None, ge=0, le=25)
-    power_noise_pct: float = Field(None, ge=0, le=20)
+    jitter_pct: float | None = Field(None, ge=0, le=10)
+    outlier_rate: float | None = Field(None, ge=0, le=1)
+    outlier_pct: float | None = Field(None, ge=0, le=25)
+    power_noise_pct: float | None = Field(None, ge=0, le=20)
 
 
 class LinuxSim(_SimSettings):
     """Settings of a simulated Linux board (labbench.sim.linux.SimLinuxBoard)."""
 
-    python: Annotated[str, _matching(r"/.+", "an absolute path")] = None  # the interpreter of its python3
-    sample_period_s: float = Field(None, gt=0)
-    seed: int | str = None  # of its power noise (default: the board's name)
-    power_noise_pct: float = Field(None, ge=0, le=20)
+    # the interpreter of its python3
+    python: Annotated[str, _matching(r"/.+", "an absolute path")] | None = None
+    sample_period_s: float | None = Field(None, gt=0)
+    seed: int | str | None = None  # of its power noise (default: the board's name)
+    power_noise_pct: float | None = Field(None, ge=0, le=20)
 
 
 class Pm1000Sim(_SimSettings):
     """Settings of a simulated PM1000+ (labbench.sim.pm1000.Pm1000Sim and the Pm1000Model it runs)."""
 
-    terminator: Literal["\n", "\r\n", "\r"] = None
-    ack_tcp: bool = None
-    ack_serial: bool = None
-    use_pty: bool = None
-    seed: int | str = None
-    idn: Annotated[str, _matching(r"[ -~]{1,100}", "up to 100 printable ASCII characters")] = None
-    update_period_s: float = Field(None, gt=0)
-    number_format: Annotated[
-        str, _matching(r"%[-+ 0#]?\d{0,2}(\.\d{1,2})?[eEfFgG]", "a printf number format such as %.4E")
-    ] = None
-    voltage_ranges_v: tuple[Annotated[float, Field(gt=0)], ...] = Field(None, min_length=1)
-    current_ranges_a: tuple[Annotated[float, Field(gt=0)], ...] = Field(None, min_length=1)
-    auto_zero_interval_s: float = Field(None, gt=0)
-    accuracy: Literal["spec", "ideal"] = None
-    noise_pct_of_range: float = Field(None, ge=0)
-    ndv_latency_s: float = Field(None, ge=0)
-    ndv_jitter_s: float = Field(None, ge=0)
-    downrange_after: int = Field(None, ge=1)
-    downrange_fraction: float = Field(None, gt=0, le=1)
+    terminator: Literal["\n", "\r\n", "\r"] | None = None
+    ack_tcp: bool | None = None
+    ack_serial: bool | None = None
+    use_pty: bool | None = None
+    seed: int | str | None = None
+    idn: Annotated[str, _matching(r"[ -~]{1,100}", "up to 100 printable ASCII characters")] | None = None
+    update_period_s: float | None = Field(None, gt=0)
+    number_format: (
+        Annotated[
+            str, _matching(r"%[-+ 0#]?\d{0,2}(\.\d{1,2})?[eEfFgG]", "a printf number format such as %.4E")
+        ]
+        | None
+    ) = None
+    voltage_ranges_v: tuple[Annotated[float, Field(gt=0)], ...] | None = Field(None, min_length=1)
+    current_ranges_a: tuple[Annotated[float, Field(gt=0)], ...] | None = Field(None, min_length=1)
+    auto_zero_interval_s: float | None = Field(None, gt=0)
+    accuracy: Literal["spec", "ideal"] | None = None
+    noise_pct_of_range: float | None = Field(None, ge=0)
+    ndv_latency_s: float | None = Field(None, ge=0)
+    ndv_jitter_s: float | None = Field(None, ge=0)
+    downrange_after: int | None = Field(None, ge=1)
+    downrange_fraction: float | None = Field(None, gt=0, le=1)
 
 
 #: a field filled from the entry's key in lab.yaml, not written in the entry itself
@@ -629,8 +648,11 @@ def _resolved(board: BoardEntry, lab_dir: Path) -> BoardEntry:
     return board.model_copy(update={"ssh": ssh})
 
 
+_Entry = TypeVar("_Entry", BoardEntry, InstrumentEntry)
+
+
 def _sim_settings(
-    src: Source, section: str, entries: dict[str, Any], lab_dir: Path, check_files: bool, devices_dir: Path
+    src: Source, section: str, entries: dict[str, _Entry], lab_dir: Path, check_files: bool, devices_dir: Path
 ) -> list[str]:
     """Check each `sim:` block of `section` against its simulator's settings (the `settings` model of its
     SIM_GROUP entry point); an entry that passes gets the validated values (replaced in `entries`)."""
@@ -651,8 +673,10 @@ def _sim_settings(
             problems.append(src.where(at, f"cannot load simulator {simulator}: {exc}"))
             continue
         settings, found = src.check(schema, entry.sim.settings, at)
-        if settings is not None:
-            found = _sim_paths(src, at, settings, lab_dir, check_files)
+        if settings is None:
+            problems += found
+            continue
+        found = _sim_paths(src, at, settings, lab_dir, check_files)
         problems += found
         if not found:
             values = settings.model_dump(exclude_unset=True, exclude={"faults"})
@@ -673,7 +697,7 @@ def _simulator(entry: BoardEntry | InstrumentEntry, devices_dir: Path) -> tuple[
     return load_family(entry.family, devices_dir).simulator, f"family {entry.family}"
 
 
-def _sim_paths(src: Source, at: tuple, settings: BaseModel, lab_dir: Path, check_files: bool) -> list[str]:
+def _sim_paths(src: Source, at: KeyPath, settings: BaseModel, lab_dir: Path, check_files: bool) -> list[str]:
     """A model path stays inside the lab's directory unless absolute; an absolute one, or any with
     `check_files`, must be a file; with `check_files`, the simulated board's python must be executable."""
     problems = []
@@ -714,7 +738,7 @@ def _instrument_settings(src: Source, instruments: dict[str, InstrumentEntry]) -
     return problems
 
 
-def _keywords(cls: type) -> type[BaseModel] | None:
+def _keywords(cls: type[Any]) -> type[BaseModel] | None:
     """A model of the keyword arguments `cls(resource, name=..., **settings)` takes (None: any)."""
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
@@ -723,13 +747,14 @@ def _keywords(cls: type) -> type[BaseModel] | None:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:
         hints = {}
-    fields = {
+    fields: dict[str, Any] = {  # name -> (type, default), as create_model takes them
         n: (hints.get(n, Any), ... if p.default is p.empty else p.default)
         for n, p in params.items()
         if n not in ("self", "resource", "name") and p.kind is not p.VAR_POSITIONAL
     }
     config = ConfigDict(extra="forbid", allow_inf_nan=False, arbitrary_types_allowed=True)
-    return create_model(f"{cls.__name__}Settings", __config__=config, **fields)
+    model: type[BaseModel] = create_model(f"{cls.__name__}Settings", __config__=config, **fields)
+    return model
 
 
 def _missing_keys(src: Source, boards: dict[str, BoardEntry]) -> list[str]:
@@ -754,7 +779,7 @@ def _cross_check(
     src: Source,
     boards: dict[str, BoardEntry],
     instruments: dict[str, InstrumentEntry],
-    budgets: dict,
+    budgets: dict[str, dict[str, ModelBudget]],
     devices_dir: Path,
 ) -> list[str]:
     from labbench.catalog import family_files, load_family
@@ -806,17 +831,20 @@ def _cross_check(
             if board.simulated and endpoint(board.serial.url) is None:
                 problem("a simulated board listens on rfc2217://host:port", *at, "serial", "url")
         else:
+            assert board.ssh is not None  # lab.yaml gives a board exactly one of serial: and ssh:
             claim((board.ssh.host, board.ssh.port), f"boards.{name}", *at, "ssh", "port")
         if board.power_mode is not None and board.family in families:
             modes = load_family(board.family, devices_dir).power_modes
             if board.power_mode not in modes:
                 problem(unknown(f"power mode of {board.family}", board.power_mode, modes), *at, "power_mode")
-    for section, entries in (("instruments", instruments), ("boards", boards)):
-        for name, entry in entries.items():
-            link = "instrument" if section == "instruments" else "serial" if entry.serial else "ssh"
-            for i, fault in enumerate(entry.sim.faults if entry.sim else ()):
-                for key, message in check_fault(fault, link):
-                    problem(message, section, name, "sim", "faults", i, *key)
+    simulated: list[tuple[str, str, Link, SimBlock | None]] = [
+        ("instruments", name, "instrument", inst.sim) for name, inst in instruments.items()
+    ]
+    simulated += [("boards", name, "serial" if b.serial else "ssh", b.sim) for name, b in boards.items()]
+    for section, name, link, sim in simulated:
+        for i, fault in enumerate(sim.faults if sim else ()):
+            for path, message in check_fault(fault, link):
+                problem(message, section, name, "sim", "faults", i, *path)
     targets = set(boards) | {b.family for b in boards.values()}
     for key in budgets:
         if key not in targets:

@@ -28,15 +28,19 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from ai_edge_litert import schema_py_generated as schema
 
 from labbench.errors import LabbenchError
 
 ARENA_ALIGN_BYTES = 16  # TFLM aligns arena allocations to 16 bytes; the bisection's granularity
-_OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-_TYPE_NAMES = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+_OP_NAMES: dict[int, str] = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+_TYPE_NAMES: dict[int, str] = {
+    v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")
+}
 
 
 class ModelError(LabbenchError):
@@ -56,6 +60,12 @@ class TensorInfo:
     @property
     def quantized(self) -> bool:
         return self.scale is not None
+
+    def quantization(self) -> tuple[float, int]:
+        """(scale, zero point) of a quantized tensor; a ValueError for one that is not."""
+        if self.scale is None or self.zero_point is None:
+            raise ValueError(f"tensor {self.name!r} is not quantized: it has no scale and zero point")
+        return self.scale, self.zero_point
 
     @property
     def size_bytes(self) -> int:
@@ -81,7 +91,7 @@ class ModelInfo:
     macs_by_op: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> ModelInfo:
+    def from_file(cls, path: str | os.PathLike[str]) -> ModelInfo:
         path = Path(path)
         return cls.from_bytes(path.read_bytes(), name=path.stem)
 
@@ -105,7 +115,8 @@ class ModelInfo:
         g = m.Subgraphs(0)
         codes = [_op_name(m.OperatorCodes(i)) for i in range(m.OperatorCodesLength())]
         tensors = [g.Tensors(i) for i in range(g.TensorsLength())]
-        ops, macs_by_op = [], {}
+        ops: list[str] = []
+        macs_by_op: dict[str, int] = {}
         for i in range(g.OperatorsLength()):
             op = g.Operators(i)
             kind = codes[op.OpcodeIndex()]
@@ -128,7 +139,7 @@ class ModelInfo:
         )
 
 
-def _op_name(code) -> str:
+def _op_name(code: schema.OperatorCode) -> str:
     # Builtin codes above 127 live only in BuiltinCode; older files only fill DeprecatedBuiltinCode.
     op = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
     if op == schema.BuiltinOperator.CUSTOM:
@@ -136,11 +147,11 @@ def _op_name(code) -> str:
     return _OP_NAMES.get(op, f"BUILTIN_{op}")
 
 
-def _shape(t) -> tuple[int, ...]:
+def _shape(t: schema.Tensor) -> tuple[int, ...]:
     return tuple(int(d) for d in t.ShapeAsNumpy()) if t.ShapeLength() else ()
 
 
-def _tensor_info(t) -> TensorInfo:
+def _tensor_info(t: schema.Tensor) -> TensorInfo:
     q = t.Quantization()
     scale = zero_point = None
     if q is not None and q.ScaleLength() > 0:
@@ -158,7 +169,7 @@ def _tensor_info(t) -> TensorInfo:
 _MAC_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL"}
 
 
-def _macs(kind: str, op, tensors) -> int:
+def _macs(kind: str, op: schema.Operator, tensors: list[schema.Tensor]) -> int:
     """MACs of one operator (see the module docstring); 0 for ops that are not counted."""
     if kind not in _MAC_OPS:
         return 0
@@ -189,7 +200,7 @@ def _macs(kind: str, op, tensors) -> int:
     return out * (a[-2] if adj_x else a[-1])
 
 
-def _weights_bytes(m, tensors) -> int:
+def _weights_bytes(m: schema.Model, tensors: list[schema.Tensor]) -> int:
     buffers = {t.Buffer() for t in tensors if t.Buffer() > 0}
     total = 0
     for b in buffers:
@@ -201,7 +212,7 @@ def _weights_bytes(m, tensors) -> int:
 # ---------------------------------------------------------------- int8 I/O
 
 
-def quantize_input(info: ModelInfo, x_float, index: int = 0) -> np.ndarray:
+def quantize_input(info: ModelInfo, x_float: npt.ArrayLike, index: int = 0) -> np.ndarray:
     """Float values -> the model's input dtype (scale/zero point, rounded, saturated); shape kept.
 
     A float model's input passes through as float32.
@@ -210,19 +221,22 @@ def quantize_input(info: ModelInfo, x_float, index: int = 0) -> np.ndarray:
     x = np.asarray(x_float, dtype=np.float32)
     if not t.quantized:
         return x.astype(t.dtype, copy=False)
+    scale, zero_point = t.quantization()
     dtype = np.dtype(t.dtype)
     limits = np.iinfo(dtype)
-    q = np.round(x / np.float32(t.scale)) + t.zero_point
-    return np.clip(q, limits.min, limits.max).astype(dtype)
+    q = np.round(x / np.float32(scale)) + zero_point
+    quantized: np.ndarray = np.clip(q, limits.min, limits.max).astype(dtype)
+    return quantized
 
 
-def dequantize_output(info: ModelInfo, y, index: int = 0) -> np.ndarray:
+def dequantize_output(info: ModelInfo, y: npt.ArrayLike, index: int = 0) -> np.ndarray:
     """The model's output values -> float32 (scale * (y - zero_point)); float outputs pass through."""
     t = info.outputs[index]
     y = np.asarray(y)
     if not t.quantized:
         return y.astype(np.float32, copy=False)
-    return (np.float32(t.scale) * (y.astype(np.int32) - t.zero_point)).astype(np.float32)
+    scale, zero_point = t.quantization()
+    return (np.float32(scale) * (y.astype(np.int32) - zero_point)).astype(np.float32)
 
 
 # ---------------------------------------------------------------- MLPerf Tiny reference models
@@ -262,7 +276,7 @@ class MlperfModel:
         """Bytes of `db` input for the model's input tensor `tensor`."""
         return int(np.prod(tensor.shape)) * self.wire_dtype.itemsize
 
-    def encode(self, sample) -> bytes:
+    def encode(self, sample: npt.ArrayLike) -> bytes:
         """The `db` bytes for `sample`: values in the runner's format (uint8 for IC/VWW, float32 for
         AD) pass as they are; int8 input tensor values are converted to it (+128; dequantized)."""
         x = np.asarray(sample)
@@ -285,7 +299,7 @@ class MlperfModel:
             return (x ^ 0x80).view(np.int8).reshape(tensor.shape)
         if self.input == "int8":
             return x.reshape(tensor.shape)
-        return quantize_like_firmware(x, tensor.scale, tensor.zero_point).reshape(tensor.shape)
+        return quantize_like_firmware(x, *tensor.quantization()).reshape(tensor.shape)
 
     def results(self, outputs: np.ndarray, data: bytes) -> np.ndarray:
         """What `m-results-[...]` reports, from the dequantized outputs and the `db` bytes."""
@@ -297,7 +311,7 @@ class MlperfModel:
         return np.add.accumulate(squares, dtype=np.float32)[-1:] / np.float32(squares.size)  # in order, as C
 
 
-def quantize_like_firmware(x, scale: float, zero_point: int) -> np.ndarray:
+def quantize_like_firmware(x: npt.ArrayLike, scale: float, zero_point: int) -> np.ndarray:
     """int8 of float32 values as the reference's QuantizeFloatToInt8 and the firmware core compute
     them: round(x / scale) (float32 division, halves away from zero) + zero point, clamped; a NaN
     quantizes to the zero point."""
@@ -415,7 +429,7 @@ def _tflm_version() -> str:
 
 
 def min_arena_bytes(
-    model: str | os.PathLike | bytes,
+    model: str | os.PathLike[str] | bytes,
     cache: Path | None = None,
     cap_bytes: int = 64 << 20,
     timeout_s: float = 300.0,
@@ -491,7 +505,7 @@ def min_arena_bytes(
     raise ModelError(f"{path.name}: TFLite Micro arena probe did not converge")
 
 
-def _read_cache(cache: Path) -> dict:
+def _read_cache(cache: Path) -> dict[str, Any]:
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):

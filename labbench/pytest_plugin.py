@@ -30,28 +30,40 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from labbench import inventory, steps
 from labbench.bench import Bench, NotDeployable, StepRunner
 from labbench.board import Board
-from labbench.capabilities import CAPABILITIES, DutIdentity, InstallRecord
-from labbench.errors import LabConfigError, UsageError
+from labbench.capabilities import (
+    CAPABILITIES,
+    Closable,
+    DutIdentity,
+    InstallRecord,
+    Reconnectable,
+    Resettable,
+    Resyncable,
+)
+from labbench.errors import HardwareError, LabConfigError, UsageError
 from labbench.measure.record import Measurement
 from labbench.measure.run import Outcome, RunSettings
 from labbench.payloads import Payload
 from labbench.results import Journal, JournalError
+
+if TYPE_CHECKING:
+    from labbench.budgets import Judgement
+    from labbench.preflight import Result
 
 STEP_LOG_DIR = Path("reports/logs")  # <board>-steps.log, beside the drivers' serial and SSH logs
 _LAB = pytest.StashKey[inventory.Lab]()
 _SELECTED = pytest.StashKey[list[str]]()
 _STARTED_SIM = pytest.StashKey[bool]()
 _RECOVERY = pytest.StashKey["Recovery"]()
-_PREFLIGHT = pytest.StashKey[list]()  # the pre-flight Results that passed
+_PREFLIGHT = pytest.StashKey[list["Result"]]()  # the pre-flight Results that passed
 _UNJOURNALED = pytest.StashKey[list[JournalError]]()  # an item's records the journal refused
 _UNJOURNALED_RUN = pytest.StashKey[list[str]]()  # the session's, for the terminal summary
 _MARGINAL_RUN = pytest.StashKey[list[str]]()  # passes inside a budget's guard band, for the summary
@@ -154,7 +166,11 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     lab = _load_lab(config)
     print(f"boards in {lab.path}:")
     for b in lab.boards.values():
-        link = b.serial.url if b.serial else f"ssh://{b.ssh.user}@{b.ssh.host}:{b.ssh.port}"
+        if b.serial:
+            link = b.serial.url
+        else:
+            assert b.ssh is not None  # lab.yaml gives a board exactly one of serial: and ssh:
+            link = f"ssh://{b.ssh.user}@{b.ssh.host}:{b.ssh.port}"
         print(f"  {b.name:<14} {b.family:<24} {link}{'  (sim)' if b.simulated else ''}")
     return 0
 
@@ -271,16 +287,25 @@ def recover(board: Board, exc: Exception) -> str:
         board.power_meter.open()
         done.append("power meter reconnected")
     target = board.target
+    driver = type(target).__name__
+    if not isinstance(target, Closable):
+        raise UsageError(f"{board.name}: its driver {driver} cannot close its connection to recover")
     target.close()
     if "deploy" in board.capabilities:
+        if not isinstance(target, Reconnectable):
+            raise UsageError(f"{board.name}: its driver {driver} cannot reconnect to recover")
         target.connect()
         done.append("reconnected")
     elif isinstance(exc, FlashError):
         done.append("serial port closed")
     elif board.entry.serial is not None and board.entry.serial.reset == "rts":
+        if not isinstance(target, Resettable):
+            raise UsageError(f"{board.name}: reset: rts, but its driver {driver} cannot reset the board")
         target.reset()
         done.append("reset")
     else:
+        if not isinstance(target, Resyncable):
+            raise UsageError(f"{board.name}: its driver {driver} cannot resync its link to recover")
         target.resync()
         done.append("resynced")
     return ", ".join(done)
@@ -384,7 +409,7 @@ class Recovery:
         )
         add_report_html(node, extras.attempt_html(event))
 
-    def _keep_partial(self, node: pytest.Item, exc: Exception) -> None:
+    def _keep_partial(self, node: pytest.Item, exc: HardwareError) -> None:
         """Journal and report what the failed step measured before the fault; it is never judged."""
         from labbench.report import extras
 
@@ -417,7 +442,7 @@ def _board_of(item: pytest.Item) -> str | None:
     return callspec.params.get("board") if callspec else None
 
 
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     recovery = config.stash[_RECOVERY]
     if recovery.recovered:
         terminalreporter.write_sep("=", "labbench: steps recovered after a retry", yellow=True)
@@ -444,7 +469,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 
 @pytest.hookimpl(optionalhook=True, trylast=True)  # last: what other plugins add is redacted too
-def pytest_html_results_summary(prefix: list, summary: list, postfix: list, session: pytest.Session) -> None:
+def pytest_html_results_summary(
+    prefix: list[object], summary: list[object], postfix: list[object], session: pytest.Session
+) -> None:
     import html
 
     from labbench.redact import redact_html
@@ -456,7 +483,7 @@ def pytest_html_results_summary(prefix: list, summary: list, postfix: list, sess
 
 
 @pytest.hookimpl(optionalhook=True, trylast=True)
-def pytest_html_results_table_row(report: pytest.TestReport, cells: list) -> None:
+def pytest_html_results_table_row(report: pytest.TestReport, cells: list[object]) -> None:
     """The results table's cells (the test id: a parameter may hold a URL)."""
     from labbench.redact import redact_html
 
@@ -512,7 +539,7 @@ class Recorder:
         merged = {**(base.model_dump(exclude_none=True) if base else {}), **marker.kwargs}
         return inventory.ModelBudget.model_validate(merged)
 
-    def record(self, m: Measurement, html_parts: list[str] = ()) -> list:
+    def record(self, m: Measurement, html_parts: Sequence[str] = ()) -> list[Judgement]:
         from labbench.budgets import Verdict, judge
         from labbench.report import extras
 
@@ -547,7 +574,7 @@ class Recorder:
         return judgements
 
 
-_EXTRAS = pytest.StashKey[list]()
+_EXTRAS = pytest.StashKey[list[str]]()
 
 
 def add_report_html(node: pytest.Item, html: str) -> None:
@@ -579,7 +606,7 @@ def journal_record(node: pytest.Item, journal: Journal, record: Any) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
     """A test whose records the journal refused is an ERROR, after its fixtures are torn down."""
     result = yield
     if errors := item.stash.get(_UNJOURNALED, None):
@@ -635,6 +662,9 @@ def bench(run_settings: RunSettings, pytestconfig: pytest.Config, recovery: Reco
         """Progress of long measurements, shown past pytest's output capture (not with -q)."""
         if reporter is None or pytestconfig.getoption("verbose") < 0:
             return
+        if capture is None:  # -p no:capture: no capture to get past
+            reporter.write_line(line, cyan=True)
+            return
         with capture.global_and_fixture_disabled():
             reporter.write_line(line, cyan=True)
 
@@ -653,7 +683,9 @@ def recorder(request: pytest.FixtureRequest, journal: Journal) -> Recorder:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     from labbench.errors import BoardBusy, LabbenchError
 
     report = yield
@@ -661,9 +693,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         # a typed bench error already names the board, the step, what was seen and the log file:
         # that line is the report, not the driver's traceback
         report.longrepr = f"{call.excinfo.typename}: {call.excinfo.value}"
-    busy = report.when == "setup" and call.excinfo is not None and call.excinfo.errisinstance(BoardBusy)
-    if busy and (board := _board_of(item)):
-        item.config.stash[_RECOVERY].quarantine(item, board, "acquire", call.excinfo.value)
+    excinfo = call.excinfo
+    busy = report.when == "setup" and excinfo is not None and excinfo.errisinstance(BoardBusy)
+    if busy and excinfo is not None and (board := _board_of(item)):
+        item.config.stash[_RECOVERY].quarantine(item, board, "acquire", excinfo.value)
     parts = item.stash.get(_EXTRAS, [])
     # what setup and call added, shown with the call, or with the setup error when there is no call
     if (taken := steps.since(item.stash.get(_STEPS_FROM, steps.count()))) and (
@@ -677,7 +710,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             from pytest_html import extras as html_extras
         except ImportError:
             return report
-        report.extras = [*getattr(report, "extras", []), *(html_extras.html(p) for p in parts)]
+        _set_attribute(
+            report, "extras", [*getattr(report, "extras", []), *(html_extras.html(p) for p in parts)]
+        )
     return report
 
 
@@ -703,9 +738,15 @@ def _redact_report(report: pytest.TestReport | pytest.CollectReport) -> None:
     if isinstance(report, pytest.TestReport):
         report.user_properties = [(k, redact_value(k, v)) for k, v in report.user_properties]
     if hasattr(report, "wasxfail"):
-        report.wasxfail = redact_text(report.wasxfail)
+        _set_attribute(report, "wasxfail", redact_text(report.wasxfail))
     if extras := getattr(report, "extras", None):
-        report.extras = [_redacted_extra(e) for e in extras]
+        _set_attribute(report, "extras", [_redacted_extra(e) for e in extras])
+
+
+def _set_attribute(report: pytest.TestReport | pytest.CollectReport, name: str, value: object) -> None:
+    """Set an attribute pytest's report classes do not declare: pytest-html's `extras`, and `wasxfail` on
+    a collect report (plugins add attributes to reports as they please)."""
+    setattr(report, name, value)
 
 
 def _redacted_extra(extra: dict[str, Any]) -> dict[str, Any]:
@@ -737,7 +778,7 @@ def _redacted_longrepr(longrepr: Any) -> Any:
 
 
 @pytest.hookimpl(optionalhook=True)
-def pytest_metadata(metadata: dict, config: pytest.Config) -> None:
+def pytest_metadata(metadata: dict[str, Any], config: pytest.Config) -> None:
     """No credential in pytest-metadata's table, which pytest-html shows as Environment, `-v` prints
     in the header and `include_metadata_in_junit_xml` writes as JUnit testsuite properties."""
     from labbench.redact import redact_env

@@ -156,12 +156,12 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import IO, Any, Protocol, Self, TypeVar, cast
 
 import numpy as np
 import serial
@@ -190,6 +190,28 @@ _RESULTS = re.compile(r"^m-results-\[(.*)\]$")
 _BOOT = re.compile(r"^m-boot-us-\[(0|[1-9][0-9]{0,9}),(0|[1-9][0-9]{0,9})\]$")
 _VALUE = re.compile(r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
 _TAG = re.compile(rb"^(.*) \*([0-9A-F]{8})$", re.DOTALL)
+
+_Error = TypeVar("_Error", bound=HardwareError)
+
+
+class _Port(Protocol):
+    """What DutSerial uses of the port `serial.serial_for_url` opens. Its stubs declare a SerialBase,
+    which lacks `in_waiting` and `reset_input_buffer`; every class it returns (a URL handler's or the
+    platform's `Serial`) has them."""
+
+    dtr: bool
+    rts: bool
+
+    @property
+    def in_waiting(self) -> int: ...
+
+    def read(self, size: int = 1) -> bytes: ...
+
+    def write(self, data: bytes) -> int | None: ...
+
+    def reset_input_buffer(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class DutReplyError(DutProtocolError):
@@ -309,7 +331,7 @@ class DutSerial:
         self.link_latency_s = link_latency_s
         self.bytes_tx = self.bytes_rx = 0  # bytes written to / read from the line so far
         self.transcript: deque[str] = deque(maxlen=50)
-        self._port: serial.SerialBase | None = None
+        self._port: _Port | None = None
         self._log: IO[str] | None = None
         self._rx = bytearray()
         self._rx_s = 0.0
@@ -337,7 +359,7 @@ class DutSerial:
         """Seconds one character takes on the line (8N1: 10 bits)."""
         return 10 / self.baud
 
-    def _open(self) -> serial.SerialBase:
+    def _open(self) -> _Port:
         if self._log is None:
             try:
                 self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -347,7 +369,8 @@ class DutSerial:
         if self._port is None:
             self._event(f"open {self.url} at {self.baud} baud; host time {datetime.now().isoformat()}")
             try:
-                self._port = serial.serial_for_url(self.url, baudrate=self.baud, timeout=READ_POLL_S)
+                port = serial.serial_for_url(self.url, baudrate=self.baud, timeout=READ_POLL_S)
+                self._port = cast(_Port, port)
             except (serial.SerialException, ValueError, OSError) as exc:
                 raise self._fail(DutProtocolError, f"open {self.url}", str(exc)) from None
         return self._port
@@ -369,8 +392,12 @@ class DutSerial:
         self.close()
 
     def _event(self, what: str) -> None:
+        self._wire_log(f"{time.monotonic():.6f} -- {what}")
+
+    def _wire_log(self, line: str) -> None:
+        """A line of the serial log (open while the port is: `_open`)."""
         if self._log is not None:
-            self._log.write(f"{time.monotonic():.6f} -- {what}\n")
+            self._log.write(line + "\n")
 
     def _flush_input(self) -> None:
         port = self._open()
@@ -404,12 +431,12 @@ class DutSerial:
                 self._rx += chunk
                 self._rx_s = time.monotonic()
                 self.bytes_rx += len(chunk)
-                self._log.write(f"{self._rx_s:.6f} <- {bytes(chunk)!r}\n")
+                self._wire_log(f"{self._rx_s:.6f} <- {bytes(chunk)!r}")
         raw = bytes(self._rx[:i]).rstrip(b"\r")
         del self._rx[: i + 1]
         m = _TAG.match(raw)
         tagged = m is not None and zlib.crc32(m.group(1)) == int(m.group(2), 16)
-        line = (m.group(1) if tagged else raw).decode("ascii", errors="replace")
+        line = (m.group(1) if m is not None and tagged else raw).decode("ascii", errors="replace")
         self.transcript.append(line)
         return line, tagged, self._rx_s
 
@@ -419,15 +446,16 @@ class DutSerial:
     def _lost(self, command: str, exc: Exception) -> DutProtocolError:
         """The connection broke: drop the port (the next command reopens it) and say so."""
         self._event(f"connection lost: {exc}")
-        self._port.close()
-        self._port = None
+        if self._port is not None:
+            self._port.close()
+            self._port = None
         return self._fail(
             DutProtocolError,
             _short(command),
             f"connection lost ({exc}); last line seen: {self._last_line()!r}",
         )
 
-    def _fail(self, cls: type[HardwareError], command: str, seen: str) -> Any:
+    def _fail(self, cls: type[_Error], command: str, seen: str) -> _Error:
         exc = cls(self.board, command, seen, log=str(self.log_path))
         exc.transcript = list(self.transcript)
         self._event(f"error: {command}: {seen}")
@@ -474,14 +502,16 @@ class DutSerial:
         """The command's time limit, and what it is (for the message)."""
         if cmd.timeout_s is not None:
             return cmd.timeout_s, ""
-        expected = self.expected_s(cmd.count, cmd.warmup)
+        expected = self.expected_s(cmd.count, cmd.warmup) if cmd.count is not None else None
         if expected is None:
             return self.infer_timeout_s, ""
         return max(2 * expected, expected + EXPECTED_SLACK_S), f" (it should take {expected:.3g} s)"
 
     # -- the pipeline -----------------------------------------------------------------------------
 
-    def _transact(self, commands: list[_Command], stop: threading.Event | None = None) -> Iterator[_Command]:
+    def _transact(
+        self, commands: list[_Command], stop: threading.Event | None = None
+    ) -> Generator[_Command, None, None]:
         """Send `commands` pipelined; yield each answered one in order (those setting the reply CRC
         excepted). Errors are raised once the commands in flight have answered, so the link stays
         in step; a `stop` ends the wait at once (the replies still to come are collected later)."""
@@ -493,7 +523,7 @@ class DutSerial:
             )
         if self._crc_announced and not self._crc:
             commands = [self._crc_command(True)] + commands
-        queue, inflight = deque(commands), deque()
+        queue, inflight = deque(commands), deque[_Command]()
         inflight_bytes = 0
         failure: HardwareError | None = None
         since = 0.0  # when the head of `inflight` became the head
@@ -517,7 +547,7 @@ class DutSerial:
                         port.write(cmd.wire)
                     except serial.SerialException as exc:
                         raise self._lost(cmd.text, exc) from None
-                    self._log.write(f"{cmd.sent_s:.6f} -> {cmd.wire!r}\n")
+                    self._wire_log(f"{cmd.sent_s:.6f} -> {cmd.wire!r}")
                     self.bytes_tx += len(cmd.wire)
                     if not inflight:
                         since = cmd.sent_s
@@ -530,8 +560,9 @@ class DutSerial:
                 try:
                     line, tagged, t = self._readline(since + limit, head.text, stop)
                 except _Timeout:
-                    if failure or head.error:  # a broken reply can take its m-ready with it
-                        raise (failure or head.error) from None
+                    error = failure or head.error  # a broken reply can take its m-ready with it
+                    if error is not None:
+                        raise error from None
                     pending = bytes(self._rx).decode("ascii", errors="replace")
                     seen = f"no reply within {limit:g} s{basis}; last line seen: {self._last_line()!r}"
                     raise self._fail(
@@ -672,6 +703,8 @@ class DutSerial:
     def _infer_run(self, reply: _Command, stamps: _Stamps) -> InferRun:
         """The run an infer reply reports, once every check of the module docstring has passed."""
         count, warmup, command = reply.count, reply.warmup, reply.text
+        if count is None:
+            raise ValueError(f"{command!r} is not an infer command")
         got = [line for line, _ in reply.lines]
         shape = [
             f"m-warmup-start-{warmup}",
@@ -1051,8 +1084,12 @@ class DutSerial:
                     elif reply.count is not None:
                         runs.append(self._infer_run(reply, stamps))
         except HardwareError as exc:
-            exc.partial = self._timed(runs, clock, t0, tx0, rx0, per_inference) if runs else None
+            # the timestamp reply comes before every infer reply: once there are runs, there is a clock
+            exc.partial = (
+                self._timed(runs, clock, t0, tx0, rx0, per_inference) if runs and clock is not None else None
+            )
             raise
+        assert clock is not None  # the timestamp reply came before the infer replies
         return self._timed(runs, clock, t0, tx0, rx0, per_inference)
 
     def _timed(

@@ -34,7 +34,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import serial
 from esp_pylib.logger import EspLogBase
@@ -42,7 +42,7 @@ from esptool.cmds import attach_flash, detect_chip, reset_chip, run_stub, write_
 from esptool.loader import DEFAULT_TIMEOUT, ESPLoader
 from esptool.util import FatalError
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from serial import rfc2217
 
 from labbench import firmware_image
@@ -76,18 +76,16 @@ class LocalTimeoutRfc2217(rfc2217.Serial):
 def open_port(url: str, timeout_s: float = DEFAULT_TIMEOUT) -> serial.SerialBase:
     """The port esptool gets: `LocalTimeoutRfc2217` for an rfc2217:// URL, pyserial's own otherwise."""
     if url.startswith("rfc2217://"):
-        port = LocalTimeoutRfc2217(url, timeout=timeout_s)
-    else:
-        port = serial.serial_for_url(url, timeout=timeout_s)
-    return port
+        return LocalTimeoutRfc2217(url, timeout=timeout_s)
+    return serial.serial_for_url(url, timeout=timeout_s)
 
 
 class _LogToFile(EspLogBase):
     """esptool's output into the flash log; its progress into a rich progress bar."""
 
-    def __init__(self, log_file, progress: Progress | None):
+    def __init__(self, log_file: IO[str], progress: Progress | None):
         self._file, self._progress = log_file, progress
-        self._task = None
+        self._task: TaskID | None = None
         self._partial = ""
         self.lines: list[str] = []
 
@@ -99,28 +97,30 @@ class _LogToFile(EspLogBase):
             self.lines.append(line)
         self._file.flush()
 
-    def print(self, *args, **kwargs) -> None:
+    def print(self, *args: Any, **kwargs: Any) -> None:
         self._line(kwargs.get("sep", " ").join(str(a) for a in args), kwargs.get("end", "\n"))
 
-    def err(self, *args, suggestion=None) -> None:
+    def err(self, *args: Any, suggestion: str | None = None) -> None:
         self._line("ERROR: " + " ".join(str(a) for a in args))
 
-    def warn(self, *args, suggestion=None) -> None:
+    def warn(self, *args: Any, suggestion: str | None = None) -> None:
         self._line("WARNING: " + " ".join(str(a) for a in args))
 
-    def note(self, *args) -> None:
+    def note(self, *args: Any) -> None:
         self._line("NOTE: " + " ".join(str(a) for a in args))
 
-    def hint(self, *args) -> None:
+    def hint(self, *args: Any) -> None:
         self._line(" ".join(str(a) for a in args))
 
-    def debug(self, *args) -> None:
+    def debug(self, *args: Any) -> None:
         pass
 
-    def set_verbosity(self, mode) -> None:
+    def set_verbosity(self, mode: int | str) -> None:
         pass
 
-    def progress_bar(self, cur_iter, total_iters, prefix="", suffix="", bar_length=30) -> None:
+    def progress_bar(
+        self, cur_iter: int, total_iters: int, prefix: str = "", suffix: str = "", bar_length: int = 30
+    ) -> None:
         if self._progress is None:
             return
         if self._task is None or cur_iter == 0:

@@ -21,6 +21,24 @@ from labbench import __version__
 SCHEMA = 1
 
 
+@lru_cache(maxsize=1)
+def git_revision() -> str:
+    """The bench's git revision (with `-dirty` when the tree has changes), or `unknown` outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev or "unknown"
+
+
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -142,21 +160,3 @@ class Event(_Record):
 
 
 EVENT_KINDS = ("attempt", "quarantine")
-
-
-@lru_cache(maxsize=1)
-def git_revision() -> str:
-    """The bench's git revision (with `-dirty` when the tree has changes), or `unknown` outside git."""
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return rev or "unknown"

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from labbench.board import Board
-from labbench.capabilities import DutIdentity, InferenceTarget, PowerMeter, TimedRun
+from labbench.capabilities import DutIdentity, InferenceTarget, PowerMeter, Resettable, TimedRun
 from labbench.errors import HardwareError, InstrumentError, UsageError
 from labbench.measure.record import Energy, Measurement, Memory, Provenance, Uncertainty
 from labbench.steps import step
@@ -81,13 +81,6 @@ class RangedMeter(Protocol):
     def hold_ranges(self, trace: PowerTrace) -> str: ...
 
     def step_up(self, overloaded: Sequence[PowerUpdate]) -> str | None: ...
-
-
-@runtime_checkable
-class Resettable(Protocol):
-    """A target that can reset the board into its model (a cold start)."""
-
-    def reset(self) -> None: ...
 
 
 def _setting(default: Any, help: str) -> Any:

@@ -59,7 +59,9 @@ def frontier_sections(df: pd.DataFrame) -> list[str]:
             list(memory_kib),
             f"{board}: {dataset}",
         )
-        out.append(f"<h3>{html.escape(board)}: {html.escape(dataset)} frontier</h3>{_img(png, 'frontier')}")
+        out.append(
+            f"<h3>{html.escape(str(board))}: {html.escape(str(dataset))} frontier</h3>{_img(png, 'frontier')}"
+        )
     return out
 
 

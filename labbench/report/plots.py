@@ -11,9 +11,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import numpy.typing as npt
+from matplotlib.figure import Figure
 
 
-def _png(fig: plt.Figure) -> bytes:
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -63,7 +65,7 @@ def latency_histogram(samples_ms: Sequence[float], title: str, marks: dict[str, 
 
 
 def pareto_mask(
-    accuracy: Sequence[float], latency_ms: Sequence[float], memory_kib: Sequence[float] | None = None
+    accuracy: npt.ArrayLike, latency_ms: npt.ArrayLike, memory_kib: npt.ArrayLike | None = None
 ) -> np.ndarray:
     """True for points no other point beats: at least as accurate, as fast (and, given memory, as
     small) and strictly better in one. Seed 000's frontier is accuracy / latency / memory."""
