@@ -43,13 +43,13 @@ from pydantic import (
 
 from labbench.errors import LabConfigError, UsageError
 from labbench.metrics import METRICS
-from labbench.sim.faults import Fault, Link
-from labbench.sim.faults import check as check_fault
 from labbench.yamlsource import KeyPath, Source, shown, unknown
 
 DRIVER_GROUP = "labbench.drivers"
 INSTRUMENT_GROUP = "labbench.instruments"
-SIM_GROUP = "labbench.sims"  # simulators (labbench.sim), by instrument kind or a family's `simulator`
+#: how a fault's target is reached, which decides the fault kinds that apply to it
+FaultLink = Literal["serial", "instrument", "ssh"]
+SIM_GROUP = "labbench.sims"  # simulators, by the instrument kind or a family's `simulator`
 
 #: a board or instrument name: it becomes part of file names, pytest ids, logs and tables
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
@@ -170,7 +170,7 @@ def _checked(problem: Any) -> Any:
     return AfterValidator(validate)
 
 
-def _matching(pattern: str, what: str) -> Any:
+def matching(pattern: str, what: str) -> Any:
     """A pydantic validator: the value must match `pattern` (as a whole), described as `what`."""
 
     def problem(value: str) -> str | None:
@@ -269,102 +269,17 @@ class PowerLink(_Strict):
 
 
 class SimBlock(BaseModel):
-    """A `sim:` block: the simulator's settings, passed on as they are, and the faults it injects
-    (labbench.sim.faults; which kinds apply is checked against the entry's link). Which settings a
-    simulator takes is checked by `load`, against the `settings` model of its entry point in SIM_GROUP
-    (the built-in simulators': McuSim, LinuxSim, Pm1000Sim)."""
+    """A `sim:` block: the simulator's settings, passed on as they are, and the faults it injects.
+    Both are checked by `load` with what the simulator (its entry point in SIM_GROUP) declares: its
+    `settings` model, and its `fault` model and `fault_problems` for the entry's link."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    faults: list[Fault] = []
+    faults: list[Any] = []  # as written; once loaded, each one of the simulator's `fault` model
 
     @property
     def settings(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
-
-
-class _SimSettings(_Strict):
-    """The keywords a simulator takes from lab.yaml (tests/test_lab_hostile.py keeps them in step).
-
-    A setting left out is None here and not passed on (`model_dump(exclude_unset=True)`): the
-    simulator uses its own default. A setting given is passed on as it is, so it may not be null,
-    except those in `_nullable`."""
-
-    _nullable: ClassVar[frozenset[str]] = frozenset()
-
-    faults: list[Any] = []  # validated by SimBlock
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _given(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is None and info.field_name not in cls._nullable:
-            raise ValueError("a setting given needs a value (leave it out for the simulator's default)")
-        return value
-
-
-class McuSim(_SimSettings):
-    """Settings of a simulated MCU board (labbench.sim.mcu.SimMcuBoard)."""
-
-    _nullable = frozenset({"model"})
-    model: str | None = Field(None, min_length=1)  # the .tflite it boots with (relative: to lab.yaml's dir)
-    baud: int | None = Field(None, gt=0)
-    speed_factor: float | None = Field(None, gt=0)
-    vendor: (
-        Annotated[str, _matching(r"[A-Za-z0-9 _.-]{1,32}", "up to 32 letters, digits, spaces, _, . or -")]
-        | None
-    ) = None  # what the DUT names itself
-    rx_fifo_bytes: int | None = Field(None, gt=0)
-    tx_buffer_bytes: int | None = Field(None, gt=0)
-    timer_start_us: int | None = Field(None, ge=0)
-    strap_delay_s: float | None = Field(None, ge=0)
-    reply_crc: bool | None = None
-    boot_report: bool | None = None  # answers `boot%` (the m-ext-[boot] extension)
-    boot_ms: float | None = Field(None, ge=0)
-    model_init_ms: float | None = Field(None, ge=0)
-    seed: int | str | None = None  # of its latency jitter and power noise (default: the board's name)
-    # wider spreads would trip the bench's check that a window lasts at least half the time per inference
-    # seen before (labbench.drivers.dut_serial WINDOW_MIN_FRACTION)
-    jitter_pct: float | None = Field(None, ge=0, le=10)
-    outlier_rate: float | None = Field(None, ge=0, le=1)
-    outlier_pct: float | None = Field(None, ge=0, le=25)
-    power_noise_pct: float | None = Field(None, ge=0, le=20)
-
-
-class LinuxSim(_SimSettings):
-    """Settings of a simulated Linux board (labbench.sim.linux.SimLinuxBoard)."""
-
-    # the interpreter of its python3
-    python: Annotated[str, _matching(r"/.+", "an absolute path")] | None = None
-    sample_period_s: float | None = Field(None, gt=0)
-    seed: int | str | None = None  # of its power noise (default: the board's name)
-    power_noise_pct: float | None = Field(None, ge=0, le=20)
-
-
-class Pm1000Sim(_SimSettings):
-    """Settings of a simulated PM1000+ (labbench.sim.pm1000.Pm1000Sim and the Pm1000Model it runs)."""
-
-    terminator: Literal["\n", "\r\n", "\r"] | None = None
-    ack_tcp: bool | None = None
-    ack_serial: bool | None = None
-    use_pty: bool | None = None
-    seed: int | str | None = None
-    idn: Annotated[str, _matching(r"[ -~]{1,100}", "up to 100 printable ASCII characters")] | None = None
-    update_period_s: float | None = Field(None, gt=0)
-    number_format: (
-        Annotated[
-            str, _matching(r"%[-+ 0#]?\d{0,2}(\.\d{1,2})?[eEfFgG]", "a printf number format such as %.4E")
-        ]
-        | None
-    ) = None
-    voltage_ranges_v: tuple[Annotated[float, Field(gt=0)], ...] | None = Field(None, min_length=1)
-    current_ranges_a: tuple[Annotated[float, Field(gt=0)], ...] | None = Field(None, min_length=1)
-    auto_zero_interval_s: float | None = Field(None, gt=0)
-    accuracy: Literal["spec", "ideal"] | None = None
-    noise_pct_of_range: float | None = Field(None, ge=0)
-    ndv_latency_s: float | None = Field(None, ge=0)
-    ndv_jitter_s: float | None = Field(None, ge=0)
-    downrange_after: int | None = Field(None, ge=1)
-    downrange_fraction: float | None = Field(None, gt=0, le=1)
 
 
 #: a field filled from the entry's key in lab.yaml, not written in the entry itself
@@ -676,12 +591,41 @@ def _sim_settings(
         if settings is None:
             problems += found
             continue
+        faults, found = _faults(src, at, entry, simulators[simulator].load())
+        if found:
+            problems += found
+            continue
         found = _sim_paths(src, at, settings, lab_dir, check_files)
         problems += found
         if not found:
             values = settings.model_dump(exclude_unset=True, exclude={"faults"})
-            entries[name] = entry.model_copy(update={"sim": SimBlock(faults=entry.sim.faults, **values)})
+            entries[name] = entry.model_copy(update={"sim": SimBlock(faults=faults, **values)})
     return problems
+
+
+def _faults(
+    src: Source, at: KeyPath, entry: BoardEntry | InstrumentEntry, simulator: Any
+) -> tuple[list[BaseModel], list[str]]:
+    """The `sim:` block's faults, each checked with the simulator's `fault` model and then against the
+    entry's link (`fault_problems`), and the problems found; a simulator without them injects none."""
+    assert entry.sim is not None
+    if entry.sim.faults and getattr(simulator, "fault", None) is None:
+        return [], [src.where(at + ("faults",), "this simulator injects no faults")]
+    link: FaultLink = (
+        "instrument" if isinstance(entry, InstrumentEntry) else "serial" if entry.serial else "ssh"
+    )
+    faults: list[BaseModel] = []
+    problems: list[str] = []
+    for i, raw in enumerate(entry.sim.faults):
+        fault, found = src.check(simulator.fault, raw, at + ("faults", i))
+        problems += found
+        if fault is not None:
+            faults.append(fault)
+            problems += [
+                src.where(at + ("faults", i, *path), message)
+                for path, message in simulator.fault_problems(fault, link)
+            ]
+    return faults, problems
 
 
 def _simulator(entry: BoardEntry | InstrumentEntry, devices_dir: Path) -> tuple[str, str] | None:
@@ -837,14 +781,6 @@ def _cross_check(
             modes = load_family(board.family, devices_dir).power_modes
             if board.power_mode not in modes:
                 problem(unknown(f"power mode of {board.family}", board.power_mode, modes), *at, "power_mode")
-    simulated: list[tuple[str, str, Link, SimBlock | None]] = [
-        ("instruments", name, "instrument", inst.sim) for name, inst in instruments.items()
-    ]
-    simulated += [("boards", name, "serial" if b.serial else "ssh", b.sim) for name, b in boards.items()]
-    for section, name, link, sim in simulated:
-        for i, fault in enumerate(sim.faults if sim else ()):
-            for path, message in check_fault(fault, link):
-                problem(message, section, name, "sim", "faults", i, *path)
     targets = set(boards) | {b.family for b in boards.values()}
     for key in budgets:
         if key not in targets:

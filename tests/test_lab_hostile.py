@@ -344,6 +344,7 @@ def _lab_keywords(cls: type, *not_from_lab: str) -> set[str]:
 
 
 def test_sim_schemas_take_what_the_simulators_take():
+    from labbench.sim import settings
     from labbench.sim.mcu import SimMcuBoard
     from labbench.sim.pm1000 import Pm1000Model, Pm1000Sim
 
@@ -352,11 +353,11 @@ def test_sim_schemas_take_what_the_simulators_take():
 
     wired = ("name", "host", "port", "family", "bus_channel", "clock")  # what the sim lab passes itself
     mcu = _lab_keywords(SimMcuBoard, *wired, "model_path", "firmware", "boot_rom", "devices_dir")
-    assert schema(inventory.McuSim) == mcu | {"model"}
+    assert schema(settings.McuSim) == mcu | {"model"}
     linux = _lab_keywords(SimLinuxBoard, *wired, "user", "key", "known_hosts", "power_mode", "state_dir")
-    assert schema(inventory.LinuxSim) == linux
+    assert schema(settings.LinuxSim) == linux
     pm1000 = _lab_keywords(Pm1000Sim, *wired, "channel") | _lab_keywords(Pm1000Model, "channel", "clock")
-    assert schema(inventory.Pm1000Sim) == pm1000
+    assert schema(settings.Pm1000Sim) == pm1000
 
 
 def test_sim_settings_arrive_validated(tmp_path, monkeypatch):

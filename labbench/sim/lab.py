@@ -34,6 +34,7 @@ from labbench.inventory import SIM_GROUP, Lab, endpoint, registered
 from labbench.sim import Running, SimPart, Simulator, bus_channel
 from labbench.sim.control import SOCKET_NAME, ControlServer, SimControl, SimControlError
 from labbench.sim.faults import FaultProxy, Injector, parse
+from labbench.sim.settings import FaultInjecting, LinuxSim, McuSim, Pm1000Sim
 from labbench.yamlsource import unknown
 
 if TYPE_CHECKING:  # they load where used: validating lab.yaml loads this module, for its simulators' settings
@@ -109,11 +110,11 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-class Pm1000Simulator:
+class Pm1000Simulator(FaultInjecting):
     """The simulated Voltech PM1000+ (labbench.sim.pm1000), each unit with its own serial number in
     *IDN? (the gate tells analyzers apart by it)."""
 
-    settings = inventory.Pm1000Sim
+    settings = Pm1000Sim
 
     @staticmethod
     def build(part: SimPart) -> tuple[Running, Injector]:
@@ -124,10 +125,10 @@ class Pm1000Simulator:
         return sim, sim.faults
 
 
-class McuSimulator:
+class McuSimulator(FaultInjecting):
     """Simulated MCU boards running MLPerf Tiny DUT firmware on an RFC 2217 port (labbench.sim.mcu)."""
 
-    settings = inventory.McuSim
+    settings = McuSim
 
     @staticmethod
     def build(part: SimPart) -> tuple[Running, Injector]:
@@ -149,10 +150,10 @@ class McuSimulator:
         return mcu, mcu.uart.faults
 
 
-class LinuxSimulator:
+class LinuxSimulator(FaultInjecting):
     """Simulated Linux boards: an OpenSSH server per board behind a fault proxy (labbench.sim.linux)."""
 
-    settings = inventory.LinuxSim
+    settings = LinuxSim
 
     @staticmethod
     def build(part: SimPart) -> tuple[Running, Injector]:
