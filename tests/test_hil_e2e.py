@@ -128,6 +128,7 @@ def test_hil_run_journals_reports_and_gates_on_budgets(sim_lab, hil_board):
     if board == "esp32":  # reset through RTS (lab.yaml `reset: rts`): the cold start, on both clocks
         assert row["cold_start_ms"] > row["cold_start_breakdown_ms.cold_start_init_ms"] > 0
         assert row["cold_start_breakdown_ms.cold_start_uncertainty_ms"] > 0
+        assert row["extra.cold_start_basis"] == "host_and_dut"  # the reset's edge and the DUT's clock
     report = html.read_text()
     assert "energy per inference" in report and "data:image/png;base64" in report
     assert "labbench-timeline" in report and "energy window 1/1" in report  # each test's steps

@@ -766,7 +766,7 @@ def _record(
             dut=f"{identity.name} / {identity.firmware or ''}",
             lab_sha256=lab.sha256,
         ),
-        extra=extra,
+        extra={**extra, **{k: v for k, v in extras.items() if k == "cold_start_basis"}},
         status="valid" if error is None else "partial",
         error=error,
     )
