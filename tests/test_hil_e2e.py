@@ -144,7 +144,8 @@ def test_hil_run_journals_reports_and_gates_on_budgets(sim_lab, hil_board):
         -3000:
     ]
     assert re.search(
-        rf"latency_p99_ms: measured [\d.]+ ms \(95% CI .*\) vs budget max {p99 / 4:.4g} ms: FAIL", red.stdout
+        rf"latency_p99_ms: measured [\d.]+ ms \(95% CI .*\) vs budget max {float(f'{p99 / 4:.6f}'):g} ms: FAIL",
+        red.stdout,
     ), red.stdout[-3000:]
 
 

@@ -275,7 +275,10 @@ class EsptoolFlasher:
             reset_chip(esp, "hard-reset")
             boot = _read_boot_log(port, BOOT_WAIT_S, self.dut_baud)
             logger.print("boot log after reset:\n" + boot)
-            return result | {"boot_log": boot, "stayed_in_loader": "waiting for download" in boot}
+            return result | {
+                "boot_log": boot,
+                "stayed_in_loader": "waiting for download" in boot or "invalid header" in boot,
+            }
         except (FatalError, serial.SerialException, OSError) as exc:
             tail = "; ".join(logger.lines[-3:])
             raise FlashError(
@@ -324,10 +327,10 @@ def _read_boot_log(port: serial.SerialBase, wait_s: float, app_baud: int) -> str
     deadline = time.monotonic() + wait_s
     port.timeout = 0.05
     while time.monotonic() < deadline and not re.search(
-        rb"waiting for download|ELF file SHA256:[^\n]*\n", out
+        rb"waiting for download|invalid header|ELF file SHA256:[^\n]*\n", out
     ):
         out += port.read(4096)
-    if b"waiting for download" in out:
+    if b"waiting for download" in out or b"invalid header" in out:  # the loader, or the ROM's boot loop
         return out.decode("latin-1")
     if app_baud != port.baudrate:
         port.baudrate = app_baud
