@@ -185,30 +185,114 @@ def test_read_flash_through_the_rom(esp32, tmp_path):
     assert back.read_bytes() == firmware_image.partition_table_bin()[:0x200]
 
 
-def test_invalid_image_leaves_the_board_in_the_loader(esp32, packed, tmp_path):
+def read_for(esp_port: serial.SerialBase, seconds: float) -> bytes:
+    import time
+
+    esp_port.baudrate, esp_port.timeout = 115200, 0.05
+    out, deadline = b"", time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        out += esp_port.read(4096)
+    return out
+
+
+def test_invalid_image_boot_loops_until_a_reset_into_download_mode(esp32, packed, tmp_path):
+    """As the chip: a flash boot that finds no valid image prints "invalid header" in a loop and
+    never answers the serial loader; esptool's default reset (IO0 low via DTR/RTS) reaches the
+    loader, and a good image flashed there boots."""
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not an application image" * 64)
     esp = connect(esp32)
     try:
         esptool.main(["--after", "hard-reset", "write-flash", "0x10000", str(junk)], esp=esp)
-        boot = boot_output(esp._port, b"waiting for download")
+        boot = read_for(esp._port, 1.5)
     finally:
         esp._port.close()
     first_word = int.from_bytes(junk.read_bytes()[:4], "little")
-    assert f"invalid header: {first_word:#010x}".encode() in boot
-    assert boot.endswith(b"waiting for download\r\n")
-    # still in the loader: esptool connects without resetting it, and can flash a good image
+    assert boot.count(f"invalid header: {first_word:#010x}\r\n".encode()) >= 3
+    assert b"waiting for download" not in boot
+    # no loader answers without a reset into download mode
     port = serial.serial_for_url(esp32.url, timeout=DEFAULT_TIMEOUT)
     try:
-        esp = detect_chip(port, connect_mode="no-reset")
-        good = packed["digits_mlp_int8"]
-        write_flash(run_stub(esp), [(0x8000, str(good.partition_table)), (0x10000, str(good.image))])
-        port.dtr = False  # opened with DTR asserted, which keeps EN high on the DevKitC's transistor pair
-        reset_chip(esp, "hard-reset")
+        with pytest.raises(FatalError, match="Failed to connect"):
+            detect_chip(port, connect_mode="no-reset", connect_attempts=1)
     finally:
         port.close()
+    esp = connect(esp32)  # esptool's default reset: download boot
+    try:
+        good = packed["digits_mlp_int8"]
+        write_flash(run_stub(esp), [(0x8000, str(good.partition_table)), (0x10000, str(good.image))])
+        reset_chip(esp, "hard-reset")
+    finally:
+        esp._port.close()
     with DutSerial(esp32.url, board="esp32") as dut:
         assert dut.identify().model_sha256 == good.model_sha256
+
+
+def test_flash_is_reached_only_after_spi_attach(esp32):
+    """The ROM loader before SPI_ATTACH: the flash pins are not routed, so RDID, the status
+    registers and flash reads see MISO idle high (0xFF); after esptool's attach, the real flash."""
+    esp = connect(esp32)  # the ROM loader, nothing attached yet
+    try:
+        assert esp.flash_id(cache=False) == 0xFFFFFF
+        assert esp.read_status(3) == 0xFFFFFF
+        assert esp.read_flash_slow(0x8000, 0x80, None) == b"\xff" * 0x80
+        assert esp.flash_md5sum(0x8000, 0x100) == hashlib.md5(b"\xff" * 0x100).hexdigest()
+        attach_flash(esp)
+        assert esp.flash_id(cache=False) == 0x1640EF
+        table = firmware_image.partition_table_bin()
+        assert esp.read_flash_slow(0x8000, 0x80, None) == table[:0x80]
+        assert esp.flash_md5sum(0x8000, 0x100) == hashlib.md5(table[:0x100]).hexdigest()
+    finally:
+        esp._port.close()
+
+
+def test_flash_status_register_is_stored(esp32, capsys):
+    """A non-zero status written through esptool reads back, from the stub's command line and from
+    the ROM's helpers, and survives a chip reset (the flash is not reset with the ESP32)."""
+    try:
+        esptool_cli(esp32, "write-flash-status", "--bytes", "2", "0x0200")
+        out = capsys.readouterr().out
+        assert "Setting flash memory status: 0x0200" in out
+        assert "After flash memory status:   0x0200" in out
+        esp = connect(esp32)
+        try:
+            attach_flash(esp)
+            assert esp.read_status(2) == 0x0200
+            esp.write_status(0x0210)  # QE and BP2
+            assert esp.read_status(3) == 0x000210
+        finally:
+            esp._port.close()
+    finally:
+        esp = connect(esp32)
+        try:
+            attach_flash(esp)
+            esp.write_status(0)
+            assert esp.read_status(2) == 0
+        finally:
+            esp._port.close()
+
+
+def test_run_user_code_leaves_the_loader_and_boots_the_app(esp32):
+    """The stub answers RUN_USER_CODE (0xD3) as esptool's stub does: no reply, and the boot goes on
+    from flash. esptool 5 sends it for `--after soft-reset` on the ESP8266 only; on an ESP32 it
+    refuses the stub's soft reset itself, before sending anything."""
+    esp = run_stub(connect(esp32))
+    try:
+        with pytest.raises(FatalError, match="only supported on ESP8266"):
+            reset_chip(esp, "soft-reset")
+        esp.command(esp.ESP_CMDS["RUN_USER_CODE"], wait_response=False)
+        boot = boot_output(esp._port, b"m-ready")
+    finally:
+        esp._port.close()
+    assert b"cpu_start: Project name:     labbench-dut" in boot and b"m-ready" in boot
+    # through the ROM, `--after soft-reset` is "run user code" (FLASH_BEGIN 0, FLASH_END 0)
+    esp = connect(esp32)
+    try:
+        esptool.main(["--no-stub", "--after", "soft-reset", "read-mac"], esp=esp)
+        boot = boot_output(esp._port, b"m-ready")
+    finally:
+        esp._port.close()
+    assert b"cpu_start: Project name:     labbench-dut" in boot and b"m-ready" in boot
 
 
 def test_image_info_shows_the_app_description(packed, capsys):
@@ -221,3 +305,44 @@ def test_image_info_shows_the_app_description(packed, capsys):
         in out
     )
     assert "Validation hash:" in out and "(valid)" in out
+
+
+@pytest.mark.parametrize("compression", ["-u", "-z"])
+def test_encrypted_write_uses_the_blank_efuse_key(esp32, tmp_path, compression, capsys):
+    """On a chip whose eFuses were never burnt esptool refuses `--encrypt` (no key programmed);
+    forced past that check, the flash-encryption engine writes with BLOCK1's zero key and
+    FLASH_CRYPT_CONFIG 0: the flash holds espsecure's ciphertext of the data, not the data."""
+    import io
+
+    import espsecure
+
+    plain = tmp_path / "plain.bin"
+    rng = np.random.default_rng(7)
+    plain.write_bytes(
+        rng.integers(0, 256, 3000, np.uint8).tobytes() + bytes(2000)
+    )  # odd length, partly compressible
+    with pytest.raises(FatalError, match="Can't perform encrypted flash write"):
+        esptool_cli(esp32, "--after", "no-reset", "write-flash", "--encrypt", hex(SCRATCH), str(plain))
+    assert "Flash encryption key is not programmed." in capsys.readouterr().out
+    esptool_cli(
+        esp32,
+        "--after",
+        "no-reset",
+        "write-flash",
+        compression,
+        "--encrypt",
+        "--ignore-flash-enc-efuse",
+        hex(SCRATCH),
+        str(plain),
+    )
+    assert "Cannot verify written data if encrypted" in capsys.readouterr().out
+    padded = plain.read_bytes().ljust(5024, b"\xff")  # esptool pads encrypted writes to 32 bytes
+    expected = io.BytesIO()
+    espsecure.encrypt_flash_data(io.BytesIO(bytes(32)), expected, SCRATCH, 0, False, io.BytesIO(padded))
+    esp = run_stub(connect(esp32))
+    try:
+        attach_flash(esp)
+        stored = read_flash(esp, SCRATCH, len(padded))
+    finally:
+        esp._port.close()
+    assert stored == expected.getvalue() and stored != padded

@@ -10,8 +10,17 @@ rises) and the UART (RFC 2217, line-rate timing, 3 % baud tolerance); on every b
 - flash boot: the second-stage bootloader's job, built in here: the partition table at 0x8000
   names the app partition, and a valid app image there (`labbench.firmware_image`) boots: `run`
   returns and the board's DUT firmware runs the model the image carries. Otherwise the chip prints
-  the ROM's ``invalid header: 0x...`` line and why, then (a sim policy, so the board can always be
-  reflashed) "waiting for download" and the loader.
+  the ROM's ``invalid header: 0x...`` line and why, then repeats that line in a boot loop that
+  never answers the serial loader, as the chip does: only a reset into download mode (IO0 low,
+  esptool's default reset) reaches the loader again.
+
+The ROM loader reaches the flash only after SPI_ATTACH routes its pins (the stub attaches at start):
+before that flash reads return 0xFF and RDID 0xFFFFFF (MISO idles high), and erase and program are
+refused. Encrypted writes (the stub's FLASH_BEGIN flag, `write-flash --encrypt`) go through the
+flash-encryption engine as on a chip whose eFuses were never burnt: BLOCK1's all-zero key and
+FLASH_CRYPT_CONFIG 0, so the flash holds what `espsecure encrypt-flash-data` makes of the data with a
+zero key and `--flash-crypt-conf 0`, never the plaintext. The flash chip keeps its status registers (RDSR/RDSR2/RDSR3, WRSR/WRSR2/WRSR3 after WREN or
+the volatile-write enable 0x50, WRDI) across chip resets, as the flash is not reset with the ESP32.
 
 Faithful enough that the unmodified esptool 5.x connects with its default reset, uploads its stub,
 reads the MAC and the flash ID, writes (plain and deflated, before and after a baud change),
@@ -32,11 +41,16 @@ import json
 import struct
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from espsecure import (  # type: ignore[import-untyped]
+    _flash_encryption_tweak_key,
+    _flash_encryption_tweak_range_bits,
+)
 from esptool.loader import ESPLoader, StubFlasher
 from esptool.targets.esp32 import ESP32ROM
 
@@ -61,6 +75,15 @@ XTAL_HZ, STUB_APB_HZ = 40_000_000, 80_000_000
 SPI_CMD_USR = 1 << 18
 SFDP = bytes.fromhex("53464450050101ff00050110800000ffef000101800000ff")  # signature, 2 headers
 
+# W25Q32JV status registers (datasheet 7.1): writable bits of SR1, SR2 (LB1-3 one-time), SR3
+SR_WRITABLE, SR2_ONE_TIME = (0xFC, 0x7B, 0x64), 0x38
+SR1_WEL = 0x02
+SPI_USR_MOSI, SPI_USR_MISO = 1 << 27, 1 << 28
+
+# Flash encryption eFuses of a chip that never had flash encryption: BLOCK1 key and FLASH_CRYPT_CONFIG
+BLANK_FLASH_KEY, BLANK_CRYPT_CONFIG = bytes(32), 0
+ENCRYPTED_WRITE_ALIGN = ESP32ROM.FLASH_ENCRYPTED_WRITE_ALIGN
+
 # Error codes: ROM (serial-protocol.rst) and flasher stub (esp-flasher-stub commands.h)
 ROM_INVALID_MESSAGE, ROM_FAILED, ROM_BAD_CHECKSUM, ROM_FLASH_WRITE, ROM_DEFLATE = 0x05, 0x06, 0x07, 0x08, 0x0B
 STUB_BAD_LENGTH, STUB_BAD_CHECKSUM, STUB_INVALID_COMMAND = 0xC0, 0xC1, 0xC3
@@ -79,11 +102,39 @@ class LoaderError(Exception):
 
 
 class SpiFlash:
-    """NOR semantics over a board's flash store (`read`, `write`, `erase`, `size_bytes`)."""
+    """NOR semantics over a board's flash store (`read`, `write`, `erase`, `size_bytes`), and the
+    flash chip's status registers (`status`: SR1..SR3, kept by the caller across chip resets)."""
 
-    def __init__(self, store):
+    def __init__(self, store, status: bytearray | None = None):
         self.store = store
         self.size_bytes = store.size_bytes
+        self.status = status if status is not None else bytearray(3)
+        self.write_enable = False  # WEL (WREN) or the volatile-SR write enable (0x50)
+
+    def command(self, opcode: int, mosi: bytes, address: int) -> int:
+        """One SPI flash command run through the SPI peripheral's user-command registers; the bits
+        the chip shifts out on MISO (little-endian, as they land in W0)."""
+        if opcode == 0x9F:  # RDID
+            return FLASH_ID
+        if opcode == 0x5A:  # read SFDP, 24-bit address
+            return int.from_bytes(SFDP[address : address + 4].ljust(4, b"\xff"), "little")
+        if opcode in (0x05, 0x35, 0x15):  # RDSR, RDSR2, RDSR3
+            index = (0x05, 0x35, 0x15).index(opcode)
+            return self.status[index] | (SR1_WEL if index == 0 and self.write_enable else 0)
+        if opcode in (0x06, 0x50):  # WREN, write enable for volatile status register
+            self.write_enable = True
+        elif opcode == 0x04:  # WRDI
+            self.write_enable = False
+        elif opcode in (0x01, 0x31, 0x11) and self.write_enable:  # WRSR (1 or 2 bytes), WRSR2, WRSR3
+            first = (0x01, 0x31, 0x11).index(opcode)
+            for index, value in enumerate(mosi[: 2 if opcode == 0x01 else 1], first):
+                old = self.status[index]
+                new = (old & ~SR_WRITABLE[index] | value & SR_WRITABLE[index]) & 0xFF
+                if index == 1:
+                    new |= old & SR2_ONE_TIME
+                self.status[index] = new
+            self.write_enable = False
+        return 0
 
     def _check(self, offset: int, size: int) -> None:
         if offset < 0 or size < 0 or offset + size > self.size_bytes:
@@ -120,10 +171,14 @@ class SpiFlash:
         except ImageError as exc:
             raise ImageError(f"image at {app.offset:#x}: {exc}") from None
 
+    def invalid_header(self) -> str:
+        """The ROM's line for a flash boot that finds no image header."""
+        word = int.from_bytes(self.read(firmware_image.APP_OFFSET, 4), "little")
+        return f"invalid header: {word:#010x}\r\n"
+
     def boot_failure(self, reason: ImageError) -> str:
         """What the chip prints when the flash holds nothing bootable: the ROM's line, then why."""
-        word = int.from_bytes(self.read(firmware_image.APP_OFFSET, 4), "little")
-        return f"invalid header: {word:#010x}\r\nE (40) boot: {reason}\r\n"
+        return f"{self.invalid_header()}E (40) boot: {reason}\r\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +203,21 @@ def default_registers(mac: bytes) -> dict[int, int]:
         ESP32ROM.APB_CTL_DATE_ADDR: (1 << ESP32ROM.APB_CTL_DATE_S) | 0x16042000,  # rev bit 2
         ESP32ROM.RTCCALICFG1: cali << ESP32ROM.TIMERS_RTC_CALI_VALUE_S,
     }
+
+
+def flash_encrypt(
+    data: bytes, address: int, key: bytes = BLANK_FLASH_KEY, crypt_config: int = BLANK_CRYPT_CONFIG
+) -> bytes:
+    """ESP32 flash encryption of `data` written at `address`: per 16-byte block, byte-reversed, AES
+    decryption with the key tweaked by the block's 32-byte-aligned offset (as espsecure models the
+    hardware; `crypt_config` selects the tweaked key bits)."""
+    tweak_bits, key_int = _flash_encryption_tweak_range_bits(crypt_config), int.from_bytes(key, "big")
+    out = bytearray()
+    for pos in range(0, len(data), 16):
+        block_key = _flash_encryption_tweak_key(key_int, address + pos, tweak_bits)
+        aes = Cipher(algorithms.AES(block_key), modes.ECB()).decryptor()
+        out += aes.update(data[pos : pos + 16][::-1])[::-1]
+    return bytes(out)
 
 
 def slip(packet: bytes) -> bytes:
@@ -180,6 +250,8 @@ class _Download:
     written: int = 0
     seq: int = 0
     inflate: zlib._Decompress | None = None
+    encrypted: bool = False  # through the flash-encryption engine, in 32-byte units
+    pending: bytearray = field(default_factory=bytearray)  # plaintext short of a whole unit
 
 
 @dataclass
@@ -207,6 +279,7 @@ class Esp32Loader:
         self.flash, self.registers, self._send, self._set_baud = flash, registers, send, set_baud
         self._stubs = _known_stubs()
         self.stub = False
+        self.attached = False  # SPI_ATTACH has routed the flash pins (the stub attaches at start)
         self.exit: str | None = None  # "run" (user code), "reboot", "rom" (stub back to ROM), "halt"
         self._rx = bytearray()
         self._download: _Download | None = None
@@ -301,20 +374,36 @@ class Esp32Loader:
         return 0, b""
 
     def _spi_user_command(self) -> None:
-        base = ESP32ROM.SPI_REG_BASE
-        opcode = self.registers.get(base + ESP32ROM.SPI_USR2_OFFS, 0) & 0xFF
-        if opcode == 0x9F:  # RDID
-            result = FLASH_ID
-        elif opcode == 0x5A:  # read SFDP, 24-bit address in the top of the ADDR register
-            address = self.registers.get(base + 0x04, 0) >> 8
-            result = int.from_bytes(SFDP[address : address + 4].ljust(4, b"\xff"), "little")
-        else:  # status registers read 0; reset, write enable and the like just happen
-            result = 0
-        self.registers[base + ESP32ROM.SPI_W0_OFFS] = result
-        self.registers[base] &= ~SPI_CMD_USR
+        base, regs = ESP32ROM.SPI_REG_BASE, self.registers
+        opcode = regs.get(base + ESP32ROM.SPI_USR2_OFFS, 0) & 0xFF
+        usr = regs.get(base + ESP32ROM.SPI_USR_OFFS, 0)
+        mosi_bits = regs.get(base + ESP32ROM.SPI_MOSI_DLEN_OFFS, 0) + 1 if usr & SPI_USR_MOSI else 0
+        miso_bits = regs.get(base + ESP32ROM.SPI_MISO_DLEN_OFFS, 0) + 1 if usr & SPI_USR_MISO else 0
+        mosi = b"".join(
+            regs.get(base + ESP32ROM.SPI_W0_OFFS + 4 * i, 0).to_bytes(4, "little") for i in range(16)
+        )[: mosi_bits // 8]
+        address = regs.get(base + 0x04, 0) >> 8  # 24-bit address in the top of the ADDR register
+        # without SPI_ATTACH the flash pins are not routed: nothing reaches the chip, MISO idles high
+        result = self.flash.command(opcode, mosi, address) if self.attached else 0xFFFFFFFF
+        if miso_bits:
+            mask = (1 << min(miso_bits, 32)) - 1
+            w0 = base + ESP32ROM.SPI_W0_OFFS
+            regs[w0] = regs.get(w0, 0) & ~mask & 0xFFFFFFFF | result & mask
+        regs[base] &= ~SPI_CMD_USR
+
+    def _spi_attach(self, op, data, chk):
+        self.attached = True
+        return 0, b""
 
     def _ok(self, op, data, chk):
-        return 0, b""  # SPI_ATTACH, SPI_SET_PARAMS: the flash is always attached, 4 MB
+        return 0, b""  # SPI_SET_PARAMS: the flash is 4 MB
+
+    def _require_flash(self) -> None:
+        if not self.attached:
+            raise LoaderError(ROM_FAILED, "flash not attached (SPI_ATTACH first)")
+
+    def _run_user_code(self, op, data, chk):
+        self.exit = "run"  # stub: no reply; the boot goes on from flash as after the ROM's loader
 
     def _change_baudrate(self, op, data, chk):
         new_baud, _old = struct.unpack("<II", data[:8])
@@ -343,7 +432,7 @@ class Esp32Loader:
         text_start, text = self._stubs.get(entry, (0, b""))
         loaded = self._ram.get(text_start)
         if text and loaded is not None and bytes(loaded) == text:
-            self.stub = True
+            self.stub = self.attached = True
             self._send(slip(b"OHAI"))
         else:  # some other RAM program: the sim cannot run it; the chip is silent until reset
             self.exit = "halt"
@@ -361,10 +450,17 @@ class Esp32Loader:
     def _flash_begin(self, op, data, chk):
         size, _blocks, block_bytes, offset = struct.unpack("<IIII", data[:16])
         deflate = op == CMD["FLASH_DEFL_BEGIN"]
+        # the stub takes a fifth word, the encrypted-write flag (the ESP32 ROM takes four)
+        encrypted = self.stub and len(data) >= 20 and struct.unpack_from("<I", data, 16)[0] != 0
         if size:
+            self._require_flash()
             self.flash.erase(offset, size)
         self._download = _Download(
-            offset, size, block_bytes, inflate=zlib.decompressobj() if deflate else None
+            offset,
+            size,
+            block_bytes,
+            inflate=zlib.decompressobj() if deflate else None,
+            encrypted=encrypted,
         )
         return 0, b""
 
@@ -386,13 +482,31 @@ class Esp32Loader:
             offset = d.offset + d.written
         else:
             offset = d.offset + seq * d.block_bytes
-        self.flash.program(offset, block)
+        if d.encrypted:
+            self._program_encrypted(d, block)
+        else:
+            self.flash.program(offset, block)
         d.written += len(block)
         d.seq += 1
         return 0, b""
 
+    def _program_encrypted(self, d: _Download, plain: bytes) -> None:
+        """Encrypt and program whole 32-byte units, in order; a tail waits for the next block."""
+        done = d.written - len(d.pending)  # bytes of this download already programmed
+        d.pending += plain
+        whole = len(d.pending) - len(d.pending) % ENCRYPTED_WRITE_ALIGN
+        if whole:
+            address = d.offset + done
+            self.flash.program(address, flash_encrypt(bytes(d.pending[:whole]), address))
+            del d.pending[:whole]
+
     def _flash_end(self, op, data, chk):
         (stay,) = struct.unpack("<I", data[:4]) if len(data) >= 4 else (1,)
+        d = self._download
+        if d is not None and d.encrypted and d.pending:  # esptool pads to 32 bytes: only odd callers
+            tail = bytes(d.pending).ljust(ENCRYPTED_WRITE_ALIGN, b"\xff")
+            address = d.offset + d.written - len(d.pending)
+            self.flash.program(address, flash_encrypt(tail, address)[: len(d.pending)])
         self._download = None
         self._reply(op)
         # ROM: 0 reboots, 1 runs the user code; stub: 0 reboots into the ROM loader, 1 stays
@@ -403,7 +517,8 @@ class Esp32Loader:
 
     def _md5(self, op, data, chk):
         offset, size = struct.unpack("<II", data[:8])
-        digest = self.flash.md5(offset, size)
+        self.flash._check(offset, size)
+        digest = self.flash.md5(offset, size) if self.attached else hashlib.md5(b"\xff" * size).digest()
         return 0, digest if self.stub else digest.hex().encode()
 
     def _erase_flash(self, op, data, chk):
@@ -419,6 +534,9 @@ class Esp32Loader:
 
     def _read_flash_slow(self, op, data, chk):
         offset, length = struct.unpack("<II", data[:8])
+        if not self.attached:
+            self.flash._check(offset, min(length, 64))
+            return 0, b"\xff" * 64
         return 0, self.flash.read(offset, min(length, 64)).ljust(64, b"\xff")
 
     def _read_flash(self, op, data, chk):
@@ -444,7 +562,7 @@ class Esp32Loader:
         CMD["SYNC"]: _sync,
         CMD["READ_REG"]: _read_reg,
         CMD["WRITE_REG"]: _write_reg,
-        CMD["SPI_ATTACH"]: _ok,
+        CMD["SPI_ATTACH"]: _spi_attach,
         CMD["SPI_SET_PARAMS"]: _ok,
         CMD["CHANGE_BAUDRATE"]: _change_baudrate,
         CMD["MEM_BEGIN"]: _mem_begin,
@@ -461,8 +579,14 @@ class Esp32Loader:
         CMD["ERASE_FLASH"]: _erase_flash,
         CMD["ERASE_REGION"]: _erase_region,
         CMD["READ_FLASH"]: _read_flash,
+        CMD["RUN_USER_CODE"]: _run_user_code,
     }  # GET_SECURITY_INFO is absent: the ESP32 ROM does not implement it
-    _STUB_ONLY: ClassVar[set[int]] = {CMD["ERASE_FLASH"], CMD["ERASE_REGION"], CMD["READ_FLASH"]}
+    _STUB_ONLY: ClassVar[set[int]] = {
+        CMD["ERASE_FLASH"],
+        CMD["ERASE_REGION"],
+        CMD["READ_FLASH"],
+        CMD["RUN_USER_CODE"],
+    }
     _ROM_ONLY: ClassVar[set[int]] = {CMD["READ_FLASH_SLOW"]}
 
 
@@ -477,17 +601,20 @@ class Esp32BootRom:
     def __init__(self, mac: bytes | None = None):
         self.mac = mac  # default: derived from the board's name
         self.last_boot = ""  # what the ROM printed at the last boot (for the sim's own reports)
+        self.flash_status = bytearray(3)  # the flash chip's SR1..SR3: not reset with the ESP32
+        self.boot_loop = False  # flash boot found nothing bootable: the chip loops until reset
 
     def run(self, board: SimMcuBoard, download: bool) -> None:
         """Runs in the board's CPU thread; returning boots the application from flash."""
-        flash = SpiFlash(board.flash)
+        self.boot_loop = False
+        flash = SpiFlash(board.flash, self.flash_status)
         text = ROM_BANNER + POWER_ON + (DOWNLOAD_BOOT if download else FLASH_BOOT)
         while True:
             if not download:
                 try:
                     app = flash.boot_image()
                 except ImageError as exc:
-                    text += flash.boot_failure(exc)
+                    self._boot_loop(board, flash, text + flash.boot_failure(exc))
                 else:
                     self._say(board, text + _app_boot_log(app))
                     return
@@ -500,6 +627,20 @@ class Esp32BootRom:
                 if exit == "run"
                 else ROM_BANNER + SOFTWARE_RESET + (DOWNLOAD_BOOT if download else FLASH_BOOT)
             )
+
+    def _boot_loop(self, board: SimMcuBoard, flash: SpiFlash, text: str) -> None:
+        """Nothing bootable: the ROM retries the flash boot for ever, printing its line each time at
+        the UART's pace; the loader never runs, so the host's SYNC goes unanswered until a reset
+        (ChipReset ends this)."""
+        self._say(board, text)
+        line = flash.invalid_header().encode()
+        self.boot_loop = True
+        try:
+            while True:
+                board.uart.write(line)
+                board.uart.read(4096, timeout_s=0)  # what the host sends is lost: no loader reads it
+        finally:
+            self.boot_loop = False
 
     def _say(self, board: SimMcuBoard, text: str) -> None:
         self.last_boot = text

@@ -92,7 +92,8 @@ Reset, boot and flash (the hooks a boot-ROM personality such as the ESP32's buil
   esptool, none otherwise, and then the IO0 strap is ignored). It owns the serial stream meanwhile
   (`board.uart`: `read`, `read_until`, `write`, settable `device_baud`; its waits raise
   `ChipReset` on reset, which it lets propagate) and may write `board.flash`; returning boots the
-  application from flash.
+  application from flash. A true `boot_loop` attribute says it loops finding nothing bootable
+  (waits for a boot then end there, as they do when it waits for the host).
 - `flash` (`FlashStore`): the application reads its model from it at every boot. Families flashed
   with esptool use the ESP-IDF layout of `labbench.firmware_image` (partition table at 0x8000, the
   app image in the boot partition); the others hold a raw .tflite at offset 0, named as it was
@@ -733,10 +734,13 @@ class SimMcuBoard:
             self._cv.notify_all()
 
     def _wait_boot(self, boots_before: int) -> None:
-        """Until the application has booted again, or the boot ROM waits for the host instead."""
+        """Until the application has booted again, or the boot ROM waits for the host (or loops,
+        finding nothing bootable) instead."""
         deadline = time.monotonic() + BOOT_TIMEOUT_S
         with self._cv:
-            while self._boots <= boots_before and not (self._in_rom and self.uart.waiting):
+            while self._boots <= boots_before and not (
+                self._in_rom and (self.uart.waiting or getattr(self.boot_rom, "boot_loop", False))
+            ):
                 if time.monotonic() > deadline:
                     raise SimBoardError(f"{self.name}: did not boot within {BOOT_TIMEOUT_S:.0f} s")
                 self._cv.wait(0.1)
