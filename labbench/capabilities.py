@@ -71,6 +71,50 @@ class TimedRun:
         return len(self.latencies_us)
 
 
+@dataclass(frozen=True, eq=False)
+class HiRun:
+    """A hierarchical-inference pass on a device (seed 004 §2), one entry per sample in order.
+
+    `p1`, `p2` are the local model's two highest probabilities, `accepted` the decision module's
+    verdict (True: the local top-1 is final), `local_class` the local top-1 (-1 where no local
+    inference ran: remote-only), `final_class` the class the device ends with (the server's where
+    offloaded). Times are the device's own clock, in microseconds: local inference, decision, and
+    offload (send, remote inference, reply received; 0 where not offloaded). `windows` are the spans
+    the device ran samples back to back with no host traffic between them, on the host monotonic
+    clock (start_s, end_s, samples): the power trace's windows for the strategy's energy.
+    """
+
+    p1: np.ndarray
+    p2: np.ndarray
+    accepted: np.ndarray
+    local_class: np.ndarray
+    final_class: np.ndarray
+    t_inf_us: np.ndarray
+    t_dec_us: np.ndarray
+    t_off_us: np.ndarray
+    windows: tuple[tuple[float, float, int], ...]
+    extra: dict[str, Any] = field(default_factory=dict)  # runtime, server replies' own times, ...
+
+    @property
+    def count(self) -> int:
+        return len(self.accepted)
+
+
+@runtime_checkable
+class HiTarget(Protocol):
+    """A device that runs hierarchical inference: its local model, a decision module, and offload of
+    the samples it does not accept to an edge server over its own network link.
+
+    `decision` is `labbench.strategies.decision`'s device form: `{"kind": "logistic", "w1", "w2",
+    "b"}`, `{"kind": "threshold", "theta"}`, or `{"kind": "remote"}` (no local inference: every
+    sample offloaded). `server` is the (host, port) the device connects to.
+    """
+
+    def hi_configure(self, decision: dict[str, str | float], server: tuple[str, int]) -> None: ...
+
+    def hi_run(self, samples: np.ndarray) -> HiRun: ...
+
+
 @runtime_checkable
 class InferenceTarget(Protocol):
     """A device that runs a model: identify it, time back-to-back inferences, classify a dataset."""
@@ -211,4 +255,4 @@ class Resyncable(Protocol):
     def resync(self) -> object: ...
 
 
-CAPABILITIES.update(flash=Flasher, deploy=Deployer, inference=InferenceTarget, power=PowerMeter)
+CAPABILITIES.update(flash=Flasher, deploy=Deployer, inference=InferenceTarget, hi=HiTarget, power=PowerMeter)
