@@ -17,6 +17,7 @@ from rich.text import Text
 from labbench import firmware_image, gate_cli, inventory, measure_cli
 from labbench.edge import cli as edge_cli
 from labbench.errors import LabbenchError, LabConfigError, UsageError
+from labbench.strategies import cli as strategies_cli
 
 out = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -170,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     measure_cli.add_parser(sub)
     firmware_image.add_parser(sub)
     edge_cli.add_parser(sub)
+    strategies_cli.add_parser(sub)
 
     report = sub.add_parser("report", help="build the results dashboard from journals")
     report.add_argument("journals", nargs="*", type=Path, help="journals (default: reports/*.jsonl)")
