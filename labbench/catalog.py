@@ -82,6 +82,25 @@ class DeviceModel(_Strict):
         return self.overhead_us + macs / rate * 1e6
 
 
+LinkKind = Literal["wifi", "ble", "ethernet"]
+
+
+class LinkFigures(_Strict):
+    """How a board offloads over one of its network links (seed 004 §4.2): one-way latency and
+    bandwidth of the path to the edge server, and the whole board's power while an offload is in
+    flight (None: the power mode's `radio_tx_w`). The simulated lab shapes its link emulator and
+    draws power with these; on a real lab they only say what to expect."""
+
+    latency_ms: float = Field(ge=0)
+    bandwidth_mbps: float = Field(gt=0)
+    loss: float = Field(0.0, ge=0, lt=1)
+    power_w: float | None = Field(None, gt=0)
+
+    def offload_ms(self, request_bytes: int, reply_bytes: int) -> float:
+        """Network time of one exchange: both one-way latencies and both serialisations."""
+        return 2 * self.latency_ms + (request_bytes + reply_bytes) * 8 / (self.bandwidth_mbps * 1e3)
+
+
 class PowerMode(_Strict):
     """One power mode of a family that has several (Jetson nvpmodel 7W / 15W)."""
 
@@ -113,6 +132,7 @@ class BoardFamily(_Strict):
     device_model: DeviceModel
     power_modes: dict[str, PowerMode] = {}
     default_power_mode: str | None = None
+    links: dict[LinkKind, LinkFigures] = {}  # the network links it can offload over
     references: dict[str, str]
     sources: dict[str, str]
 
@@ -142,6 +162,15 @@ class BoardFamily(_Strict):
             raise CatalogError(f"{self.name}: {unknown('power mode', power_mode, self.power_modes)}")
         mode = self.power_modes[power_mode]
         return mode.device_model, mode.power
+
+    def link(self, kind: str, power_mode: str | None = None) -> LinkFigures:
+        """The figures of link `kind`, with the power filled in from `power_mode`'s profile."""
+        if kind not in self.links:
+            raise CatalogError(f"{self.name}: {unknown('network link', kind, self.links)}")
+        figures = self.links[kind]
+        if figures.power_w is not None:
+            return figures
+        return figures.model_copy(update={"power_w": self.profile(power_mode)[1].radio_tx_w})
 
     def fits(self, model_bytes: int, arena_bytes: int) -> str | None:
         """None if the model and its arena fit this family's memories, else what does not fit.

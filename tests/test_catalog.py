@@ -220,7 +220,7 @@ MALFORMED = [
         (
             'devices/esp32_devkitc.yaml:6: clock_mz: unknown key; did you mean "clock_mhz"? (allowed: accelerator, '
             "clock_mhz, connectivity, cpu, default_power_mode, device_model, display_name, flash_kib, flasher, kind, "
-            "power, power_modes, ram_mib, references, runtimes, serial_baud, simulator, sources, sram_kib, target)"
+            "links, power, power_modes, ram_mib, references, runtimes, serial_baud, simulator, sources, sram_kib, target)"
         ),
     ),
     (
@@ -279,16 +279,16 @@ MALFORMED = [
         _edit("  flash_kib: devkitc", "  flash_kb: devkitc"),
         (
             "devices/esp32_devkitc.yaml:8: flash_kib: no source: add it under sources:\n"
-            'devices/esp32_devkitc.yaml:47: sources.flash_kb: unknown key "flash_kb"; did you mean "flash_kib"? '
-            "(known: clock_mhz, device_model.fp32_macs_per_s, device_model.int8_macs_per_s, device_model.overhead_us, flash_kib, power.active_w, "
-            "power.idle_w, power.radio_tx_w, power.upload_w, serial_baud, sram_kib)"
+            'devices/esp32_devkitc.yaml:50: sources.flash_kb: unknown key "flash_kb"; did you mean "flash_kib"? '
+            "(known: clock_mhz, device_model.fp32_macs_per_s, device_model.int8_macs_per_s, device_model.overhead_us, flash_kib, links.wifi.bandwidth_mbps, "
+            "links.wifi.latency_ms, power.active_w, power.idle_w, power.radio_tx_w, power.upload_w, serial_baud, sram_kib)"
         ),
     ),
     (
         "unknown-reference",
         _edit("  flash_kib: devkitc", "  flash_kib: devkit"),
         (
-            "devices/esp32_devkitc.yaml:47: sources.flash_kib: the citation must start with a reference: "
+            "devices/esp32_devkitc.yaml:50: sources.flash_kib: the citation must start with a reference: "
             'unknown reference "devkit"; did you mean "devkitc"? '
             "(known: devkitc, esp32_ds, macs, mlperf_runner, seed000, seed004, tflm)"
         ),
@@ -298,9 +298,9 @@ MALFORMED = [
         _edit("sram_kib: 520\n", ""),
         (
             "devices/esp32_devkitc.yaml:1: sram_kib: required when kind is mcu\n"
-            'devices/esp32_devkitc.yaml:45: sources.sram_kib: unknown key "sram_kib" (known: clock_mhz, '
-            "device_model.fp32_macs_per_s, device_model.int8_macs_per_s, device_model.overhead_us, flash_kib, power.active_w, power.idle_w, "
-            "power.radio_tx_w, power.upload_w, serial_baud)"
+            'devices/esp32_devkitc.yaml:48: sources.sram_kib: unknown key "sram_kib" (known: clock_mhz, '
+            "device_model.fp32_macs_per_s, device_model.int8_macs_per_s, device_model.overhead_us, flash_kib, links.wifi.bandwidth_mbps, links.wifi.latency_ms, "
+            "power.active_w, power.idle_w, power.radio_tx_w, power.upload_w, serial_baud)"
         ),
     ),
     (

@@ -22,7 +22,7 @@ from ai_edge_litert.interpreter import Interpreter
 from pydantic import ValidationError
 
 from labbench.edge.client import EdgeClient
-from labbench.edge.link import PRESETS, Link, Shape
+from labbench.edge.link import Link, Shape, preset
 from labbench.edge.server import REPLY_HEAD, REQUEST, EdgeServer, Status, reply_bytes, request_bytes
 from labbench.errors import EdgeError, UsageError
 
@@ -374,7 +374,7 @@ def test_settings_are_validated_and_presets_named() -> None:
             link.set(latncy_s=0.1)  # a typo
         with pytest.raises(ValidationError, match="loss"):
             link.set(loss=1.0)
-        assert link.shape("up") == PRESETS["wifi"].up
+        assert link.shape("up") == preset("wifi").up
 
 
 def test_an_upstream_that_is_down_closes_the_client(samples: np.ndarray) -> None:
@@ -436,7 +436,7 @@ def test_the_presets_reproduce_the_papers_figures_on_paper() -> None:
     def offload_ms(shape: Shape, image_bytes: int, server_ms: float) -> float:
         return (2 * shape.latency_s + shape.serialisation_s(image_bytes + 2)) * 1e3 + server_ms
 
-    wifi, ble = PRESETS["wifi"].up, PRESETS["ble"].up
+    wifi, ble = preset("wifi").up, preset("ble").up
     assert offload_ms(wifi, 3072, 6.95) == pytest.approx(9.68, rel=0.005)  # Table 3, CIFAR-10
     assert offload_ms(wifi, 224 * 224 * 3, 5.08) == pytest.approx(28.74, rel=0.005)  # Table 3, ImageNet-1K
     assert offload_ms(ble, 3072, 0) == pytest.approx(177.13, rel=0.005)  # §4.2.1

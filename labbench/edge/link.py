@@ -30,8 +30,10 @@ bandwidth is in whole KB/s (Wi-Fi's 1.15 ms below cannot be said), which models 
 reports no per-direction busy time. Delivery times are absolute (scheduled on the host monotonic
 clock), so the sleeps' overshoot does not accumulate.
 
-Presets (`PRESETS`), from the seed paper (Behera et al., "Exploring the Boundaries of On-Device
-Inference", shared/seeds/004) for a Raspberry Pi 4B offloading to its edge server:
+Presets (`preset(name)`) are the Raspberry Pi 4B's links in the catalog (devices/rpi4b.yaml `links:`,
+each figure with its source), the seed paper's reference device (Behera et al., "Exploring the
+Boundaries of On-Device Inference", shared/seeds/004); every family lists its own (`LinkProfile.of`).
+How the Pi's figures follow from the paper:
 
 - `wifi`: 1.15 ms one way, 56.4 Mbit/s. Table 3 gives the Pi's whole offload (send the image, wait
   for the class) as 9.68 ms for a CIFAR-10 image (32x32x3 = 3072 bytes) and 28.74 ms for an
@@ -60,7 +62,9 @@ static one with stable Wi-Fi, §6); `rto_s` is Linux's minimum retransmission ti
 
 from __future__ import annotations
 
+import collections
 import itertools
+import math
 import queue
 import random
 import socket
@@ -73,6 +77,8 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from labbench import catalog
+from labbench.catalog import LinkFigures
 from labbench.errors import UsageError
 
 MSS_BYTES = 1448  # TCP payload per segment on Ethernet and Wi-Fi (1500-byte MTU, TCP timestamps)
@@ -104,36 +110,27 @@ class LinkProfile(BaseModel):
     down: Shape = Shape()
     source: str = ""
 
+    @classmethod
+    def of(cls, figures: LinkFigures, source: str) -> LinkProfile:
+        """A symmetric link with a catalog family's figures (devices/<family>.yaml `links:`)."""
+        shape = Shape(
+            latency_s=figures.latency_ms / 1e3, bandwidth_bps=figures.bandwidth_mbps * 1e6, loss=figures.loss
+        )
+        return cls(up=shape, down=shape, source=source)
+
 
 UNSHAPED = LinkProfile(source="no shaping")
 
 
-def _symmetric(shape: Shape, source: str) -> LinkProfile:
-    return LinkProfile(up=shape, down=shape, source=source)
-
-
-PRESETS: dict[str, LinkProfile] = {
-    "wifi": _symmetric(
-        Shape(latency_s=1.15e-3, bandwidth_bps=56.4e6),
-        "seed 004 Table 3 and §4.1 (Raspberry Pi 4B, CIFAR-10 and ImageNet-1K offloads)",
-    ),
-    "ble": _symmetric(
-        Shape(latency_s=30e-3, bandwidth_bps=210e3),
-        "seed 004 §4.2.1 (Raspberry Pi 4B, CIFAR-10 image over BLE: 177.13 ms); "
-        "Linux's 30 ms minimum LE connection interval",
-    ),
-    "ethernet": _symmetric(
-        Shape(latency_s=0.1e-3, bandwidth_bps=941e6),
-        "seed 004 Table 2 (Gigabit Ethernet); TCP goodput of 1000BASE-T, assumed LAN latency",
-    ),
-}
+PRESET_FAMILY = "rpi4b"  # the presets are the Raspberry Pi 4B's links, the paper's reference device
 
 
 def preset(name: str) -> LinkProfile:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise UsageError(f"unknown link preset {name!r} (known: {', '.join(PRESETS)})") from None
+    """The Raspberry Pi 4B's link `name` (wifi, ble, ethernet) from the catalog."""
+    family = catalog.load_family(PRESET_FAMILY)
+    if name not in family.links:
+        raise UsageError(f"unknown link preset {name!r} (known: {', '.join(family.links)})")
+    return LinkProfile.of(family.link(name), f"devices/{PRESET_FAMILY}.yaml links.{name}")
 
 
 @dataclass(frozen=True)
@@ -155,6 +152,41 @@ class ConnectionStats:
     open: bool
 
 
+class InFlight:
+    """When the link carries an exchange: from a request's first byte read from the board until the
+    reply's last byte is delivered to it, on any connection (the radio is on while one is in flight).
+    A simulated board draws its link's power over these spans. Spans older than `RETAIN_S` are
+    dropped."""
+
+    RETAIN_S = 900.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._busy: set[int] = set()
+        self._spans: collections.deque[list[float]] = collections.deque()  # [start, end], end inf if open
+
+    def begin(self, connection: int, t: float) -> None:
+        with self._lock:
+            if not self._busy:
+                self._spans.append([t, math.inf])
+            self._busy.add(connection)
+
+    def end(self, connection: int, t: float) -> None:
+        with self._lock:
+            if connection not in self._busy:
+                return
+            self._busy.discard(connection)
+            if not self._busy:
+                self._spans[-1][1] = t
+            while self._spans and self._spans[0][1] < t - self.RETAIN_S:
+                self._spans.popleft()
+
+    def seconds(self, t0: float, t1: float) -> float:
+        """Seconds within [t0, t1] with an exchange in flight."""
+        with self._lock:
+            return sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in self._spans)
+
+
 class _Pipe:
     """One direction of one connection: a reader thread schedules each segment, a writer thread delivers
     it when due."""
@@ -167,8 +199,10 @@ class _Pipe:
         dst: socket.socket,
         rng: random.Random,
         on_done: Callable[[], None],
+        number: int,
     ):
         self._link, self.direction, self._src, self._dst = link, direction, src, dst
+        self._number = number
         self._rng, self._on_done = rng, on_done
         self._due: queue.SimpleQueue[tuple[float, bytes] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -203,6 +237,8 @@ class _Pipe:
     def _read(self) -> None:
         with suppress(OSError):
             while data := self._src.recv(READ_BYTES):
+                if self.direction == "up":
+                    self._link.in_flight.begin(self._number, time.monotonic())
                 for i in range(0, len(data), MSS_BYTES):
                     segment = data[i : i + MSS_BYTES]
                     self._due.put((self._schedule(len(segment)), segment))
@@ -220,6 +256,8 @@ class _Pipe:
                 self.delivered_bytes += len(data)
             try:
                 self._dst.sendall(data)
+                if self.direction == "down" and self._due.empty():
+                    self._link.in_flight.end(self._number, time.monotonic())
             except OSError:
                 with self._lock:
                     self.delivered_bytes -= len(data)
@@ -239,8 +277,9 @@ class _Connection:
         self._sockets = (client, upstream)
         self._open = 2
         self._lock = threading.Lock()
-        self.up = _Pipe(link, "up", client, upstream, _rng(seed, number, "up"), self._pipe_done)
-        self.down = _Pipe(link, "down", upstream, client, _rng(seed, number, "down"), self._pipe_done)
+        self.up = _Pipe(link, "up", client, upstream, _rng(seed, number, "up"), self._pipe_done, number)
+        self.down = _Pipe(link, "down", upstream, client, _rng(seed, number, "down"), self._pipe_done, number)
+        self._link, self._number = link, number
 
     def start(self) -> None:
         self.up.start()
@@ -257,6 +296,7 @@ class _Connection:
         )
 
     def _pipe_done(self) -> None:
+        self._link.in_flight.end(self._number, time.monotonic())  # nothing is in flight on a closed one
         with self._lock:
             self._open -= 1
             if self._open:
@@ -284,6 +324,7 @@ class Link:
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._connections: list[_Connection] = []
         self._lock = threading.Lock()
+        self.in_flight = InFlight()
         threading.Thread(target=self._accept, name=f"link:{self.address[1]}", daemon=True).start()
 
     @property
