@@ -287,6 +287,56 @@ def _from_key() -> Any:
     return Field(json_schema_extra={"from_key": True})
 
 
+LinkKind = Literal["wifi", "ble", "ethernet"]
+
+
+class OffloadLink(_Strict):
+    """The network link a board offloads over (`link: wifi`): one of its family's `links:`, whose
+    figures any of these override (`link: {kind: wifi, latency_ms: 20, loss: 0.01}`)."""
+
+    kind: LinkKind
+    latency_ms: float | None = Field(None, ge=0)
+    bandwidth_mbps: float | None = Field(None, gt=0)
+    loss: float | None = Field(None, ge=0, lt=1)
+    power_w: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_kind(cls, data: Any) -> Any:
+        return {"kind": data} if isinstance(data, str) else data
+
+    def overrides(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump(exclude={"kind"}).items() if v is not None}
+
+
+class ServerSim(_Strict):
+    """A simulated edge server's settings. `service_ms`: the least time it takes per request, standing
+    in for the seed paper's A100 server (§4.1: 6.95 ms per CIFAR-10 image); 0 answers as fast as this
+    host infers."""
+
+    service_ms: float = Field(0.0, ge=0)
+
+
+class ServerEntry(_Strict):
+    """An edge server boards offload to (`labbench edge-server`): where it listens and what it runs.
+    A real server's model is on the server, so the file is not looked for here; a simulated one whose
+    model is missing is not started, and offloading to it says why."""
+
+    name: str = _from_key()
+    host: Annotated[str, _checked(host_problem)]
+    port: int = Field(gt=0, lt=65536)
+    model: Path
+    sim: ServerSim | None = None
+
+    @property
+    def simulated(self) -> bool:
+        return self.sim is not None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+
 class BoardEntry(_Strict):
     name: str = _from_key()
     family: str
@@ -295,6 +345,7 @@ class BoardEntry(_Strict):
     flash: FlashSettings | None = None
     power: PowerLink | None = None
     power_mode: str | None = None
+    link: OffloadLink | None = None  # the network link it offloads over (hierarchical inference)
     sim: SimBlock | None = None
 
     @model_validator(mode="after")
@@ -433,6 +484,7 @@ class _LabFile(_Strict):
     lab: LabInfo
     instruments: dict[str, dict[str, Any]] = {}
     boards: dict[str, dict[str, Any]] = {}
+    servers: dict[str, dict[str, Any]] = {}
     budgets: dict[str, dict[str, ModelBudget]] = {}
 
 
@@ -441,6 +493,7 @@ class _Named(_Strict):
 
     instruments: dict[str, InstrumentEntry] = {}
     boards: dict[str, BoardEntry] = {}
+    servers: dict[str, ServerEntry] = {}
 
 
 class Lab(BaseModel):
@@ -453,6 +506,7 @@ class Lab(BaseModel):
     devices_dir: Path
     instruments: dict[str, InstrumentEntry]
     boards: dict[str, BoardEntry]
+    servers: dict[str, ServerEntry] = {}
     budgets: dict[str, dict[str, ModelBudget]]
     _text: bytes = PrivateAttr(b"")
 
@@ -466,14 +520,22 @@ class Lab(BaseModel):
 
     @property
     def simulated(self) -> bool:
-        return any(b.simulated for b in self.boards.values()) or any(
-            i.simulated for i in self.instruments.values()
-        )
+        entries: list[BoardEntry | InstrumentEntry | ServerEntry] = [
+            *self.boards.values(),
+            *self.instruments.values(),
+            *self.servers.values(),
+        ]
+        return any(e.simulated for e in entries)
 
     def board(self, name: str) -> BoardEntry:
         if name not in self.boards:
             raise UsageError(f"{self.path.name}: {unknown('board', name, self.boards)}")
         return self.boards[name]
+
+    def server(self, name: str) -> ServerEntry:
+        if name not in self.servers:
+            raise UsageError(f"{self.path.name}: {unknown('edge server', name, self.servers)}")
+        return self.servers[name]
 
     def budget(self, board: str, model: str) -> ModelBudget | None:
         """The budget for `model` on `board`: the board's own entry first, then its family's."""
@@ -483,7 +545,7 @@ class Lab(BaseModel):
         return None
 
 
-_SECTIONS = {"instruments": "instrument", "boards": "board"}
+_SECTIONS = {"instruments": "instrument", "boards": "board", "servers": "server"}
 
 
 def load(path: str | Path = "lab.yaml", *, check_files: bool = False) -> Lab:
@@ -515,11 +577,12 @@ def load(path: str | Path = "lab.yaml", *, check_files: bool = False) -> Lab:
     if not devices_dir.is_dir():
         raise LabConfigError(src.where(("lab", "devices"), f"{devices_dir} is not a directory"))
     boards = {n: _resolved(b, lab_dir) for n, b in entries.boards.items()}
+    servers = {n: e.model_copy(update={"model": lab_dir / e.model}) for n, e in entries.servers.items()}
     instruments = dict(entries.instruments)
     problems = _sim_settings(src, "instruments", instruments, lab_dir, check_files, devices_dir)
     problems += _sim_settings(src, "boards", boards, lab_dir, check_files, devices_dir)
     problems += _instrument_settings(src, instruments)
-    problems += _cross_check(src, boards, instruments, raw.budgets, devices_dir)
+    problems += _cross_check(src, boards, instruments, servers, raw.budgets, devices_dir)
     if check_files:
         problems += _missing_keys(src, boards)
     if problems:
@@ -530,6 +593,7 @@ def load(path: str | Path = "lab.yaml", *, check_files: bool = False) -> Lab:
         devices_dir=devices_dir,
         instruments=instruments,
         boards=boards,
+        servers=servers,
         budgets=raw.budgets,
     )
     lab._text = path.read_bytes()
@@ -723,6 +787,7 @@ def _cross_check(
     src: Source,
     boards: dict[str, BoardEntry],
     instruments: dict[str, InstrumentEntry],
+    servers: dict[str, ServerEntry],
     budgets: dict[str, dict[str, ModelBudget]],
     devices_dir: Path,
 ) -> list[str]:
@@ -758,6 +823,13 @@ def _cross_check(
             if (family.kind == "linux") != (board.ssh is not None):
                 link, needs = ("serial", "ssh") if board.ssh is None else ("ssh", "serial")
                 problem(f"{board.family} boards are reached by {needs}:, not {link}:", *at, link)
+            if board.link is not None and board.link.kind not in family.links:
+                problem(
+                    f"{board.family} boards offload over {', '.join(family.links) or 'no network link'}"
+                    f" (devices/{board.family}.yaml links:), not {board.link.kind}",
+                    *at,
+                    "link",
+                )
             if family.target not in drivers:
                 problem(
                     f"the target of {board.family}: {unknown('driver', family.target, drivers)}",
@@ -781,6 +853,8 @@ def _cross_check(
             modes = load_family(board.family, devices_dir).power_modes
             if board.power_mode not in modes:
                 problem(unknown(f"power mode of {board.family}", board.power_mode, modes), *at, "power_mode")
+    for name, server in servers.items():
+        claim(server.address, f"servers.{name}", "servers", name, "port")
     targets = set(boards) | {b.family for b in boards.values()}
     for key in budgets:
         if key not in targets:

@@ -234,7 +234,7 @@ MALFORMED = [
         "misspelt-board-key",
         _sub("flash: {tool", "flsh: {tool"),
         'lab.yaml:12: boards.esp32.flsh: unknown key; did you mean "flash"? '
-        "(allowed: family, flash, power, power_mode, serial, sim, ssh)",
+        "(allowed: family, flash, link, power, power_mode, serial, sim, ssh)",
     ),
     (
         "misspelt-serial-key",
@@ -244,7 +244,7 @@ MALFORMED = [
     (
         "misspelt-top-level",
         _sub("budgets:", "budget:"),
-        'lab.yaml:26: budget: unknown key; did you mean "budgets"? (allowed: boards, budgets, instruments, lab)',
+        'lab.yaml:26: budget: unknown key; did you mean "budgets"? (allowed: boards, budgets, instruments, lab, servers)',
     ),
     (
         "misspelt-metric",
@@ -273,7 +273,7 @@ MALFORMED = [
         "misspelt-required-key",
         _sub("    family: esp32_devkitc\n", "    famly: esp32_devkitc\n"),
         'lab.yaml:10: boards.esp32.famly: unknown key; did you mean "family"? '
-        "(allowed: family, flash, power, power_mode, serial, sim, ssh)",
+        "(allowed: family, flash, link, power, power_mode, serial, sim, ssh)",
     ),
     (
         "missing-resource",
@@ -378,6 +378,33 @@ MALFORMED = [
         "substitution-in-list",
         _sub("flash: {tool: esptool, baud: 460800}", "flash: {tool: esptool, command: [esptool, '${PORT']}"),
         'lab.yaml:12: boards.esp32.flash.command.1: bad substitution "${PORT": no closing }',
+    ),
+    # offload links and edge servers
+    (
+        "link-the-family-lacks",
+        _sub("power: {instrument: meter}", "power: {instrument: meter}\n    link: ble"),
+        "lab.yaml:14: boards.esp32.link: esp32_devkitc boards offload over wifi "
+        "(devices/esp32_devkitc.yaml links:), not ble",
+    ),
+    (
+        "link-unknown-kind",
+        _sub("power: {instrument: meter}", "power: {instrument: meter}\n    link: lte"),
+        "lab.yaml:14: boards.esp32.link: expected 'wifi', 'ble' or 'ethernet', got \"lte\"",
+    ),
+    (
+        "link-negative-latency",
+        _sub("power: {instrument: meter}", "power: {instrument: meter}\n    link: {kind: wifi, latency_ms: -1}"),
+        "lab.yaml:14: boards.esp32.link.latency_ms: input should be greater than or equal to 0, got -1",
+    ),
+    (
+        "server-on-a-taken-port",
+        _sub("budgets:", "servers:\n  edge: {host: 127.0.0.1, port: 15025, model: m.tflite}\nbudgets:"),
+        "lab.yaml:27: servers.edge.port: 127.0.0.1:15025 is already used by instruments.meter",
+    ),
+    (
+        "server-without-model",
+        _sub("budgets:", "servers:\n  edge: {host: 127.0.0.1, port: 15100}\nbudgets:"),
+        "lab.yaml:27: servers.edge.model: required key is missing",
     ),
     (
         "bad-yaml",

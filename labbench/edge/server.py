@@ -22,7 +22,8 @@ Wire protocol, version 1. Integers are big-endian; CRCs are zlib.crc32 (CRC-32/I
         class_index      i32      the top-1 class; -1 unless ok
         top1_probability f32      the model's probability of that class; NaN unless ok
         server_us        u32      the server's time for the request, from its payload received in
-                                  full to its inference done (waiting for the model included);
+                                  full to its reply (waiting for the model and the server's
+                                  least service time, if it has one, included);
                                   0 for a request refused before inference
         message_bytes    u16      length of the message
         crc32            u32      CRC of the 23 header bytes before it followed by the message
@@ -143,8 +144,8 @@ class EdgeModel:
 class _TcpServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], model: EdgeModel):
-        self.model = model
+    def __init__(self, address: tuple[str, int], model: EdgeModel, service_s: float):
+        self.model, self.service_s = model, service_s
         self.live: set[socket.socket] = set()
         self.live_lock = threading.Lock()
         super().__init__(address, _Handler)
@@ -206,6 +207,8 @@ class _Handler(socketserver.StreamRequestHandler):
                 )
             )
             return True
+        if (wait_s := received / 1e9 + self.server.service_s - time.perf_counter()) > 0:
+            time.sleep(wait_s)
         self.wfile.write(reply_bytes(request_id, Status.OK, class_index, probability, _us_since(received)))
         return True
 
@@ -229,11 +232,16 @@ class EdgeServer:
 
     `start()` serves from a background thread, `serve_forever()` from the caller's; `stop()` stops
     accepting, cuts the open connections (their clients see the connection close) and waits for
-    their threads."""
+    their threads. `service_s` is the least time a request takes, from its payload received to its
+    reply (a slower server's, such as the seed paper's, §4.1); the reply's server_us includes it."""
 
-    def __init__(self, model_path: str | Path, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self, model_path: str | Path, host: str = "127.0.0.1", port: int = 0, *, service_s: float = 0.0
+    ):
+        if service_s < 0:
+            raise ValueError(f"a service time is >= 0, not {service_s}")
         self.model = EdgeModel(model_path)
-        self._server = _TcpServer((host, port), self.model)
+        self._server = _TcpServer((host, port), self.model, service_s)
         self._serving = threading.Event()
         self._thread: threading.Thread | None = None
 
