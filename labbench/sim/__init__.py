@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from labbench.inventory import BoardEntry, InstrumentEntry
     from labbench.sim.faults import Injector
     from labbench.sim.powerbus import PowerBus, PowerChannel
+    from labbench.sim.radio import Radio
 
 
 def bus_channel(instrument: str, channel: int = 1) -> str:
@@ -42,6 +43,7 @@ class SimPart:
     channel: PowerChannel  # what a board draws from, or what an instrument's input 1 measures
     lab_dir: Path  # lab.yaml's directory (relative paths in settings are relative to it)
     state_dir: Path  # a directory of its own for state (created by the simulator if it needs it)
+    radio: Radio | None = None  # a board's offload link, when lab.yaml gives it one (`link:`)
 
     @property
     def name(self) -> str:

@@ -38,7 +38,9 @@ from labbench.sim.settings import FaultInjecting, LinuxSim, McuSim, Pm1000Sim
 from labbench.yamlsource import unknown
 
 if TYPE_CHECKING:  # they load where used: validating lab.yaml loads this module, for its simulators' settings
+    from labbench.edge.server import EdgeServer
     from labbench.sim.linux import SimLinuxBoard
+    from labbench.sim.radio import Radio
 
 STATE_FILE = "state.json"
 
@@ -172,6 +174,7 @@ class LinuxSimulator(FaultInjecting):
             key=ssh.key,
             power_mode=board.power_mode,
             state_dir=part.state_dir,
+            radio=part.radio,
             **part.settings,
         )
         proxied = ProxiedLinuxBoard(sshd, part.host, part.port, ssh.known_hosts)
@@ -188,8 +191,20 @@ class SimLab:
         self.bus = PowerBus()
         self.components: dict[str, Any] = {}
         self.injectors: dict[str, Injector] = {}
+        self.servers: dict[str, EdgeServer] = {}
+        self.radios: dict[str, Radio] = {}
 
     def start(self) -> None:
+        for name, server in self.lab.servers.items():
+            if server.sim is not None and server.model.is_file():
+                self.servers[name] = self._server(server)
+            elif server.sim is not None:
+                print(
+                    f"servers.{name}: not started: its model {server.model} does not exist", file=sys.stderr
+                )
+        for name, board in self.lab.boards.items():
+            if board.sim is not None and board.link is not None:
+                self.radios[name] = self._radio(board)
         for name, inst in self.lab.instruments.items():
             if inst.sim is not None:
                 self._start(f"instruments.{name}", inst.sim, *self._instrument(inst))
@@ -209,6 +224,70 @@ class SimLab:
         self.components[key] = component
         if injector is not None:
             self.injectors[key] = injector
+
+    def _server(self, server: inventory.ServerEntry) -> EdgeServer:
+        from labbench.edge.server import EdgeServer
+
+        assert server.sim is not None  # only simulated servers are started
+        host, port = server.address
+        return EdgeServer(server.model, host, port, service_s=server.sim.service_ms / 1e3).start()
+
+    def _radio(self, board: inventory.BoardEntry) -> Radio:
+        """The board's link emulators, one to each edge server of the lab, shaped with its figures."""
+        from labbench.edge.link import Link, LinkProfile
+        from labbench.sim.radio import Radio
+
+        assert board.link is not None  # only boards with a link get a radio
+        figures = catalog.load_family(board.family, self.lab.devices_dir).link(
+            board.link.kind, board.power_mode
+        )
+        figures = figures.model_copy(update=board.link.overrides())
+        assert figures.power_w is not None  # BoardFamily.link fills it in
+        source = f"devices/{board.family}.yaml links.{board.link.kind}" + (
+            f", overridden in {self.lab.path.name}: {board.link.overrides()}"
+            if board.link.overrides()
+            else ""
+        )
+        profile = LinkProfile.of(figures, source)
+        radio = Radio(board.link.kind, figures.power_w, profile)
+        for name, server in self.lab.servers.items():
+            radio.links[name] = Link(server.address, profile, seed=_seed(board.name, name))
+        return radio
+
+    def link_address(self, board: str, server: str) -> list[Any]:
+        """Where a simulated board sends its offloads to `server`: its link emulator's address."""
+        if server in self.lab.servers and server not in self.servers:
+            raise UsageError(
+                f"edge server {server} is not running: its model {self.lab.server(server).model} does not exist"
+            )
+        if board not in self.radios:
+            raise UsageError(
+                f"{board} has no simulated offload link (add `link:` to it in {self.lab.path.name})"
+            )
+        links = self.radios[board].links
+        if server not in links:
+            raise UsageError(unknown("edge server", server, links))
+        return list(links[server].address)
+
+    def link_set(self, board: str, changes: dict[str, float | None]) -> dict[str, Any]:
+        """Reshape a board's links at run time (`latency_s`, `bandwidth_bps`, `loss`, `rto_s`)."""
+        if board not in self.radios:
+            raise UsageError(f"{board} has no simulated offload link")
+        self.radios[board].set(**changes)
+        return (
+            next(iter(self.radios[board].links.values())).profile.model_dump()
+            if self.radios[board].links
+            else {}
+        )
+
+    def server_stop(self, name: str) -> None:
+        """Stop a simulated edge server (its boards' next offload fails); `server_start` brings it back."""
+        if name not in self.servers:
+            raise UsageError(unknown("simulated edge server", name, self.servers))
+        self.servers[name].stop()
+
+    def server_start(self, name: str) -> None:
+        self.servers[name] = self._server(self.lab.server(name))
 
     def _instrument(self, inst: inventory.InstrumentEntry) -> tuple[Running, Injector | None]:
         host, port = endpoint(inst.resource) or _no_endpoint(inst.name, inst.resource)
@@ -244,15 +323,19 @@ class SimLab:
             channel=self.bus.channel(channel),
             lab_dir=self.lab.dir,
             state_dir=self.dir / entry.name,
+            radio=self.radios.get(entry.name) if isinstance(entry, inventory.BoardEntry) else None,
         )
 
     def stop(self) -> None:
-        for component in reversed(list(self.components.values())):
+        parts = [*reversed(self.components.values()), *self.radios.values(), *self.servers.values()]
+        for part in parts:
             try:
-                component.stop()
+                part.stop()
             except Exception as exc:
-                print(f"stopping {component!r}: {exc}", file=sys.stderr)
+                print(f"stopping {part!r}: {exc}", file=sys.stderr)
         self.components.clear()
+        self.radios.clear()
+        self.servers.clear()
 
     def child_pids(self) -> list[int]:
         return [pid for c in self.components.values() for pid in getattr(c, "pids", list)()]
@@ -293,6 +376,13 @@ class SimLab:
         return self.injectors[keys[0]]
 
 
+def _seed(board: str, server: str) -> int:
+    """A link's losses are reproducible per board and server."""
+    from labbench.sim.powerbus import derive_seed
+
+    return derive_seed(board, f"link:{server}")
+
+
 def _no_endpoint(name: str, address: str) -> tuple[str, int]:
     raise SimLabError(f"{name}: cannot simulate {address!r}: a simulator needs a host:port address")
 
@@ -320,6 +410,10 @@ def serve(lab_path: Path, directory: Path) -> None:
             "fault_set": sim.fault_set,
             "fault_clear": sim.fault_clear,
             "faults": sim.faults,
+            "link_address": sim.link_address,
+            "link_set": sim.link_set,
+            "server_stop": sim.server_stop,
+            "server_start": sim.server_start,
             "shutdown": stopped.set,
         },
     )
@@ -388,6 +482,7 @@ def _addresses(lab: Lab) -> list[tuple[str, tuple[str, int]]]:
     for n, b in lab.boards.items():
         if b.simulated:
             found.append((f"boards.{n}", endpoint(b.serial.url) if b.serial else _ssh_address(b)))
+    found += [(f"servers.{n}", s.address) for n, s in lab.servers.items() if s.simulated]
     return [(owner, addr) for owner, addr in found if addr]
 
 

@@ -53,11 +53,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from labbench.errors import HardwareError
 from labbench.inventory import NAME, USER_NAME, host_problem
 from labbench.sim.powerbus import POWER_NOISE_PCT, LevelNoise, derive_seed
+
+if TYPE_CHECKING:
+    from labbench.sim.radio import Radio
 
 SSHD = "/usr/sbin/sshd"
 NSS_WRAPPER_GLOBS = (
@@ -177,6 +180,7 @@ class SimLinuxBoard:
         sample_period_s: float = 0.1,
         seed: int | str | None = None,
         power_noise_pct: float = POWER_NOISE_PCT,
+        radio: Radio | None = None,
     ):
         if not NAME.fullmatch(name):  # it names the state directory and is written into passwd
             raise SimBoardError(repr(name), "create the board", "not a board name (letters, digits, _ or -)")
@@ -191,7 +195,7 @@ class SimLinuxBoard:
         self.key = Path(key) if key else None
         self.known_hosts = Path(known_hosts) if known_hosts else None
         self.state_dir = _checked_state_dir(name, Path(state_dir).absolute()) if state_dir else None
-        self.python, self.sample_period_s = python, sample_period_s
+        self.python, self.sample_period_s, self.radio = python, sample_period_s, radio
         self.power_noise = LevelNoise(power_noise_pct, derive_seed(name if seed is None else seed, "power"))
         self._proc: subprocess.Popen | None = None
         self._sampler: threading.Thread | None = None
@@ -385,7 +389,10 @@ class SimLinuxBoard:
             # CPU time is counted in clock ticks: what a period shows beyond its length is carried into
             # the next (at most one period's worth), so energy follows CPU time without the cap eating it
             carry_s = min(busy_s - utilisation * (t - prev_t), self.sample_period_s)
-            self.channel.set_power(idle_w + (active_w - idle_w) * utilisation, t, noise=self.power_noise)
+            power_w = idle_w + (active_w - idle_w) * utilisation
+            if self.radio is not None:  # an offload in flight: the whole board draws the link's power
+                power_w += (self.radio.power_w - idle_w) * self.radio.in_flight_s(prev_t, t) / (t - prev_t)
+            self.channel.set_power(power_w, t, noise=self.power_noise)
             prev_cpu_s, prev_t = cpu_s, t
 
     # ------------------------------------------------------------------ stop
