@@ -593,7 +593,7 @@ BROKEN_STREAMS = {
         "timed",
         "edit(line, protocol=1) if n == 0 else line",
         0,
-        r"line 1: expected the start record: protocol 2, saw 1",
+        r"line 1: expected the start record: protocol 3, saw 1",
     ),
     "other model": (
         "timed",

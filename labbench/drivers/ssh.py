@@ -37,8 +37,19 @@ else the cold start's inference) x the inferences it covers (the warmup too for 
 one); later silence is a RemoteTimeout carrying the completed inferences. Other commands may be
 silent for `command_timeout_s`; transfers are bounded as sshconn says.
 
-Stopping. `run_timed` and `classify` take `stop` (a threading.Event): once it is set, the run ends
-within sshconn.POLL_S with RunAborted carrying `.partial`. The channel is closed, which ends the
+Hierarchical inference (HiTarget). `hi_configure(decision, server)` checks and keeps the decision's
+device form and the edge server's (host, port) as the board reaches it; `hi_run(samples)` runs the
+runner's `hi` (samples sent as classify sends them) and checks each record besides the above: the
+start record echoes the decision and the server; samples are numbered 0, 1, ...; 0 <= p2 <= p1 <= 1;
+`accept` is the decision recomputed on the host from the record's p1 and p2 (the same float
+arithmetic); local is a class of the model's (-1, with p1 = p2 = 0 and no local time, in remote
+mode), final one too and equal to local when accepted; t_off_ns is 0 exactly when accepted,
+server_us 0 when accepted and within t_off_ns when not. An error record (the runner's offload failed)
+is an EdgeError naming the board, the server's host:port and the sample; the runner gives up on a
+silent server after the configured timeout, and the host allows each record that much more time.
+
+Stopping. `run_timed`, `classify` and `hi_run` take `stop` (a threading.Event): once it is set, the
+run ends within sshconn.POLL_S with RunAborted carrying `.partial`. The channel is closed, which ends the
 runner at its next write.
 
 Log. The connection's (`log_path`, default `reports/logs/<board>-ssh.log`; `from_lab(log_dir=...)`
@@ -64,16 +75,16 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from labbench.capabilities import DutIdentity, InstallRecord, TimedRun
+from labbench.capabilities import DutIdentity, HiRun, InstallRecord, TimedRun
 from labbench.drivers.sshconn import SshConnection
-from labbench.errors import RemoteError, RunAborted, UsageError
+from labbench.errors import EdgeError, RemoteError, RunAborted, UsageError
 from labbench.modelinfo import ModelInfo
 from labbench.steps import step
 
@@ -85,6 +96,9 @@ RUNNER = resources.files("labbench.remote") / "runner.py"
 DEPLOYMENT_FILE = "deployment.json"
 EXPECTED_SLACK_S = 5.0  # a record is due within max(2 x expected, expected + 5 s)
 CLOCK_SLACK_S = 0.001  # float rounding of host and board stamps
+OFFLOAD_TIMEOUT_S = 5.0  # the runner's default bound on one offload, its reconnection included
+# The device forms of labbench.strategies.decision (not imported: it brings scikit-learn along).
+DECISION_FIELDS = {"logistic": ("w1", "w2", "b"), "threshold": ("theta",), "remote": ()}
 _TAG = re.compile(rb"(.*) \*([0-9A-F]{8})", re.DOTALL)
 _TIMED = re.compile(
     rb'\{"type":"inference","i":(0|[1-9][0-9]*),"t_ns":(0|[1-9][0-9]*),"latency_ns":(0|[1-9][0-9]*)\}'
@@ -170,12 +184,23 @@ class _Mismatch(Exception):
 class _Want:
     """What a run must bring back."""
 
-    mode: str  # "timed" or "classify"
+    mode: str  # "timed", "classify" or "hi"
     count: int
     warmup: int
     input_sha256: str
     model_sha256: str
     outputs: int | None  # the model's output length as the host read it, if it could
+    decision: dict[str, Any] | None = None  # hi's
+    server: str | None = None  # hi's, "host:port"
+    offload_timeout_s: float = 0.0  # hi's: the runner may wait this long for the server
+
+
+class _OffloadFailed(Exception):
+    """The runner's error record: an offload failed."""
+
+    def __init__(self, record: dict[str, Any]):
+        super().__init__(record)
+        self.record = record
 
 
 _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -184,6 +209,10 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "ms": (lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "text": (lambda v: type(v) is str, "a string"),
     "list": (lambda v: type(v) is list, "a list"),
+    "dict": (lambda v: type(v) is dict, "an object"),
+    "bool": (lambda v: type(v) is bool, "true or false"),
+    "class": (lambda v: type(v) is int and v >= -1, "an integer >= -1"),
+    "p": (lambda v: type(v) in (int, float) and 0 <= v <= 1, "a number in [0, 1]"),
 }
 _START = {
     "protocol": "int",
@@ -213,10 +242,26 @@ _INFO = {
     "model_sha256": "text",
 }
 _OUTPUT = {"output": "list"}
+_HI_START = {"decision": "dict", "server": "text"}
+_HI = {
+    "i": "int",
+    "p1": "p",
+    "p2": "p",
+    "accept": "bool",
+    "local": "class",
+    "final": "int",
+    "t_inf_ns": "int",
+    "t_dec_ns": "int",
+    "t_off_ns": "int",
+    "server_us": "int",
+    "t_ns": "int",
+}
+_ERROR = {"i": "int", "server": "text", "what": "text"}
 
 
-def _record(line: bytes, kind: str, fields: dict[str, str], what: str) -> dict[str, Any]:
-    """A tagged line -> its record of type `kind`, after the tag and the fields were checked."""
+def _record(line: bytes, kinds: dict[str, dict[str, str]], what: str) -> dict[str, Any]:
+    """A tagged line -> its record, of one of the types in `kinds`, after the tag and the fields were
+    checked."""
     m = _TAG.fullmatch(line)
     if m is None or zlib.crc32(m[1]) != int(m[2], 16):
         raise _Mismatch("a record ending in its CRC-32 tag ` *XXXXXXXX`", _show(line))
@@ -226,8 +271,10 @@ def _record(line: bytes, kind: str, fields: dict[str, str], what: str) -> dict[s
         record = None
     if not isinstance(record, dict):
         raise _Mismatch(f"{what} (a JSON object)", _show(m[1]))
-    if record.get("type") != kind:
-        raise _Mismatch(what, f"a {record.get('type')!r} record: {_show(m[1])}")
+    kind = record.get("type")
+    if kind not in kinds:
+        raise _Mismatch(what, f"a {kind!r} record: {_show(m[1])}")
+    fields = kinds[kind]
     if set(record) != {"type", *fields}:
         raise _Mismatch(f"{what} with the fields type, {', '.join(fields)}", _show(m[1]))
     for key, kind_of in fields.items():
@@ -235,6 +282,31 @@ def _record(line: bytes, kind: str, fields: dict[str, str], what: str) -> dict[s
         if not ok(record[key]):
             raise _Mismatch(f"{what}: {key} {text}", _show(record[key]))
     return record
+
+
+def _accepts(decision: dict[str, Any], p1: float, p2: float) -> bool:
+    """The decision on p1 >= p2, computed as the runner does (the same float operations in order)."""
+    if decision["kind"] == "logistic":
+        return bool(decision["w1"] * p1 + decision["w2"] * p2 + decision["b"] >= 0)
+    return bool(decision["kind"] == "threshold" and p1 >= decision["theta"])
+
+
+def _device_decision(decision: dict[str, Any]) -> dict[str, Any]:
+    """A decision's device form with its coefficients as floats; ValueError if it is not one."""
+    fields = DECISION_FIELDS.get(str(decision.get("kind")))
+    if fields is None or set(decision) != {"kind", *fields}:
+        raise ValueError(
+            f"a decision is {{'kind': 'logistic', 'w1', 'w2', 'b'}}, {{'kind': 'threshold', 'theta'}} "
+            f"or {{'kind': 'remote'}}: got {decision}"
+        )
+    values = [decision[f] for f in fields]
+    if not all(type(v) in (int, float) and math.isfinite(v) for v in values):
+        raise ValueError(f"decision coefficients must be finite numbers: got {decision}")
+    return {"kind": decision["kind"]} | {f: float(v) for f, v in zip(fields, values, strict=True)}
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _values(values: list[Any], n: int, what: str) -> None:
@@ -267,6 +339,7 @@ class _Records:
         self.t_ns: list[int] = []
         self.latency_ns: list[int] = []
         self.outputs: list[list[float]] = []  # classify's rows
+        self.samples: list[dict[str, Any]] = []  # hi's records
         self.offset_s = math.inf  # least (host arrival - board stamp) seen: the clocks' offset, bounded
         self._t0_ns = self._prev_ns = 0
         self._start_ns = self._first_latency_ns = self._outputs = 0  # from the start record
@@ -282,15 +355,17 @@ class _Records:
                 return
         if self.end is not None:
             raise _Mismatch("nothing after the end record", _show(line))
+        timed, hi, n = self.want.mode == "timed", self.want.mode == "hi", len(self.t_ns)
         if self.start is None:
-            self._start(_record(line, "start", _START, "the start record"), arrived)
-            return
-        timed, n = self.want.mode == "timed", len(self.t_ns)
-        if n == self.want.count:
-            self._end(_record(line, "end", _END | (_OUTPUT if timed else {}), "the end record"), arrived)
-            return
-        r = _record(line, "inference", _INFERENCE | ({} if timed else _OUTPUT), f"inference {n}")
-        self._inference(r["i"], r["t_ns"], r["latency_ns"], arrived, r.get("output"))
+            start = _START | (_HI_START if hi else {})
+            self._start(_record(line, {"start": start}, "the start record"), arrived)
+        elif n == self.want.count:
+            self._end(_record(line, {"end": _END | (_OUTPUT if timed else {})}, "the end record"), arrived)
+        elif hi:
+            self._sample(_record(line, {"hi": _HI, "error": _ERROR}, f"sample {n}"), arrived)
+        else:
+            r = _record(line, {"inference": _INFERENCE | ({} if timed else _OUTPUT)}, f"inference {n}")
+            self._inference(r["i"], r["t_ns"], r["latency_ns"], arrived, r.get("output"))
 
     def _start(self, r: dict[str, Any], arrived: float) -> None:
         w = self.want
@@ -300,7 +375,9 @@ class _Records:
             "input_sha256": w.input_sha256,
             "count": w.count,
             "warmup": w.warmup,
-        } | ({"outputs": w.outputs} if w.outputs else {})
+        }
+        wanted |= {"outputs": w.outputs} if w.outputs else {}
+        wanted |= {"decision": w.decision, "server": w.server} if w.mode == "hi" else {}
         for key, value in wanted.items():
             if r[key] != value:
                 raise _Mismatch(f"the start record: {key} {value!r}", _show(r[key]))
@@ -332,6 +409,64 @@ class _Records:
         self.t_ns.append(t_ns)
         self.latency_ns.append(latency_ns)
         self._prev_ns = t_ns
+
+    def _sample(self, r: dict[str, Any], arrived: float) -> None:
+        """One hi record (see the module docstring); an error record for this sample is _OffloadFailed."""
+        n, decision = len(self.t_ns), self.want.decision or {}
+        if r["i"] != n:
+            raise _Mismatch(f"sample {n}", f"sample {r['i']} ({'a repeat' if r['i'] < n else 'a gap'})")
+        if r["type"] == "error":
+            if r["server"] != self.want.server:
+                raise _Mismatch(f"sample {n}: the error record from server {self.want.server}", r["server"])
+            raise _OffloadFailed(r)
+        for expected, ok in self._sample_checks(
+            r, decision.get("kind") == "remote", _accepts(decision, r["p1"], r["p2"])
+        ):
+            if not ok:
+                raise _Mismatch(f"sample {n}: {expected}", _show({k: v for k, v in r.items() if k != "type"}))
+        span = r["t_inf_ns"] + r["t_dec_ns"] + r["t_off_ns"]
+        self._inference(n, r["t_ns"], span, arrived)
+        self.samples.append(r)
+
+    def _sample_checks(self, r: dict[str, Any], remote: bool, accept: bool) -> list[tuple[str, bool]]:
+        """(what a hi record must be, whether it is), in order."""
+        classes = self._outputs
+        offloaded = not r["accept"]
+        server_s, offload_s = r["server_us"] / 1e6, r["t_off_ns"] / 1e9
+        local = (
+            [
+                (
+                    "p1 = p2 = 0, local -1, no local time (remote mode)",
+                    r["p1"] == r["p2"] == 0 and r["local"] == -1 and r["t_inf_ns"] == r["t_dec_ns"] == 0,
+                )
+            ]
+            if remote
+            else [
+                (f"local a class in [0, {classes})", 0 <= r["local"] < classes),
+                ("t_inf_ns > 0", r["t_inf_ns"] > 0),
+            ]
+        )
+        return [
+            ("p1 >= p2", r["p1"] >= r["p2"]),
+            (f"accept {accept} (the decision on its p1 and p2)", r["accept"] == accept),
+            *local,
+            (f"final a class in [0, {classes})", 0 <= r["final"] < classes),
+            ("final = local when accepted", offloaded or r["final"] == r["local"]),
+            ("t_off_ns > 0 exactly when offloaded", (r["t_off_ns"] > 0) == offloaded),
+            ("server_us 0 when accepted", offloaded or r["server_us"] == 0),
+            (
+                "the server's time within the offload's",
+                server_s <= offload_s * (1 + self.tolerance) + CLOCK_SLACK_S,
+            ),
+        ]
+
+    def host_window(self) -> tuple[float, float] | None:
+        """The board's span from the first inference's (sample's) start to the last's end, on the host
+        clock; None before any."""
+        if not self.t_ns:
+            return None
+        start = (self.t_ns[0] - self.latency_ns[0]) / 1e9 + self.offset_s
+        return start, self.t_ns[-1] / 1e9 + self.offset_s
 
     def _end(self, r: dict[str, Any], arrived: float) -> None:
         if r["count"] != self.want.count:
@@ -432,6 +567,7 @@ class SshBoard(SshConnection):
         self._deployment: dict[str, Any] | None = None
         self._datasets: dict[str, tuple[str, str]] = {}
         self._per_inference_s: dict[str, float] = {}  # by mode, from the last complete run of this deployment
+        self._hi: tuple[dict[str, Any], tuple[str, int], float] | None = None  # hi_configure's
 
     @classmethod
     def from_lab(
@@ -566,7 +702,9 @@ class SshBoard(SshConnection):
                 f"{result.stderr.decode(errors='replace').strip()[-500:]}",
             )
         try:
-            info = _record(result.stdout.rstrip(b"\n").rpartition(b"\n")[2], "info", _INFO, "the info record")
+            info = _record(
+                result.stdout.rstrip(b"\n").rpartition(b"\n")[2], {"info": _INFO}, "the info record"
+            )
             if info["protocol"] != PROTOCOL:
                 raise _Mismatch(f"the info record: protocol {PROTOCOL}", str(info["protocol"]))
         except _Mismatch as m:
@@ -615,9 +753,12 @@ class SshBoard(SshConnection):
                 f"no start record within {self.command_timeout_s:g} s (command timeout)",
             )
         limit = max(2 * due, due + EXPECTED_SLACK_S)
+        offload_s = records.want.offload_timeout_s
+        limit += offload_s
         return limit, (
             f"no record for {limit:.3g} s (the next was due {due:.3g} s after the last; "
-            f"bound max(2 x due, due + {EXPECTED_SLACK_S:g} s))"
+            f"bound max(2 x due, due + {EXPECTED_SLACK_S:g} s)"
+            + (f" + the offload timeout {offload_s:g} s)" if offload_s else ")")
         )
 
     def _run(
@@ -656,13 +797,15 @@ class SshBoard(SshConnection):
             len(stdin or b""),
         )
         stream.limit = lambda: self._bound(records)
-        mismatch = None
+        mismatch, failed = None, None
         lines = iter(stream)
         try:
             for line, t in lines:
                 records.feed(line, t)
         except _Mismatch as exc:
             mismatch = exc
+        except _OffloadFailed as exc:
+            failed = exc.record
         finally:
             lines.close()
         n, partial = len(records.t_ns), build(records)
@@ -675,6 +818,15 @@ class SshBoard(SshConnection):
             )
             aborted.partial = partial
             raise self.fail(aborted)
+        if failed is not None:
+            edge = EdgeError(
+                self.board,
+                f"offload sample {failed['i']} to edge server {failed['server']}",
+                f"{failed['what']} (after {n} of {want.count} samples)",
+                str(self.log_path),
+            )
+            edge.partial = partial
+            raise self.fail(edge)
         cls: type[RemoteRunError]
         if mismatch is not None:
             cls, why = (
@@ -729,11 +881,8 @@ class SshBoard(SshConnection):
 
         def build(records: _Records) -> TimedRun:
             latencies_us = tuple(lat / 1000 for lat in records.latency_ns)
-            if records.t_ns:  # the board's window, on the host's clock
-                host_start = (records.t_ns[0] - records.latency_ns[0]) / 1e9 + records.offset_s
-                host_end = records.t_ns[-1] / 1e9 + records.offset_s
-            else:
-                host_start = host_end = time.monotonic()
+            now = time.monotonic()
+            host_start, host_end = records.host_window() or (now, now)
             end = records.end
             outputs = np.asarray(end["output"], dtype=np.float32) if end else None
             return TimedRun(
@@ -773,6 +922,83 @@ class SshBoard(SshConnection):
             argv,
             None if held else _npy(samples),
             self._want("classify", len(samples), 0, samples),
+            stop,
+            build,
+        )
+
+    # ------------------------------------------------------------------ hierarchical inference
+
+    def hi_configure(
+        self,
+        decision: dict[str, str | float],
+        server: tuple[str, int],
+        *,
+        timeout_s: float = OFFLOAD_TIMEOUT_S,
+    ) -> None:
+        """Keep the decision (its device form) and the edge server's (host, port) as the board reaches
+        it for `hi_run`; `timeout_s` bounds each offload on the board, its reconnection included.
+        ValueError for a decision, server or timeout that is not one."""
+        checked = _device_decision(dict(decision))
+        host, port = server
+        if not isinstance(host, str) or not host or any(c.isspace() for c in host):
+            raise ValueError(f"edge server host must be a host name or address: got {host!r}")
+        if type(port) is not int or not 0 < port < 65536:
+            raise ValueError(f"edge server port must be in 1..65535: got {port!r}")
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(f"offload timeout must be a positive number of seconds: got {timeout_s}")
+        self._hi = (checked, (host, port), float(timeout_s))
+
+    def hi_run(self, samples: np.ndarray, *, stop: threading.Event | None = None) -> HiRun:
+        """Hierarchical inference of `samples` on the board, offloading to the configured server: one
+        window, the first sample's start to the last's end on the host clock. An offload that failed is
+        an EdgeError (`.partial`: the samples before it); `stop` ends the run early (RunAborted)."""
+        if self._hi is None:
+            raise UsageError(f"{self.board}: hi_run before hi_configure: no decision or edge server set")
+        decision, (host, port), timeout_s = self._hi
+        server = _host_port(host, port)
+        samples = np.asarray(samples)
+        if len(samples) == 0:
+            raise ValueError("hi_run needs at least one sample")
+        self.deployment()
+        held = self._datasets.get(_array_digest(samples))
+        argv = self._runner_argv(
+            "hi",
+            "--server",
+            server,
+            "--decision",
+            json.dumps(decision, separators=(",", ":")),
+            "--timeout",
+            repr(timeout_s),
+            *(["--dataset", held[0], "--key", held[1]] if held else []),
+        )
+
+        def build(records: _Records) -> HiRun:
+            rows = records.samples
+
+            def column(key: str, dtype: type) -> np.ndarray:
+                return np.asarray([r[key] for r in rows], dtype=dtype)
+
+            window = records.host_window()
+            return HiRun(
+                p1=column("p1", np.float64),
+                p2=column("p2", np.float64),
+                accepted=column("accept", np.bool_),
+                local_class=column("local", np.int64),
+                final_class=column("final", np.int64),
+                t_inf_us=column("t_inf_ns", np.int64) / 1000,
+                t_dec_us=column("t_dec_ns", np.int64) / 1000,
+                t_off_us=column("t_off_ns", np.int64) / 1000,
+                windows=((*window, len(rows)),) if window else (),
+                extra=self._extras(records.start, records.end)
+                | {"decision": decision, "server": server, "server_us": column("server_us", np.int64)},
+            )
+
+        want = self._want("hi", len(samples), 0, samples)
+        return self._run(
+            f"run hierarchical inference on {len(samples)} samples",
+            argv,
+            None if held else _npy(samples),
+            replace(want, decision=decision, server=server, offload_timeout_s=timeout_s),
             stop,
             build,
         )

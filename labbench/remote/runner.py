@@ -7,17 +7,22 @@ onnxruntime for .onnx), and it never imports labbench.
     python3 runner.py info MODEL
     python3 runner.py timed MODEL --count N --warmup W  < sample.npy
     python3 runner.py classify MODEL [--dataset FILE.npz --key x_test]  (else samples.npy on stdin)
+    python3 runner.py hi MODEL --server HOST:PORT --decision JSON [--timeout S]
+                         [--dataset FILE.npz --key x_test]  (else samples.npy on stdin)
 
 Output (stdout, written straight to the file descriptor record by record, so a broken connection
 loses only what was in flight). Every line is `<JSON> *XXXXXXXX`: XXXXXXXX is the CRC-32
 (zlib.crc32) of the JSON text, in upper-case hex, as in the MCU firmware's reply CRC. Stamps (`*_ns`)
 are the board's time.perf_counter_ns() (CLOCK_MONOTONIC):
 
-    {"type":"start","protocol":2,"t0_ns":...,"t_ns":...,"count":N,"warmup":W,"outputs":K,
+    {"type":"start","protocol":3,"t0_ns":...,"t_ns":...,"count":N,"warmup":W,"outputs":K,
      "model_sha256":...,"input_sha256":...,"runtime":...,"runtime_version":...,
      "load_ms":...,"cold_start_ms":...,"first_latency_ns":...}
     {"type":"inference","i":0,"t_ns":...,"latency_ns":5120}           (timed)
     {"type":"inference","i":0,"t_ns":...,"latency_ns":5120,"output":[K values]}   (classify)
+    {"type":"hi","i":0,"p1":...,"p2":...,"accept":true,"local":3,"final":3,
+     "t_inf_ns":...,"t_dec_ns":...,"t_off_ns":0,"server_us":0,"t_ns":...}              (hi)
+    {"type":"error","i":7,"server":"HOST:PORT","what":...}                            (hi: offload failed)
     {"type":"end","count":N,"t_ns":...,"peak_rss_kib":...,"output":[K values]}   (output: timed only)
 
 `t0_ns` is the runner's first stamp, `t_ns` of the start record when the model was loaded (before its
@@ -26,6 +31,23 @@ the inferences asked for (timed) or the samples received (classify); `input_sha2
 the input array's dtype string, shape and bytes (`f"{dtype.str}{shape}"` + C-order bytes);
 `outputs` the length of the model's output. classify's inference 0 is the cold start's inference.
 `info` prints one `{"type":"info",...}` record, tagged the same way.
+
+hi (hierarchical inference, seed 004 §2): the start record also echoes `decision` (the JSON given) and
+`server` ("HOST:PORT"). For each sample: the local inference (`t_inf_ns`, the model's invoke), then
+the decision (`t_dec_ns`: probabilities, the two highest p1 >= p2, the rule), then, for a sample not
+accepted, its offload (`t_off_ns`: request sent to reply checked) over one TCP connection to the edge
+server, opened before the first sample and re-opened once if it dropped. The request is
+labbench.edge.server's LBQ1 frame (request id counting from 1, CRC-32) carrying the model's input
+tensor as the model takes it (quantized as below, C order, little-endian); the LBR1 reply must echo the
+id, pass its CRC, say ok and name a class of the model's. `server_us` is the reply's own server time.
+Outputs become probabilities as labbench.strategies.decision.to_probabilities does for a row: as they
+are if they are one (each in [0, 1], summing to 1 within 0.05), else their softmax. Decisions:
+`{"kind":"logistic","w1":..,"w2":..,"b":..}` accepts when w1*p1 + w2*p2 + b >= 0,
+`{"kind":"threshold","theta":..}` when p1 >= theta, `{"kind":"remote"}` never: no local inference, so
+p1 = p2 = 0, local = -1 and t_inf_ns = t_dec_ns = 0. `final` is `local` when accepted, else the server's
+class. The stamps are contiguous: a sample began at t_ns - t_inf_ns - t_dec_ns - t_off_ns. An offload
+that fails (refused, garbled, no reply within `--timeout` seconds for both attempts together) is an
+error record naming the sample, and the runner exits with status 3.
 
 Float inputs are quantized with the model's own input scale and zero point; outputs are
 dequantized with its output scale and zero point, so every runtime returns float32 scores.
@@ -37,20 +59,31 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import resource
+import socket
+import struct
 import sys
 import time
 import zlib
 from importlib import metadata
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
 T0_NS = time.perf_counter_ns()  # the runner's first stamp
-PROTOCOL = 2  # bumped when the command line or the line format changes
+PROTOCOL = 3  # bumped when the command line or the line format changes
 _out = sys.stdout.fileno()  # main() gives records their own copy of stdout
+OFFLOAD_FAILED = 3  # hi's exit status after an error record
+PROBABILITY_SUM_TOLERANCE = 0.05  # labbench.strategies.decision's
+DECISION_FIELDS = {"logistic": ("w1", "w2", "b"), "threshold": ("theta",), "remote": ()}
+REQUEST = struct.Struct(">4sIII")  # labbench.edge.server's frames
+REPLY_HEAD = struct.Struct(">4sIBifIH")
+REPLY_CRC = struct.Struct(">I")
+REFUSALS = {1: "bad magic", 2: "bad length", 3: "bad CRC", 4: "inference failed"}
 
 
 def emit_line(body: bytes) -> None:
@@ -188,9 +221,11 @@ def input_sha256(a: np.ndarray) -> str:
     return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()
 
 
-def cold_start(path: str, inputs: np.ndarray, first: np.ndarray, count: int, warmup: int):
-    """Load the model and run its first inference (on `first`); the start record says how long each took.
-    Returns the model, when that inference ended and how long it took."""
+def cold_start(
+    path: str, inputs: np.ndarray, first: np.ndarray, count: int, warmup: int, extra: dict | None = None
+):
+    """Load the model and run its first inference (on `first`); the start record (with `extra`) says how
+    long each took. Returns the model, when that inference ended and how long it took."""
     t0 = time.perf_counter_ns()
     model = load(path)
     t1 = time.perf_counter_ns()
@@ -213,6 +248,7 @@ def cold_start(path: str, inputs: np.ndarray, first: np.ndarray, count: int, war
             "cold_start_ms": (t2 - t0) / 1e6,
             "first_latency_ns": t2 - t1,
         }
+        | (extra or {})
     )
     return model, t2, t2 - t1
 
@@ -270,6 +306,208 @@ def classify(path: str, samples: np.ndarray) -> None:
     )
 
 
+def probabilities(y: list[float]) -> np.ndarray:
+    """One output row -> probabilities: as it is if it is one, else its softmax."""
+    p = np.asarray(y, dtype=np.float64)
+    if ((p >= 0) & (p <= 1)).all() and abs(p.sum() - 1) <= PROBABILITY_SUM_TOLERANCE:
+        return p
+    e = np.exp(p - p.max())
+    return e / e.sum()
+
+
+def accepts(decision: dict, p1: float, p2: float) -> bool:
+    """Whether the decision keeps the local top-1 (never in remote mode)."""
+    if decision["kind"] == "logistic":
+        return decision["w1"] * p1 + decision["w2"] * p2 + decision["b"] >= 0
+    return decision["kind"] == "threshold" and p1 >= decision["theta"]
+
+
+class OffloadError(Exception):
+    """An offload that failed; the text says what was seen."""
+
+
+class Dropped(OffloadError):
+    """The connection broke: worth one new connection."""
+
+
+class EdgeConnection:
+    """One kept-open TCP connection to the edge server, one request at a time."""
+
+    def __init__(self, host: str, port: int, timeout_s: float, classes: int):
+        self.host, self.port, self.timeout_s, self.classes = host, port, timeout_s, classes
+        self.next_id = 1
+        self.sock: socket.socket | None = None
+
+    def connect(self, deadline: float) -> None:
+        self.close()
+        self.sock = socket.create_connection((self.host, self.port), timeout=_left(deadline))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def classify(self, payload: bytes) -> tuple[int, int]:
+        """The server's class for one input tensor and the server's time (µs); a dropped connection is
+        re-opened once, all within the timeout."""
+        request_id, self.next_id = self.next_id, (self.next_id + 1) & 0xFFFFFFFF
+        request = REQUEST.pack(b"LBQ1", request_id, len(payload), zlib.crc32(payload)) + payload
+        try:
+            return self._attempts(request, request_id, time.monotonic() + self.timeout_s)
+        except OffloadError as exc:
+            raise OffloadError(f"request {request_id} ({len(payload)}-byte payload): {exc}") from None
+
+    def _attempts(self, request: bytes, request_id: int, deadline: float) -> tuple[int, int]:
+        try:
+            return self._exchange(request, request_id, deadline)
+        except Dropped as first:
+            try:
+                self.connect(deadline)
+            except OSError as exc:
+                raise OffloadError(f"{first}; reconnecting: {_seen(exc)}") from None
+            try:
+                return self._exchange(request, request_id, deadline)
+            except OffloadError as again:
+                raise OffloadError(f"{first}; after reconnecting: {again}") from None
+
+    def _exchange(self, request: bytes, request_id: int, deadline: float) -> tuple[int, int]:
+        sock = self.sock
+        if sock is None:
+            raise Dropped("no connection")
+        try:
+            sock.settimeout(_left(deadline))
+            sock.sendall(request)
+            head = _read(sock, REPLY_HEAD.size + REPLY_CRC.size, deadline)
+            magic, echoed, status, class_index, _, server_us, length = REPLY_HEAD.unpack_from(head)
+            if magic != b"LBR1":
+                raise OffloadError(f"reply magic {magic!r}, expected b'LBR1'")
+            message = _read(sock, length, deadline)
+        except TimeoutError:
+            raise OffloadError(f"no reply within {self.timeout_s:g} s") from None
+        except ConnectionError as exc:
+            raise Dropped(f"connection dropped ({_seen(exc)})") from None
+        except OSError as exc:
+            raise OffloadError(_seen(exc)) from None
+        (crc,) = REPLY_CRC.unpack_from(head, REPLY_HEAD.size)
+        if (seen := zlib.crc32(head[: REPLY_HEAD.size] + message)) != crc:
+            raise OffloadError(f"reply CRC-32 {seen:08X}, its header says {crc:08X}")
+        if echoed != request_id:
+            raise OffloadError(f"a reply to request {echoed}, expected {request_id}")
+        if status:
+            why = REFUSALS.get(status, f"unknown status {status}")
+            raise OffloadError(f"refused ({why}): {message.decode(errors='replace')}")
+        if not 0 <= class_index < self.classes:
+            raise OffloadError(f"class {class_index}, expected 0 to {self.classes - 1}")
+        return class_index, server_us
+
+
+def _read(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """Exactly `size` bytes, before the deadline."""
+    data = bytearray()
+    while len(data) < size:
+        sock.settimeout(_left(deadline))
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise Dropped(f"connection closed after {len(data)} of {size} reply bytes")
+        data += chunk
+    return bytes(data)
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 1e-3)
+
+
+def _seen(exc: OSError) -> str:
+    return f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+def local_step(model, x: np.ndarray, decision: dict) -> tuple[float, float, int, bool, int, int]:
+    """Local inference and decision on one input tensor: p1, p2, local class, accepted, and the board's
+    stamps after each."""
+    model.invoke(x)
+    t1 = time.perf_counter_ns()
+    y = scores(model, model.output())
+    top = np.sort(probabilities(y))[::-1]
+    p1, p2 = float(top[0]), float(top[1])
+    accept = accepts(decision, p1, p2)
+    return p1, p2, int(np.argmax(y)), accept, t1, time.perf_counter_ns()
+
+
+def hi(path: str, samples: np.ndarray, decision: dict, server: tuple[str, int], timeout_s: float) -> None:
+    """Hierarchical inference of `samples`, offloading to `server` what `decision` does not accept."""
+    host, port = server
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    model, _, _ = cold_start(
+        path, samples, samples[0], len(samples), 0, {"decision": decision, "server": where}
+    )
+    edge = EdgeConnection(*server, timeout_s, len(scores(model, model.output())))
+    try:
+        edge.connect(time.monotonic() + timeout_s)
+    except OSError as exc:
+        offload_failed(0, where, f"connect: {_seen(exc)}")
+    for i, sample in enumerate(samples):
+        x = prepare(model, sample)
+        payload = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tobytes()
+        t0 = time.perf_counter_ns()
+        if decision["kind"] == "remote":
+            p1, p2, local, accept, t1, t2 = 0.0, 0.0, -1, False, t0, t0
+        else:
+            p1, p2, local, accept, t1, t2 = local_step(model, x, decision)
+        final, server_us, t3 = local, 0, t2
+        if not accept:
+            try:
+                final, server_us = edge.classify(payload)
+            except OffloadError as exc:
+                offload_failed(i, where, str(exc))
+            t3 = time.perf_counter_ns()
+        emit(
+            {
+                "type": "hi",
+                "i": i,
+                "p1": p1,
+                "p2": p2,
+                "accept": accept,
+                "local": local,
+                "final": final,
+                "t_inf_ns": t1 - t0,
+                "t_dec_ns": t2 - t1,
+                "t_off_ns": t3 - t2,
+                "server_us": server_us,
+                "t_ns": t3,
+            }
+        )
+    edge.close()
+    emit(
+        {"type": "end", "count": len(samples), "t_ns": time.perf_counter_ns(), "peak_rss_kib": peak_rss_kib()}
+    )
+
+
+def offload_failed(i: int, server: str, what: str) -> NoReturn:
+    """The error record for sample `i`, then the exit."""
+    emit({"type": "error", "i": i, "server": server, "what": what})
+    sys.exit(OFFLOAD_FAILED)
+
+
+def decision_json(text: str) -> dict:
+    """--decision: a decision's device form, each coefficient a finite number."""
+    d = json.loads(text)
+    fields = DECISION_FIELDS.get(str(d.get("kind"))) if isinstance(d, dict) else None
+    if fields is None or set(d) != {"kind", *fields}:
+        raise ValueError(text)
+    if not all(type(d[f]) in (int, float) and math.isfinite(d[f]) for f in fields):
+        raise ValueError(text)
+    return d
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """--server HOST:PORT (an IPv6 host in brackets)."""
+    host, _, port = text.rpartition(":")
+    if not host or not 0 < int(port) < 65536:
+        raise ValueError(text)
+    return host.strip("[]"), int(port)
+
+
 def info(path: str) -> None:
     model = load(path)
     emit(
@@ -308,14 +546,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("model")
     p.add_argument("--dataset", help=".npz file; without it, a .npy array is read from stdin")
     p.add_argument("--key", default="x_test")
+    p = sub.add_parser("hi")
+    p.add_argument("model")
+    p.add_argument("--server", type=host_port, required=True, help="the edge server, HOST:PORT")
+    p.add_argument("--decision", type=decision_json, required=True, help="the decision's JSON form")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds an offload may take, retry included")
+    p.add_argument("--dataset", help=".npz file; without it, a .npy array is read from stdin")
+    p.add_argument("--key", default="x_test")
     args = parser.parse_args(argv)
     own_stdout()
     if args.command == "info":
         info(args.model)
     elif args.command == "timed":
         timed(args.model, stdin_array(), args.count, args.warmup)
-    else:
+    elif args.command == "classify":
         classify(args.model, npz_array(args.dataset, args.key) if args.dataset else stdin_array())
+    else:
+        samples = npz_array(args.dataset, args.key) if args.dataset else stdin_array()
+        hi(args.model, samples, args.decision, args.server, args.timeout)
 
 
 if __name__ == "__main__":
