@@ -46,7 +46,7 @@ def _row(table: Table, *cells: str) -> None:
 def cmd_lab_check(args: argparse.Namespace) -> int:
     lab = inventory.load(args.lab, check_files=True)
     boards = Table(title=Text(f"{lab.name}: {len(lab.boards)} boards ({lab.path})"))
-    for col in ("board", "family", "connection", "flash", "power", "sim"):
+    for col in ("board", "family", "connection", "flash", "power", "link", "sim"):
         boards.add_column(col)
     for b in lab.boards.values():
         power = f"{b.power.instrument} ch{b.power.channel}" if b.power else "-"
@@ -58,6 +58,7 @@ def cmd_lab_check(args: argparse.Namespace) -> int:
             _connection(b),
             b.flash.tool if b.flash else "ssh deploy",
             power,
+            b.link.kind if b.link else "-",
             "sim" if b.simulated else "hw",
         )
     instruments = Table(title=f"{len(lab.instruments)} instruments")
@@ -65,7 +66,16 @@ def cmd_lab_check(args: argparse.Namespace) -> int:
         instruments.add_column(col)
     for i in lab.instruments.values():
         _row(instruments, i.name, i.kind, i.resource, "sim" if i.simulated else "hw")
-    out.print(boards, instruments)
+    tables = [boards, instruments]
+    if lab.servers:
+        servers = Table(title=f"{len(lab.servers)} edge servers")
+        for col in ("server", "address", "model", "sim"):
+            servers.add_column(col)
+        for e in lab.servers.values():
+            model = e.model.name + ("" if e.model.is_file() or not e.simulated else " (missing: not started)")
+            _row(servers, e.name, f"{e.host}:{e.port}", model, "sim" if e.simulated else "hw")
+        tables.append(servers)
+    out.print(*tables)
     budgets = sum(len(m) for m in lab.budgets.values())
     out.print(f"[green]valid[/green]: {escape(lab.path.name)} (sha256 {lab.sha256[:12]}), {budgets} budgets")
     return 0

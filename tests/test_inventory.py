@@ -393,7 +393,9 @@ MALFORMED = [
     ),
     (
         "link-negative-latency",
-        _sub("power: {instrument: meter}", "power: {instrument: meter}\n    link: {kind: wifi, latency_ms: -1}"),
+        _sub(
+            "power: {instrument: meter}", "power: {instrument: meter}\n    link: {kind: wifi, latency_ms: -1}"
+        ),
         "lab.yaml:14: boards.esp32.link.latency_ms: input should be greater than or equal to 0, got -1",
     ),
     (

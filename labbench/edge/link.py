@@ -28,7 +28,8 @@ Written here rather than taken from a library: tc-netem shapes packets, not a pr
 CAP_NET_ADMIN; Toxiproxy is a separate Go server whose latency is in whole milliseconds and whose
 bandwidth is in whole KB/s (Wi-Fi's 1.15 ms below cannot be said), which models no loss-as-delay and
 reports no per-direction busy time. Delivery times are absolute (scheduled on the host monotonic
-clock), so the sleeps' overshoot does not accumulate.
+clock), so the sleeps' overshoot does not accumulate, and aimed early by the overshoot past ones showed
+(`labbench.edge.timing.Waker`), so the delays are the model's on average.
 
 Presets (`preset(name)`) are the Raspberry Pi 4B's links in the catalog (devices/rpi4b.yaml `links:`,
 each figure with its source), the seed paper's reference device (Behera et al., "Exploring the
@@ -79,6 +80,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from labbench import catalog
 from labbench.catalog import LinkFigures
+from labbench.edge.timing import Waker
 from labbench.errors import UsageError
 
 MSS_BYTES = 1448  # TCP payload per segment on Ethernet and Wi-Fi (1500-byte MTU, TCP timestamps)
@@ -207,6 +209,7 @@ class _Pipe:
         self._due: queue.SimpleQueue[tuple[float, bytes] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._busy_until = self._last_due = 0.0
+        self._waker = Waker()
         self.delivered_bytes = self.retransmissions = 0
         self.busy_s = 0.0
 
@@ -250,14 +253,13 @@ class _Pipe:
             due, data = item
             if failed:
                 continue  # drain until the reader ends
-            if (wait := due - time.monotonic()) > 0:
-                time.sleep(wait)
+            self._waker.until(due)
             with self._lock:  # counted before the receiver can see them
                 self.delivered_bytes += len(data)
+            if self.direction == "down" and self._due.empty():  # before: the board may send at once
+                self._link.in_flight.end(self._number, time.monotonic())
             try:
                 self._dst.sendall(data)
-                if self.direction == "down" and self._due.empty():
-                    self._link.in_flight.end(self._number, time.monotonic())
             except OSError:
                 with self._lock:
                     self.delivered_bytes -= len(data)

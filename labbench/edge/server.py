@@ -55,6 +55,7 @@ from typing import Self
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
+from labbench.edge.timing import Waker
 from labbench.modelinfo import ModelError, ModelInfo, TensorInfo
 
 REQUEST = struct.Struct(">4sIII")
@@ -146,6 +147,7 @@ class _TcpServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, address: tuple[str, int], model: EdgeModel, service_s: float):
         self.model, self.service_s = model, service_s
+        self.waker = Waker(time.perf_counter)
         self.live: set[socket.socket] = set()
         self.live_lock = threading.Lock()
         super().__init__(address, _Handler)
@@ -207,8 +209,8 @@ class _Handler(socketserver.StreamRequestHandler):
                 )
             )
             return True
-        if (wait_s := received / 1e9 + self.server.service_s - time.perf_counter()) > 0:
-            time.sleep(wait_s)
+        if self.server.service_s:
+            self.server.waker.until(received / 1e9 + self.server.service_s)
         self.wfile.write(reply_bytes(request_id, Status.OK, class_index, probability, _us_since(received)))
         return True
 

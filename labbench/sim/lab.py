@@ -601,6 +601,11 @@ def _report(lab: Lab, state: dict) -> dict:
         "state_dir": str(state_dir(lab)),
         "instruments": {n: {"resource": i.resource} for n, i in lab.instruments.items() if i.simulated},
         "boards": boards,
+        "servers": {
+            n: {"address": f"{e.host}:{e.port}", "model": str(e.model), "running": e.model.is_file()}
+            for n, e in lab.servers.items()
+            if e.simulated
+        },
     }
 
 
