@@ -137,6 +137,23 @@ Stopping. `run_timed`, `classify` and `infer` take `stop` (a threading.Event): o
 the wait ends within READ_POLL_S with RunAborted. The DUT still finishes what it was sent; the
 next exchange first collects those replies, so the link stays in step.
 
+Hierarchical inference (HiTarget; the firmware core's `hi` extension, firmware/core/src/lb_dut.h,
+announced by `m-ext-[hi]`). `hi_configure(decision, server)` sends `hi-cfg` (the decision's
+coefficients as float32, which the DUT uses) and `hi-srv`, and checks that the echoes are the values
+sent. `hi_run(samples)` runs passes of as many samples as the DUT's `db` holds (DB_CAPACITY_BYTES,
+at most HI_MAX_SAMPLES): per pass an upload of the samples back to back, a `timestamp%` clock sync
+and `hi k`, with nothing sent after it, so the pass's window holds no host traffic. Every line is
+checked before it becomes a number: the samples' indices in sequence, 0 <= p2 <= p1 <= 1, the
+verdict against the decision recomputed here from the DUT's own p1 and p2 (a threshold exactly in
+float32; a logistic score within HI_SCORE_TOLERANCE of 0 either way), the final class the local one
+where accepted, classes within the outputs (when `output_count` is known), t_off 0 exactly where
+accepted, the remote mode's local fields empty, the per-sample times within the window, the count
+echoed by `m-hi-done-[k,start,end]` and its stamps consistent with the host clock. The HiRun has one
+window per pass, its stamps mapped to the host clock. A DUT that reports a failed offload
+(`e-[hi: sample i: offload to ip:port failed: why]`) raises EdgeError naming the board, the server
+and the sample (the passes done before it attached as `.partial`); anything else malformed is a
+DutProtocolError.
+
 Serial log. Every byte both ways is appended, with host time.monotonic() stamps, to `log_path`
 (default `reports/logs/<board>-serial.log` under the working directory; `from_lab(log_dir=...)`
 puts it elsewhere): one line per read or write, `<time> -> b'...'` to the DUT, `<time> <- b'...'`
@@ -151,6 +168,7 @@ attached as `.partial`, and the recent lines as `.transcript`.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import threading
 import time
@@ -166,8 +184,8 @@ from typing import IO, Any, Protocol, Self, TypeVar, cast
 import numpy as np
 import serial
 
-from labbench.capabilities import DutIdentity, TimedRun
-from labbench.errors import DutProtocolError, HardwareError, RunAborted
+from labbench.capabilities import DutIdentity, HiRun, TimedRun
+from labbench.errors import DutProtocolError, EdgeError, HardwareError, RunAborted
 from labbench.modelinfo import MLPERF_TINY
 
 NAME_ATTEMPTS = 3
@@ -190,6 +208,18 @@ _RESULTS = re.compile(r"^m-results-\[(.*)\]$")
 _BOOT = re.compile(r"^m-boot-us-\[(0|[1-9][0-9]{0,9}),(0|[1-9][0-9]{0,9})\]$")
 _VALUE = re.compile(r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
 _TAG = re.compile(rb"^(.*) \*([0-9A-F]{8})$", re.DOTALL)
+# the hi extension (firmware/core/src/lb_dut.h)
+DB_CAPACITY_BYTES = 27648  # LB_DB_CAPACITY_BYTES: the samples of one pass
+HI_MAX_SAMPLES = 256  # LB_HI_MAX_SAMPLES
+HI_SAMPLE_ALLOWANCE_S = 1.0  # a pass's time limit allows each sample this much beyond its inference
+HI_OFFLOAD_FAILURE_S = 10.0  # the DUT gives up on an offload within this (5 s timeout, one retry)
+HI_SCORE_TOLERANCE = 1e-5  # of |w1| + |w2| + |b|: float32 arithmetic on the DUT, float64 here
+_COUNT = re.compile(r"^(0|[1-9][0-9]{0,9})$")  # a count or a stamp as the firmware prints one
+_HI_LINE = re.compile(r"^m-hi-\[(.*)\]$")
+_HI_DONE = re.compile(r"^m-hi-done-\[(0|[1-9][0-9]{0,9}),(0|[1-9][0-9]{0,9}),(0|[1-9][0-9]{0,9})\]$")
+_HI_CFG = re.compile(r"^m-hi-cfg-\[(lr|th|remote)((?:,[^,]+)*)\]$")
+_HI_KINDS = {"logistic": ("lr", ("w1", "w2", "b")), "threshold": ("th", ("theta",)), "remote": ("remote", ())}
+_HI_FAILED = re.compile(r"^e-\[hi: sample (0|[1-9][0-9]*): offload to (\S+) failed: (.*)\]$")
 
 _Error = TypeVar("_Error", bound=HardwareError)
 
@@ -340,6 +370,7 @@ class DutSerial:
         self._owed: list[_Command] = []  # sent commands whose replies are still to come (after a stop)
         self.reported_model: str | None = None  # the m-model-[...] of the last identify: the input format
         self.cold_start: dict[str, float | str] = {}  # the last reset's or boot_cold_start's (module doc)
+        self._hi: tuple[str, tuple[np.float32, ...], str] | None = None  # hi-cfg kind, values, server
 
     @classmethod
     def from_lab(cls, entry: Any, family: Any = None, *, log_dir: str | Path | None = None) -> DutSerial:
@@ -1143,6 +1174,259 @@ class DutSerial:
     def _rows(self, rows: list[np.ndarray]) -> np.ndarray:
         """Rows checked against `output_count`, so all of one length."""
         return np.stack(rows) if rows else np.empty((0, self.output_count or 0), np.float32)
+
+    # -- HiTarget (module docstring: Hierarchical inference) -----------------------------------------
+
+    def hi_configure(self, decision: dict[str, str | float], server: tuple[str, int]) -> None:
+        """Send the decision module and the edge server's address (an IPv4 literal the DUT can reach) and
+        check the DUT's echoes."""
+        kind, values = _hi_decision(decision)
+        host, port = server
+        try:
+            address = ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{self.board}: the DUT needs an IPv4 address, not {host!r}") from None
+        if not 1 <= port <= 65535:
+            raise ValueError(f"{self.board}: port {port} is outside 1..65535")
+        cfg = _Command(" ".join(["hi-cfg", kind, *map(_float32_text, values)]), self.timeout_s)
+        srv = _Command(f"hi-srv {address} {port}", self.timeout_s, expect=(f"m-hi-srv-[{address}:{port}]",))
+        with closing(self._transact([cfg, srv])) as replies:
+            for reply in replies:
+                if reply is cfg:
+                    self._check_hi_cfg(reply, kind, values)
+        self._hi = (kind, values, f"{address}:{port}")
+        self._event(f"hi: decision {kind} {values}, edge server {address}:{port}")
+
+    def _check_hi_cfg(self, reply: _Command, kind: str, values: tuple[np.float32, ...]) -> None:
+        got = [text for text, _ in reply.lines]
+        m = _HI_CFG.match(got[0]) if len(got) == 1 else None
+        echoed = m.group(2).split(",")[1:] if m else []
+        if (
+            m is None
+            or m.group(1) != kind
+            or len(echoed) != len(values)
+            or not all(
+                _VALUE.match(v) and np.float32(v) == sent for v, sent in zip(echoed, values, strict=False)
+            )
+        ):
+            raise self._fail(
+                DutProtocolError,
+                reply.text,
+                f"expected the echo m-hi-cfg-[{','.join([kind, *map(_float32_text, values)])}] "
+                f"(values equal in float32), got {got!r}",
+            )
+
+    def hi_run(self, samples: np.ndarray, *, stop: threading.Event | None = None) -> HiRun:
+        """Hierarchical inference over `samples` with the configured decision and server, in passes of
+        as many samples as the DUT's `db` holds. On a failure the passes done are attached as
+        `.partial` (a HiRun, or None)."""
+        if self._hi is None:
+            raise ValueError(f"{self.board}: hi_run needs hi_configure first")
+        data = [self.input_bytes(sample) for sample in samples]
+        if not data or len({len(d) for d in data}) != 1:
+            raise ValueError(f"{self.board}: hi_run needs samples of one size, got {len(data)} samples")
+        per_pass = min(HI_MAX_SAMPLES, DB_CAPACITY_BYTES // len(data[0]))
+        if per_pass == 0:
+            raise ValueError(
+                f"{self.board}: a {len(data[0])}-byte sample exceeds the {DB_CAPACITY_BYTES}-byte db"
+            )
+        t0 = time.monotonic()
+        passes: list[tuple[list[tuple[Any, ...]], tuple[float, float, int], float]] = []
+        try:
+            for first in range(0, len(data), per_pass):
+                passes.append(self._hi_pass(data[first : first + per_pass], first, stop))
+        except HardwareError as exc:
+            exc.partial = self._hi_record(passes, t0) if passes else None
+            raise
+        return self._hi_record(passes, t0)
+
+    def _hi_pass(
+        self, data: list[bytes], first: int, stop: threading.Event | None
+    ) -> tuple[list[tuple[Any, ...]], tuple[float, float, int], float]:
+        """One `hi k` pass: its samples' fields, its window on the host clock and the clock's uncertainty."""
+        k = len(data)
+        bound = self._per_inference_bounds()
+        limit = (
+            k * ((bound[1] if bound else 1.0) + HI_SAMPLE_ALLOWANCE_S)
+            + HI_OFFLOAD_FAILURE_S
+            + EXPECTED_SLACK_S
+            + k * 80 * self.char_time_s
+        )
+        hi = _Command(f"hi {k}", limit)
+        cmds = self._upload_commands(b"".join(data)) + [_Command("timestamp", self.timeout_s, alone=True), hi]
+        clock: ClockSync | None = None
+        stamps = _Stamps()
+        try:
+            with closing(self._transact(cmds, stop)) as replies:
+                for reply in replies:
+                    if reply.text == "timestamp":
+                        clock = self._clock(reply)
+                        stamps.last = (clock.dut_us, reply.sent_s)
+        except DutReplyError as exc:
+            raise self._offload_failure(exc, first) from None
+        assert clock is not None  # its reply comes before the hi command's
+        rows, start_us, end_us = self._hi_lines(hi, k, stamps)
+        return rows, (clock.host_time(start_us), clock.host_time(end_us), k), clock.uncertainty_s
+
+    def _offload_failure(self, exc: DutReplyError, first: int) -> HardwareError:
+        """An `e-[hi: sample i: offload to ... failed: ...]` as an EdgeError; other refusals unchanged."""
+        m = _HI_FAILED.match(exc.seen)
+        if m is None or self._hi is None:
+            return exc
+        server = self._hi[2]
+        error = EdgeError(
+            self.board,
+            f"hi: offload of sample {first + int(m.group(1))} to edge server {server}",
+            f"the DUT reports: {m.group(3)}" + ("" if m.group(2) == server else f" (it names {m.group(2)})"),
+            log=str(self.log_path),
+        )
+        error.transcript = list(self.transcript)
+        self._event(f"error: {error}")
+        return error
+
+    def _hi_lines(self, reply: _Command, k: int, stamps: _Stamps) -> tuple[list[tuple[Any, ...]], int, int]:
+        """The k sample lines and the done line of a `hi k` reply, checked (module docstring)."""
+        lines = [text for text, _ in reply.lines]
+        done = _HI_DONE.match(lines[-1]) if len(lines) == k + 1 else None
+        if done is None or int(done.group(1)) != k:
+            raise self._fail(
+                DutProtocolError,
+                reply.text,
+                f"expected {k} m-hi-[...] lines and m-hi-done-[{k},start,end], got {len(lines)} lines "
+                f"ending {lines[-1:]!r}",
+            )
+        start_us, end_us = int(done.group(2)), int(done.group(3))
+        if max(start_us, end_us) >= TIMER_WRAP:
+            raise self._fail(DutProtocolError, reply.text, f"a stamp is 2^32 or more: {lines[-1]!r}")
+        arrived = reply.lines[-1][1]
+        self._follows(stamps, reply, start_us, arrived)
+        self._follows(stamps, reply, end_us, arrived)
+        rows = [self._hi_line(reply.text, i, line) for i, line in enumerate(lines[:-1])]
+        busy = sum(row[5] + row[6] + row[7] for row in rows)
+        window = (end_us - start_us) % TIMER_WRAP
+        if busy > window + k:  # each of a sample's three times may round up by 1 µs... once per sample
+            raise self._fail(
+                DutProtocolError,
+                reply.text,
+                f"the samples' times add up to {busy} µs, more than the pass's window of {window} µs",
+            )
+        return rows, start_us, end_us
+
+    def _hi_line(self, command: str, i: int, line: str) -> tuple[Any, ...]:
+        """One m-hi line's (p1, p2, accepted, local, final, t_inf_us, t_dec_us, t_off_us), checked."""
+        m = _HI_LINE.match(line)
+        fields = m.group(1).split(",") if m else []
+        ints = [fields[0], *fields[3:]] if len(fields) == 9 else []
+        local = ints[2].removeprefix("-") if ints else ""
+        if (
+            len(fields) != 9
+            or not all(_VALUE.match(v) for v in fields[1:3])
+            or not all(_COUNT.match(v) for v in ints[:2] + [local] + ints[3:])
+        ):
+            raise self._fail(DutProtocolError, command, f"malformed line {line!r} (sample {i})")
+        index, accepted, local_class, final_class, *times = (int(v) for v in ints)
+        p1, p2 = np.float32(fields[1]), np.float32(fields[2])
+        problem = self._hi_problem(i, index, p1, p2, accepted, local_class, final_class, times)
+        if problem:
+            raise self._fail(DutProtocolError, command, f"{problem}: {line!r}")
+        return float(p1), float(p2), bool(accepted), local_class, final_class, *times
+
+    def _hi_problem(
+        self,
+        i: int,
+        index: int,
+        p1: np.float32,
+        p2: np.float32,
+        accepted: int,
+        local: int,
+        final: int,
+        times: list[int],
+    ) -> str | None:
+        """What is wrong with sample `i`'s fields, or None."""
+        assert self._hi is not None
+        kind, values, _ = self._hi
+        outputs = self.output_count
+        if index != i:
+            return f"sample {index} where sample {i} was due"
+        if max(times) >= TIMER_WRAP or accepted > 1:
+            return "a time of 2^32 µs or more, or a verdict other than 0 and 1"
+        if (times[2] == 0) != bool(accepted):
+            return "an offload time must be 0 exactly where the sample was accepted"
+        if kind == "remote":
+            if (float(p1), float(p2), accepted, local, times[0], times[1]) != (0, 0, 0, -1, 0, 0):
+                return "in remote mode p1, p2, the verdict, t_inf and t_dec are 0 and the local class -1"
+        elif not 0 <= p2 <= p1 <= 1:
+            return "p1 and p2 must be probabilities with p1 >= p2"
+        elif local < 0 or (outputs is not None and local >= outputs):
+            return f"local class {local} outside the model's outputs"
+        elif not _hi_verdict_ok(kind, values, p1, p2, accepted):
+            return f"the verdict {accepted} is not the decision's on p1 {p1} and p2 {p2}"
+        if final < 0 or (outputs is not None and final >= outputs) or (accepted and final != local):
+            return f"final class {final} (local {local}, accepted {accepted}) is impossible"
+        return None
+
+    def _hi_record(
+        self, passes: list[tuple[list[tuple[Any, ...]], tuple[float, float, int], float]], t0: float
+    ) -> HiRun:
+        assert self._hi is not None
+        rows = [row for pass_rows, _, _ in passes for row in pass_rows]
+        columns = list(zip(*rows, strict=True))
+        kind, values, server = self._hi
+        return HiRun(
+            p1=np.array(columns[0], np.float64),
+            p2=np.array(columns[1], np.float64),
+            accepted=np.array(columns[2], bool),
+            local_class=np.array(columns[3], np.int64),
+            final_class=np.array(columns[4], np.int64),
+            t_inf_us=np.array(columns[5], np.float64),
+            t_dec_us=np.array(columns[6], np.float64),
+            t_off_us=np.array(columns[7], np.float64),
+            windows=tuple(window for _, window, _ in passes),
+            extra={
+                "runtime": "dut_serial",
+                "decision": " ".join([kind, *map(_float32_text, values)]),
+                "server": server,
+                "clock_uncertainty_s": max(u for _, _, u in passes),
+                "wall_s": time.monotonic() - t0,
+                "reply_crc32": self._crc,
+            },
+        )
+
+
+def _hi_decision(decision: dict[str, str | float]) -> tuple[str, tuple[np.float32, ...]]:
+    """The `hi-cfg` kind and float32 values of a decision's device form (labbench.strategies.decision)."""
+    kind = decision.get("kind")
+    if kind not in _HI_KINDS:
+        raise ValueError(f"unknown decision kind {kind!r}: known are {', '.join(map(repr, _HI_KINDS))}")
+    word, names = _HI_KINDS[str(kind)]
+    if set(decision) != {"kind", *names}:
+        raise ValueError(f"a {kind} decision has exactly the keys kind, {', '.join(names)}: got {decision}")
+    values = tuple(decision[name] for name in names)
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{kind} decision coefficients must be numbers: got {decision}")
+    with np.errstate(over="ignore"):
+        as_float32 = tuple(np.float32(v) for v in values)
+    if not all(np.isfinite(v) for v in as_float32):
+        raise ValueError(f"{kind} decision coefficients must be finite in float32: got {decision}")
+    return word, as_float32
+
+
+def _hi_verdict_ok(
+    kind: str, values: tuple[np.float32, ...], p1: np.float32, p2: np.float32, accepted: int
+) -> bool:
+    """Whether `accepted` is the decision's verdict on (p1, p2): a threshold's exactly (the DUT compares
+    in float32 too); a logistic score within HI_SCORE_TOLERANCE of 0 may go either way (the DUT's
+    float32 rounding)."""
+    if kind == "th":
+        return bool(accepted) == bool(p1 >= values[0])
+    w1, w2, b = (float(v) for v in values)
+    score = w1 * float(p1) + w2 * float(p2) + b
+    return abs(score) <= HI_SCORE_TOLERANCE * (abs(w1) + abs(w2) + abs(b)) or bool(accepted) == (score >= 0)
+
+
+def _float32_text(value: np.float32) -> str:
+    """A float32 as the firmware's decimal grammar takes it: shortest round-trip digits, scientific."""
+    return np.format_float_scientific(value, unique=True, trim="-")
 
 
 def _short(command: str) -> str:

@@ -36,6 +36,11 @@ Where the firmware differs from the reference, on purpose:
   `boot%` answers `m-boot-us-[B,D]`, the µs counter in the banner's stamp and as m-init-done was
   printed, kept until the next reset: the cold start on the DUT's clock for boards whose port
   cannot reset them. `boot_report=False` makes a board without it;
+- the hierarchical-inference extension of the firmware core (lb_dut.h, firmware/README.md):
+  `profile` announces it with `m-ext-[hi]`; `hi-cfg lr W1 W2 B` / `hi-cfg th THETA` /
+  `hi-cfg remote`, `hi-srv A.B.C.D PORT` and `hi N` answer as the core does (below: Hierarchical
+  inference). `hi=False` makes a board without it (default: with it when the board has the core's
+  other extensions);
 - the banner has no line of its own between the stamp and m-init-done (the reference ad01 port
   prints `Initialized` there), and an empty command answers `e-[Unknown command: ]` (the
   reference passes a NULL token to strncmp).
@@ -45,7 +50,8 @@ Constructor (plain arguments; the sim lab passes lab.yaml's `sim:` block through
     SimMcuBoard(name, host="127.0.0.1", port=0, family="esp32_devkitc", bus_channel=None,
                 model_path=None, firmware=None, *, speed_factor=1.0, vendor=None, baud=None,
                 boot_rom=None, rx_fifo_bytes=256, tx_buffer_bytes=256, timer_start_us=0,
-                strap_delay_s=0.15, devices_dir=None, reply_crc=True, boot_report=True, boot_ms=BOOT_MS,
+                strap_delay_s=0.15, devices_dir=None, reply_crc=True, boot_report=True, hi=None,
+                boot_ms=BOOT_MS,
                 model_init_ms=MODEL_INIT_MS, seed=None, jitter_pct=JITTER_PCT,
                 outlier_rate=OUTLIER_RATE, outlier_pct=OUTLIER_PCT, power_noise_pct=POWER_NOISE_PCT)
 
@@ -102,6 +108,20 @@ Reset, boot and flash (the hooks a boot-ROM personality such as the ESP32's buil
   the ESP32 layout packs) as a flasher would, resets into it, waits for the boot and returns what
   booted; an image larger than the flash is refused there (SimBoardError with the sizes).
 
+Hierarchical inference (`hi N`). The N inputs stored back to back in `db` run one after the other:
+the model as `infer` runs it (the device model's jittered latency, "active_w"), then the decision on
+the two highest probabilities of output 0 (labbench.strategies.decision.top2's rule) for
+`decision_s` (DECISION_CYCLES_* at the family's clock: microseconds), then, for an input not
+accepted, a real offload: the input's bytes in an LBQ1 request (labbench.edge.server) over a TCP
+connection to the `hi-srv` address, kept open across inputs and passes (opened once more when a kept
+one failed before any reply byte), its LBR1 reply checked as the core checks it. The device's clock
+advances by the exchange's real wall time, during which the board draws its link's power (the
+`radio` the lab gives it: the whole board while an offload is in flight, devices/<family>.yaml
+links:), or "idle_w" without one. The results are printed after the pass, so
+its window holds no serial output. A host that never sends `hi-cfg` sees the reference's `db`
+limit (the model's input size); from `hi-cfg` on until the next reset the limit is the core's
+27,648 bytes (MAX_DB_INPUT_SIZE), so that `db` can hold a pass's inputs.
+
 A model that does not fit the family's memories (catalog `fits`, with the model's measured TFLM
 arena) is refused at boot: the banner and `profile` carry `e-[...]` with the sizes, and `infer`
 answers `e-[No model: ...]`.
@@ -112,21 +132,28 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
+import socket
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from labbench import firmware_image as fw
 from labbench.catalog import BoardFamily, load_family
+from labbench.edge.server import CRC32, REPLY_HEAD, REPLY_MAGIC, Status, request_bytes
 from labbench.errors import CatalogError, LabbenchError, LabConfigError
 from labbench.modelinfo import ModelInfo, dequantize_output, min_arena_bytes, mlperf_model
 from labbench.sim.powerbus import POWER_NOISE_PCT, LevelNoise, derive_seed
 from labbench.sim.uart import ChipReset, ResetLine, SimUart
+
+if TYPE_CHECKING:
+    from labbench.sim.radio import Radio
 
 EE_CMD_SIZE = 80
 EE_FW_VERSION = "ULPMark for tinyML Firmware V0.0.1"
@@ -140,6 +167,23 @@ MODEL_INIT_MS = 15.0  # seed 000's latency breakdown: "Model Load (cold): 15ms"
 JITTER_PCT = 1.0  # assumed (module docstring: Jitter and noise)
 OUTLIER_RATE = 0.005  # assumed
 OUTLIER_PCT = 10.0  # assumed
+# The hi extension (firmware/core/src/lb_dut.h).
+HI_MAX_SAMPLES = 256  # LB_HI_MAX_SAMPLES: the results of a pass are kept until it ends
+OFFLOAD_TIMEOUT_S = 5.0  # connect, and each reply read, as on the ESP32 firmware
+HI_MESSAGE_MAX = 80  # the most of a server's refusal message the core keeps
+# Decision time, in CPU cycles at the family's clock_mhz. The core's decision reads the N outputs
+# once (load, dequantize: int-to-float and a multiply, two compares for the top two: ~10 cycles
+# each), then applies the LR (2 multiply-adds, a compare, the call: ~40 cycles) or the threshold
+# (fewer; counted alike). Outputs that are logits are softmaxed first: one exp each, ~150 cycles
+# for newlib's on a single-precision FPU. 10 probabilities: 140 cycles, 2.2 µs on the Nano's
+# 64 MHz, 0.6 µs at the ESP32's 240 MHz.
+DECISION_CYCLES_BASE = 40
+DECISION_CYCLES_PER_OUTPUT = 10
+DECISION_CYCLES_PER_EXP = 150
+_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+_COUNT = re.compile(r"[0-9]{1,10}")
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"{_OCTET}(\.{_OCTET}){{3}}")
 _DRAW_CHUNK = 1 << 16  # latency factors drawn at a time: an `infer N` of any N takes bounded memory
 
 _HELP = (
@@ -289,6 +333,129 @@ class _Refused(Exception):
     """The firmware will not run the model in flash; the message is what it reports."""
 
 
+class _OffloadFailed(Exception):
+    """An offload failed; the message is the core's reason."""
+
+
+class _OffloadLink:
+    """The board's TCP connection to the edge server, kept open across offloads (hi extension)."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._address: tuple[str, int] | None = None
+        self._request_id = 0  # the last request's: a running count since boot
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def offload(self, address: tuple[str, int], payload: bytes, outputs: int) -> int:
+        """The server's class for `payload`, its reply checked as the core checks it; a failure
+        closes the connection."""
+        self._request_id = (self._request_id + 1) & 0xFFFFFFFF
+        try:
+            return self._checked(self._exchange(address, request_bytes(self._request_id, payload)), outputs)
+        except _OffloadFailed:
+            self.close()
+            raise
+
+    def _exchange(self, address: tuple[str, int], request: bytes) -> tuple[bytes, bytes]:
+        """Send `request`, return the reply's header and message; a kept connection that fails before
+        any reply byte is opened once more."""
+        for attempt in range(2):
+            was_open = self._sock is not None and self._address == address
+            got = bytearray()
+            try:
+                sock = self._connection(address)
+                self._send(sock, request)
+                head = self._receive(sock, REPLY_HEAD.size + CRC32.size, got)
+                return head, self._receive(sock, REPLY_HEAD.unpack_from(head)[6], got)
+            except _OffloadFailed as exc:
+                self.close()
+                if not was_open or got or attempt:
+                    reason = str(exc)
+                    raise _OffloadFailed(
+                        f"{reason} after {len(got)} reply bytes" if got else reason
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def _connection(self, address: tuple[str, int]) -> socket.socket:
+        if self._sock is not None and self._address == address:
+            return self._sock
+        self.close()
+        try:
+            sock = socket.create_connection(address, timeout=OFFLOAD_TIMEOUT_S)
+        except ConnectionRefusedError:
+            raise _OffloadFailed("connection refused") from None
+        except OSError:
+            raise _OffloadFailed("connect failed") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock, self._address = sock, address
+        return sock
+
+    @staticmethod
+    def _send(sock: socket.socket, data: bytes) -> None:
+        try:
+            sock.sendall(data)
+        except OSError:
+            raise _OffloadFailed("send failed") from None
+
+    @staticmethod
+    def _receive(sock: socket.socket, size: int, got: bytearray) -> bytes:
+        """Exactly `size` more bytes, appended to `got` too."""
+        start = len(got)
+        while len(got) - start < size:
+            try:
+                chunk = sock.recv(size - (len(got) - start))
+            except TimeoutError:
+                raise _OffloadFailed(f"no reply within {OFFLOAD_TIMEOUT_S:g} s") from None
+            except ConnectionResetError:
+                raise _OffloadFailed("connection reset by the server") from None
+            except OSError:
+                raise _OffloadFailed("receive failed") from None
+            if not chunk:
+                raise _OffloadFailed("connection closed by the server")
+            got += chunk
+        return bytes(got[start:])
+
+    def _checked(self, reply: tuple[bytes, bytes], outputs: int) -> int:
+        head, message = reply
+        magic, echoed, status, class_index, _, _, _ = REPLY_HEAD.unpack_from(head)
+        (stated,) = CRC32.unpack_from(head, REPLY_HEAD.size)
+        crc = zlib.crc32(head[: REPLY_HEAD.size] + message)
+        text = "".join(c if " " <= c <= "~" else "?" for c in message[:HI_MESSAGE_MAX].decode("latin-1"))
+        if magic != REPLY_MAGIC:
+            raise _OffloadFailed(f"reply magic {int.from_bytes(magic, 'big'):08x}, expected LBR1")
+        if crc != stated:
+            raise _OffloadFailed(f"reply CRC-32 {crc:08x}, its header says {stated:08x}")
+        if echoed != self._request_id:
+            raise _OffloadFailed(f"a reply to request {echoed}, expected {self._request_id}")
+        if status != Status.OK or message:
+            raise _OffloadFailed(f"refused with status {status}: {text}")
+        if not 0 <= class_index < outputs:
+            raise _OffloadFailed(f"class {class_index} outside the model's {outputs} outputs")
+        return int(class_index)
+
+
+@dataclass(frozen=True)
+class _HiResult:
+    """One input of a `hi` pass, as its m-hi line reports it."""
+
+    p1: float = 0.0
+    p2: float = 0.0
+    accepted: bool = False
+    local_class: int = -1
+    final_class: int = -1
+    t_inf_us: int = 0
+    t_dec_us: int = 0
+    t_off_us: int = 0
+
+
+def _float_text(value: float) -> str:
+    return np.format_float_positional(np.float32(value), unique=True, trim="-")
+
+
 def _atoi(text: str) -> int:
     """C atoi: optional sign and leading digits; anything else counts as 0."""
     text = text.lstrip()
@@ -311,6 +478,10 @@ class MlperfDut:
         self.buff_size = self.buff_pos = 0
         self.crc = False  # the crc32 extension: off at every boot
         self.boot_us = (0, 0)  # the boot extension: the µs counter in the banner and at m-init-done
+        # the hi extension: the decision ("lr", w1, w2, b) / ("th", theta) / ("remote",), the server
+        self.hi_decision: tuple[Any, ...] | None = None
+        self.hi_server: tuple[str, int] | None = None
+        self.hi_link = _OffloadLink()
 
     # -- output and clock ---------------------------------------------------------------------
 
@@ -346,9 +517,12 @@ class MlperfDut:
         board.last_boot = BootTimes(board.reset_t, self.start_t, banner, max(done, time.monotonic()))
         self.say("m-ready")
         board.booted()
-        while True:
-            data = self.uart.read_until(b"%")
-            self.command(data[:-1])
+        try:
+            while True:
+                data = self.uart.read_until(b"%")
+                self.command(data[:-1])
+        finally:  # a reset (or a fault) ends the firmware and its connection
+            self.hi_link.close()
 
     def _load_model(self) -> None:
         try:
@@ -375,6 +549,7 @@ class MlperfDut:
             "results": self._results,
             **({"crc32": self._crc32} if self.board.reply_crc else {}),
             **({"boot": self._boot} if self.board.boot_report else {}),
+            **({"hi-cfg": self._hi_cfg, "hi-srv": self._hi_srv, "hi": self._hi} if self.board.hi else {}),
         }
         if tokens and tokens[0] in handler:
             handler[tokens[0]](tokens[1:])
@@ -397,6 +572,10 @@ class MlperfDut:
             self.say("crc32 on|off : Append a CRC-32 to every reply line, or stop")
         if self.board.boot_report:
             self.say("boot         : Print the clock at the boot banner and at m-init-done")
+        if self.board.hi:
+            self.say("hi-cfg lr W1 W2 B | th T | remote: Set the HI decision module")
+            self.say("hi-srv A.B.C.D P: Set the edge server HI offloads to")
+            self.say("hi N         : Run HI over the N inputs in db")
 
     def _profile(self, _: list[str]) -> None:
         self.say(f"m-profile-[{EE_FW_VERSION}]")
@@ -405,6 +584,8 @@ class MlperfDut:
             self.say("m-ext-[crc32]")
         if self.board.boot_report:
             self.say("m-ext-[boot]")
+        if self.board.hi:
+            self.say("m-ext-[hi]")
         if self.model is None:
             self.say(f"e-[{self.refusal}]")
             return
@@ -437,7 +618,7 @@ class MlperfDut:
             self.say("e-[Command 'db load' must be >0 bytes]")
             return
         self.buff_pos = 0
-        limit = self.model.input_bytes if self.model else MAX_DB_INPUT_SIZE
+        limit = self.model.input_bytes if self.model and self.hi_decision is None else MAX_DB_INPUT_SIZE
         self.buffer = bytearray(min(self.buff_size, limit))
         if self.buff_size > limit:  # printed with %d, so "-5" shows as -5
             self.uart.write(f"Supplied buffer size {n} exceeds maximum of {limit}\n".encode())
@@ -517,6 +698,145 @@ class MlperfDut:
         m-init-done, kept until the next reset."""
         self.say(f"m-boot-us-[{self.boot_us[0]},{self.boot_us[1]}]")
 
+    # -- the hi extension (firmware/core/src/lb_dut.h) -----------------------------------------------
+
+    def _hi_cfg(self, args: list[str]) -> None:
+        kind, values = (args[0], args[1:]) if args else ("", [])
+        want = {"lr": 3, "th": 1, "remote": 0}.get(kind)
+        if want is None:
+            self.say("e-[Command 'hi-cfg' takes lr W1 W2 B, th THETA or remote]")
+            return
+        parsed: list[float] = []
+        for text in values[:want]:
+            value = float(text) if _DECIMAL.fullmatch(text) else math.inf
+            if not abs(value) <= np.finfo(np.float32).max:
+                self.say(f"e-[Invalid number '{text}': a finite decimal is needed]")
+                return
+            parsed.append(float(np.float32(value)))
+        if len(values) != want:
+            self.say(f"e-[Command 'hi-cfg {kind}' takes {want} numbers]")
+            return
+        self.hi_decision = (kind, *parsed)
+        self.say(f"m-hi-cfg-[{','.join([kind, *map(_float_text, parsed)])}]")
+
+    def _hi_srv(self, args: list[str]) -> None:
+        ok = len(args) == 2 and _IPV4.fullmatch(args[0]) and _COUNT.fullmatch(args[1])
+        if not ok or not 1 <= int(args[1]) <= 65535:
+            self.say("e-[Command 'hi-srv' takes an IPv4 address A.B.C.D and a port 1..65535]")
+            return
+        self.hi_link.close()
+        self.hi_server = (args[0], int(args[1]))
+        self.say(f"m-hi-srv-[{args[0]}:{int(args[1])}]")
+
+    def _hi_refusal(self, n: int) -> str | None:
+        """Why `hi n` cannot run (the core's texts), or None."""
+        m = self.model
+        if m is None:
+            return f"No model: {self.refusal}"
+        need = n * m.input_bytes
+        if m.mlperf is not None and m.mlperf.input != "int8":
+            return f"hi: {m.mlperf.id}'s db input is not its input tensor: hi offloads tensor bytes"
+        if self.hi_decision is None:
+            return "hi: no decision module: send hi-cfg first"
+        if self.hi_server is None:
+            return "hi: no edge server: send hi-srv first"
+        if (outputs := math.prod(m.info.outputs[0].shape)) < 2:
+            return f"hi: the model has {outputs} outputs; the decision needs at least 2"
+        if self.buff_size != need:
+            return f"hi: db holds {self.buff_size} bytes; {n} inputs of {m.input_bytes} bytes are {need}"
+        if self.buff_pos != self.buff_size:
+            return f"Input incomplete: {self.buff_pos} of {self.buff_size} bytes loaded"
+        return None
+
+    def _hi(self, args: list[str]) -> None:
+        n = int(args[0]) if len(args) == 1 and _COUNT.fullmatch(args[0]) else 0
+        if not 1 <= n <= HI_MAX_SAMPLES:
+            self.say(f"e-[Command 'hi' takes a sample count of 1 to {HI_MAX_SAMPLES}]")
+            return
+        if (refusal := self._hi_refusal(n)) is not None:
+            self.say(f"e-[{refusal}]")
+            return
+        from labbench.strategies.decision import top2  # scikit-learn: loaded when HI first runs
+
+        results: list[_HiResult] = []
+        failure: str | None = None
+        start = t = time.monotonic()
+        try:
+            for i in range(n):
+                result, t = self._hi_sample(i, t, top2)
+                results.append(result)
+        except _OffloadFailed as exc:
+            assert self.hi_server is not None
+            ip, port = self.hi_server
+            failure = f"hi: sample {len(results)}: offload to {ip}:{port} failed: {exc}"
+        self.board.post_power("idle_w", t)
+        for i, r in enumerate(results):
+            self.say(
+                f"m-hi-[{i},{_float_text(r.p1)},{_float_text(r.p2)},{int(r.accepted)},{r.local_class},"
+                f"{r.final_class},{r.t_inf_us},{r.t_dec_us},{r.t_off_us}]"
+            )
+        if failure is not None:
+            self.say(f"e-[{failure}]")
+        else:
+            self.say(f"m-hi-done-[{n},{self.timer_us(start)},{self.timer_us(t)}]")
+
+    def _hi_sample(
+        self, i: int, t: float, top2: Callable[[np.ndarray], np.ndarray]
+    ) -> tuple[_HiResult, float]:
+        """Input `i` of a pass, starting at device time `t` (host monotonic); its result and the time it
+        ended. The model and the decision follow the device's timeline; an offload takes real time,
+        from when it starts (the host may lag the timeline by the interpreter's own time)."""
+        m, board, decision = self.model, self.board, self.hi_decision
+        assert m is not None and decision is not None and self.hi_server is not None
+        sample = bytes(self.buffer[i * m.input_bytes : (i + 1) * m.input_bytes])
+        result = _HiResult()
+        if decision[0] != "remote":
+            board.post_power("active_w", t)
+            m.run(sample)
+            outputs = dequantize_output(m.info, m.outputs[0], 0).ravel()
+            inferred = t + board.busy_s(1, m.latency_s)
+            decided = inferred + self.decision_s(outputs)
+            board.reset_line.sleep_until(decided)
+            p1, p2 = (np.float32(p) for p in top2(outputs[np.newaxis])[0])
+            accepted = bool(
+                np.float32(decision[1]) * p1 + np.float32(decision[2]) * p2 + np.float32(decision[3]) >= 0
+                if decision[0] == "lr"
+                else p1 >= np.float32(decision[1])
+            )
+            local = int(np.argmax(outputs))
+            result = _HiResult(
+                float(p1), float(p2), accepted, local, local,
+                self._us_between(t, inferred), self._us_between(inferred, decided),
+            )  # fmt: skip
+            t = decided
+        if result.accepted:
+            return result, t
+        board.post_offload(t)
+        t = max(t, time.monotonic())
+        server_class = self.hi_link.offload(self.hi_server, sample, math.prod(m.info.outputs[0].shape))
+        done = time.monotonic()
+        return _HiResult(
+            result.p1, result.p2, False, result.local_class, server_class,
+            result.t_inf_us, result.t_dec_us, self._us_between(t, done),
+        ), done  # fmt: skip
+
+    def decision_s(self, outputs: np.ndarray) -> float:
+        """The decision's time on this board for these outputs (DECISION_CYCLES_*)."""
+        from labbench.strategies.decision import PROBABILITY_SUM_TOLERANCE
+
+        n = len(outputs)
+        probabilities = bool(((outputs >= 0) & (outputs <= 1)).all()) and (
+            abs(float(outputs.sum()) - 1) <= PROBABILITY_SUM_TOLERANCE
+        )
+        cycles = DECISION_CYCLES_BASE + n * (
+            DECISION_CYCLES_PER_OUTPUT + (0 if probabilities else DECISION_CYCLES_PER_EXP)
+        )
+        return cycles / (self.board.family.clock_mhz * 1e6)
+
+    def _us_between(self, a: float, b: float) -> int:
+        """Microseconds from host time `a` to `b` as the device's counter counts them."""
+        return (self.timer_us(b) - self.timer_us(a)) % TIMER_WRAP
+
     def _results(self, _: list[str]) -> None:
         if self.model is None:
             self.say(f"e-[No model: {self.refusal}]")
@@ -548,6 +868,7 @@ class SimMcuBoard:
         devices_dir: str | Path | None = None,
         reply_crc: bool = True,
         boot_report: bool = True,
+        hi: bool | None = None,
         boot_ms: float = BOOT_MS,
         model_init_ms: float = MODEL_INIT_MS,
         seed: int | str | None = None,
@@ -555,6 +876,7 @@ class SimMcuBoard:
         outlier_rate: float = OUTLIER_RATE,
         outlier_pct: float = OUTLIER_PCT,
         power_noise_pct: float = POWER_NOISE_PCT,
+        radio: Radio | None = None,
     ):
         self.name = name
         self.family = family if isinstance(family, BoardFamily) else load_family(family, devices_dir)
@@ -574,6 +896,7 @@ class SimMcuBoard:
         self.seed = name if seed is None else seed
         self._latency_rng = np.random.default_rng(derive_seed(self.seed, "latency"))  # chip thread only
         self.power_noise = LevelNoise(power_noise_pct, derive_seed(self.seed, "power"))
+        self.radio = radio  # its offload link, when lab.yaml gives it one
         self.bus_channel = bus_channel
         self.speed_factor = speed_factor
         self.vendor = vendor or self.family.name
@@ -581,6 +904,7 @@ class SimMcuBoard:
         self.strap_delay_s = strap_delay_s
         self.reply_crc = reply_crc  # the firmware has the crc32 extension
         self.boot_report = boot_report  # ... and the boot extension
+        self.hi = reply_crc or boot_report if hi is None else hi  # ... and the hi extension
         self.log = logging.getLogger(f"labbench.sim.mcu.{name}")
         self._esp32_layout = self.family.flasher == "esptool"
         if boot_rom is None and self._esp32_layout:
@@ -828,3 +1152,10 @@ class SimMcuBoard:
         """Draw the family's `state` power ("idle_w", "upload_w", "active_w") from `t` (default now)."""
         if self.bus_channel is not None:
             self.bus_channel.set_power(getattr(self.family.power, state), t, noise=self.power_noise)
+
+    def post_offload(self, t: float) -> None:
+        """Draw its link's power from `t`, an offload in flight (the CPU waits); idle without a link."""
+        if self.radio is None:
+            self.post_power("idle_w", t)
+        elif self.bus_channel is not None:
+            self.bus_channel.set_power(self.radio.power_w, t, noise=self.power_noise)

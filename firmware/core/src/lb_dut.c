@@ -6,6 +6,9 @@
  */
 #include "lb_dut.h"
 
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "lb_hooks.h"
@@ -27,6 +30,40 @@ static const lb_mlperf_model mlperf_models[] = {
      LB_RESULTS_MSE},
 };
 
+/* The `hi` extension (lb_dut.h). */
+#define HI_REQUEST_HEAD 16u /* ">4sIII": magic, request id, payload bytes, payload CRC-32 */
+#define HI_REPLY_HEAD 27u   /* ">4sIBifIH" then ">I": magic, id, status, class, p, us, len, CRC */
+#define HI_MESSAGE_MAX 80u  /* the most of a refusal's message kept (the rest is not read) */
+#define HI_PROBABILITY_SUM_TOLERANCE 0.05 /* labbench.strategies.decision.to_probabilities */
+
+typedef enum { HI_NONE, HI_LOGISTIC, HI_THRESHOLD, HI_REMOTE } hi_kind;
+
+typedef struct {
+    float p1, p2;
+    int16_t local_class, final_class;
+    uint8_t accepted;
+    uint32_t t_inf_us, t_dec_us, t_off_us;
+} hi_result;
+
+/* Why a sample of a pass failed, printed after the lines of the samples before it. */
+typedef enum {
+    HI_FAIL_MODEL,  /* text: the model's reason */
+    HI_FAIL_NET,    /* text: the network hook's reason; a: reply bytes received */
+    HI_FAIL_MAGIC,  /* a: the reply's first four bytes */
+    HI_FAIL_CRC,    /* a: computed, b: stated */
+    HI_FAIL_ID,     /* a: echoed, b: sent */
+    HI_FAIL_STATUS, /* a: status; message */
+    HI_FAIL_CLASS   /* a: |class|, b: output count; negative: the class is negative */
+} hi_fail_kind;
+
+typedef struct {
+    hi_fail_kind kind;
+    unsigned long a, b;
+    int negative;
+    const char *text;
+    char message[HI_MESSAGE_MAX + 1];
+} hi_failure;
+
 static struct {
     const lb_dut_config *cfg;
     char model_sha256[65];
@@ -44,6 +81,13 @@ static struct {
     float mse; /* the result of an LB_RESULTS_MSE model's last infer */
     uint32_t boot_banner_us;    /* the clock in the boot banner's m-lap-us- (the `boot` extension) */
     uint32_t boot_init_done_us; /* the clock as m-init-done was printed */
+    hi_kind hi_decision;
+    float hi_w1, hi_w2, hi_b, hi_theta;
+    char hi_ip[16]; /* dotted quad; "" until hi-srv */
+    uint16_t hi_port;
+    uint32_t hi_request_id; /* the last request's */
+    int hi_connected;       /* the board's connection carried a reply and was not closed since */
+    hi_result hi_results[LB_HI_MAX_SAMPLES];
 } s;
 
 const lb_mlperf_model *lb_mlperf_find(const char *sha256_hex, const char *name)
@@ -136,6 +180,7 @@ static void cmd_profile(void)
     lb_printf("m-model-[%s]\r\n", s.mlperf != NULL ? s.mlperf->id : s.cfg->model_name);
     lb_printf("m-ext-[crc32]\r\n");
     lb_printf("m-ext-[boot]\r\n");
+    lb_printf("m-ext-[hi]\r\n");
     lb_printf("m-model-sha256-[%s]\r\n", s.model_sha256);
     lb_printf("m-model-bytes-[%lu]\r\n", (unsigned long)s.cfg->model_bytes);
     if (s.model_error != NULL) {
@@ -160,6 +205,9 @@ static void cmd_help(void)
     lb_printf("results       : Print the outputs of the last inference\r\n");
     lb_printf("crc32 on|off  : Append a CRC-32 to every reply line, or stop\r\n");
     lb_printf("boot          : Print the clock at the boot banner and at m-init-done\r\n");
+    lb_printf("hi-cfg lr W1 W2 B | th T | remote: Set the HI decision module\r\n");
+    lb_printf("hi-srv A.B.C.D P: Set the edge server HI offloads to\r\n");
+    lb_printf("hi N          : Run HI over the N inputs in db\r\n");
 }
 
 static void db_load(const char *arg)
@@ -305,12 +353,11 @@ static const uint8_t *prepare_input(void)
 }
 
 /* One run of the model on `input` (from prepare_input), copied into the input tensor first: the
- * per-model input conversion. Prints the error and returns 0 on failure. */
-static int run_once(const uint8_t *input)
+ * per-model input conversion. NULL, or why the model failed. */
+static const char *invoke_on(const uint8_t *input)
 {
     uint8_t *tensor = lb_model_input();
     size_t i, n = lb_model_input_bytes();
-    const char *err;
     if (s.mlperf != NULL && s.mlperf->input == LB_INPUT_U8_MINUS_128) {
         for (i = 0; i < n; i++) {
             tensor[i] = (uint8_t)(input[i] ^ 0x80u); /* (uint8 - 128) as int8 */
@@ -318,7 +365,13 @@ static int run_once(const uint8_t *input)
     } else {
         memcpy(tensor, input, n);
     }
-    err = lb_model_invoke();
+    return lb_model_invoke();
+}
+
+/* invoke_on, printing the error and returning 0 on failure. */
+static int run_once(const uint8_t *input)
+{
+    const char *err = invoke_on(input);
     if (err != NULL) {
         lb_printf("e-[Inference failed: %s]\r\n", err);
         return 0;
@@ -430,6 +483,408 @@ static void cmd_crc32(const char *arg)
     }
 }
 
+/* ---- the hi extension (lb_dut.h) ---- */
+
+static int is_digit(char c)
+{
+    return c >= '0' && c <= '9';
+}
+
+/* Skips a run of digits; 0 when there is none. */
+static int skip_digits(const char **p)
+{
+    const char *start = *p;
+    while (is_digit(**p)) {
+        (*p)++;
+    }
+    return *p != start;
+}
+
+/* A decimal as the host writes one, -?D+(.D+)?([eE][-+]?D+)?, that is finite in float. */
+static int parse_float(const char *text, float *value)
+{
+    const char *p = text;
+    char *end;
+    double v;
+    if (*p == '-') {
+        p++;
+    }
+    if (!skip_digits(&p)) {
+        return 0;
+    }
+    if (*p == '.') {
+        p++;
+        if (!skip_digits(&p)) {
+            return 0;
+        }
+    }
+    if (*p == 'e' || *p == 'E') {
+        p++;
+        if (*p == '-' || *p == '+') {
+            p++;
+        }
+        if (!skip_digits(&p)) {
+            return 0;
+        }
+    }
+    if (*p != '\0') {
+        return 0;
+    }
+    v = strtod(text, &end);
+    if (end != p || !(v >= -FLT_MAX && v <= FLT_MAX)) {
+        return 0;
+    }
+    *value = (float)v;
+    return 1;
+}
+
+/* A dotted quad: four decimal octets of at most 255, without leading zeros. */
+static int parse_ipv4(const char *text)
+{
+    const char *p = text;
+    int octet;
+    for (octet = 0; octet < 4; octet++) {
+        const char *start = p;
+        unsigned v = 0;
+        while (is_digit(*p) && p - start < 3) {
+            v = v * 10u + (unsigned)(*p++ - '0');
+        }
+        if (p == start || v > 255u || (p - start > 1 && *start == '0')) {
+            return 0;
+        }
+        if (*p != (octet < 3 ? '.' : '\0')) {
+            return 0;
+        }
+        p += octet < 3;
+    }
+    return 1;
+}
+
+static void cmd_hi_cfg(char **cursor)
+{
+    const char *kind = next_token(cursor), *arg;
+    float v[3];
+    unsigned want, i;
+    if (kind == NULL || (strcmp(kind, "lr") != 0 && strcmp(kind, "th") != 0 &&
+                         strcmp(kind, "remote") != 0)) {
+        lb_printf("e-[Command 'hi-cfg' takes lr W1 W2 B, th THETA or remote]\r\n");
+        return;
+    }
+    want = strcmp(kind, "lr") == 0 ? 3u : strcmp(kind, "th") == 0 ? 1u : 0u;
+    for (i = 0; (arg = next_token(cursor)) != NULL; i++) {
+        if (i == want) {
+            break;
+        }
+        if (!parse_float(arg, &v[i])) {
+            lb_printf("e-[Invalid number '%s': a finite decimal is needed]\r\n", arg);
+            return;
+        }
+    }
+    if (i != want || arg != NULL) {
+        lb_printf("e-[Command 'hi-cfg %s' takes %u numbers]\r\n", kind, want);
+        return;
+    }
+    if (want == 3u) {
+        s.hi_decision = HI_LOGISTIC;
+        s.hi_w1 = v[0], s.hi_w2 = v[1], s.hi_b = v[2];
+        lb_printf("m-hi-cfg-[lr,%f,%f,%f]\r\n", (double)v[0], (double)v[1], (double)v[2]);
+    } else if (want == 1u) {
+        s.hi_decision = HI_THRESHOLD;
+        s.hi_theta = v[0];
+        lb_printf("m-hi-cfg-[th,%f]\r\n", (double)v[0]);
+    } else {
+        s.hi_decision = HI_REMOTE;
+        lb_printf("m-hi-cfg-[remote]\r\n");
+    }
+}
+
+static void cmd_hi_srv(char **cursor)
+{
+    const char *ip = next_token(cursor), *port = next_token(cursor);
+    unsigned long p;
+    if (ip == NULL || port == NULL || next_token(cursor) != NULL || !parse_ipv4(ip) ||
+        !parse_count(port, &p) || p == 0 || p > 65535u) {
+        lb_printf("e-[Command 'hi-srv' takes an IPv4 address A.B.C.D and a port 1..65535]\r\n");
+        return;
+    }
+    lb_net_close(); /* the next offload connects to the new address */
+    s.hi_connected = 0;
+    strcpy(s.hi_ip, ip); /* parse_ipv4 allows at most 15 characters */
+    s.hi_port = (uint16_t)p;
+    lb_printf("m-hi-srv-[%s:%lu]\r\n", s.hi_ip, p);
+}
+
+/* The two highest probabilities of output 0 and its top-1 class (the first of equal values), as
+ * labbench.strategies.decision.to_probabilities makes them: the values as they are if they form a
+ * probability vector, else their softmax. */
+static void top2(float *p1, float *p2, int16_t *top)
+{
+    size_t i, n = lb_model_output_count(), first = 0;
+    double y, y1, y2 = -DBL_MAX, sum = 0.0, exps = 0.0;
+    int probabilities = 1;
+    y1 = (double)lb_model_output(0);
+    for (i = 0; i < n; i++) {
+        y = (double)lb_model_output(i);
+        probabilities &= y >= 0.0 && y <= 1.0;
+        sum += y;
+        if (y > y1) {
+            y2 = y1, y1 = y, first = i;
+        } else if (i != first && y > y2) {
+            y2 = y;
+        }
+    }
+    *top = (int16_t)first;
+    if (probabilities && fabs(sum - 1.0) <= HI_PROBABILITY_SUM_TOLERANCE) {
+        *p1 = (float)y1, *p2 = (float)y2;
+        return;
+    }
+    for (i = 0; i < n; i++) {
+        exps += exp((double)lb_model_output(i) - y1);
+    }
+    *p1 = (float)(1.0 / exps), *p2 = (float)(exp(y2 - y1) / exps);
+}
+
+static void put_be32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24), p[1] = (uint8_t)(v >> 16), p[2] = (uint8_t)(v >> 8), p[3] = (uint8_t)v;
+}
+
+static uint32_t get_be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* Sends the LBQ1 request (header, then payload) and receives the LBR1 reply's header, opening the
+ * connection once more when a kept one failed before any reply byte (the server dropped it). */
+static int hi_exchange(const uint8_t *head, const uint8_t *payload, size_t n, uint8_t *reply,
+                       hi_failure *f)
+{
+    size_t got = 0;
+    const char *err;
+    int attempt;
+    for (attempt = 0;; attempt++) {
+        int was_open = s.hi_connected;
+        err = lb_net_exchange(s.hi_ip, s.hi_port, head, HI_REQUEST_HEAD, reply, 0, &got);
+        if (err == NULL) {
+            err = lb_net_exchange(s.hi_ip, s.hi_port, payload, n, reply, HI_REPLY_HEAD, &got);
+        }
+        if (err == NULL) {
+            s.hi_connected = 1;
+            return 1;
+        }
+        s.hi_connected = 0;
+        if (!was_open || got != 0 || attempt > 0) {
+            f->kind = HI_FAIL_NET, f->text = err, f->a = got;
+            return 0;
+        }
+    }
+}
+
+/* Reads the reply's message (its first `keep` bytes) to just after the CRC'd header, in place of
+ * the CRC, and keeps it printable in f->message; 0 when it could not be read (f says why). */
+static int hi_message(uint8_t *frame, size_t keep, hi_failure *f)
+{
+    size_t i, got = 0;
+    const char *err = NULL;
+    uint8_t *message = frame + HI_REPLY_HEAD - 4u;
+    if (keep > 0) {
+        err = lb_net_exchange(s.hi_ip, s.hi_port, frame, 0, frame + HI_REPLY_HEAD, keep, &got);
+    }
+    if (err != NULL) {
+        f->kind = HI_FAIL_NET, f->text = err, f->a = HI_REPLY_HEAD + got;
+        return 0;
+    }
+    memmove(message, frame + HI_REPLY_HEAD, keep);
+    for (i = 0; i < keep; i++) {
+        char c = (char)message[i];
+        f->message[i] = (c < ' ' || c > '~') ? '?' : c;
+    }
+    f->message[keep] = '\0';
+    return 1;
+}
+
+/* One offload of the `n` bytes at `payload`: the server's class in *cls, or 0 and f says why. */
+static int hi_offload(const uint8_t *payload, size_t n, int16_t *cls, hi_failure *f)
+{
+    uint8_t head[HI_REQUEST_HEAD];
+    uint8_t frame[HI_REPLY_HEAD + HI_MESSAGE_MAX]; /* the reply's header, then its message */
+    uint32_t id = ++s.hi_request_id, stated, crc;
+    int32_t class_index;
+    size_t length, keep;
+    memcpy(head, "LBQ1", 4);
+    put_be32(head + 4, id);
+    put_be32(head + 8, (uint32_t)n);
+    put_be32(head + 12, lb_crc32((const char *)payload, n));
+    if (!hi_exchange(head, payload, n, frame, f)) {
+        return 0;
+    }
+    if (memcmp(frame, "LBR1", 4) != 0) {
+        f->kind = HI_FAIL_MAGIC, f->a = get_be32(frame);
+        return 0;
+    }
+    length = (size_t)frame[21] << 8 | frame[22];
+    keep = length < HI_MESSAGE_MAX ? length : HI_MESSAGE_MAX;
+    stated = get_be32(frame + HI_REPLY_HEAD - 4u);
+    if (!hi_message(frame, keep, f)) {
+        return 0;
+    }
+    crc = lb_crc32((const char *)frame, HI_REPLY_HEAD - 4u + keep);
+    class_index = (int32_t)get_be32(frame + 9);
+    if (keep == length && crc != stated) {
+        f->kind = HI_FAIL_CRC, f->a = crc, f->b = stated;
+    } else if (get_be32(frame + 4) != id) {
+        f->kind = HI_FAIL_ID, f->a = get_be32(frame + 4), f->b = id;
+    } else if (frame[8] != 0 || length != 0) {
+        f->kind = HI_FAIL_STATUS, f->a = frame[8]; /* an ok reply has no message */
+    } else if (class_index < 0 || (size_t)class_index >= lb_model_output_count()) {
+        f->kind = HI_FAIL_CLASS, f->negative = class_index < 0;
+        f->a = class_index < 0 ? 0ul - (unsigned long)class_index : (unsigned long)class_index;
+        f->b = (unsigned long)lb_model_output_count();
+    } else {
+        *cls = (int16_t)class_index;
+        return 1;
+    }
+    return 0;
+}
+
+/* One input of a pass, its result in s.hi_results[i]; 0 and f says why when it failed. */
+static int hi_sample(size_t i, size_t in_bytes, hi_failure *f)
+{
+    hi_result *r = &s.hi_results[i];
+    const uint8_t *input = s.db + i * in_bytes;
+    uint32_t t0, t1, t2;
+    memset(r, 0, sizeof *r);
+    r->local_class = -1;
+    t0 = t1 = t2 = lb_platform_timestamp_us();
+    if (s.hi_decision != HI_REMOTE) {
+        if ((f->text = invoke_on(input)) != NULL) {
+            f->kind = HI_FAIL_MODEL;
+            return 0;
+        }
+        t1 = lb_platform_timestamp_us();
+        top2(&r->p1, &r->p2, &r->local_class);
+        r->accepted = (uint8_t)(s.hi_decision == HI_LOGISTIC
+                                    ? s.hi_w1 * r->p1 + s.hi_w2 * r->p2 + s.hi_b >= 0.0f
+                                    : r->p1 >= s.hi_theta);
+        t2 = lb_platform_timestamp_us();
+        r->t_inf_us = t1 - t0, r->t_dec_us = t2 - t1;
+    }
+    r->final_class = r->local_class;
+    if (r->accepted) {
+        return 1;
+    }
+    if (!hi_offload(input, in_bytes, &r->final_class, f)) {
+        lb_net_close(); /* after a failure the stream may be out of step */
+        s.hi_connected = 0;
+        return 0;
+    }
+    r->t_off_us = lb_platform_timestamp_us() - t2;
+    return 1;
+}
+
+static void print_hi_result(size_t i)
+{
+    const hi_result *r = &s.hi_results[i];
+    lb_printf("m-hi-[%lu,%f,%f,%u,%s%u,%u,%lu,%lu,%lu]\r\n", (unsigned long)i, (double)r->p1,
+              (double)r->p2, (unsigned)r->accepted, r->local_class < 0 ? "-" : "",
+              (unsigned)(r->local_class < 0 ? -r->local_class : r->local_class),
+              (unsigned)r->final_class, (unsigned long)r->t_inf_us, (unsigned long)r->t_dec_us,
+              (unsigned long)r->t_off_us);
+}
+
+static void print_hi_failure(size_t i, const hi_failure *f)
+{
+    if (f->kind == HI_FAIL_MODEL) {
+        lb_printf("e-[hi: sample %lu: Inference failed: %s]\r\n", (unsigned long)i, f->text);
+        return;
+    }
+    lb_printf("e-[hi: sample %lu: offload to %s:%u failed: ", (unsigned long)i, s.hi_ip,
+              (unsigned)s.hi_port);
+    switch (f->kind) {
+    case HI_FAIL_NET:
+        lb_printf(f->a > 0 ? "%s after %lu reply bytes" : "%s", f->text, f->a);
+        break;
+    case HI_FAIL_MAGIC:
+        lb_printf("reply magic %08lx, expected LBR1", f->a);
+        break;
+    case HI_FAIL_CRC:
+        lb_printf("reply CRC-32 %08lx, its header says %08lx", f->a, f->b);
+        break;
+    case HI_FAIL_ID:
+        lb_printf("a reply to request %lu, expected %lu", f->a, f->b);
+        break;
+    case HI_FAIL_STATUS:
+        lb_printf("refused with status %lu: %s", f->a, f->message);
+        break;
+    default:
+        lb_printf("class %s%lu outside the model's %lu outputs", f->negative ? "-" : "", f->a, f->b);
+        break;
+    }
+    lb_printf("]\r\n");
+}
+
+/* Why `hi n` cannot run (printed), or 0 when it can. */
+static int hi_refused(unsigned long n)
+{
+    size_t need = (size_t)n * lb_model_input_bytes();
+    if (s.model_error != NULL) {
+        lb_printf("e-[No model: %s]\r\n", s.model_error);
+    } else if (s.mlperf != NULL && s.mlperf->input != LB_INPUT_TENSOR) {
+        lb_printf("e-[hi: %s's db input is not its input tensor: hi offloads tensor bytes]\r\n",
+                  s.mlperf->id);
+    } else if (s.hi_decision == HI_NONE) {
+        lb_printf("e-[hi: no decision module: send hi-cfg first]\r\n");
+    } else if (s.hi_port == 0) {
+        lb_printf("e-[hi: no edge server: send hi-srv first]\r\n");
+    } else if (lb_model_output_count() < 2) {
+        lb_printf("e-[hi: the model has %lu outputs; the decision needs at least 2]\r\n",
+                  (unsigned long)lb_model_output_count());
+    } else if (s.db_size != need) {
+        lb_printf("e-[hi: db holds %lu bytes; %lu inputs of %lu bytes are %lu]\r\n",
+                  (unsigned long)s.db_size, n, (unsigned long)lb_model_input_bytes(),
+                  (unsigned long)need);
+    } else if (s.db_pos != s.db_size) {
+        lb_printf("e-[Input incomplete: %lu of %lu bytes loaded]\r\n", (unsigned long)s.db_pos,
+                  (unsigned long)s.db_size);
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
+/* `hi N`: the samples run back to back with no output between them (the clock's window is the
+ * board's work alone), then their lines. */
+static void cmd_hi(char **cursor)
+{
+    const char *arg = next_token(cursor);
+    unsigned long n;
+    size_t i, done;
+    uint32_t start, end;
+    hi_failure f;
+    if (arg == NULL || !parse_count(arg, &n) || n == 0 || n > LB_HI_MAX_SAMPLES) {
+        lb_printf("e-[Command 'hi' takes a sample count of 1 to %lu]\r\n",
+                  (unsigned long)LB_HI_MAX_SAMPLES);
+        return;
+    }
+    if (hi_refused(n)) {
+        return;
+    }
+    s.have_results = 0; /* the model's outputs are the last sample's, not an infer's */
+    memset(&f, 0, sizeof f);
+    start = lb_platform_timestamp_us();
+    for (done = 0; done < n && hi_sample(done, lb_model_input_bytes(), &f); done++) {
+    }
+    end = lb_platform_timestamp_us();
+    for (i = 0; i < done; i++) {
+        print_hi_result(i);
+    }
+    if (done < n) {
+        print_hi_failure(done, &f);
+        return;
+    }
+    lb_printf("m-hi-done-[%lu,%lu,%lu]\r\n", n, (unsigned long)start, (unsigned long)end);
+}
+
 static void dispatch(char *line)
 {
     char *cursor = line;
@@ -454,6 +909,12 @@ static void dispatch(char *line)
         cmd_results();
     } else if (strcmp(tok, "crc32") == 0) {
         cmd_crc32(next_token(&cursor));
+    } else if (strcmp(tok, "hi-cfg") == 0) {
+        cmd_hi_cfg(&cursor);
+    } else if (strcmp(tok, "hi-srv") == 0) {
+        cmd_hi_srv(&cursor);
+    } else if (strcmp(tok, "hi") == 0) {
+        cmd_hi(&cursor);
     } else if (strcmp(tok, "boot") == 0) {
         /* The boot extension (lb_dut.h): the cold start on the board's own clock. */
         lb_printf("m-boot-us-[%lu,%lu]\r\n", (unsigned long)s.boot_banner_us,
@@ -468,6 +929,7 @@ void lb_dut_init(const lb_dut_config *cfg)
     memset(&s, 0, sizeof s);
     s.cfg = cfg;
     lb_out_set_crc(0); /* a reset ends the crc32 extension; the host turns it on again */
+    lb_net_close(); /* and forgets the hi extension's settings and connection */
     lb_sha256_hex(cfg->model, cfg->model_bytes, s.model_sha256);
     s.mlperf = lb_mlperf_find(s.model_sha256, cfg->model_name);
     lb_printf("m-timestamp-mode-performance\r\n");

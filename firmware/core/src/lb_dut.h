@@ -22,6 +22,28 @@
  * start, on the boards here) to m-init-done. Whatever ran before the clock started (boot ROM,
  * bootloader) is not in it: the host bounds that part.
  *
+ * Hierarchical-inference extension (not in the reference). `profile` announces it with the line
+ * `m-ext-[hi]`. The device runs its model on each input, a decision module on the two highest
+ * probabilities p1 >= p2 of output 0 (dequantized; softmaxed unless every value is in [0, 1] and
+ * they sum to 1 within 0.05), and offloads the inputs it does not accept to an edge server:
+ *   `hi-cfg lr W1 W2 B`  accept when W1*p1 + W2*p2 + B >= 0   -> m-hi-cfg-[lr,W1,W2,B]
+ *   `hi-cfg th THETA`    accept when p1 >= THETA              -> m-hi-cfg-[th,THETA]
+ *   `hi-cfg remote`      no local inference, offload all      -> m-hi-cfg-[remote]
+ *   `hi-srv A.B.C.D P`   the edge server                      -> m-hi-srv-[A.B.C.D:P]
+ * Numbers are decimals (-?D+(.D+)?([eE][-+]?D+)?) finite in float; the echo prints the float
+ * parsed. `hi N` runs N inputs stored back to back in `db` (exactly N x the input tensor's bytes,
+ * N <= LB_HI_MAX_SAMPLES) and, once all have run, prints one line per input,
+ *   m-hi-[i,p1,p2,accept,local_class,final_class,t_inf_us,t_dec_us,t_off_us]
+ * (remote: p1 = p2 = 0, accept 0, local_class -1, t_inf_us = t_dec_us = 0; t_off_us is 0 where
+ * accepted), then m-hi-done-[N,start_us,end_us], the clock around the whole pass. An offload sends
+ * the input's bytes in the edge server's LBQ1 request (labbench/edge/server.py: big-endian
+ * header "LBQ1", request id (a running count), payload bytes, payload CRC-32) and checks its LBR1
+ * reply: magic, CRC-32, the id echoed, status ok, class within the outputs. The connection is kept
+ * open across inputs and passes; one that was open and failed before any reply byte is opened
+ * again once. A failed offload ends the pass: the lines of the inputs done before it, then
+ * e-[hi: sample i: offload to A.B.C.D:P failed: why] and no done line. After hi-cfg or hi-srv
+ * failing, the previous setting stays; a reset clears both.
+ *
  * MLPerf Tiny reference models. A model found by lb_mlperf_find (its sha256, or a model name that
  * is one of the IDs) is reported by its ID (`m-model-[ic01]`) and takes the `db` input of its
  * reference firmware, which is what MLCommons' runner sends: the per-model input conversion below
@@ -45,6 +67,11 @@ extern "C" {
 /* Capacity of the `db` input buffer (the reference's MAX_DB_INPUT_SIZE default, 96*96*3). */
 #ifndef LB_DB_CAPACITY_BYTES
 #define LB_DB_CAPACITY_BYTES 27648u
+#endif
+
+/* Most inputs one `hi N` runs: their results are kept until the pass ends (28 bytes each). */
+#ifndef LB_HI_MAX_SAMPLES
+#define LB_HI_MAX_SAMPLES 256u
 #endif
 
 /* The `db` input format of a model (labbench.modelinfo.MlperfModel.input). */

@@ -1,6 +1,8 @@
 /* Hooks the DUT core calls.
  *
  * Platform hooks: each board implements these three around its serial port and timer.
+ * Network hooks: the `hi` extension's offload (lb_dut.h); a board without a network link
+ * implements them as refusals.
  * Model hooks: lb_model_tflm.cpp implements them with TFLite Micro on the boards; the host
  * tests use a fake model (tests/fake_board.c).
  */
@@ -23,6 +25,18 @@ void lb_platform_write(const char *data, size_t n);
 
 /* Free-running microsecond clock. Only differences are used; it may wrap at 2^32. */
 uint32_t lb_platform_timestamp_us(void);
+
+/* Network hooks (the `hi` extension). The core builds and checks the request and reply frames;
+ * the board only moves bytes over one TCP connection to `ip`:`port` that it keeps open between
+ * calls, opening it when none is open or when the address changed.
+ * lb_net_exchange sends the `n` bytes of `data` (nothing when n is 0), then receives until
+ * `reply_cap` bytes have arrived in `reply` (nothing when reply_cap is 0), waiting a few seconds at
+ * most. *reply_n is the count received. Returns NULL on success, else a short reason ("connection
+ * refused", "no reply within 5 s", "connection closed by the server"), after closing the
+ * connection. lb_net_close closes it, if one is open. */
+const char *lb_net_exchange(const char *ip, uint16_t port, const uint8_t *data, size_t n,
+                            uint8_t *reply, size_t reply_cap, size_t *reply_n);
+void lb_net_close(void);
 
 /* Model hooks. Those returning `const char *` return NULL on success, else a short reason
  * that the core prints inside e-[...]. The core calls the others only after a successful

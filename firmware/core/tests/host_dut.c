@@ -6,13 +6,21 @@
  *
  * MODEL_FILE's bytes are what the core hashes and reports (named by the file's stem), so an MLPerf
  * Tiny reference model makes it take that model's input format; the fake model still runs.
+ * The `hi` extension's offload goes over a real TCP connection (POSIX sockets, 5 s timeouts).
+ * HOST_DUT_OUTPUTS=N in the environment gives the fake model N outputs (input bytes 0..N-1 / 4)
+ * instead of up to 4, for a model with as many classes as an edge server's.
  */
-#define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE /* POSIX sockets and MSG_NOSIGNAL */
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -64,6 +72,88 @@ void fake_spend_us(uint32_t us)
     }
 }
 
+#define NET_TIMEOUT_S 5
+
+static int net_fd = -1;
+static char net_to[32]; /* "ip:port" of the open connection */
+
+void lb_net_close(void)
+{
+    if (net_fd >= 0) {
+        close(net_fd);
+        net_fd = -1;
+    }
+}
+
+/* A connection to ip:port, opened when none is open to it; NULL or why not. */
+static const char *net_connect(const char *ip, uint16_t port)
+{
+    struct sockaddr_in addr;
+    struct timeval timeout = {NET_TIMEOUT_S, 0};
+    char to[sizeof net_to];
+    int one = 1;
+    snprintf(to, sizeof to, "%s:%u", ip, (unsigned)port);
+    if (net_fd >= 0 && strcmp(to, net_to) == 0) {
+        return NULL;
+    }
+    lb_net_close();
+    memset(&addr, 0, sizeof addr);
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    if (inet_pton(AF_INET, ip, &addr.sin_addr) != 1 || (net_fd = socket(AF_INET, SOCK_STREAM, 0)) < 0) {
+        return "no socket";
+    }
+    setsockopt(net_fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+    setsockopt(net_fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
+    setsockopt(net_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (connect(net_fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
+        const char *why = errno == ECONNREFUSED ? "connection refused" : "connect failed";
+        lb_net_close();
+        return why;
+    }
+    strcpy(net_to, to);
+    return NULL;
+}
+
+const char *lb_net_exchange(const char *ip, uint16_t port, const uint8_t *data, size_t n,
+                            uint8_t *reply, size_t reply_cap, size_t *reply_n)
+{
+    const char *err = net_connect(ip, port);
+    ssize_t k;
+    *reply_n = 0;
+    while (err == NULL && n > 0) {
+        k = send(net_fd, data, n, MSG_NOSIGNAL);
+        if (k < 0 && errno == EINTR) {
+            continue;
+        }
+        if (k <= 0) {
+            err = "send failed";
+            break;
+        }
+        data += k;
+        n -= (size_t)k;
+    }
+    while (err == NULL && *reply_n < reply_cap) {
+        k = recv(net_fd, reply + *reply_n, reply_cap - *reply_n, 0);
+        if (k < 0 && errno == EINTR) {
+            continue;
+        }
+        if (k < 0) {
+            err = errno == EAGAIN || errno == EWOULDBLOCK ? "no reply within 5 s"
+                  : errno == ECONNRESET                  ? "connection reset by the server"
+                                                         : "receive failed";
+        } else if (k == 0) {
+            err = "connection closed by the server";
+        } else {
+            *reply_n += (size_t)k;
+        }
+    }
+    if (err != NULL) {
+        lb_net_close();
+    }
+    return err;
+}
+
 /* The whole file `path` (malloc'd; NULL when it cannot be read), its size in *n. */
 static uint8_t *read_file(const char *path, size_t *n)
 {
@@ -107,8 +197,11 @@ int main(int argc, char **argv)
         strncpy(name, base, sizeof name - 1);
         name[strcspn(name, ".")] = '\0';
     }
+    if (getenv("HOST_DUT_OUTPUTS") != NULL) {
+        fake_output_count = (size_t)strtoul(getenv("HOST_DUT_OUTPUTS"), NULL, 10);
+    }
     if (argc > 4 || config.model == NULL || fake_input_bytes == 0 ||
-        fake_input_bytes > LB_DB_CAPACITY_BYTES) {
+        fake_input_bytes > LB_DB_CAPACITY_BYTES || fake_output_count > fake_input_bytes) {
         fprintf(stderr, "usage: host_dut [INPUT_BYTES (1..%lu) [INVOKE_US [MODEL_FILE]]]\n",
                 (unsigned long)LB_DB_CAPACITY_BYTES);
         return 2;

@@ -80,6 +80,7 @@ static void test_boot_with_failing_model(void)
                                 "m-model-[fake01]\r\n"
                                 "m-ext-[crc32]\r\n"
                                 "m-ext-[boot]\r\n"
+                                "m-ext-[hi]\r\n"
                                 "m-model-sha256-[" FAKE_MODEL_SHA256 "]\r\n"
                                 "m-model-bytes-[19]\r\n"
                                 "e-[Model initialisation failed: arena too small]\r\n" READY);
@@ -118,6 +119,7 @@ static void test_name_profile_timestamp(void)
                                 "m-model-[fake01]\r\n"
                                 "m-ext-[crc32]\r\n"
                                 "m-ext-[boot]\r\n"
+                                "m-ext-[hi]\r\n"
                                 "m-model-sha256-[" FAKE_MODEL_SHA256 "]\r\n"
                                 "m-model-bytes-[19]\r\n"
                                 "m-arena-bytes-[2256]\r\n" READY);
@@ -558,7 +560,7 @@ static const char *boot_as(const char *model_name)
 
 #define PROFILE_AS(id)                                                                             \
     "m-profile-[ULPMark for tinyML Firmware V0.0.1]\r\nm-model-[" id "]\r\nm-ext-[crc32]\r\n"       \
-    "m-ext-[boot]\r\nm-model-sha256-[" FAKE_MODEL_SHA256 "]\r\nm-model-bytes-[19]\r\n"
+    "m-ext-[boot]\r\nm-ext-[hi]\r\nm-model-sha256-[" FAKE_MODEL_SHA256 "]\r\nm-model-bytes-[19]\r\n"
 
 /* ic01/vww01: uint8 images, 128 subtracted (th_load_tensor); the ID replaces the name. */
 static void test_mlperf_uint8_images(void)
@@ -662,6 +664,212 @@ static void test_run_loop(void)
               "m-name-dut-[labbench-host]\r\n" READY "e-[Unknown command: bogus]\r\n" READY);
 }
 
+
+/* ---- the hi extension ---- */
+
+/* Four inputs of 4 bytes; the fake model's outputs are the bytes / 4:
+ *   0 0 0 4 -> 0,0,0,1        a probability vector: p1 = 1, p2 = 0, class 3
+ *   1 0 0 3 -> .25,0,0,.75    p1 = .75, p2 = .25, class 3
+ *   4 4 4 4 -> 1,1,1,1        not one (sums to 4): softmax, p1 = p2 = .25, class 0
+ *   0 0 2 2 -> 0,0,.5,.5      p1 = p2 = .5, class 2 (the first of the two)
+ * The fake server answers (first byte) % 4: 0, 1, 0, 0. */
+#define HI_INPUTS "db load 16%db 00000004010000030404040400000202%"
+
+static void hi_setup(const char *decision)
+{
+    char cmd[96];
+    reboot();
+    fake_net_classes = 4;
+    fake_invoke_us = 100;
+    fake_net_us = 2500;
+    send(HI_INPUTS);
+    sprintf(cmd, "hi-cfg %s%%hi-srv 10.0.0.2 9000%%", decision);
+    send(cmd);
+    fake_clock_us = 1000;
+}
+
+static void test_hi_config_echo(void)
+{
+    reboot();
+    CHECK(strstr(send("profile%"), "m-ext-[hi]\r\n") != NULL);
+    CHECK(strstr(send("help%"), "hi N          : ") != NULL);
+    CHECK_STR(send("hi-cfg lr 1.5 -2 0.25%"), "m-hi-cfg-[lr,1.5,-2,0.25]\r\n" READY);
+    CHECK_STR(send("hi-cfg lr 12.5e-1 -2E0 25e-2%"), "m-hi-cfg-[lr,1.25,-2,0.25]\r\n" READY);
+    CHECK_STR(send("hi-cfg th 0.7%"), "m-hi-cfg-[th,0.699999988]\r\n" READY); /* as a float */
+    CHECK_STR(send("hi-cfg remote%"), "m-hi-cfg-[remote]\r\n" READY);
+    CHECK_STR(send("hi-srv 192.168.1.20 8765%"), "m-hi-srv-[192.168.1.20:8765]\r\n" READY);
+    CHECK_STR(send("hi-srv 0.0.0.0 1%"), "m-hi-srv-[0.0.0.0:1]\r\n" READY);
+
+    CHECK_STR(send("hi-cfg%"), "e-[Command 'hi-cfg' takes lr W1 W2 B, th THETA or remote]\r\n" READY);
+    CHECK_STR(send("hi-cfg LR 1 2 3%"),
+              "e-[Command 'hi-cfg' takes lr W1 W2 B, th THETA or remote]\r\n" READY);
+    CHECK_STR(send("hi-cfg lr 1 2%"), "e-[Command 'hi-cfg lr' takes 3 numbers]\r\n" READY);
+    CHECK_STR(send("hi-cfg lr 1 2 3 4%"), "e-[Command 'hi-cfg lr' takes 3 numbers]\r\n" READY);
+    CHECK_STR(send("hi-cfg remote 1%"), "e-[Command 'hi-cfg remote' takes 0 numbers]\r\n" READY);
+    {
+        static const char *bad[] = {"nan", "inf", "1e39", "0x10", "+1", ".5", "5.", "1e", "--1",
+                                    "1,5", "1.5x"};
+        char cmd[64], want[96];
+        size_t i;
+        for (i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+            sprintf(cmd, "hi-cfg th %s%%", bad[i]);
+            sprintf(want, "e-[Invalid number '%s': a finite decimal is needed]\r\n" READY, bad[i]);
+            CHECK_STR(send(cmd), want);
+        }
+    }
+    {
+        static const char *bad[] = {"hi-srv%", "hi-srv 1.2.3.4%", "hi-srv 256.1.1.1 80%",
+                                    "hi-srv 01.2.3.4 80%", "hi-srv 1.2.3 80%", "hi-srv 1.2.3.4.5 80%",
+                                    "hi-srv 1.2.3.4 0%", "hi-srv 1.2.3.4 65536%",
+                                    "hi-srv 1.2.3.4 80 x%", "hi-srv 1.2.3.-4 80%"};
+        size_t i;
+        for (i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+            CHECK_STR(send(bad[i]), "e-[Command 'hi-srv' takes an IPv4 address A.B.C.D and a port "
+                                    "1..65535]\r\n" READY);
+        }
+    }
+    /* failures keep the settings before them: a pass still runs */
+    send("db load 4%db 00000004%");
+    fake_net_classes = 4;
+    CHECK(starts_with(send("hi 1%"), "m-hi-[0,0,0,0,-1,0,0,0,0]\r\nm-hi-done-[1,"));
+    CHECK_STR(fake_net_address, "0.0.0.0:1");
+}
+
+static void test_hi_threshold_pass(void)
+{
+    hi_setup("th 0.8");
+    CHECK_STR(send("hi 4%"), "m-hi-[0,1,0,1,3,3,100,0,0]\r\n"
+                             "m-hi-[1,0.75,0.25,0,3,1,100,0,2500]\r\n"
+                             "m-hi-[2,0.25,0.25,0,0,0,100,0,2500]\r\n"
+                             "m-hi-[3,0.5,0.5,0,2,0,100,0,2500]\r\n"
+                             "m-hi-done-[4,1000,8900]\r\n" READY);
+    CHECK(fake_runs == 4);
+    CHECK(fake_net_requests == 3 && fake_net_bad_requests == 0 && fake_net_last_id == 3);
+    CHECK(fake_net_connects == 1); /* kept open */
+    CHECK_STR(fake_net_address, "10.0.0.2:9000");
+    /* a second pass keeps counting requests on the same connection */
+    fake_clock_us = 0;
+    CHECK(strstr(send("hi 4%"), "m-hi-done-[4,0,7900]\r\n") != NULL);
+    CHECK(fake_net_last_id == 6 && fake_net_connects == 1);
+    /* theta 0 accepts everything: no request */
+    send("hi-cfg th 0%");
+    CHECK(strstr(send("hi 4%"), "m-hi-[2,0.25,0.25,1,0,0,100,0,0]\r\n") != NULL);
+    CHECK(fake_net_requests == 6);
+}
+
+static void test_hi_logistic_pass(void)
+{
+    /* accept when 10 p1 - 10 p2 - 2 >= 0: p1 - p2 >= 0.2 */
+    hi_setup("lr 10 -10 -2");
+    CHECK_STR(send("hi 4%"), "m-hi-[0,1,0,1,3,3,100,0,0]\r\n"
+                             "m-hi-[1,0.75,0.25,1,3,3,100,0,0]\r\n"
+                             "m-hi-[2,0.25,0.25,0,0,0,100,0,2500]\r\n"
+                             "m-hi-[3,0.5,0.5,0,2,0,100,0,2500]\r\n"
+                             "m-hi-done-[4,1000,6400]\r\n" READY);
+    CHECK(fake_net_requests == 2);
+    /* the boundary itself accepts: 0.5 p1 - 0.25 >= 0 with p1 = .5 */
+    send("hi-cfg lr 0.5 0 -0.25%");
+    CHECK(strstr(send("hi 4%"), "m-hi-[3,0.5,0.5,1,2,2,100,0,0]\r\n") != NULL);
+}
+
+static void test_hi_remote_pass(void)
+{
+    hi_setup("remote");
+    CHECK_STR(send("hi 4%"), "m-hi-[0,0,0,0,-1,0,0,0,2500]\r\n"
+                             "m-hi-[1,0,0,0,-1,1,0,0,2500]\r\n"
+                             "m-hi-[2,0,0,0,-1,0,0,0,2500]\r\n"
+                             "m-hi-[3,0,0,0,-1,0,0,0,2500]\r\n"
+                             "m-hi-done-[4,1000,11000]\r\n" READY);
+    CHECK(fake_runs == 0 && fake_net_requests == 4);
+}
+
+static void test_hi_refusals(void)
+{
+    reboot();
+    send("db load 16%");
+    CHECK_STR(send("hi 4%"), "e-[hi: no decision module: send hi-cfg first]\r\n" READY);
+    send("hi-cfg remote%");
+    CHECK_STR(send("hi 4%"), "e-[hi: no edge server: send hi-srv first]\r\n" READY);
+    send("hi-srv 127.0.0.1 80%");
+    CHECK_STR(send("hi 4%"), "e-[Input incomplete: 0 of 16 bytes loaded]\r\n" READY);
+    CHECK_STR(send("hi 3%"), "e-[hi: db holds 16 bytes; 3 inputs of 4 bytes are 12]\r\n" READY);
+    CHECK_STR(send("hi 5%"), "e-[hi: db holds 16 bytes; 5 inputs of 4 bytes are 20]\r\n" READY);
+    CHECK_STR(send("hi 0%"), "e-[Command 'hi' takes a sample count of 1 to 256]\r\n" READY);
+    CHECK_STR(send("hi 257%"), "e-[Command 'hi' takes a sample count of 1 to 256]\r\n" READY);
+    CHECK_STR(send("hi%"), "e-[Command 'hi' takes a sample count of 1 to 256]\r\n" READY);
+    CHECK_STR(send("hi -1%"), "e-[Command 'hi' takes a sample count of 1 to 256]\r\n" READY);
+    CHECK(fake_net_connects == 0);
+
+    fake_reset();
+    fake_input_bytes = 1; /* one output */
+    boot();
+    send("hi-cfg remote%hi-srv 127.0.0.1 80%db load 1%db 00%");
+    CHECK_STR(send("hi 1%"), "e-[hi: the model has 1 outputs; the decision needs at least 2]\r\n" READY);
+
+    fake_reset();
+    boot_as("vww01");
+    send("hi-cfg remote%hi-srv 127.0.0.1 80%db load 4%db 00000000%");
+    CHECK_STR(send("hi 1%"), "e-[hi: vww01's db input is not its input tensor: hi offloads tensor "
+                             "bytes]\r\n" READY);
+
+    fake_reset();
+    fake_init_error = "arena too small";
+    boot();
+    send("hi-cfg remote%hi-srv 127.0.0.1 80%");
+    CHECK_STR(send("hi 1%"), "e-[No model: arena too small]\r\n" READY);
+
+    /* a reset forgets the settings */
+    reboot();
+    send("db load 4%db 00000004%");
+    CHECK_STR(send("hi 1%"), "e-[hi: no decision module: send hi-cfg first]\r\n" READY);
+}
+
+/* Offload every input (theta 2 > any p1) with the server's request `at` broken as `fault`; the
+ * reply to `hi 4`. */
+static const char *hi_broken(fake_net_fault_kind fault, unsigned long at)
+{
+    hi_setup("th 2");
+    fake_net_fault = fault;
+    fake_net_break_at = at;
+    return send("hi 4%");
+}
+
+#define SAMPLE0 "m-hi-[0,1,0,0,3,0,100,0,2500]\r\n"
+#define SAMPLE1 "m-hi-[1,0.75,0.25,0,3,1,100,0,2500]\r\n"
+#define OFFLOAD_FAILED(i) "e-[hi: sample " #i ": offload to 10.0.0.2:9000 failed: "
+
+static void test_hi_server_failures(void)
+{
+    /* the server goes away at the second request: the kept connection is tried once more */
+    CHECK_STR(hi_broken(FAKE_NET_DOWN, 2),
+              SAMPLE0 OFFLOAD_FAILED(1) "connection refused]\r\n" READY);
+    CHECK(fake_net_connects == 1);
+    /* ... and the pass after fails at once */
+    CHECK_STR(send("hi 4%"), OFFLOAD_FAILED(0) "connection refused]\r\n" READY);
+
+    /* a connection the server dropped once is opened again and the pass completes */
+    CHECK(strstr(hi_broken(FAKE_NET_DROP_ONCE, 2), "m-hi-done-[4,") != NULL);
+    CHECK(fake_net_connects == 2 && fake_net_requests == 5 && fake_net_last_id == 4);
+
+    /* a new connection that fails is not retried */
+    CHECK_STR(hi_broken(FAKE_NET_SILENT, 1), OFFLOAD_FAILED(0) "no reply within 5 s]\r\n" READY);
+    CHECK(fake_net_connects == 1);
+
+    CHECK_STR(hi_broken(FAKE_NET_BAD_ID, 2),
+              SAMPLE0 OFFLOAD_FAILED(1) "a reply to request 3, expected 2]\r\n" READY);
+    CHECK_STR(hi_broken(FAKE_NET_BAD_MAGIC, 1),
+              OFFLOAD_FAILED(0) "reply magic 4c425831, expected LBR1]\r\n" READY);
+    CHECK(starts_with(hi_broken(FAKE_NET_BAD_CRC, 2), SAMPLE0 OFFLOAD_FAILED(1) "reply CRC-32 "));
+    CHECK_STR(hi_broken(FAKE_NET_REFUSED, 1),
+              OFFLOAD_FAILED(0) "refused with status 2: payload of 3 bytes, the model's input is "
+                                "int8[1, 4] (4 bytes)]\r\n" READY);
+    CHECK_STR(hi_broken(FAKE_NET_BAD_CLASS, 2),
+              SAMPLE0 OFFLOAD_FAILED(1) "class 4 outside the model's 4 outputs]\r\n" READY);
+    /* after a failure the connection is closed; the next pass opens a new one and completes */
+    CHECK(strstr(send("hi 4%"), "m-hi-done-[4,") != NULL);
+    CHECK(fake_net_connects == 2);
+}
+
 int main(void)
 {
     test_nothing_answered_before_init();
@@ -691,5 +899,11 @@ int main(void)
     test_mlperf_int8_features();
     test_mlperf_float_input_and_mse();
     test_run_loop();
+    test_hi_config_echo();
+    test_hi_threshold_pass();
+    test_hi_logistic_pass();
+    test_hi_remote_pass();
+    test_hi_refusals();
+    test_hi_server_failures();
     return check_summary("test_dut");
 }
