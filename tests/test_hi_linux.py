@@ -170,8 +170,10 @@ def test_remote_mode_offloads_every_sample_over_one_connection_in_the_links_time
         up.latency_s + up.serialisation_s(16 + 784) + down.latency_s + down.serialisation_s(27)
     )
     network_us = result.t_off_us - result.extra["server_us"]
-    assert (network_us >= modelled_us * 0.99).all()  # 2.42 ms: a link cannot be faster than its model
-    assert np.median(network_us) < modelled_us + 1500, np.median(network_us)  # emulator, TCP, Python
+    # 2.42 ms on average: the emulator aims its deliveries early by its own wake-up lateness
+    # (labbench.edge.timing), so single ones may be early by that much, the mean is the model's
+    assert (network_us >= modelled_us - 500).all(), network_us.min()
+    assert modelled_us - 100 < np.mean(network_us) < modelled_us + 1500, np.mean(network_us)  # TCP, Python
 
 
 def test_threshold_zero_accepts_every_sample_and_never_offloads(boards, edge, mnist):
@@ -316,3 +318,16 @@ def test_configure_refuses_what_is_not_a_decision_or_a_server(tmp_path, decision
         board.hi_configure(decision, server)
     with pytest.raises(UsageError, match="hi_run before hi_configure"):
         board.hi_run(np.zeros((1, 784), np.float32))
+
+
+def test_a_pass_longer_than_a_second_holds_its_records_and_says_it_is_alive(boards, edge, mnist, tmp_path):
+    """The samples' records come after the pass (its time is the strategy's, not the reporting's);
+    meanwhile progress records, at most a second apart, keep the host from taking it for a hang."""
+    server, _ = edge
+    with Link(server.address, "ble") as slow:  # 60 ms of latency per offload: 30 samples take ~2 s
+        result = run(boards["rpi4"], {"kind": "remote"}, slow, mnist[:30])
+    assert result.count == 30 and (result.t_off_us > 60_000).all()
+    ((w0, w1, n),) = result.windows
+    assert n == 30 and w1 - w0 == pytest.approx(result.t_off_us.sum() / 1e6, rel=0.02)
+    log = boards["rpi4"].log_path.read_text()
+    assert '"type":"progress"' in log

@@ -257,6 +257,8 @@ _HI = {
     "t_ns": "int",
 }
 _ERROR = {"i": "int", "server": "text", "what": "text"}
+_PROGRESS = {"i": "int", "t_ns": "int"}
+HEARTBEAT_S = 1.0  # the runner's hi pass writes a progress record at least this often
 
 
 def _record(line: bytes, kinds: dict[str, dict[str, str]], what: str) -> dict[str, Any]:
@@ -340,6 +342,7 @@ class _Records:
         self.latency_ns: list[int] = []
         self.outputs: list[list[float]] = []  # classify's rows
         self.samples: list[dict[str, Any]] = []  # hi's records
+        self._done = 0  # hi: samples the last progress record said were done
         self.offset_s = math.inf  # least (host arrival - board stamp) seen: the clocks' offset, bounded
         self._t0_ns = self._prev_ns = 0
         self._start_ns = self._first_latency_ns = self._outputs = 0  # from the start record
@@ -362,7 +365,8 @@ class _Records:
         elif n == self.want.count:
             self._end(_record(line, {"end": _END | (_OUTPUT if timed else {})}, "the end record"), arrived)
         elif hi:
-            self._sample(_record(line, {"hi": _HI, "error": _ERROR}, f"sample {n}"), arrived)
+            r = _record(line, {"hi": _HI, "error": _ERROR, "progress": _PROGRESS}, f"sample {n}")
+            self._progress(r, arrived) if r["type"] == "progress" else self._sample(r, arrived)
         else:
             r = _record(line, {"inference": _INFERENCE | ({} if timed else _OUTPUT)}, f"inference {n}")
             self._inference(r["i"], r["t_ns"], r["latency_ns"], arrived, r.get("output"))
@@ -409,6 +413,15 @@ class _Records:
         self.t_ns.append(t_ns)
         self.latency_ns.append(latency_ns)
         self._prev_ns = t_ns
+
+    def _progress(self, r: dict[str, Any], arrived: float) -> None:
+        """A hi pass's sign of life: the samples it has done, before it reports them."""
+        if n := len(self.t_ns):
+            raise _Mismatch(f"sample {n}", f"a progress record after the samples' records began: {r}")
+        if not self._done <= r["i"] < self.want.count:
+            raise _Mismatch(f"progress at {self._done} to {self.want.count - 1} samples done", str(r["i"]))
+        self._clock(r["t_ns"], arrived, f"progress at sample {r['i']}")
+        self._done = r["i"]
 
     def _sample(self, r: dict[str, Any], arrived: float) -> None:
         """One hi record (see the module docstring); an error record for this sample is _OffloadFailed."""
@@ -513,6 +526,8 @@ class _Records:
         n = len(self.t_ns)
         if n == self.want.count:
             return 0.0
+        if self.want.mode == "hi" and n == 0:
+            return HEARTBEAT_S  # a pass holds its records until done, and says it is alive meanwhile
         ahead = 1 + (self.want.warmup if n == 0 and self.want.mode == "timed" else 0)
         return ahead * self.per_inference_s()
 

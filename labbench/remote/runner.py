@@ -22,6 +22,7 @@ are the board's time.perf_counter_ns() (CLOCK_MONOTONIC):
     {"type":"inference","i":0,"t_ns":...,"latency_ns":5120,"output":[K values]}   (classify)
     {"type":"hi","i":0,"p1":...,"p2":...,"accept":true,"local":3,"final":3,
      "t_inf_ns":...,"t_dec_ns":...,"t_off_ns":0,"server_us":0,"t_ns":...}              (hi)
+    {"type":"progress","i":N,"t_ns":...}                          (hi: N samples done; once a second)
     {"type":"error","i":7,"server":"HOST:PORT","what":...}                            (hi: offload failed)
     {"type":"end","count":N,"t_ns":...,"peak_rss_kib":...,"output":[K values]}   (output: timed only)
 
@@ -48,6 +49,10 @@ p1 = p2 = 0, local = -1 and t_inf_ns = t_dec_ns = 0. `final` is `local` when acc
 class. The stamps are contiguous: a sample began at t_ns - t_inf_ns - t_dec_ns - t_off_ns. An offload
 that fails (refused, garbled, no reply within `--timeout` seconds for both attempts together) is an
 error record naming the sample, and the runner exits with status 3.
+A hi pass runs as it would in the field: the inputs are prepared before the first sample and the
+samples' records are held until the last sample is done (or an offload failed), so that the pass's
+time and energy are the strategy's, not the reporting's; a `progress` record once a second (at most)
+tells the host the pass is alive.
 
 Float inputs are quantized with the model's own input scale and zero point; outputs are
 dequantized with its output scale and zero point, so every runtime returns float32 scores.
@@ -78,6 +83,7 @@ T0_NS = time.perf_counter_ns()  # the runner's first stamp
 PROTOCOL = 3  # bumped when the command line or the line format changes
 _out = sys.stdout.fileno()  # main() gives records their own copy of stdout
 OFFLOAD_FAILED = 3  # hi's exit status after an error record
+HEARTBEAT_NS = 1_000_000_000  # hi: a progress record at least this often while the pass runs
 PROBABILITY_SUM_TOLERANCE = 0.05  # labbench.strategies.decision's
 DECISION_FIELDS = {"logistic": ("w1", "w2", "b"), "threshold": ("theta",), "remote": ()}
 REQUEST = struct.Struct(">4sIII")  # labbench.edge.server's frames
@@ -446,10 +452,15 @@ def hi(path: str, samples: np.ndarray, decision: dict, server: tuple[str, int], 
         edge.connect(time.monotonic() + timeout_s)
     except OSError as exc:
         offload_failed(0, where, f"connect: {_seen(exc)}")
-    for i, sample in enumerate(samples):
-        x = prepare(model, sample)
-        payload = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tobytes()
+    inputs = [prepare(model, sample) for sample in samples]
+    payloads = [np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tobytes() for x in inputs]
+    held: list[dict] = []
+    beat_ns = time.perf_counter_ns()
+    for i, (x, payload) in enumerate(zip(inputs, payloads, strict=True)):
         t0 = time.perf_counter_ns()
+        if t0 - beat_ns >= HEARTBEAT_NS:
+            emit({"type": "progress", "i": i, "t_ns": t0})
+            beat_ns = t0 = time.perf_counter_ns()
         if decision["kind"] == "remote":
             p1, p2, local, accept, t1, t2 = 0.0, 0.0, -1, False, t0, t0
         else:
@@ -459,9 +470,11 @@ def hi(path: str, samples: np.ndarray, decision: dict, server: tuple[str, int], 
             try:
                 final, server_us = edge.classify(payload)
             except OffloadError as exc:
+                for record in held:
+                    emit(record)
                 offload_failed(i, where, str(exc))
             t3 = time.perf_counter_ns()
-        emit(
+        held.append(
             {
                 "type": "hi",
                 "i": i,
@@ -478,6 +491,8 @@ def hi(path: str, samples: np.ndarray, decision: dict, server: tuple[str, int], 
             }
         )
     edge.close()
+    for record in held:
+        emit(record)
     emit(
         {"type": "end", "count": len(samples), "t_ns": time.perf_counter_ns(), "peak_rss_kib": peak_rss_kib()}
     )

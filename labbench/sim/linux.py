@@ -29,7 +29,11 @@ idle_w + (active_w - idle_w) x utilisation to the bus channel, timestamped on ti
 Utilisation is CPU seconds per second, capped at 1: the family's active_w is the board running
 inferences back to back, which is what one busy core of the runner does (CPU time a period shows
 beyond its length, tick rounding mostly, is carried into the next). The value posted at t is the
-mean over the period that ended at t (the bus is never rewritten after the fact). Every level posted
+mean over the period that ended at t (the bus is never rewritten after the fact), so the draw lags
+the load by one period: 20 ms by default, short beside the bench's windows and guards (the runner's
+start-up, the bulk of a run's CPU outside it, spills that much into a window that follows it). While
+one of the board's offloads is in flight (its `radio`), the board draws its link's power instead of
+idle (sim/radio.py), for the share of the period it was. Every level posted
 carries powerbus.LevelNoise of `power_noise_pct` % (default POWER_NOISE_PCT; 0: exact levels), drawn
 from `seed` (default: the board's name), as the simulated MCU boards' do.
 """
@@ -177,7 +181,7 @@ class SimLinuxBoard:
         power_mode: str | None = None,
         state_dir: Path | None = None,
         python: str = sys.executable,
-        sample_period_s: float = 0.1,
+        sample_period_s: float = 0.02,
         seed: int | str | None = None,
         power_noise_pct: float = POWER_NOISE_PCT,
         radio: Radio | None = None,
