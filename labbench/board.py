@@ -71,6 +71,8 @@ class Board:
             caps.discard("flash")
         if e.power:
             caps.add("power")
+        if e.link:
+            caps.add("hi")  # it offloads over a network link (hierarchical inference)
         return caps
 
     @cached_property

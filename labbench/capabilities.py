@@ -107,10 +107,15 @@ class HiTarget(Protocol):
 
     `decision` is `labbench.strategies.decision`'s device form: `{"kind": "logistic", "w1", "w2",
     "b"}`, `{"kind": "threshold", "theta"}`, or `{"kind": "remote"}` (no local inference: every
-    sample offloaded). `server` is the (host, port) the device connects to.
+    sample offloaded). `server` is the (host, port) the device connects to. `settle_s`: the device
+    idles this long before each pass's first sample (a Linux runner, whose start-up and reporting are
+    CPU work, also after its last, before reporting), so that a power meter sees idle beside the
+    pass's window.
     """
 
-    def hi_configure(self, decision: dict[str, str | float], server: tuple[str, int]) -> None: ...
+    def hi_configure(
+        self, decision: dict[str, str | float], server: tuple[str, int], *, settle_s: float = 0.0
+    ) -> None: ...
 
     def hi_run(self, samples: np.ndarray) -> HiRun: ...
 

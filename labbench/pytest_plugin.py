@@ -57,6 +57,7 @@ from labbench.results import Journal, JournalError
 if TYPE_CHECKING:
     from labbench.budgets import Judgement
     from labbench.preflight import Result
+    from labbench.strategies.run import Study
 
 STEP_LOG_DIR = Path("reports/logs")  # <board>-steps.log, beside the drivers' serial and SSH logs
 _LAB = pytest.StashKey[inventory.Lab]()
@@ -113,6 +114,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"requires(*capabilities): skip boards lacking any of the capabilities ({', '.join(CAPABILITIES)})",
+    )
+    config.addinivalue_line(
+        "markers",
+        "strategies: the seed paper's strategy study (on-device, HI, remote; long): run only when "
+        "-m selects it (`-m strategies`)",
     )
     config.addinivalue_line(
         "markers",
@@ -491,8 +497,15 @@ def pytest_html_results_table_row(report: pytest.TestReport, cells: list[object]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Bad `requires` and `budget` marker arguments are a usage error at collection, not at run time."""
+    """Bad `requires` and `budget` marker arguments are a usage error at collection, not at run time.
+    The strategy study runs only when `-m` names it: a plain HIL run stays a budget run."""
     from pydantic import ValidationError
+
+    if "strategies" not in (config.getoption("markexpr") or ""):
+        study = [item for item in items if item.get_closest_marker("strategies")]
+        if study:
+            config.hook.pytest_deselected(items=study)
+            items[:] = [item for item in items if not item.get_closest_marker("strategies")]
 
     for item in items:
         for marker in item.iter_markers("requires"):
@@ -643,6 +656,15 @@ class HilBench:
 
     def identify(self, node: pytest.Item, board: Board) -> DutIdentity:
         return self.bench.identify(board, self._runner(node))
+
+    def study(self, node: pytest.Item, study: Study) -> list[Measurement]:
+        """The strategy study (labbench.strategies.run), each board step with recovery."""
+        from labbench.strategies.run import run_study
+
+        try:
+            return run_study(self.bench, study, self._runner(node))
+        except NotDeployable as exc:
+            pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")

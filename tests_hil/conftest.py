@@ -38,6 +38,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
+def found_payloads() -> dict[str, Payload]:
+    """Every payload of this run, by name."""
+    return payloads()
+
+
+@pytest.fixture(scope="session")
 def default_payload() -> Payload:
     """The payload every board can hold: the int8 digits classifier."""
     return payloads()[DEFAULT_PAYLOAD]

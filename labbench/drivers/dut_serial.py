@@ -169,6 +169,7 @@ attached as `.partial`, and the recent lines as `.transcript`.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import threading
 import time
@@ -371,6 +372,7 @@ class DutSerial:
         self.reported_model: str | None = None  # the m-model-[...] of the last identify: the input format
         self.cold_start: dict[str, float | str] = {}  # the last reset's or boot_cold_start's (module doc)
         self._hi: tuple[str, tuple[np.float32, ...], str] | None = None  # hi-cfg kind, values, server
+        self._hi_settle_s = 0.0
 
     @classmethod
     def from_lab(cls, entry: Any, family: Any = None, *, log_dir: str | Path | None = None) -> DutSerial:
@@ -1177,9 +1179,14 @@ class DutSerial:
 
     # -- HiTarget (module docstring: Hierarchical inference) -----------------------------------------
 
-    def hi_configure(self, decision: dict[str, str | float], server: tuple[str, int]) -> None:
+    def hi_configure(
+        self, decision: dict[str, str | float], server: tuple[str, int], *, settle_s: float = 0.0
+    ) -> None:
         """Send the decision module and the edge server's address (an IPv4 literal the DUT can reach) and
-        check the DUT's echoes."""
+        check the DUT's echoes; each pass then waits `settle_s` after its upload, the board idle."""
+        if not (math.isfinite(settle_s) and settle_s >= 0):
+            raise ValueError(f"{self.board}: settle_s must be a time >= 0, not {settle_s}")
+        self._hi_settle_s = settle_s
         kind, values = _hi_decision(decision)
         host, port = server
         try:
@@ -1253,7 +1260,12 @@ class DutSerial:
             + k * 80 * self.char_time_s
         )
         hi = _Command(f"hi {k}", limit)
-        cmds = self._upload_commands(b"".join(data)) + [_Command("timestamp", self.timeout_s, alone=True), hi]
+        with closing(self._transact(self._upload_commands(b"".join(data)), stop)) as uploaded:
+            for _ in uploaded:
+                pass
+        if self._hi_settle_s:
+            time.sleep(self._hi_settle_s)  # the board idles before the pass: a power meter's guard
+        cmds = [_Command("timestamp", self.timeout_s, alone=True), hi]
         clock: ClockSync | None = None
         stamps = _Stamps()
         try:

@@ -418,8 +418,8 @@ class _Records:
         """A hi pass's sign of life: the samples it has done, before it reports them."""
         if n := len(self.t_ns):
             raise _Mismatch(f"sample {n}", f"a progress record after the samples' records began: {r}")
-        if not self._done <= r["i"] < self.want.count:
-            raise _Mismatch(f"progress at {self._done} to {self.want.count - 1} samples done", str(r["i"]))
+        if not self._done <= r["i"] <= self.want.count:
+            raise _Mismatch(f"progress at {self._done} to {self.want.count} samples done", str(r["i"]))
         self._clock(r["t_ns"], arrived, f"progress at sample {r['i']}")
         self._done = r["i"]
 
@@ -583,6 +583,7 @@ class SshBoard(SshConnection):
         self._datasets: dict[str, tuple[str, str]] = {}
         self._per_inference_s: dict[str, float] = {}  # by mode, from the last complete run of this deployment
         self._hi: tuple[dict[str, Any], tuple[str, int], float] | None = None  # hi_configure's
+        self._hi_settle_s = 0.0
 
     @classmethod
     def from_lab(
@@ -948,11 +949,16 @@ class SshBoard(SshConnection):
         decision: dict[str, str | float],
         server: tuple[str, int],
         *,
+        settle_s: float = 0.0,
         timeout_s: float = OFFLOAD_TIMEOUT_S,
     ) -> None:
         """Keep the decision (its device form) and the edge server's (host, port) as the board reaches
-        it for `hi_run`; `timeout_s` bounds each offload on the board, its reconnection included.
-        ValueError for a decision, server or timeout that is not one."""
+        it for `hi_run`; `timeout_s` bounds each offload on the board, its reconnection included; the
+        runner idles `settle_s` before the first sample and after the last. ValueError for a
+        decision, server or time that is not one."""
+        if not (math.isfinite(settle_s) and settle_s >= 0):
+            raise ValueError(f"settle_s must be a time >= 0: got {settle_s}")
+        self._hi_settle_s = float(settle_s)
         checked = _device_decision(dict(decision))
         host, port = server
         if not isinstance(host, str) or not host or any(c.isspace() for c in host):
@@ -984,6 +990,8 @@ class SshBoard(SshConnection):
             json.dumps(decision, separators=(",", ":")),
             "--timeout",
             repr(timeout_s),
+            "--settle",
+            repr(self._hi_settle_s),
             *(["--dataset", held[0], "--key", held[1]] if held else []),
         )
 

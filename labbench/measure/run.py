@@ -108,6 +108,9 @@ class RunSettings:
     attempts: int = _setting(
         3, "invalid measurements of a window (or the idle baseline) before it is an error"
     )
+    strategy_samples: int = _setting(
+        300, "evaluation samples per strategy in the strategy study (half the test split at most)"
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -308,7 +311,7 @@ def run_energy(
     try:
         with capture() as cap:
             stop = _stop_when(target, cap)
-            idle, span = _idle_baseline(cap, meter, s, record, sleep, progress)
+            idle, span = idle_baseline(cap, meter, s, record, sleep, progress)
             record.idle, outcome.idle, guard_from = idle, span, span[1]
             for i in range(s.windows):
                 result = _window(
@@ -345,7 +348,7 @@ def _prescan(
     return meter.hold_ranges(scan.trace)
 
 
-def _idle_baseline(
+def idle_baseline(
     cap: Capture,
     meter: PowerMeter,
     s: RunSettings,
@@ -425,7 +428,7 @@ def _window(
         cap.wait_for_updates_after(run.host_end + lag, settle)  # the trailing guard: edge update, whole idle
         # guards that stay busy once lengthened are the DUT's own (an SSH runner starting up)
         trace = cap.trace
-        result, problems = _judge(trace, run, idle, guard_from, worst_case_edges=measurement > 1)
+        result, problems = judge_window(trace, run, idle, guard_from, worst_case_edges=measurement > 1)
         if result is not None:
             if problems:
                 record.remeasured.append(
@@ -477,7 +480,7 @@ def _remedy(meter: PowerMeter, problems: list[str], trace: PowerTrace, t0: float
     return True
 
 
-def _judge(
+def judge_window(
     trace: PowerTrace, run: TimedRun, idle: WindowEnergy, guard_from: float, worst_case_edges: bool
 ) -> tuple[WindowResult | None, list[str]]:
     """A window's result and its problems. The guard stretches beside it (from `guard_from` to the

@@ -52,7 +52,9 @@ error record naming the sample, and the runner exits with status 3.
 A hi pass runs as it would in the field: the inputs are prepared before the first sample and the
 samples' records are held until the last sample is done (or an offload failed), so that the pass's
 time and energy are the strategy's, not the reporting's; a `progress` record once a second (at most)
-tells the host the pass is alive.
+tells the host the pass is alive. `--settle S` idles S seconds before the first sample and after the
+last (still saying so each second): a power meter's guards beside the pass, which are otherwise the
+runner's start-up and reporting.
 
 Float inputs are quantized with the model's own input scale and zero point; outputs are
 dequantized with its output scale and zero point, so every runtime returns float32 scores.
@@ -440,8 +442,20 @@ def local_step(model, x: np.ndarray, decision: dict) -> tuple[float, float, int,
     return p1, p2, int(np.argmax(y)), accept, t1, time.perf_counter_ns()
 
 
-def hi(path: str, samples: np.ndarray, decision: dict, server: tuple[str, int], timeout_s: float) -> None:
-    """Hierarchical inference of `samples`, offloading to `server` what `decision` does not accept."""
+def settle(seconds: float, done: int) -> int:
+    """Idle `seconds` (a power meter's guard beside the pass), saying so once a second; the stamp after."""
+    end = time.perf_counter_ns() + int(seconds * 1e9)
+    while (left := end - time.perf_counter_ns()) > 0:
+        time.sleep(min(left, HEARTBEAT_NS) / 1e9)
+        emit({"type": "progress", "i": done, "t_ns": time.perf_counter_ns()})
+    return time.perf_counter_ns()
+
+
+def hi(
+    path: str, samples: np.ndarray, decision: dict, server: tuple[str, int], timeout_s: float, settle_s: float
+) -> None:
+    """Hierarchical inference of `samples`, offloading to `server` what `decision` does not accept,
+    idle `settle_s` before the first sample and after the last."""
     host, port = server
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     model, _, _ = cold_start(
@@ -455,7 +469,7 @@ def hi(path: str, samples: np.ndarray, decision: dict, server: tuple[str, int], 
     inputs = [prepare(model, sample) for sample in samples]
     payloads = [np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tobytes() for x in inputs]
     held: list[dict] = []
-    beat_ns = time.perf_counter_ns()
+    beat_ns = settle(settle_s, 0)
     for i, (x, payload) in enumerate(zip(inputs, payloads, strict=True)):
         t0 = time.perf_counter_ns()
         if t0 - beat_ns >= HEARTBEAT_NS:
@@ -491,6 +505,7 @@ def hi(path: str, samples: np.ndarray, decision: dict, server: tuple[str, int], 
             }
         )
     edge.close()
+    settle(settle_s, len(samples))
     for record in held:
         emit(record)
     emit(
@@ -566,6 +581,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--server", type=host_port, required=True, help="the edge server, HOST:PORT")
     p.add_argument("--decision", type=decision_json, required=True, help="the decision's JSON form")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds an offload may take, retry included")
+    p.add_argument(
+        "--settle", type=float, default=0.0, help="seconds idle before the first sample and after the last"
+    )
     p.add_argument("--dataset", help=".npz file; without it, a .npy array is read from stdin")
     p.add_argument("--key", default="x_test")
     args = parser.parse_args(argv)
@@ -578,7 +596,7 @@ def main(argv: list[str] | None = None) -> None:
         classify(args.model, npz_array(args.dataset, args.key) if args.dataset else stdin_array())
     else:
         samples = npz_array(args.dataset, args.key) if args.dataset else stdin_array()
-        hi(args.model, samples, args.decision, args.server, args.timeout)
+        hi(args.model, samples, args.decision, args.server, args.timeout, args.settle)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,7 @@ class McuSimulator(FaultInjecting):
             port=part.port,
             family=part.family,
             bus_channel=part.channel,
+            radio=part.radio,
             **settings,
         )
         mcu.uart.faults.reset = mcu.reset

@@ -112,6 +112,7 @@ class StrategyResult(_Frozen):
     link: dict[str, Any] | None = None  # the board's link: its name and shape
     decision: dict[str, str | float] | None = None  # what the device was configured with
     decision_f1: float | None = None  # of the decision module on the evaluation samples (accept = positive)
+    decision_basis: str | None = None  # how the decision module was chosen and fitted
     measured: Figures
     predicted: Figures | None = None  # HI: Eq. 1-4 from `modular`
     modular: Modular | None = None
