@@ -4,8 +4,9 @@ compares it with a baseline. Budgets (`inventory.ModelBudget`), the verdicts (`b
 the dashboard all read `METRICS`; adding a metric is one entry here (and, for a new kind of baseline
 comparison, one comparer in `labbench.gate`).
 
-A metric finds its value on a measurement record by attribute path (`"latency.p99_ms"`), scaled into
-its unit, so this module knows nothing of the record's class.
+A metric finds its value on a measurement record by attribute path (`"latency.p99_ms"`; a mapping's
+keys count as attributes, so `extra.strategy...` reaches a strategy's figures), scaled into its unit,
+so this module knows nothing of the record's class.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _at(record: Any, path: str) -> Any:
     for part in path.split("."):
         if record is None:
             return None
-        record = getattr(record, part, None)
+        record = record.get(part) if isinstance(record, dict) else getattr(record, part, None)
     return record
 
 
@@ -101,6 +102,30 @@ METRICS: dict[str, Metric] = {
             "memory.arena_bytes",
             scale=1 / 1024,
             compare="relative",
+        ),
+        # a strategy's figures (labbench.strategies.record: a record of the strategy study)
+        Metric(
+            "strategy_lpi_ms",
+            "strategy latency per inference",
+            "ms",
+            "max",
+            "extra.strategy.measured.lpi_ms.value",
+            uncertainty="extra.strategy.measured.lpi_ms.uncertainty",
+        ),
+        Metric(
+            "strategy_epi_mj",
+            "strategy energy per inference",
+            "mJ",
+            "max",
+            "extra.strategy.measured.epi_mj.value",
+            uncertainty="extra.strategy.measured.epi_mj.uncertainty",
+        ),
+        Metric(
+            "offloaded_fraction",
+            "offloaded share",
+            "",
+            "max",
+            "extra.strategy.measured.offloaded_fraction.value",
         ),
         Metric(
             "peak_rss_mib",

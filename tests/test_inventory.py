@@ -251,7 +251,7 @@ MALFORMED = [
         _sub("latency_p99_ms:", "latency_p99:"),
         'lab.yaml:29: budgets.esp32.digits_mlp_int8.latency_p99: unknown key; did you mean "latency_p99_ms"? '
         "(allowed: accuracy, arena_kib, cold_start_ms, energy_mj, flash_kib, latency_mean_ms, "
-        "latency_p50_ms, latency_p90_ms, latency_p99_ms, peak_rss_mib)",
+        "latency_p50_ms, latency_p90_ms, latency_p99_ms, offloaded_fraction, peak_rss_mib, strategy_epi_mj, strategy_lpi_ms)",
     ),
     (
         "misspelt-instrument-key",

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from labbench.board import Board
 from labbench.capabilities import DutIdentity, InferenceTarget, PowerMeter, Resettable, TimedRun
@@ -62,6 +62,9 @@ class Capture(Protocol):
     def mark(self, label: str, t_s: float | None = None) -> float: ...
 
     def wait_for_updates_after(self, t_s: float, count: int = 1) -> None: ...
+
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -302,8 +305,14 @@ def run_energy(
     `outcome` as it goes (`accepted` hears each window that counts)."""
     capture = capture or meter.capture
     if isinstance(meter, RangedMeter) and not meter.ranges_from_lab:
-        record.ranges = _prescan(
-            meter, target, sample, max(1, math.ceil(count * s.prescan_s / s.window_s)), capture, progress
+        scan_count = max(1, math.ceil(count * s.prescan_s / s.window_s))
+        record.ranges, _ = prescan(
+            meter,
+            lambda scan: target.run_timed(sample, scan_count, 0, **_stop_when(target, scan)),
+            capture,
+            _board(target),
+            f"{scan_count} inferences",
+            progress,
         )
     else:
         record.ranges = getattr(meter, "range_note", None)
@@ -328,24 +337,25 @@ def run_energy(
             outcome.trace = cap.trace
 
 
-def _prescan(
+def prescan(
     meter: RangedMeter,
-    target: InferenceTarget,
-    sample: np.ndarray,
-    count: int,
+    run: Callable[[Capture], T],
     capture: Callable[..., AbstractContextManager[Capture]],
+    board: str,
+    what: str,
     progress: Callable[[str], None],
-) -> str:
-    """Run the payload from the lowest ranges up, the capture raising them at each overload, until
-    a run reads no overload; then hold the ranges for the peaks it saw."""
+) -> tuple[str, T]:
+    """`run` (given the capture) from the lowest ranges up, the capture raising them at each overload,
+    until a run reads no overload; then hold the ranges for the peaks it saw. Returns how they were
+    chosen and the last run's result."""
     meter.lowest_ranges()
     for _ in range(len(meter.range_tables["AMP"]) + len(meter.range_tables["VLT"])):
-        progress(f"pre-scan: {count} inferences for the analyzer's ranges")
-        with step(_board(target), "pre-scan", f"{count} inferences"), capture(step_up=True) as scan:
-            target.run_timed(sample, count, 0, **_stop_when(target, scan))
+        progress(f"pre-scan: {what} for the analyzer's ranges")
+        with step(board, "pre-scan", what), capture(step_up=True) as scan:
+            result = run(scan)
         if not any(u.overload for u in scan.trace.updates):
             break
-    return meter.hold_ranges(scan.trace)
+    return meter.hold_ranges(scan.trace), result
 
 
 def idle_baseline(

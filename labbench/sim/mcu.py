@@ -758,12 +758,13 @@ class MlperfDut:
             return
         from labbench.strategies.decision import top2  # scikit-learn: loaded when HI first runs
 
+        outputs = self._hi_outputs(n)
         results: list[_HiResult] = []
         failure: str | None = None
         start = t = time.monotonic()
         try:
             for i in range(n):
-                result, t = self._hi_sample(i, t, top2)
+                result, t = self._hi_sample(i, t, outputs[i], top2)
                 results.append(result)
         except _OffloadFailed as exc:
             assert self.hi_server is not None
@@ -780,20 +781,31 @@ class MlperfDut:
         else:
             self.say(f"m-hi-done-[{n},{self.timer_us(start)},{self.timer_us(t)}]")
 
+    def _hi_outputs(self, n: int) -> list[np.ndarray | None]:
+        """The model's outputs for the pass's n inputs, computed before its timeline starts, so that
+        the interpreter's own time never stretches the device's (None each in remote mode)."""
+        m, decision = self.model, self.hi_decision
+        assert m is not None and decision is not None
+        if decision[0] == "remote":
+            return [None] * n
+        found: list[np.ndarray | None] = []
+        for i in range(n):
+            m.run(bytes(self.buffer[i * m.input_bytes : (i + 1) * m.input_bytes]))
+            found.append(dequantize_output(m.info, m.outputs[0], 0).ravel())
+        return found
+
     def _hi_sample(
-        self, i: int, t: float, top2: Callable[[np.ndarray], np.ndarray]
+        self, i: int, t: float, outputs: np.ndarray | None, top2: Callable[[np.ndarray], np.ndarray]
     ) -> tuple[_HiResult, float]:
-        """Input `i` of a pass, starting at device time `t` (host monotonic); its result and the time it
-        ended. The model and the decision follow the device's timeline; an offload takes real time,
-        from when it starts (the host may lag the timeline by the interpreter's own time)."""
+        """Input `i` of a pass (its model `outputs`, None in remote mode), starting at device time `t`
+        (host monotonic); its result and the time it ended. The model and the decision follow the
+        device's timeline; an offload takes real time, from when it starts."""
         m, board, decision = self.model, self.board, self.hi_decision
         assert m is not None and decision is not None and self.hi_server is not None
         sample = bytes(self.buffer[i * m.input_bytes : (i + 1) * m.input_bytes])
         result = _HiResult()
-        if decision[0] != "remote":
+        if outputs is not None:
             board.post_power("active_w", t)
-            m.run(sample)
-            outputs = dequantize_output(m.info, m.outputs[0], 0).ravel()
             inferred = t + board.busy_s(1, m.latency_s)
             decided = inferred + self.decision_s(outputs)
             board.reset_line.sleep_until(decided)

@@ -34,7 +34,7 @@ import numpy as np
 from labbench.capabilities import HiRun, HiTarget, TimedRun
 from labbench.errors import InstrumentError, UsageError
 from labbench.measure.record import Measurement, Provenance
-from labbench.measure.run import EnergyRun, idle_baseline, judge_window
+from labbench.measure.run import EnergyRun, RangedMeter, idle_baseline, judge_window, prescan
 from labbench.steps import step
 from labbench.strategies.decision import (
     CalibrationError,
@@ -200,12 +200,26 @@ def captured_passes(
     lag = float(getattr(meter, "result_latency_s", 0.0))
     settle_s = 2 * meter.update_period_s + lag
     target.hi_configure(decision, server)
-    with step(board.name, f"{label} probe", f"{min(len(x), PROBE_SAMPLES)} samples"):
-        probe = target.hi_run(x[:PROBE_SAMPLES])
+    probe_x = x[:PROBE_SAMPLES]
+    ranges: str | None
+    if isinstance(meter, RangedMeter) and not meter.ranges_from_lab:  # the probe is the pre-scan too
+        ranges, probe = prescan(
+            meter,
+            lambda scan: target.hi_run(probe_x),
+            lambda **kw: meter.capture(board.power_channel, **kw),
+            board.name,
+            f"{label} over {len(probe_x)} samples",
+            lambda _: None,
+        )
+    else:
+        ranges = getattr(meter, "range_note", None)
+        with step(board.name, f"{label} probe", f"{len(probe_x)} samples"):
+            probe = target.hi_run(probe_x)
     per_sample_s = sum(w1 - w0 for w0, w1, _ in probe.windows) / probe.count
     reps = max(1, min(MAX_REPEATS, math.ceil(settings.window_s / (per_sample_s * len(x)))))
     target.hi_configure(decision, server, settle_s=settle_s)
     got = Pass(repeats=reps)
+    got.energy_run.ranges = ranges
     with meter.capture(board.power_channel) as cap:
         idle, span = idle_baseline(cap, meter, settings, got.energy_run, _sleep, lambda _: None)
         cap.wait_for_updates_after(span[1] + lag, 2)
