@@ -82,6 +82,11 @@ def _input(client_model: Path) -> bytes:
     return rng.random(t.shape, dtype=np.float32).astype(dtype).tobytes()
 
 
+def _sample_period_s(sim) -> float:
+    """How far the simulated Pi's draw lags its load (its power sampler's period)."""
+    return sim.components["boards.rpi4"].board.sample_period_s
+
+
 def _offloads(sim, server: str, model: Path, count: int) -> tuple[float, float, float]:
     """`count` offloads back to back through the Pi's link: (t0, t1, mean round trip in ms)."""
     host, port = sim.link_address("rpi4", server)
@@ -105,9 +110,10 @@ def test_a_board_draws_its_links_power_while_an_offload_is_in_flight(pi_lab):
     assert 0.9 < in_flight / (t1 - t0) <= 1.0  # back to back: the radio is on nearly all the span
     channel = sim.bus.channel(simlab.bus_channel("meter"))
     idle_w = catalog.load_family("rpi4b").power.idle_w
-    # the sampler posts each 0.1 s period's draw at its end: compare over the span widened by one period
-    drawn = channel.energy_j(t0, t1 + 0.1)
-    expected = link.power_w * in_flight + idle_w * (t1 + 0.1 - t0 - in_flight)
+    # the sampler posts each period's draw at its end: the span's draw lies one period later
+    lag = _sample_period_s(sim)
+    drawn = channel.energy_j(t0 + lag, t1 + lag)
+    expected = link.power_w * in_flight + idle_w * (t1 - t0 - in_flight)
     assert drawn == pytest.approx(expected, rel=0.05)
 
 
@@ -118,7 +124,8 @@ def test_the_pis_wifi_offload_of_a_cifar10_image_reproduces_table3(pi_lab):
     _, sim = pi_lab
     t0, t1, rtt_ms = _offloads(sim, "edge_cifar10", RESNET8, 200)
     time.sleep(0.3)
-    per_offload_mj = sim.bus.channel(simlab.bus_channel("meter")).energy_j(t0, t1 + 0.1) * 1e3 / 200
+    lag = _sample_period_s(sim)
+    per_offload_mj = sim.bus.channel(simlab.bus_channel("meter")).energy_j(t0 + lag, t1 + lag) * 1e3 / 200
     assert rtt_ms == pytest.approx(TABLE3_PI_WIFI["latency_ms"], rel=0.10)
     assert per_offload_mj == pytest.approx(TABLE3_PI_WIFI["energy_mj"], rel=0.10)
 
