@@ -66,6 +66,8 @@ def test_each_advertised_capability_of_the_default_boards_is_served(name):
         served["deploy"] = board.deployer
     if "power" in board.capabilities:
         served["power"] = board.power_meter
+    if "hi" in board.capabilities:  # its target offloads (hierarchical inference)
+        served["hi"] = board.target
     assert set(served) == board.capabilities
     for capability, driver in served.items():
         assert isinstance(driver, CAPABILITIES[capability]), (capability, driver)

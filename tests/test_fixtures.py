@@ -321,7 +321,7 @@ def architecture(path: Path) -> dict:
                 o.inputs.tolist(),
                 o.outputs.tolist(),
                 o.builtinOptionsType,
-                vars(o.builtinOptions),
+                vars(o.builtinOptions) if o.builtinOptions is not None else None,
             )
             for o in g.operators
         ],

@@ -234,7 +234,7 @@ def test_a_server_stopped_mid_run_is_an_edge_error_naming_it(
         assert dut.hi_run(data[0][:3]).count == 3
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     w=st.tuples(*(st.floats(-20, 20, allow_nan=False) for _ in range(3))),
     theta=st.floats(0, 1),

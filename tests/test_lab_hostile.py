@@ -351,7 +351,7 @@ def test_sim_schemas_take_what_the_simulators_take():
     def schema(model: type) -> set[str]:
         return set(model.model_fields) - {"faults"}
 
-    wired = ("name", "host", "port", "family", "bus_channel", "clock")  # what the sim lab passes itself
+    wired = ("name", "host", "port", "family", "bus_channel", "clock", "radio")  # what the sim lab passes
     mcu = _lab_keywords(SimMcuBoard, *wired, "model_path", "firmware", "boot_rom", "devices_dir")
     assert schema(settings.McuSim) == mcu | {"model"}
     linux = _lab_keywords(SimLinuxBoard, *wired, "user", "key", "known_hosts", "power_mode", "state_dir")

@@ -33,7 +33,7 @@ from labbench.strategies.run import Study, run_study, split_test
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = RunSettings(
-    latency_samples=50, latency_budget_s=2, warmup=2, window_s=2, windows=1, idle_s=1, prescan_s=0.5
+    latency_samples=50, latency_budget_s=1, warmup=2, window_s=1, windows=1, idle_s=1, prescan_s=0.3
 )
 QOS = QoS(min_accuracy=0.9, max_lpi_ms=3.0, max_epi_mj=1000.0)  # HI meets 3 ms on Wi-Fi, not on the slow link
 AGREEMENT_PCT = 5.0

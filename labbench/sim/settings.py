@@ -66,6 +66,7 @@ class McuSim(SimSettings):
     strap_delay_s: float | None = Field(None, ge=0)
     reply_crc: bool | None = None
     boot_report: bool | None = None  # answers `boot%` (the m-ext-[boot] extension)
+    hi: bool | None = None  # the hierarchical-inference extension (hi-cfg, hi-srv, hi; m-ext-[hi])
     boot_ms: float | None = Field(None, ge=0)
     model_init_ms: float | None = Field(None, ge=0)
     seed: int | str | None = None  # of its latency jitter and power noise (default: the board's name)
